@@ -1,0 +1,79 @@
+"""Error types of the gateway and the one place that turns them into flespi-style JSON replies."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway raises on purpose."""
+
+
+class Denied(GatewayError):
+    """A request is refused: `status` and `reason` become the JSON error body as they are."""
+
+    __slots__ = ("status", "reason", "headers")
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+class StoreUnavailable(GatewayError, ConnectionError):
+    """The token store could not be reached or did not answer in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldProblem:
+    """One invalid field in an API request body; several are reported together."""
+
+    field: str
+    reason: str
+    index: int | None = None
+
+    def as_json(self) -> dict[str, object]:
+        error: dict[str, object] = {"code": 400, "reason": self.reason, "field": self.field}
+        if self.index is not None:
+            error["index"] = self.index
+        return error
+
+
+class InvalidInput(GatewayError):
+    """An API request body failed validation; carries every problem found."""
+
+    def __init__(self, problems: list[FieldProblem]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+
+INVALID_TOKEN = "invalid or expired access token"
+TOKEN_DISABLED = "token is disabled"
+UNAUTHORIZED_LOCATION = "using token from unauthorized location"
+UNAUTHORIZED_ORIGIN = "using token from unauthorized origin"
+STORAGE_UNAVAILABLE = "token storage unavailable"
+UPSTREAM_UNAVAILABLE = "upstream unavailable"
+UPSTREAM_TIMEOUT = "upstream timeout"
+INTERNAL_ERROR = "internal gateway error"
+
+
+def error_body(status: int, reason: str, **extra: object) -> bytes:
+    return orjson.dumps({"errors": [{"code": status, "reason": reason, **extra}]})
+
+
+def error_response(status: int, reason: str, realm: str, headers: dict[str, str] | None = None) -> web.Response:
+    """Render one gateway error; every 401 carries the FlespiToken challenge."""
+    response = web.Response(status=status, body=error_body(status, reason), content_type="application/json")
+    if status == 401:
+        response.headers["WWW-Authenticate"] = f'FlespiToken realm="{realm}"'
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def invalid_input_response(problems: list[FieldProblem]) -> web.Response:
+    body = orjson.dumps({"errors": [problem.as_json() for problem in problems]})
+    return web.Response(status=400, body=body, content_type="application/json")
