@@ -1,0 +1,54 @@
+"""Batched `accessed` updates: a request only notes the use; one writer flushes many at once."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .errors import StoreUnavailable
+from .store import TokenStore
+from .tokens import Token
+
+log = logging.getLogger("gateway.accessed")
+
+
+class AccessedWriter:
+    """`accessed` has one-second resolution, so a token causes at most one write per second."""
+
+    def __init__(self, store: TokenStore, interval: float, max_pending: int = 1_000_000) -> None:
+        self._store = store
+        self._interval = interval
+        self._max_pending = max_pending
+        self._pending: dict[str, int] = {}
+        self.dropped = 0
+        self.writes = 0
+
+    def note(self, token: Token, now: int) -> None:
+        if now > token.accessed:
+            token.accessed = now
+        if now <= token.accessed_queued:
+            return
+        if len(self._pending) >= self._max_pending and token.digest not in self._pending:
+            self.dropped += 1
+            return
+        token.accessed_queued = now
+        self._pending[token.digest] = now
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        try:
+            await self._store.touch(batch)
+            self.writes += 1
+        except StoreUnavailable:
+            # Keep the uses for the next flush; newer values noted meanwhile win.
+            for digest, when in batch.items():
+                if when > self._pending.get(digest, 0):
+                    self._pending[digest] = when
+        except Exception:
+            log.exception("accessed flush failed")

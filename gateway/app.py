@@ -1,0 +1,240 @@
+"""`create_app(settings)`: the one request flow and the services it is built from.
+
+config -> app -> extract token -> load record (cache, then store) -> time -> checks (enabled, IP,
+origin, account, type/ACL) -> tokens API or proxy -> log line.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .accessed import AccessedWriter
+from .api import AUTH_INFO, TokensApi
+from .auth import Authenticator, extract_key
+from .cache import TokenCache
+from .checks import RequestFacts, build_checks
+from .config import Settings
+from .embedded import open_embedded
+from .errors import Denied, InvalidInput, error_response, invalid_input_response
+from .logs import FileSink, LogWriter
+from .paths import checked_path
+from .proxy import Proxy, pick_route, upstream_url
+from .store import TokenStore, connect_redis
+from .tokens import Token, TokenType, key_digest
+from .validation import TokenValidator
+
+log = logging.getLogger("gateway")
+APP_HEADER_LIMIT = 64
+
+
+async def compile_token(record: dict[str, Any]) -> Token:
+    access = record.get("access") or {}
+    return Token(
+        id=int(record["id"]), digest=record["digest"], cid=int(record.get("cid", 0)),
+        type=TokenType(access.get("type", 0)), enabled=bool(record.get("enabled", True)),
+        expire=int(record.get("expire", 0)), ttl=int(record.get("ttl", 0)), created=int(record.get("created", 0)),
+        accessed=int(record.get("accessed", 0)),
+        record={k: v for k, v in record.items() if k != "digest"},
+    )
+
+
+class Gateway:
+    """Holds the services of one process and runs every request through the same flow."""
+
+    def __init__(self, settings: Settings, store: TokenStore, cache: TokenCache, accessed: AccessedWriter,
+                 logs: LogWriter, session: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self.store = store
+        self.cache = cache
+        self.accessed = accessed
+        self.logs = logs
+        self.session = session
+        self.api = TokensApi(store, TokenValidator(), logs)
+        self.auth = Authenticator(cache, accessed, build_checks(settings.platform_prefixes, frozenset({AUTH_INFO})))
+        self.proxy = Proxy(settings.proxy, session)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started, now = time.perf_counter(), time.time()
+        request_id = self._request_id(request)
+        facts: RequestFacts | None = None
+        try:
+            facts = self._facts(request, now)
+            token = await self.auth.authenticate(extract_key(request.headers.get("Authorization")), facts)
+            response = await self._dispatch(request, token, facts, request_id)
+        except Denied as denied:
+            response = error_response(denied.status, denied.reason, self.settings.realm, denied.headers)
+            response.headers[self.settings.proxy.request_id_header] = request_id
+        except InvalidInput as invalid:
+            response = invalid_input_response(invalid.problems)
+            response.headers[self.settings.proxy.request_id_header] = request_id
+        if facts is not None and facts.token is not None:
+            self._log_request(request, facts, facts.token, response, request_id, started)
+        return response
+
+    def _request_id(self, request: web.Request) -> str:
+        incoming = request.headers.get(self.settings.proxy.request_id_header)
+        if incoming and self.is_trusted_peer(request.remote) and len(incoming) <= 128 and incoming.isprintable():
+            return incoming
+        return uuid.uuid4().hex
+
+    def is_trusted_peer(self, address: str | None) -> bool:
+        return address is not None and address in self.settings.trusted_proxies
+
+    def _facts(self, request: web.Request, now: float) -> RequestFacts:
+        raw_path, _, query = request.raw_path.partition("?")
+        path = checked_path(raw_path)
+        cid_header = request.headers.get("x-flespi-cid")
+        acting_cid = None
+        if cid_header is not None:
+            if not cid_header.strip().isdigit():
+                raise Denied(400, "invalid x-flespi-cid header: must be an account id")
+            acting_cid = int(cid_header)
+        return RequestFacts(
+            method=request.method, path=path, forward_path=raw_path, query=query,
+            client_ip=request.remote or "", origin=request.headers.get("Origin"), acting_cid=acting_cid, now=now,
+        )
+
+    async def _dispatch(self, request: web.Request, token: Token, facts: RequestFacts,
+                        request_id: str) -> web.StreamResponse:
+        if self.api.handles(facts.path):
+            response = await self.api.dispatch(request, token, facts.path)
+            response.headers[self.settings.proxy.request_id_header] = request_id
+            return response
+        route = pick_route(self.settings.routes, facts.path)
+        if route is None:
+            raise Denied(404, f"no upstream for {facts.path}")
+        url = upstream_url(route, facts.path, facts.forward_path, facts.query)
+        return await self.proxy.forward(request, url, self._upstream_headers(request, token, facts, request_id),
+                                        {self.settings.proxy.request_id_header: request_id})
+
+    def _upstream_headers(self, request: web.Request, token: Token, facts: RequestFacts, request_id: str) -> Any:
+        proxy = self.settings.proxy
+        incoming_xff = request.headers.get("X-Forwarded-For")
+        peer = request.remote or ""
+        trusted = self.is_trusted_peer(peer)
+        forwarded_for = f"{incoming_xff}, {peer}" if trusted and incoming_xff else peer
+        extra = {
+            proxy.token_id_header: str(token.id),
+            proxy.account_id_header: str(facts.acting_cid if facts.acting_cid is not None else token.cid),
+            proxy.request_id_header: request_id,
+            "X-Forwarded-For": forwarded_for,
+            "X-Forwarded-Proto": (request.headers.get("X-Forwarded-Proto") if trusted else None) or request.scheme,
+            "X-Forwarded-Host": (request.headers.get("X-Forwarded-Host") if trusted else None) or request.host,
+        }
+        return self.proxy.request_headers(request.headers, extra)
+
+    def _log_request(self, request: web.Request, facts: RequestFacts, token: Token, response: web.StreamResponse,
+                     request_id: str, started: float) -> None:
+        self.logs.emit({
+            "timestamp": facts.now, "event_code": 1000, "token_id": token.id, "cid": token.cid,
+            "host": facts.client_ip, "app": request.headers.get("x-flespi-app", "")[:APP_HEADER_LIMIT],
+            "method": request.method, "uri": facts.path, "status": response.status,
+            "duration": round(time.perf_counter() - started, 6), "size": response.body_length,
+            "request_id": request_id,
+        })
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"result": [{"status": "ok", "tokens_cached": len(self.cache),
+                                             "invalidation": self.cache.subscribed.is_set()}]})
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+async def bootstrap_master(store: TokenStore, key: str) -> None:
+    """Make the configured key a master token unless it exists (safe from several instances)."""
+    digest = key_digest(key)
+    if await store.load(digest) is not None:
+        return
+    [token_id] = await store.allocate_ids(1)
+    now = int(time.time())
+    record = {"id": token_id, "digest": digest, "info": "bootstrap master token", "enabled": True,
+              "access": {"type": 1}, "expire": 0, "ttl": 0, "created": now, "accessed": 0, "ips": "",
+              "origins": "*", "cid": 0, "metadata": {}, "bootstrap": True}
+    record["expire"] = 4102444800  # 2100-01-01: a token must have ttl or expire (SPEC 2)
+    if await store.insert_if_absent(record):
+        log.info("bootstrap master token created with id %d", token_id)
+    await store.publish([digest])  # drop "no such token" answers cached before it existed
+
+
+async def _keep_bootstrapping(store: TokenStore, key: str) -> None:
+    while True:
+        try:
+            await bootstrap_master(store, key)
+            return
+        except Exception as exc:
+            log.warning("bootstrap master token not yet created (%s); retrying", exc)
+            await asyncio.sleep(1.0)
+
+
+async def services(app: web.Application, settings: Settings) -> AsyncIterator[None]:
+    snapshotter = None
+    if settings.redis.embedded:
+        client, snapshotter = open_embedded(settings.redis.data_file)
+        loaded = await snapshotter.load()
+        log.info("embedded store: %d keys loaded from %s", loaded, settings.redis.data_file)
+    else:
+        client = connect_redis(settings.redis)
+    store = TokenStore(client, settings.redis.key_prefix)
+    if snapshotter is not None:
+        store.after_change = snapshotter.save
+        store.after_touch = snapshotter.mark_dirty
+    cache = TokenCache(store, settings.cache, compile_token)
+    accessed = AccessedWriter(store, settings.accessed_flush_interval)
+    sink = None if settings.log.path == "off" else FileSink(settings.log.path)
+    logs = LogWriter(settings.log, [sink] if sink else [])
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=settings.proxy.pool_size, ttl_dns_cache=60),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.proxy.connect_timeout,
+                                      sock_read=settings.proxy.read_timeout),
+        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    gateway = Gateway(settings, store, cache, accessed, logs, session)
+    app[GATEWAY] = gateway
+    tasks = [asyncio.ensure_future(job) for job in (cache.run_subscriber(), accessed.run(), logs.run())]
+    if snapshotter is not None:
+        tasks.append(asyncio.ensure_future(snapshotter.run()))
+    if settings.bootstrap_master_token:
+        tasks.append(asyncio.ensure_future(_keep_bootstrapping(store, settings.bootstrap_master_token)))
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await cache.close()
+        await accessed.flush()
+        await logs.flush()
+        if sink is not None:
+            sink.close()
+        await session.close()
+        if snapshotter is not None:
+            await snapshotter.save()
+        await client.aclose()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """A pure builder: nothing is opened until the app starts (cleanup_ctx)."""
+    app = web.Application(handler_args={"max_field_size": 16384})
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        async for _ in services(app, settings):
+            yield
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await request.app[GATEWAY].handle(request)
+
+    async def health(request: web.Request) -> web.StreamResponse:
+        return await request.app[GATEWAY].health(request)
+
+    app.cleanup_ctx.append(context)
+    app.router.add_get(settings.internal_prefix + "health", health)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app

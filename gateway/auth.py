@@ -1,0 +1,67 @@
+"""Authentication: find the token for a request and run the checks; the one decision point."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from .accessed import AccessedWriter
+from .cache import TokenCache
+from .checks import Check, RequestFacts
+from .errors import INTERNAL_ERROR, INVALID_TOKEN, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
+from .tokens import KEY_LENGTH, Token, key_digest
+
+log = logging.getLogger("gateway.auth")
+SCHEME = "flespitoken"
+
+
+def extract_key(authorization: str | None) -> str | None:
+    """`FlespiToken <key>`, or the bare key as the whole value; any other scheme is no token."""
+    if not authorization:
+        return None
+    value = authorization.strip()
+    scheme, _, rest = value.partition(" ")
+    if rest and scheme.lower() == SCHEME:
+        value = rest.strip()
+    elif rest:
+        return None
+    if len(value) != KEY_LENGTH or not value.isascii() or not value.isalnum():
+        return None
+    return value
+
+
+class Authenticator:
+    def __init__(self, cache: TokenCache, accessed: AccessedWriter, checks: Sequence[Check]) -> None:
+        self._cache = cache
+        self._accessed = accessed
+        self._checks = tuple(checks)
+
+    async def authenticate(self, key: str | None, facts: RequestFacts) -> Token:
+        """The token allowed to make this request, or `Denied`; any other failure denies too."""
+        try:
+            return await self._authenticate(key, facts)
+        except Denied:
+            raise
+        except StoreUnavailable:
+            raise Denied(503, STORAGE_UNAVAILABLE) from None
+        except Exception:
+            log.exception("unexpected error while authenticating; request denied")
+            raise Denied(500, INTERNAL_ERROR) from None
+
+    async def find(self, key: str | None, now: float) -> Token:
+        if key is None:
+            raise Denied(401, INVALID_TOKEN)
+        digest = key_digest(key)
+        token = await self._cache.lookup(digest)
+        if token is not None and not token.valid_at(now):
+            token = await self._cache.revalidate(digest)
+        if token is None or not token.valid_at(now):
+            raise Denied(401, INVALID_TOKEN)
+        return token
+
+    async def _authenticate(self, key: str | None, facts: RequestFacts) -> Token:
+        token = await self.find(key, facts.now)
+        facts.token = token
+        for check in self._checks:
+            check(token, facts)
+        self._accessed.note(token, int(facts.now))
+        return token

@@ -1,0 +1,47 @@
+"""Command line: `gateway --config config.yaml`, `gateway --check-config` (like `nginx -t`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ConfigError, Settings, load_settings
+
+
+def default_config() -> str | None:
+    explicit = os.environ.get("GATEWAY_CONFIG")
+    if explicit:
+        return explicit
+    return "config.yaml" if Path("config.yaml").exists() else None
+
+
+def parser() -> argparse.ArgumentParser:
+    parse = argparse.ArgumentParser(prog="gateway", description="Token authorization gateway (flespi token model).")
+    parse.add_argument("--config", "-c", default=None, help="YAML config file (default: $GATEWAY_CONFIG or ./config.yaml)")
+    parse.add_argument("--check-config", "-t", action="store_true", help="only check the configuration, then exit")
+    parse.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), help="Python logging level")
+    return parse
+
+
+def read_settings(path: str | None) -> Settings:
+    return load_settings(path if path is not None else default_config())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = read_settings(args.config)
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"gateway: configuration {args.config or default_config() or '(environment)'} is valid")
+        return 0
+    from .server import run
+
+    return run(settings)

@@ -1,0 +1,310 @@
+"""Configuration: read once from YAML plus environment overrides into frozen dataclasses.
+
+Environment overrides: `GATEWAY_<SECTION>__<KEY>=value` sets `section.key` (double underscore
+between levels, case-insensitive), e.g. `GATEWAY_LISTEN__PORT=9000`, `GATEWAY_REDIS__URL=redis://h:6379/0`,
+`GATEWAY_UPSTREAM=http://127.0.0.1:3000`. Values are parsed as YAML scalars (so `true`, `5`, `1.5`
+keep their types). `GATEWAY_MASTER_TOKEN` is an alias of `bootstrap_master_token`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yarl import URL
+
+ENV_PREFIX = "GATEWAY_"
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9]{64}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Requests whose path starts with `prefix` go to `upstream` (nginx `location` semantics)."""
+
+    prefix: str
+    upstream: URL
+
+    @property
+    def replaces_prefix(self) -> bool:
+        # Like nginx proxy_pass with a URI part: the matched prefix is replaced by the URL's path.
+        return self.upstream.raw_path not in ("", "/") or str(self.upstream).endswith("/")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = "memory://"
+    key_prefix: str = "{gw}:"
+    socket_timeout: float = 0.5
+    connect_timeout: float = 0.5
+    data_file: str = "gateway-data.json"
+
+    @property
+    def embedded(self) -> bool:
+        return self.url.startswith("memory://")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    max_age: float = 30.0
+    refresh_after: float = 10.0
+    max_entries: int = 1_000_000
+    negative_ttl: float = 5.0
+    revalidate_after: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    pool_size: int = 0
+    preserve_host: bool = False
+    forward_authorization: bool = False
+    token_id_header: str = "X-Token-Id"
+    account_id_header: str = "X-Account-Id"
+    request_id_header: str = "X-Request-ID"
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    path: str = "-"
+    queue_size: int = 100_000
+    flush_interval: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    routes: tuple[Route, ...]
+    listen: ListenSettings = field(default_factory=ListenSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    bootstrap_master_token: str | None = None
+    platform_prefixes: tuple[str, ...] = ("/platform/", "/auth/")
+    internal_prefix: str = "/_gateway/"
+    trusted_proxies: tuple[str, ...] = ()
+    realm: str = "gateway"
+    workers: int = 1
+    accessed_flush_interval: float = 0.1
+
+
+def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML file (if any), apply environment overrides, validate, build Settings."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        raw = loaded or {}
+    apply_env_overrides(raw, os.environ if environ is None else environ)
+    return build_settings(raw)
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if name == "GATEWAY_MASTER_TOKEN":
+            raw["bootstrap_master_token"] = value
+            continue
+        if not name.startswith(ENV_PREFIX) or name in ("GATEWAY_CONFIG",):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__") if part]
+        if not path:
+            continue
+        target = raw
+        for part in path[:-1]:
+            child = target.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                target[part] = child
+            target = child
+        target[path[-1]] = _scalar(value)
+
+
+def _scalar(value: str) -> Any:
+    try:
+        return yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        return value
+
+
+KNOWN_TOP = {
+    "listen", "upstream", "routes", "redis", "cache", "proxy", "log", "bootstrap_master_token",
+    "platform_prefixes", "internal_prefix", "trusted_proxies", "realm", "workers",
+    "accessed_flush_interval",
+}
+
+
+def build_settings(raw: Mapping[str, Any]) -> Settings:
+    unknown = sorted(set(raw) - KNOWN_TOP)
+    if unknown:
+        raise ConfigError(f"unknown config key: {unknown[0]}")
+    settings = Settings(
+        routes=_routes(raw),
+        listen=_section(ListenSettings, raw, "listen"),
+        redis=_section(RedisSettings, raw, "redis"),
+        cache=_section(CacheSettings, raw, "cache"),
+        proxy=_section(ProxySettings, raw, "proxy"),
+        log=_section(LogSettings, raw, "log"),
+        bootstrap_master_token=_master_token(raw.get("bootstrap_master_token")),
+        platform_prefixes=_prefixes(raw.get("platform_prefixes", ["/platform/", "/auth/"])),
+        internal_prefix=_prefix("internal_prefix", raw.get("internal_prefix", "/_gateway/")),
+        trusted_proxies=_trusted(raw.get("trusted_proxies", [])),
+        realm=_typed("realm", raw.get("realm", "gateway"), str),
+        workers=_positive_int("workers", raw.get("workers", 1)),
+        accessed_flush_interval=_positive_float("accessed_flush_interval", raw.get("accessed_flush_interval", 0.1)),
+    )
+    _validate(settings)
+    return settings
+
+
+def _section(cls: type[Any], raw: Mapping[str, Any], name: str) -> Any:
+    values = raw.get(name, {})
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: must be a mapping")
+    defaults = cls()
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in cls.__dataclass_fields__:
+            raise ConfigError(f"unknown config key: {name}.{key}")
+        kwargs[key] = _cast(f"{name}.{key}", value, getattr(defaults, key))
+    return cls(**kwargs)
+
+
+def _cast(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        return _typed(key, value, bool)
+    if isinstance(default, int):
+        return _typed(key, value, int)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number")
+        return float(value)
+    return _typed(key, value, type(default))
+
+
+def _typed(key: str, value: Any, kind: type[Any]) -> Any:
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise ConfigError(f"{key}: must be of type {kind.__name__}")
+    return value
+
+
+def _positive_int(key: str, value: Any) -> int:
+    number: int = _typed(key, value, int)
+    if number < 1:
+        raise ConfigError(f"{key}: must be at least 1")
+    return number
+
+
+def _positive_float(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{key}: must be a positive number")
+    return float(value)
+
+
+def _upstream_url(key: str, value: Any) -> URL:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be an http:// or https:// URL")
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"{key}: must be an http:// or https:// URL, got {value!r}")
+    if url.query_string or url.fragment:
+        raise ConfigError(f"{key}: must not have a query or fragment")
+    return url
+
+
+def _routes(raw: Mapping[str, Any]) -> tuple[Route, ...]:
+    upstream, routes = raw.get("upstream"), raw.get("routes")
+    if upstream is None and routes is None:
+        raise ConfigError("upstream: required (or routes)")
+    table: list[Route] = []
+    if upstream is not None:
+        table.append(Route("/", _upstream_url("upstream", upstream)))
+    if routes is not None:
+        if not isinstance(routes, dict) or not routes:
+            raise ConfigError("routes: must be a non-empty mapping of path prefix to upstream URL")
+        for prefix, url in routes.items():
+            key = f"routes.{prefix}"
+            if not isinstance(prefix, str) or not prefix.startswith("/"):
+                raise ConfigError(f"{key}: a route prefix must start with /")
+            if any(route.prefix == prefix for route in table):
+                raise ConfigError(f"{key}: duplicate route prefix")
+            table.append(Route(prefix, _upstream_url(key, url)))
+    table.sort(key=lambda route: len(route.prefix), reverse=True)
+    return tuple(table)
+
+
+def _master_token(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not KEY_PATTERN.match(value):
+        raise ConfigError("bootstrap_master_token: must be 64 characters [A-Za-z0-9]")
+    return value
+
+
+def _prefix(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or not value.endswith("/"):
+        raise ConfigError(f"{key}: must be a path that starts and ends with /")
+    return value
+
+
+def _prefixes(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("platform_prefixes: must be a list of path prefixes")
+    return tuple(_prefix("platform_prefixes", item) for item in value)
+
+
+def _trusted(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("trusted_proxies: must be a list of addresses or CIDR networks")
+    for item in value:
+        try:
+            ipaddress.ip_network(str(item), strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"trusted_proxies: {item!r} is not an address or network") from exc
+    return tuple(str(item) for item in value)
+
+
+def _validate(settings: Settings) -> None:
+    if not 0 <= settings.listen.port <= 65535:
+        raise ConfigError("listen.port: must be 0..65535")
+    url = settings.redis.url
+    if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+        raise ConfigError("redis.url: must start with memory://, redis://, rediss:// or unix://")
+    if settings.redis.embedded and settings.workers > 1:
+        raise ConfigError("workers: the embedded store (redis.url memory://) serves one process; set redis.url to share")
+    cache = settings.cache
+    if cache.max_age <= 0 or cache.refresh_after <= 0 or cache.refresh_after > cache.max_age:
+        raise ConfigError("cache.refresh_after: must be positive and not above cache.max_age")
+    if cache.max_entries < 1:
+        raise ConfigError("cache.max_entries: must be at least 1")
+    if settings.log.queue_size < 1:
+        raise ConfigError("log.queue_size: must be at least 1")
+    for header in ("token_id_header", "account_id_header", "request_id_header"):
+        if not re.fullmatch(r"[A-Za-z0-9-]+", getattr(settings.proxy, header)):
+            raise ConfigError(f"proxy.{header}: must be a header name")
+    if settings.internal_prefix in settings.platform_prefixes:
+        raise ConfigError("internal_prefix: must differ from platform_prefixes")

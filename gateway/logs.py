@@ -1,0 +1,77 @@
+"""Per-request and event log lines, written by one background writer through a bounded queue."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+
+from .config import LogSettings
+
+log = logging.getLogger("gateway.logs")
+Sink = Callable[[list[dict[str, Any]]], Awaitable[None]]
+
+
+class FileSink:
+    """Append JSON lines to a file (or stdout for "-"); one write call per batch."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._fd = sys.stdout.fileno() if path == "-" else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    async def __call__(self, batch: list[dict[str, Any]]) -> None:
+        data = b"".join(orjson.dumps(record) + b"\n" for record in batch)
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def close(self) -> None:
+        if self._path != "-":
+            os.close(self._fd)
+
+
+class LogWriter:
+    """`emit` never blocks or raises: past `queue_size` pending records it counts drops instead."""
+
+    def __init__(self, settings: LogSettings, sinks: Sequence[Sink]) -> None:
+        self._settings = settings
+        self._sinks = list(sinks)
+        self._queue: list[dict[str, Any]] = []
+        self._wakeup = asyncio.Event()
+        self.dropped = 0
+        self.written = 0
+
+    def add_sink(self, sink: Sink) -> None:
+        self._sinks.append(sink)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if len(self._queue) >= self._settings.queue_size:
+            self.dropped += 1
+            return
+        self._queue.append(record)
+        if len(self._queue) >= 1000:
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self._settings.flush_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wakeup.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            for sink in self._sinks:
+                try:
+                    await sink(batch)
+                except Exception:
+                    log.exception("log sink failed; %d records not written to it", len(batch))
+            self.written += len(batch)

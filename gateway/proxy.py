@@ -1,0 +1,166 @@
+"""Forwarding to the upstream: streamed both ways, keep-alive, hop-by-hop headers removed."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .config import ProxySettings, Route
+from .errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied
+
+log = logging.getLogger("gateway.proxy")
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+# Answered or re-created by the gateway itself, so never copied from the client.
+REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded"})
+WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"})
+NO_BODY_STATUSES = frozenset({204, 304})
+CHUNK = 256 * 1024
+
+
+def pick_route(routes: Iterable[Route], path: str) -> Route | None:
+    """Longest prefix wins (routes are kept sorted longest first)."""
+    for route in routes:
+        if path.startswith(route.prefix):
+            return route
+    return None
+
+
+def upstream_url(route: Route, path: str, raw_path: str, query: str) -> URL:
+    """Keep the path exactly as received unless the route rewrites its prefix (nginx style)."""
+    if route.replaces_prefix:
+        if raw_path.startswith(route.prefix):
+            rest = raw_path[len(route.prefix):]
+        else:
+            rest = quote(path[len(route.prefix):], safe="/:@!$&'()*+,=-._~")
+        base = route.upstream.raw_path
+        raw_path = base.rstrip("/") + "/" + rest if base.endswith("/") or route.prefix.endswith("/") else base + rest
+    target = str(route.upstream.origin()) + raw_path + (f"?{query}" if query else "")
+    return URL(target, encoded=True)
+
+
+def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    return {item.strip().lower() for value in headers.getall("Connection", ()) for item in value.split(",")}
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    named = connection_tokens(upstream)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower not in HOP_BY_HOP and lower not in named:
+            headers.add(name, value)
+    return headers
+
+
+class Proxy:
+    def __init__(self, settings: ProxySettings, session: aiohttp.ClientSession) -> None:
+        self._settings = settings
+        self._session = session
+        self._drop = REQUEST_DROP | {
+            settings.token_id_header.lower(), settings.account_id_header.lower(), settings.request_id_header.lower(),
+        }
+        if not settings.forward_authorization:
+            self._drop |= {"authorization"}
+        if not settings.preserve_host:
+            self._drop |= {"host"}
+
+    def request_headers(self, incoming: CIMultiDictProxy[str], extra: dict[str, str]) -> CIMultiDict[str]:
+        named = connection_tokens(incoming)
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in incoming.items():
+            lower = name.lower()
+            if lower not in HOP_BY_HOP and lower not in named and lower not in self._drop:
+                headers.add(name, value)
+        headers.update(extra)
+        return headers
+
+    async def forward(self, request: web.Request, url: URL, headers: CIMultiDict[str],
+                      reply_headers: dict[str, str]) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._forward_websocket(request, url, headers)
+        try:
+            upstream = await self._session.request(
+                request.method, url, headers=headers,
+                data=request.content if request.body_exists else None,
+                allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            )
+        except asyncio.TimeoutError:
+            raise Denied(504, UPSTREAM_TIMEOUT) from None
+        except (aiohttp.ClientError, OSError):
+            raise Denied(502, UPSTREAM_UNAVAILABLE) from None
+        try:
+            return await self._relay(request, upstream, reply_headers)
+        finally:
+            upstream.release()
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                     reply_headers: dict[str, str]) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(response_headers(upstream.headers))
+        response.headers.update(reply_headers)
+        body_allowed = request.method != "HEAD" and upstream.status not in NO_BODY_STATUSES
+        try:
+            first = await upstream.content.readany() if body_allowed else b""
+        except asyncio.TimeoutError:
+            raise Denied(504, UPSTREAM_TIMEOUT) from None
+        except aiohttp.ClientError:
+            raise Denied(502, UPSTREAM_UNAVAILABLE) from None
+        await response.prepare(request)
+        try:
+            chunk = first
+            while chunk:
+                await response.write(chunk)
+                chunk = await upstream.content.readany()
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            # The status is already sent: the only honest signal left is a broken connection.
+            log.warning("upstream failed mid-response (%s); closing client connection", type(exc).__name__)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response
+
+    async def _forward_websocket(self, request: web.Request, url: URL, headers: CIMultiDict[str]) -> web.StreamResponse:
+        for name in list(headers):
+            if name.lower() in WS_HANDSHAKE:
+                del headers[name]
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        try:
+            upstream = await self._session.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
+        except aiohttp.WSServerHandshakeError as exc:
+            raise Denied(502, UPSTREAM_UNAVAILABLE) from exc
+        except asyncio.TimeoutError:
+            raise Denied(504, UPSTREAM_TIMEOUT) from None
+        except (aiohttp.ClientError, OSError):
+            raise Denied(502, UPSTREAM_UNAVAILABLE) from None
+        client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (), autoping=False)
+        await client.prepare(request)
+        await asyncio.gather(_pump(client, upstream), _pump(upstream, client), return_exceptions=True)
+        return client
+
+
+async def _pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+    try:
+        async for message in source:
+            kind = message.type
+            if kind is aiohttp.WSMsgType.TEXT:
+                await target.send_str(message.data)
+            elif kind is aiohttp.WSMsgType.BINARY:
+                await target.send_bytes(message.data)
+            elif kind is aiohttp.WSMsgType.PING:
+                await target.ping(message.data)
+            elif kind is aiohttp.WSMsgType.PONG:
+                await target.pong(message.data)
+    finally:
+        if not target.closed:
+            await target.close(code=source.close_code or aiohttp.WSCloseCode.OK)

@@ -1,0 +1,87 @@
+"""Running the gateway: one process, or `workers: N` processes sharing one port (SO_REUSEPORT)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from aiohttp import web
+
+from .app import create_app
+from .config import Settings
+
+log = logging.getLogger("gateway.server")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional: plain asyncio works, only slower
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting, finish requests and drain the writers."""
+    listen = settings.listen
+
+    def ready(message: str) -> None:
+        log.info("%s (pid %d)", message.strip(), os.getpid())
+
+    web.run_app(
+        create_app(settings), host=listen.host, port=listen.port, reuse_port=reuse_port or None,
+        access_log=None, print=ready, loop=new_event_loop(), shutdown_timeout=30.0,
+    )
+
+
+def run(settings: Settings) -> int:
+    if settings.workers == 1:
+        serve(settings)
+        return 0
+    return supervise(settings)
+
+
+def supervise(settings: Settings) -> int:
+    """Like nginx's master: start the workers, restart one that dies, pass on stop signals."""
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            try:
+                serve(settings, reuse_port=True)
+            finally:
+                os._exit(0)
+        children[pid] = slot
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for slot in range(settings.workers):
+        spawn(slot)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        slot = children.pop(pid, None)
+        if slot is not None and not stopping:
+            log.error("worker %d exited with status %d; restarting it", pid, status)
+            time.sleep(0.5)
+            spawn(slot)
+    sys.stdout.flush()
+    return 0
