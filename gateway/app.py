@@ -22,7 +22,7 @@ from .cache import TokenCache
 from .checks import RequestFacts, build_checks
 from .config import Settings
 from .embedded import open_embedded
-from .errors import Denied, InvalidInput, error_response, invalid_input_response
+from .errors import STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable, error_response, invalid_input_response
 from .logs import FileSink, LogWriter
 from .paths import checked_path
 from .proxy import Proxy, pick_route, upstream_url
@@ -70,6 +70,9 @@ class Gateway:
             response = await self._dispatch(request, token, facts, request_id)
         except Denied as denied:
             response = error_response(denied.status, denied.reason, self.settings.realm, denied.headers)
+            response.headers[self.settings.proxy.request_id_header] = request_id
+        except StoreUnavailable:
+            response = error_response(503, STORAGE_UNAVAILABLE, self.settings.realm)
             response.headers[self.settings.proxy.request_id_header] = request_id
         except InvalidInput as invalid:
             response = invalid_input_response(invalid.problems)

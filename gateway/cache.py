@@ -60,7 +60,7 @@ class TokenCache:
             if entry.token is None:
                 if age < self._settings.negative_ttl:
                     return None
-            elif age < self._settings.refresh_after:
+            elif age < self._settings.refresh_interval:
                 return entry.token
             elif age < self._settings.max_age:
                 self._refresh_in_background(digest, entry)

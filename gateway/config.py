@@ -61,10 +61,14 @@ class RedisSettings:
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
     max_age: float = 30.0
-    refresh_after: float = 10.0
+    refresh_after: float = 0.0  # 0: a third of max_age
     max_entries: int = 1_000_000
     negative_ttl: float = 5.0
     revalidate_after: float = 0.5
+
+    @property
+    def refresh_interval(self) -> float:
+        return self.refresh_after or self.max_age / 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,8 +301,10 @@ def _validate(settings: Settings) -> None:
     if settings.redis.embedded and settings.workers > 1:
         raise ConfigError("workers: the embedded store (redis.url memory://) serves one process; set redis.url to share")
     cache = settings.cache
-    if cache.max_age <= 0 or cache.refresh_after <= 0 or cache.refresh_after > cache.max_age:
-        raise ConfigError("cache.refresh_after: must be positive and not above cache.max_age")
+    if cache.max_age <= 0:
+        raise ConfigError("cache.max_age: must be positive")
+    if cache.refresh_after < 0 or cache.refresh_after > cache.max_age:
+        raise ConfigError("cache.refresh_after: must be between 0 (a third of max_age) and cache.max_age")
     if cache.max_entries < 1:
         raise ConfigError("cache.max_entries: must be at least 1")
     if settings.log.queue_size < 1:

@@ -38,7 +38,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class RedisProcess:
     """A redis-server of our own, on a free loopback port, that a test may stop and restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, persistent: bool = False) -> None:
+        self.persistent = persistent
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="gw-redis-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -52,7 +53,8 @@ class RedisProcess:
         if binary is None:
             pytest.fail("redis-server is not installed (.ci/run installs it)")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
              "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -88,8 +90,8 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisProcess]:
-    """A dedicated redis-server for tests that stop it or count its commands."""
-    server = RedisProcess()
+    """A dedicated redis-server (keeping its data across restarts) for tests that stop it."""
+    server = RedisProcess(persistent=True)
     server.start()
     yield server
     server.cleanup()
@@ -157,7 +159,7 @@ def build_upstream(record: list[Recorded]) -> web.Application:
         response.content_length = size
         await response.prepare(request)
         block = b"x" * 65536
-        sent = 0
+        sent = size if request.method == "HEAD" else 0
         while sent < size:
             part = block[: min(len(block), size - sent)]
             await response.write(part)

@@ -1,0 +1,200 @@
+"""The gateway as users run it: `python -m gateway --config ...` in its own process."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+
+from conftest import MASTER_KEY, ROOT, Upstream, free_port, run_gateway_process, wait_for_port
+
+AUTH = {"Authorization": f"FlespiToken {MASTER_KEY}"}
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def check_config(config_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", "--check-config", "--config", str(config_path)],
+                          cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(("config", "named"), [
+    ({"upstream": "ftp://x"}, "upstream"),
+    ({"listen": {"port": "eighty"}, "upstream": "http://127.0.0.1:1"}, "listen.port"),
+    ({"upstream": "http://127.0.0.1:1", "redis": {"url": "mysql://x"}}, "redis.url"),
+    ({"upstream": "http://127.0.0.1:1", "bootstrap_master_token": "short"}, "bootstrap_master_token"),
+    ({"upstream": "http://127.0.0.1:1", "cache": {"max_agee": 3}}, "cache.max_agee"),
+    ({"upstream": "http://127.0.0.1:1", "trusted_proxies": ["not-an-ip"]}, "trusted_proxies"),
+    ({"routes": {"api": "http://127.0.0.1:1"}}, "routes.api"),
+    ({"listen": {"port": 1}}, "upstream"),
+    ({"upstream": "http://127.0.0.1:1", "workers": 2}, "workers"),
+    ({"upstream": "http://127.0.0.1:1", "surprise": 1}, "surprise"),
+])
+def test_bad_config_exits_before_listening(tmp_path: Path, config: dict[str, Any], named: str) -> None:
+    result = check_config(write_config(tmp_path / "bad.yaml", config))
+    assert result.returncode == 2
+    assert named in result.stderr and "configuration error" in result.stderr
+    port = free_port()
+    config = {**config, "listen": {**(config.get("listen") or {}), "port": port}} if named != "listen.port" else config
+    process = run_gateway_process(write_config(tmp_path / "bad2.yaml", config))
+    assert process.wait(30) == 2
+    assert named.encode() in process.stderr.read()  # type: ignore[union-attr]
+
+
+def test_check_config_accepts_shipped_config() -> None:
+    result = check_config(ROOT / "config.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", {"upstream": "http://127.0.0.1:1"})
+    assert check_config(path, {"GATEWAY_LISTEN__PORT": "notaport"}).returncode == 2
+    assert check_config(path, {"GATEWAY_LISTEN__PORT": "9001", "GATEWAY_CACHE__MAX_AGE": "5"}).returncode == 0
+    bad = check_config(path, {"GATEWAY_MASTER_TOKEN": "tooshort"})
+    assert bad.returncode == 2 and "bootstrap_master_token" in bad.stderr
+
+
+class Running:
+    def __init__(self, config_path: Path, port: int) -> None:
+        self.config_path, self.port = config_path, port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = run_gateway_process(self.config_path)
+        wait_for_port(self.port)
+
+    def stop(self) -> tuple[int, bytes]:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(30)
+        stderr = self.process.stderr.read() if self.process.stderr else b""
+        self.process = None
+        return code, stderr
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_peak_kb(self) -> int:
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+
+@pytest.fixture
+def running(tmp_path: Path, upstream: Upstream) -> Iterator[Any]:
+    started: list[Running] = []
+
+    def launch(**overrides: Any) -> Running:
+        port = free_port()
+        config = {"listen": {"host": "127.0.0.1", "port": port}, "upstream": upstream.url,
+                  "bootstrap_master_token": MASTER_KEY, "log": {"path": str(tmp_path / "requests.log")},
+                  "redis": {"url": "memory://", "data_file": str(tmp_path / "data.json")}, **overrides}
+        instance = Running(write_config(tmp_path / f"gw-{port}.yaml", config), port)
+        instance.start()
+        started.append(instance)
+        return instance
+
+    yield launch
+    for instance in started:
+        if instance.process is not None:
+            instance.process.kill()
+            instance.process.wait()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_log_lines_equal_requests_after_sigterm(running: Any, client: aiohttp.ClientSession,
+                                                      tmp_path: Path) -> None:
+    gateway = running()
+
+    async def one(i: int) -> int:
+        async with client.get(f"{gateway.url}/items/{i}?q=secret", headers={**AUTH, "x-flespi-app": "a" * 80}) as r:
+            await r.read()
+            return r.status
+
+    statuses = await asyncio.gather(*(one(i) for i in range(400)))
+    assert set(statuses) == {200}
+    code, stderr = gateway.stop()
+    assert code == 0, stderr
+    lines = [orjson.loads(line) for line in (tmp_path / "requests.log").read_bytes().splitlines()]
+    requests = [line for line in lines if line["event_code"] == 1000 and line["uri"].startswith("/items/")]
+    assert len(requests) == 400
+    sample = requests[0]
+    assert set(sample) == {"timestamp", "event_code", "token_id", "cid", "host", "app", "method", "uri", "status",
+                           "duration", "size", "request_id"}
+    assert sample["host"] == "127.0.0.1" and sample["app"] == "a" * 64 and sample["status"] == 200
+    assert "?" not in sample["uri"] and sample["size"] > 0
+    everything = (tmp_path / "requests.log").read_bytes() + stderr
+    assert MASTER_KEY.encode() not in everything
+
+
+async def test_token_events_logged_without_key(running: Any, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    gateway = running()
+    async with client.post(f"{gateway.url}/platform/tokens", json=[{"ttl": 60}], headers=AUTH) as r:
+        token = (await r.json())["result"][0]
+    async with client.put(f"{gateway.url}/platform/tokens/{token['id']}", json={"info": "x"}, headers=AUTH) as r:
+        assert r.status == 200
+    async with client.delete(f"{gateway.url}/platform/tokens/{token['id']}", headers=AUTH) as r:
+        assert r.status == 200
+    gateway.stop()
+    raw = (tmp_path / "requests.log").read_bytes()
+    assert token["key"].encode() not in raw
+    events = [line for line in map(orjson.loads, raw.splitlines()) if line["event_code"] in (1, 2, 3)]
+    assert [(e["event_code"], e["token_id"]) for e in events] == [(1, token["id"]), (2, token["id"]), (3, token["id"])]
+
+
+async def test_embedded_store_survives_restart(running: Any, client: aiohttp.ClientSession) -> None:
+    gateway = running()
+    async with client.post(f"{gateway.url}/platform/tokens", json=[{"ttl": 3600, "info": "kept"}],
+                           headers=AUTH) as r:
+        token = (await r.json())["result"][0]
+    gateway.process.kill()  # not even a clean shutdown: the API answered only after saving
+    gateway.process.wait()
+    gateway.start()
+    async with client.get(f"{gateway.url}/anything", headers={"Authorization": f"FlespiToken {token['key']}"}) as r:
+        assert r.status == 200
+    async with client.get(f"{gateway.url}/platform/tokens/{token['id']}", headers=AUTH) as r:
+        assert (await r.json())["result"][0]["info"] == "kept"
+
+
+async def test_large_bodies_stream_with_flat_memory(running: Any, client: aiohttp.ClientSession) -> None:
+    gateway = running(log={"path": "off"})
+    async with client.get(f"{gateway.url}/big/1000", headers=AUTH) as r:
+        assert r.status == 200
+    baseline = gateway.rss_peak_kb()
+    size = 512 * 1024 * 1024
+
+    async def body() -> AsyncIterator[bytes]:
+        block = b"u" * (1 << 20)
+        for _ in range(size >> 20):
+            yield block
+
+    async with client.post(f"{gateway.url}/upload", data=body(), headers=AUTH) as r:
+        assert (await r.json())["received"] == size
+    received = 0
+    async with client.get(f"{gateway.url}/big/{size}", headers=AUTH) as r:
+        async for chunk in r.content.iter_any():
+            received += len(chunk)
+    assert received == size
+    growth_mb = (gateway.rss_peak_kb() - baseline) / 1024
+    assert growth_mb < 64, f"peak RSS grew by {growth_mb:.0f} MB while streaming 2 x 512 MB"
