@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import ConfigError, Settings, load_settings
+from .tokens import new_key
 
 
 def default_config() -> str | None:
@@ -23,6 +24,8 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--config", "-c", default=None, help="YAML config file (default: $GATEWAY_CONFIG or ./config.yaml)")
     parse.add_argument("--check-config", "-t", action="store_true", help="only check the configuration, then exit")
     parse.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), help="Python logging level")
+    commands = parse.add_subparsers(dest="command")
+    commands.add_parser("keygen", help="print a new random 64-character token key (for bootstrap_master_token)")
     return parse
 
 
@@ -32,6 +35,9 @@ def read_settings(path: str | None) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "keygen":
+        print(new_key())
+        return 0
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
