@@ -19,6 +19,7 @@ class AccessedWriter:
         self._interval = interval
         self._max_pending = max_pending
         self._pending: dict[str, int] = {}
+        self._expiry: dict[str, int] = {}
         self.dropped = 0
         self.writes = 0
 
@@ -32,6 +33,8 @@ class AccessedWriter:
             return
         token.accessed_queued = now
         self._pending[token.digest] = now
+        if token.ttl > 0:
+            self._expiry[str(token.id)] = max(token.expire, max(token.created, now) + token.ttl)
 
     async def run(self) -> None:
         while True:
@@ -42,13 +45,15 @@ class AccessedWriter:
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
+        expiry, self._expiry = self._expiry, {}
         try:
-            await self._store.touch(batch)
+            await self._store.touch(batch, expiry)
             self.writes += 1
         except StoreUnavailable:
             # Keep the uses for the next flush; newer values noted meanwhile win.
-            for digest, when in batch.items():
-                if when > self._pending.get(digest, 0):
-                    self._pending[digest] = when
+            for pending, kept in ((self._pending, batch), (self._expiry, expiry)):
+                for name, when in kept.items():
+                    if when > pending.get(name, 0):
+                        pending[name] = when
         except Exception:
             log.exception("accessed flush failed")

@@ -1,7 +1,7 @@
 """`create_app(settings)`: the one request flow and the services it is built from.
 
 config -> app -> extract token -> load record (cache, then store) -> time -> checks (enabled, IP,
-origin, account, type/ACL) -> tokens API or proxy -> log line.
+origin, account, type/ACL, usage) -> platform API or proxy -> usage counters and log line.
 """
 from __future__ import annotations
 
@@ -9,25 +9,31 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from .accessed import AccessedWriter
-from .api import AUTH_INFO, TokensApi
+from .accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
+from .api import AUTH_INFO, PlatformApi
 from .auth import Authenticator, extract_key
 from .cache import TokenCache
 from .checks import RequestFacts, build_checks
 from .config import Settings
-from .embedded import open_embedded
-from .errors import STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable, error_response, invalid_input_response
+from .embedded import Snapshotter, open_embedded
+from .errors import (STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable, error_response,
+                     invalid_input_response)
+from .expiry import Housekeeper
 from .logs import FileSink, LogWriter
 from .paths import checked_path
 from .proxy import Proxy, pick_route, upstream_url
 from .store import TokenStore, connect_redis
+from .tokenlogs import RedisLogSink
 from .tokens import Token, TokenType, key_digest
+from .usage import UsageMeter
 from .validation import TokenValidator
 
 log = logging.getLogger("gateway")
@@ -45,44 +51,70 @@ async def compile_token(record: dict[str, Any]) -> Token:
     )
 
 
-class Gateway:
-    """Holds the services of one process and runs every request through the same flow."""
+@dataclass(slots=True)
+class Services:
+    """Everything one process holds; built and torn down in `services()`."""
 
-    def __init__(self, settings: Settings, store: TokenStore, cache: TokenCache, accessed: AccessedWriter,
-                 logs: LogWriter, session: aiohttp.ClientSession) -> None:
+    store: TokenStore
+    accounts: AccountStore
+    directory: AccountDirectory
+    cache: TokenCache
+    accessed: AccessedWriter
+    usage: UsageMeter
+    logs: LogWriter
+    token_logs: RedisLogSink | None
+    housekeeper: Housekeeper
+    session: aiohttp.ClientSession
+
+
+class Gateway:
+    """Runs every request through the same flow."""
+
+    def __init__(self, settings: Settings, services: Services) -> None:
         self.settings = settings
-        self.store = store
-        self.cache = cache
-        self.accessed = accessed
-        self.logs = logs
-        self.session = session
-        self.api = TokensApi(store, TokenValidator(), logs)
-        self.auth = Authenticator(cache, accessed, build_checks(settings.platform_prefixes, frozenset({AUTH_INFO})))
-        self.proxy = Proxy(settings.proxy, session)
+        self.services = services
+        self.store = services.store
+        self.cache = services.cache
+        self.accessed = services.accessed
+        self.usage = services.usage
+        self.logs = services.logs
+        self.api = PlatformApi(services.store, services.accounts, services.directory, TokenValidator(), services.logs,
+                               services.token_logs)
+        checks = build_checks(settings.platform_prefixes, frozenset({AUTH_INFO}), services.directory, services.usage)
+        self.auth = Authenticator(services.cache, services.accessed, checks)
+        self.proxy = Proxy(settings.proxy, services.session)
+        self._request_id_header = settings.proxy.request_id_header
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started, now = time.perf_counter(), time.time()
         request_id = self._request_id(request)
         facts: RequestFacts | None = None
+        served: Token | None = None
         try:
             facts = self._facts(request, now)
-            token = await self.auth.authenticate(extract_key(request.headers.get("Authorization")), facts)
-            response = await self._dispatch(request, token, facts, request_id)
+            served = await self.auth.authenticate(extract_key(request.headers.get("Authorization")), facts)
+            response = await self._dispatch(request, served, facts, request_id)
         except Denied as denied:
-            response = error_response(denied.status, denied.reason, self.settings.realm, denied.headers)
-            response.headers[self.settings.proxy.request_id_header] = request_id
+            response = self._error(denied.status, denied.reason, request_id, denied.headers)
         except StoreUnavailable:
-            response = error_response(503, STORAGE_UNAVAILABLE, self.settings.realm)
-            response.headers[self.settings.proxy.request_id_header] = request_id
+            response = self._error(503, STORAGE_UNAVAILABLE, request_id)
         except InvalidInput as invalid:
             response = invalid_input_response(invalid.problems)
-            response.headers[self.settings.proxy.request_id_header] = request_id
+            response.headers[self._request_id_header] = request_id
         if facts is not None and facts.token is not None:
+            if served is not None:
+                size = request.content.total_bytes + (response.body_length or 0)
+                self.usage.record(served, served.cid, size, now)
             self._log_request(request, facts, facts.token, response, request_id, started)
         return response
 
+    def _error(self, status: int, reason: str, request_id: str, headers: dict[str, str] | None = None) -> web.Response:
+        response = error_response(status, reason, self.settings.realm, headers)
+        response.headers[self._request_id_header] = request_id
+        return response
+
     def _request_id(self, request: web.Request) -> str:
-        incoming = request.headers.get(self.settings.proxy.request_id_header)
+        incoming = request.headers.get(self._request_id_header)
         if incoming and self.is_trusted_peer(request.remote) and len(incoming) <= 128 and incoming.isprintable():
             return incoming
         return uuid.uuid4().hex
@@ -96,7 +128,7 @@ class Gateway:
         cid_header = request.headers.get("x-flespi-cid")
         acting_cid = None
         if cid_header is not None:
-            if not cid_header.strip().isdigit():
+            if not cid_header.strip().isdigit() or not cid_header.strip().isascii():
                 raise Denied(400, "invalid x-flespi-cid header: must be an account id")
             acting_cid = int(cid_header)
         return RequestFacts(
@@ -107,15 +139,15 @@ class Gateway:
     async def _dispatch(self, request: web.Request, token: Token, facts: RequestFacts,
                         request_id: str) -> web.StreamResponse:
         if self.api.handles(facts.path):
-            response = await self.api.dispatch(request, token, facts.path)
-            response.headers[self.settings.proxy.request_id_header] = request_id
+            response = await self.api.dispatch(request, token, facts.path, facts.acting_cid)
+            response.headers[self._request_id_header] = request_id
             return response
         route = pick_route(self.settings.routes, facts.path)
         if route is None:
             raise Denied(404, f"no upstream for {facts.path}")
         url = upstream_url(route, facts.path, facts.forward_path, facts.query)
         return await self.proxy.forward(request, url, self._upstream_headers(request, token, facts, request_id),
-                                        {self.settings.proxy.request_id_header: request_id})
+                                        {self._request_id_header: request_id})
 
     def _upstream_headers(self, request: web.Request, token: Token, facts: RequestFacts, request_id: str) -> Any:
         proxy = self.settings.proxy
@@ -149,21 +181,19 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+BOOTSTRAP_EXPIRE = 4102444800  # 2100-01-01: a token must have ttl or expire (SPEC 2)
 
 
 async def bootstrap_master(store: TokenStore, key: str) -> None:
     """Make the configured key a master token unless it exists (safe from several instances)."""
     digest = key_digest(key)
-    if await store.load(digest) is not None:
-        return
-    [token_id] = await store.allocate_ids(1)
-    now = int(time.time())
-    record = {"id": token_id, "digest": digest, "info": "bootstrap master token", "enabled": True,
-              "access": {"type": 1}, "expire": 0, "ttl": 0, "created": now, "accessed": 0, "ips": "",
-              "origins": "*", "cid": 0, "metadata": {}, "bootstrap": True}
-    record["expire"] = 4102444800  # 2100-01-01: a token must have ttl or expire (SPEC 2)
-    if await store.insert_if_absent(record):
-        log.info("bootstrap master token created with id %d", token_id)
+    if await store.load(digest) is None:
+        [token_id] = await store.allocate_ids(1)
+        record = {"id": token_id, "digest": digest, "info": "bootstrap master token", "enabled": True,
+                  "access": {"type": 1}, "expire": BOOTSTRAP_EXPIRE, "ttl": 0, "created": int(time.time()),
+                  "accessed": 0, "ips": "", "origins": "*", "cid": 0, "metadata": {}}
+        if await store.insert_if_absent(record):
+            log.info("bootstrap master token created with id %d", token_id)
     await store.publish([digest])  # drop "no such token" answers cached before it existed
 
 
@@ -177,35 +207,53 @@ async def _keep_bootstrapping(store: TokenStore, key: str) -> None:
             await asyncio.sleep(1.0)
 
 
+def open_session(settings: Settings) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=settings.proxy.pool_size, ttl_dns_cache=60),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.proxy.connect_timeout,
+                                      sock_read=settings.proxy.read_timeout),
+        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
 async def services(app: web.Application, settings: Settings) -> AsyncIterator[None]:
-    snapshotter = None
+    snapshotter: Snapshotter | None = None
     if settings.redis.embedded:
         client, snapshotter = open_embedded(settings.redis.data_file)
         loaded = await snapshotter.load()
         log.info("embedded store: %d keys loaded from %s", loaded, settings.redis.data_file)
     else:
         client = connect_redis(settings.redis)
-    store = TokenStore(client, settings.redis.key_prefix)
+    prefix = settings.redis.key_prefix
+    store, accounts = TokenStore(client, prefix), AccountStore(client, prefix)
     if snapshotter is not None:
-        store.after_change = snapshotter.save
-        store.after_touch = snapshotter.mark_dirty
-    cache = TokenCache(store, settings.cache, compile_token)
-    accessed = AccessedWriter(store, settings.accessed_flush_interval)
+        for persisted in (store, accounts):
+            persisted.after_change = snapshotter.save
+            persisted.after_touch = snapshotter.mark_dirty
     sink = None if settings.log.path == "off" else FileSink(settings.log.path)
     logs = LogWriter(settings.log, [sink] if sink else [])
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=settings.proxy.pool_size, ttl_dns_cache=60),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.proxy.connect_timeout,
-                                      sock_read=settings.proxy.read_timeout),
-        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+    token_logs = RedisLogSink(store, settings.token_logs) if settings.token_logs.enabled else None
+    if token_logs is not None:
+        logs.add_sink(token_logs)
+    directory = AccountDirectory(accounts, settings.cache.max_age)
+    cache = TokenCache(store, settings.cache, compile_token)
+    cache.listeners[CHANGED_MESSAGE] = directory.mark_changed
+    built = Services(
+        store=store, accounts=accounts, directory=directory, cache=cache,
+        accessed=AccessedWriter(store, settings.accessed_flush_interval),
+        usage=UsageMeter(store, settings.usage, directory, logs), logs=logs, token_logs=token_logs,
+        housekeeper=Housekeeper(store, settings.housekeeping, logs), session=open_session(settings),
     )
-    gateway = Gateway(settings, store, cache, accessed, logs, session)
-    app[GATEWAY] = gateway
-    tasks = [asyncio.ensure_future(job) for job in (cache.run_subscriber(), accessed.run(), logs.run())]
+    app[GATEWAY] = Gateway(settings, built)
+    jobs: list[Coroutine[Any, Any, None]] = [
+        cache.run_subscriber(), built.accessed.run(), logs.run(), built.usage.run(), built.housekeeper.run(),
+        directory.run(settings.cache.refresh_interval),
+    ]
     if snapshotter is not None:
-        tasks.append(asyncio.ensure_future(snapshotter.run()))
+        jobs.append(snapshotter.run())
     if settings.bootstrap_master_token:
-        tasks.append(asyncio.ensure_future(_keep_bootstrapping(store, settings.bootstrap_master_token)))
+        jobs.append(_keep_bootstrapping(store, settings.bootstrap_master_token))
+    tasks = [asyncio.ensure_future(job) for job in jobs]
     try:
         yield
     finally:
@@ -213,14 +261,23 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await cache.close()
-        await accessed.flush()
+        await _quietly(built.accessed.flush())
+        await _quietly(built.usage.flush())
         await logs.flush()
         if sink is not None:
             sink.close()
-        await session.close()
+        await built.session.close()
         if snapshotter is not None:
             await snapshotter.save()
         await client.aclose()
+
+
+async def _quietly(job: Coroutine[Any, Any, None]) -> None:
+    """Shutdown goes on even if Redis is away; what could not be written is reported, not raised."""
+    try:
+        await job
+    except Exception as exc:
+        log.warning("shutdown: could not flush (%s)", exc)
 
 
 def create_app(settings: Settings) -> web.Application:

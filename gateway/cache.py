@@ -46,6 +46,8 @@ class TokenCache:
         # Entries with an older epoch were loaded before a pub/sub gap and must be revalidated.
         self._epoch = 0
         self.subscribed = asyncio.Event()
+        # Other messages on the channel (e.g. "accounts") and who wants them; also told after a gap.
+        self.listeners: dict[str, Callable[[], None]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -84,6 +86,8 @@ class TokenCache:
 
     def mark_all_stale(self) -> None:
         self._epoch += 1
+        for listener in self.listeners.values():
+            listener()
 
     async def _load(self, digest: str) -> Token | None:
         pending = self._inflight.get(digest)
@@ -162,7 +166,12 @@ class TokenCache:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is not None and message.get("type") == "message":
                 data = message["data"]
-                self.invalidate(data.decode() if isinstance(data, bytes) else str(data))
+                text = data.decode() if isinstance(data, bytes) else str(data)
+                listener = self.listeners.get(text)
+                if listener is not None:
+                    listener()
+                else:
+                    self.invalidate(text)
 
     async def close(self) -> None:
         for task in list(self._background):

@@ -8,8 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .accounts import AccountDirectory, check_acting_account
 from .errors import TOKEN_DISABLED, UNAUTHORIZED_LOCATION, UNAUTHORIZED_ORIGIN, Denied
 from .tokens import Token, TokenType
+from .usage import UsageMeter
 
 
 @dataclass(slots=True)
@@ -80,11 +82,20 @@ def type_check(platform_prefixes: Sequence[str], open_paths: frozenset[str]) -> 
     return check_type
 
 
-def check_account(token: Token, facts: RequestFacts) -> None:
-    """Acting as another account (x-flespi-cid) is allowed only for the token's own account."""
-    if facts.acting_cid is not None and facts.acting_cid != token.cid:
-        raise Denied(403, f"access to account {facts.acting_cid} is denied for this token")
+def account_check(directory: AccountDirectory) -> Check:
+    """Acting as account N (x-flespi-cid) needs N to be the token's account or below it."""
+    def check_account(token: Token, facts: RequestFacts) -> None:
+        check_acting_account(directory, token.cid, facts.acting_cid)
+    return check_account
 
 
-def build_checks(platform_prefixes: Sequence[str], open_paths: frozenset[str]) -> list[Check]:
-    return [check_enabled, check_ip, check_origin, check_account, type_check(platform_prefixes, open_paths)]
+def usage_check(meter: UsageMeter) -> Check:
+    def check_usage(token: Token, facts: RequestFacts) -> None:
+        meter.check(token, facts.now)
+    return check_usage
+
+
+def build_checks(platform_prefixes: Sequence[str], open_paths: frozenset[str], directory: AccountDirectory,
+                 meter: UsageMeter) -> list[Check]:
+    return [check_enabled, check_ip, check_origin, account_check(directory),
+            type_check(platform_prefixes, open_paths), usage_check(meter)]

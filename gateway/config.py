@@ -91,6 +91,30 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageSettings:
+    """Limits per account and window; 0 = unlimited. Accounts may override them."""
+
+    window: int = 60
+    flush_interval: float = 0.5
+    api_calls: int = 0
+    traffic: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HousekeepingSettings:
+    sweep_interval: float = 5.0
+    grace: float = 2.0
+    recycle_bin_days: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogSettings:
+    enabled: bool = True
+    per_token: int = 1000
+    per_account: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     routes: tuple[Route, ...]
     listen: ListenSettings = field(default_factory=ListenSettings)
@@ -98,6 +122,9 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     log: LogSettings = field(default_factory=LogSettings)
+    usage: UsageSettings = field(default_factory=UsageSettings)
+    housekeeping: HousekeepingSettings = field(default_factory=HousekeepingSettings)
+    token_logs: TokenLogSettings = field(default_factory=TokenLogSettings)
     bootstrap_master_token: str | None = None
     platform_prefixes: tuple[str, ...] = ("/platform/", "/auth/")
     internal_prefix: str = "/_gateway/"
@@ -156,7 +183,7 @@ def _scalar(value: str) -> Any:
 KNOWN_TOP = {
     "listen", "upstream", "routes", "redis", "cache", "proxy", "log", "bootstrap_master_token",
     "platform_prefixes", "internal_prefix", "trusted_proxies", "realm", "workers",
-    "accessed_flush_interval",
+    "accessed_flush_interval", "usage", "housekeeping", "token_logs",
 }
 
 
@@ -171,6 +198,9 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
         cache=_section(CacheSettings, raw, "cache"),
         proxy=_section(ProxySettings, raw, "proxy"),
         log=_section(LogSettings, raw, "log"),
+        usage=_section(UsageSettings, raw, "usage"),
+        housekeeping=_section(HousekeepingSettings, raw, "housekeeping"),
+        token_logs=_section(TokenLogSettings, raw, "token_logs"),
         bootstrap_master_token=_master_token(raw.get("bootstrap_master_token")),
         platform_prefixes=_prefixes(raw.get("platform_prefixes", ["/platform/", "/auth/"])),
         internal_prefix=_prefix("internal_prefix", raw.get("internal_prefix", "/_gateway/")),
@@ -307,6 +337,14 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("cache.refresh_after: must be between 0 (a third of max_age) and cache.max_age")
     if cache.max_entries < 1:
         raise ConfigError("cache.max_entries: must be at least 1")
+    if settings.usage.window < 1 or settings.usage.flush_interval <= 0:
+        raise ConfigError("usage.window: must be at least 1 second (and usage.flush_interval positive)")
+    if settings.usage.api_calls < 0 or settings.usage.traffic < 0:
+        raise ConfigError("usage.api_calls: limits must be 0 (unlimited) or positive")
+    if settings.housekeeping.sweep_interval <= 0 or settings.housekeeping.grace < 0:
+        raise ConfigError("housekeeping.sweep_interval: must be positive")
+    if settings.token_logs.per_token < 1 or settings.token_logs.per_account < 1:
+        raise ConfigError("token_logs.per_token: caps must be at least 1")
     if settings.log.queue_size < 1:
         raise ConfigError("log.queue_size: must be at least 1")
     for header in ("token_id_header", "account_id_header", "request_id_header"):

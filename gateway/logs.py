@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from .aio import wait_event
 from .config import LogSettings
 
 log = logging.getLogger("gateway.logs")
@@ -59,10 +60,7 @@ class LogWriter:
 
     async def run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self._settings.flush_interval)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wakeup, self._settings.flush_interval)
             self._wakeup.clear()
             await self.flush()
 

@@ -5,9 +5,11 @@ keys in one Redis Cluster slot so that MULTI/EXEC transactions work there too):
 
 - `{gw}:tok:<sha256 of key>`  the record as JSON (never the key itself)
 - `{gw}:ids`                  hash: token id -> key digest
+- `{gw}:cid:<account id>`     set: ids of the account's tokens
 - `{gw}:accessed`             sorted set: key digest -> last `accessed` (ZADD GT keeps the newest)
+- `{gw}:expiry`               sorted set: token id -> when it stops being valid (for the sweeper)
 - `{gw}:next_id`              counter for token ids, never reused
-- `{gw}:bin`                  hash: token id -> JSON of a deleted record and when it was deleted
+- `{gw}:bin`                  hash: token id -> JSON of a deleted record; `{gw}:bin_times` when
 - `{gw}:invalidate`           pub/sub channel: digests whose cached records must be dropped
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .errors import StoreUnavailable
 
 T = TypeVar("T")
 STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+NEVER = 2 ** 40
 
 
 def connect_redis(settings: RedisSettings) -> aioredis.Redis:
@@ -42,33 +45,78 @@ def connect_redis(settings: RedisSettings) -> aioredis.Redis:
     )
 
 
-class TokenStore:
+def expires_at(record: dict[str, Any]) -> int:
+    """When the token stops being valid, given what the record says now."""
+    expire, ttl = int(record.get("expire", 0)), int(record.get("ttl", 0))
+    ends = expire if expire > 0 else 0
+    if ttl > 0:
+        ends = max(ends, max(int(record.get("created", 0)), int(record.get("accessed", 0))) + ttl)
+    return ends or NEVER
+
+
+class RedisStore:
+    """Shared plumbing: the client, key names, error mapping, change hooks for persistence."""
+
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
         self.channel = f"{prefix}invalidate"
-        self._ids = f"{prefix}ids"
-        self._accessed = f"{prefix}accessed"
-        self._next_id = f"{prefix}next_id"
-        self._bin = f"{prefix}bin"
         # The embedded store persists itself through these; Redis needs neither.
         self.after_change: Callable[[], Awaitable[None]] | None = None
         self.after_touch: Callable[[], None] | None = None
 
-    async def _changed(self) -> None:
+    async def changed(self) -> None:
         if self.after_change is not None:
             await self.after_change()
 
-    def _tok(self, digest: str) -> str:
-        return f"{self.prefix}tok:{digest}"
+    def touched(self) -> None:
+        if self.after_touch is not None:
+            self.after_touch()
 
-    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+    async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
             return await operation()
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"token store: {type(exc).__name__}") from exc
 
-    # -- hot path (cache misses) --------------------------------------------------------------
+    async def publish(self, messages: Iterable[str]) -> None:
+        async def run() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for message in messages:
+                    pipe.publish(self.channel, message)
+                await pipe.execute()
+        await self.call(run)
+
+    @asynccontextmanager
+    async def subscription(self) -> AsyncIterator[Any]:
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await self.call(lambda: pubsub.subscribe(self.channel))
+            yield pubsub
+        finally:
+            try:
+                await pubsub.aclose()
+            except STORE_ERRORS:
+                pass
+
+
+class TokenStore(RedisStore):
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        super().__init__(client, prefix)
+        self._ids = f"{prefix}ids"
+        self._accessed = f"{prefix}accessed"
+        self.expiry_key = f"{prefix}expiry"
+        self._next_id = f"{prefix}next_id"
+        self._bin = f"{prefix}bin"
+        self._bin_times = f"{prefix}bin_times"
+
+    def _tok(self, digest: str) -> str:
+        return f"{self.prefix}tok:{digest}"
+
+    def _account(self, cid: int) -> str:
+        return f"{self.prefix}cid:{cid}"
+
+    # -- hot path (cache misses) and batched writes ---------------------------------------------
 
     async def load(self, digest: str) -> dict[str, Any] | None:
         """One round trip: the record and its accessed time."""
@@ -76,41 +124,45 @@ class TokenStore:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.get(self._tok(digest)).zscore(self._accessed, digest)
                 return await pipe.execute()  # type: ignore[no-any-return]
-        raw, accessed = await self._call(run)
+        raw, accessed = await self.call(run)
         if raw is None:
             return None
         return _merge_accessed(orjson.loads(raw), accessed)
 
-    async def touch(self, accessed: dict[str, int]) -> None:
-        """Record uses; ZADD GT means a late or slower instance never moves `accessed` back."""
-        if accessed:
-            await self._call(lambda: self.client.zadd(self._accessed, accessed, gt=True))
-            if self.after_touch is not None:
-                self.after_touch()
+    async def touch(self, accessed: dict[str, int], expiry: dict[str, int]) -> None:
+        """Record uses; GT means a late or slower instance never moves either time back."""
+        if not accessed:
+            return
 
-    async def publish(self, digests: Iterable[str]) -> None:
         async def run() -> None:
             async with self.client.pipeline(transaction=False) as pipe:
-                for digest in digests:
-                    pipe.publish(self.channel, digest)
+                pipe.zadd(self._accessed, accessed, gt=True)
+                if expiry:
+                    pipe.zadd(self.expiry_key, expiry, gt=True, xx=True)
                 await pipe.execute()
-        await self._call(run)
+        await self.call(run)
+        self.touched()
 
     # -- tokens API ---------------------------------------------------------------------------
 
     async def allocate_ids(self, count: int) -> list[int]:
-        last = int(await self._call(lambda: self.client.incrby(self._next_id, count)))
+        last = int(await self.call(lambda: self.client.incrby(self._next_id, count)))
         return list(range(last - count + 1, last + 1))
+
+    def _write(self, pipe: Any, record: dict[str, Any]) -> None:
+        pipe.set(self._tok(record["digest"]), orjson.dumps(record))
+        pipe.hset(self._ids, str(record["id"]), record["digest"])
+        pipe.sadd(self._account(int(record.get("cid", 0))), str(record["id"]))
+        pipe.zadd(self.expiry_key, {str(record["id"]): expires_at(record)})
 
     async def insert(self, records: list[dict[str, Any]]) -> None:
         async def run() -> None:
             async with self.client.pipeline(transaction=True) as pipe:
                 for record in records:
-                    pipe.set(self._tok(record["digest"]), orjson.dumps(record))
-                    pipe.hset(self._ids, str(record["id"]), record["digest"])
+                    self._write(pipe, record)
                 await pipe.execute()
-        await self._call(run)
-        await self._changed()
+        await self.call(run)
+        await self.changed()
 
     async def insert_if_absent(self, record: dict[str, Any]) -> bool:
         """Atomically create a record unless its key exists (bootstrap from several instances)."""
@@ -120,22 +172,21 @@ class TokenStore:
                 if await pipe.exists(self._tok(record["digest"])):
                     return False
                 pipe.multi()
-                pipe.set(self._tok(record["digest"]), orjson.dumps(record))
-                pipe.hset(self._ids, str(record["id"]), record["digest"])
+                self._write(pipe, record)
                 await pipe.execute()
                 return True
         try:
-            created = await self._call(run)
+            created = await self.call(run)
         except StoreUnavailable as exc:
             if isinstance(exc.__cause__, redis.exceptions.WatchError):
                 return False
             raise
         if created:
-            await self._changed()
+            await self.changed()
         return created
 
-    async def all_ids(self) -> list[int]:
-        ids = await self._call(lambda: self.client.hkeys(self._ids))
+    async def account_ids(self, cid: int) -> list[int]:
+        ids = await self.call(lambda: self.client.smembers(self._account(cid)))
         return sorted(int(value) for value in ids)
 
     async def get_many(self, ids: Iterable[int]) -> list[dict[str, Any]]:
@@ -143,7 +194,7 @@ class TokenStore:
         wanted = [str(token_id) for token_id in ids]
         if not wanted:
             return []
-        digests = await self._call(lambda: self.client.hmget(self._ids, wanted))
+        digests = await self.call(lambda: self.client.hmget(self._ids, wanted))
         found = [digest.decode() for digest in digests if digest is not None]
         if not found:
             return []
@@ -153,17 +204,18 @@ class TokenStore:
                 for digest in found:
                     pipe.get(self._tok(digest)).zscore(self._accessed, digest)
                 return await pipe.execute()  # type: ignore[no-any-return]
-        replies = await self._call(run)
-        records = []
-        for raw, accessed in zip(replies[::2], replies[1::2]):
-            if raw is not None:
-                records.append(_merge_accessed(orjson.loads(raw), accessed))
-        return records
+        replies = await self.call(run)
+        return [_merge_accessed(orjson.loads(raw), accessed)
+                for raw, accessed in zip(replies[::2], replies[1::2]) if raw is not None]
 
     async def replace(self, record: dict[str, Any]) -> None:
-        stored = {key: value for key, value in record.items()}
-        await self._call(lambda: self.client.set(self._tok(record["digest"]), orjson.dumps(stored)))
-        await self._changed()
+        async def run() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self._tok(record["digest"]), orjson.dumps(record))
+                pipe.zadd(self.expiry_key, {str(record["id"]): expires_at(record)})
+                await pipe.execute()
+        await self.call(run)
+        await self.changed()
 
     async def remove(self, records: list[dict[str, Any]], *, to_bin: bool) -> None:
         """Delete records (all in one transaction); with `to_bin` keep them for restoring."""
@@ -172,26 +224,78 @@ class TokenStore:
         async def run() -> None:
             async with self.client.pipeline(transaction=True) as pipe:
                 for record in records:
+                    token_id = str(record["id"])
                     pipe.delete(self._tok(record["digest"]))
-                    pipe.hdel(self._ids, str(record["id"]))
+                    pipe.hdel(self._ids, token_id)
+                    pipe.srem(self._account(int(record.get("cid", 0))), token_id)
                     pipe.zrem(self._accessed, record["digest"])
+                    pipe.zrem(self.expiry_key, token_id)
                     if to_bin:
-                        pipe.hset(self._bin, str(record["id"]), orjson.dumps({"deleted": now, "record": record}))
+                        pipe.hset(self._bin, token_id, orjson.dumps({**record, "deleted": now}))
+                        pipe.zadd(self._bin_times, {token_id: now})
                 await pipe.execute()
-        await self._call(run)
-        await self._changed()
+        await self.call(run)
+        await self.changed()
 
-    @asynccontextmanager
-    async def subscription(self) -> AsyncIterator[Any]:
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+    async def claim_expired(self, token_id: int) -> bool:
+        """Exactly one caller, on any instance, gets True for a given expired token."""
+        return bool(await self.call(lambda: self.client.zrem(self.expiry_key, str(token_id))))
+
+    async def expiry_candidates(self, before: float, limit: int) -> list[int]:
+        ids = await self.call(lambda: self.client.zrangebyscore(self.expiry_key, "-inf", before, start=0, num=limit))
+        return [int(value) for value in ids]
+
+    async def set_expiry(self, token_id: int, when: int) -> None:
+        await self.call(lambda: self.client.zadd(self.expiry_key, {str(token_id): when}))
+
+    # -- recycle bin --------------------------------------------------------------------------
+
+    async def binned(self, ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        if ids is None:
+            raw = list((await self.call(lambda: self.client.hgetall(self._bin))).values())
+        else:
+            wanted = [str(token_id) for token_id in ids]
+            raw = [value for value in await self.call(lambda: self.client.hmget(self._bin, wanted)) if value]
+        return sorted((orjson.loads(value) for value in raw), key=lambda record: int(record["id"]))
+
+    async def restore(self, record: dict[str, Any]) -> bool:
+        """Put a binned record back under its old id and key; False if the key is in use again."""
+        restored = {key: value for key, value in record.items() if key != "deleted"}
+
+        async def run() -> bool:
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(self._tok(record["digest"]))
+                if await pipe.exists(self._tok(record["digest"])):
+                    return False
+                pipe.multi()
+                self._write(pipe, restored)
+                pipe.hdel(self._bin, str(record["id"])).zrem(self._bin_times, str(record["id"]))
+                await pipe.execute()
+                return True
         try:
-            await self._call(lambda: pubsub.subscribe(self.channel))
-            yield pubsub
-        finally:
-            try:
-                await pubsub.aclose()
-            except STORE_ERRORS:
-                pass
+            done = await self.call(run)
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, redis.exceptions.WatchError):
+                return False
+            raise
+        await self.changed()
+        return done
+
+    async def purge_bin(self, older_than: float, ids: Iterable[int] | None = None) -> int:
+        if ids is None:
+            victims = await self.call(lambda: self.client.zrangebyscore(self._bin_times, "-inf", older_than))
+        else:
+            victims = [str(token_id) for token_id in ids]
+        if not victims:
+            return 0
+
+        async def run() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hdel(self._bin, *victims).zrem(self._bin_times, *victims)
+                await pipe.execute()
+        await self.call(run)
+        await self.changed()
+        return len(victims)
 
 
 def _merge_accessed(record: dict[str, Any], accessed: float | None) -> dict[str, Any]:

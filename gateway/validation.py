@@ -96,3 +96,33 @@ def validity_problems(record: Mapping[str, Any]) -> list[FieldProblem]:
     if not record.get("ttl") and not record.get("expire"):
         return [FieldProblem("ttl", "token must have 'ttl' or 'expire' (or both)")]
     return []
+
+
+ACCOUNT_WRITABLE = frozenset({"name", "limits", "metadata"})
+LIMIT_NAMES = frozenset({"api_calls", "traffic"})
+
+
+def account_problems(body: Any, *, partial: bool) -> list[FieldProblem]:
+    """A subaccount: `name`, optional `limits` ({api_calls, traffic}: per window, 0 = unlimited,
+    null = the configured default) and `metadata`."""
+    if not isinstance(body, dict):
+        return [FieldProblem("", "account must be a JSON object")]
+    found = [FieldProblem(name, f"unknown or read-only field '{name}'") for name in body if name not in ACCOUNT_WRITABLE]
+    name = body.get("name")
+    if "name" in body or not partial:
+        if not isinstance(name, str) or not name.strip() or len(name) > 255:
+            found.append(FieldProblem("name", "'name' must be a non-empty string of at most 255 characters"))
+    if "limits" in body:
+        limits = body["limits"]
+        if not isinstance(limits, dict):
+            found.append(FieldProblem("limits", "'limits' must be an object with api_calls and/or traffic"))
+        else:
+            for key, value in limits.items():
+                if key not in LIMIT_NAMES:
+                    found.append(FieldProblem(f"limits.{key}", f"unknown limit '{key}'"))
+                elif value is not None and not _non_negative_int(value):
+                    found.append(FieldProblem(f"limits.{key}", f"'limits.{key}' must be a non-negative integer or null"))
+    if "metadata" in body and (not isinstance(body["metadata"], dict)
+                               or not all(isinstance(v, str) for v in body["metadata"].values())):
+        found.append(FieldProblem("metadata", "'metadata' must be an object of string values"))
+    return found

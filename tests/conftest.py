@@ -299,7 +299,8 @@ async def make_gateway(upstream: Upstream, redis_url: str, key_prefix: str) -> A
     yield factory
     for handle in handles:
         await handle.session.close()
-        await handle.server.close()
+        async with asyncio.timeout(30):  # a shutdown that hangs is a failure, not a stuck run
+            await handle.server.close()
 
 
 async def wait_for_master(handle: GatewayHandle, timeout: float = 10.0) -> None:

@@ -1,0 +1,194 @@
+"""Usage blocking: per account and window, count API calls and traffic across every instance.
+
+Requests only bump in-process counters. Every `flush_interval` one pipeline adds them to
+`{gw}:usage:<window>:<account>` (hash `c:<token>` calls, `b:<token>` bytes), reads back the
+totals of the accounts this instance served, and the set of blocked tokens. Over a limit, the
+heaviest tokens are blocked until the rest fit (`HSETNX {gw}:blocked:<window>` makes the block,
+and its event 20, happen once whichever instance sees it first); at the next window they work
+again and event 21 is logged once (`HSETNX {gw}:unblocked:<window>`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .accounts import AccountDirectory, Limits
+from .config import UsageSettings
+from .errors import Denied, StoreUnavailable
+from .logs import LogWriter
+from .store import RedisStore
+from .tokens import Token
+
+log = logging.getLogger("gateway.usage")
+EVENT_BLOCKED, EVENT_UNBLOCKED = 20, 21
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    until: float
+    reason: str
+    cid: int
+
+
+def choose_blocked(usage: dict[int, tuple[int, int]], already: set[int], calls_limit: int,
+                   traffic_limit: int) -> list[tuple[int, str]]:
+    """Heaviest first, until what is left (not blocked) fits every limit; 0 = no limit."""
+    blocked = set(already)
+    chosen: list[tuple[int, str]] = []
+    for metric, limit, label in ((0, calls_limit, "API calls"), (1, traffic_limit, "bytes of traffic")):
+        if limit <= 0:
+            continue
+        remaining = sum(counts[metric] for token_id, counts in usage.items() if token_id not in blocked)
+        for token_id in sorted(usage, key=lambda tid: (-usage[tid][metric], tid)):
+            if remaining <= limit:
+                break
+            if token_id in blocked:
+                continue
+            blocked.add(token_id)
+            remaining -= usage[token_id][metric]
+            chosen.append((token_id, f"its account is over the limit of {limit} {label}"))
+    return chosen
+
+
+def parse_usage(raw: dict[bytes, bytes]) -> dict[int, tuple[int, int]]:
+    usage: dict[int, list[int]] = {}
+    for field, value in raw.items():
+        kind, _, token_id = field.decode().partition(":")
+        counts = usage.setdefault(int(token_id), [0, 0])
+        counts[0 if kind == "c" else 1] += int(value)
+    return {token_id: (counts[0], counts[1]) for token_id, counts in usage.items()}
+
+
+class UsageMeter:
+    def __init__(self, store: RedisStore, settings: UsageSettings, directory: AccountDirectory, logs: LogWriter,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._settings = settings
+        self._directory = directory
+        self._logs = logs
+        self._clock = clock
+        self._counts: dict[tuple[int, int, int], list[int]] = {}
+        self.blocked: dict[int, Block] = {}
+        self._prefix = store.prefix
+
+    def window(self, now: float) -> int:
+        return int(now // self._settings.window)
+
+    def record(self, token: Token, cid: int, size: int, now: float) -> None:
+        counts = self._counts.get((self.window(now), cid, token.id))
+        if counts is None:
+            self._counts[(self.window(now), cid, token.id)] = [1, size]
+        else:
+            counts[0] += 1
+            counts[1] += size
+
+    def check(self, token: Token, now: float) -> None:
+        block = self.blocked.get(token.id)
+        if block is not None and now < block.until:
+            retry = max(1, math.ceil(block.until - now))
+            raise Denied(429, f"token is blocked: {block.reason}", {"Retry-After": str(retry)})
+
+    def limits_for(self, cid: int) -> tuple[int, int]:
+        tree = self._directory.tree
+        limits = tree.limits.get(cid, Limits()) if tree is not None else Limits()
+        calls = self._settings.api_calls if limits.api_calls is None else limits.api_calls
+        traffic = self._settings.traffic if limits.traffic is None else limits.traffic
+        return calls, traffic
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.flush_interval)
+            try:
+                await self.flush()
+            except StoreUnavailable:
+                pass
+            except Exception:
+                log.exception("usage flush failed")
+
+    async def flush(self) -> None:
+        now = self._clock()
+        window = self.window(now)
+        counts, self._counts = self._counts, {}
+        limited = {cid for (win, cid, _) in counts if win == window and any(self.limits_for(cid))}
+        try:
+            totals, blocked_raw = await self._exchange(counts, window, sorted(limited))
+        except StoreUnavailable:
+            for key, (calls, size) in counts.items():  # keep them for the next flush
+                mine = self._counts.setdefault(key, [0, 0])
+                mine[0] += calls
+                mine[1] += size
+            raise
+        blocked = {int(token_id): orjson.loads(value) for token_id, value in blocked_raw.items()}
+        await self._block_over_limit(window, totals, blocked, now)
+        until = (window + 1) * self._settings.window
+        await self._unblock_expired(now)
+        for token_id, info in blocked.items():
+            self.blocked[token_id] = Block(until, info["reason"], int(info["cid"]))
+
+    async def _exchange(self, counts: dict[tuple[int, int, int], list[int]], window: int,
+                        accounts: list[int]) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes]]:
+        keep = self._settings.window * 3
+
+        async def run() -> list[Any]:
+            async with self._store.client.pipeline(transaction=False) as pipe:
+                for (win, cid, token_id), (calls, size) in counts.items():
+                    key = f"{self._prefix}usage:{win}:{cid}"
+                    pipe.hincrby(key, f"c:{token_id}", calls).hincrby(key, f"b:{token_id}", size).expire(key, keep)
+                for cid in accounts:
+                    pipe.hgetall(f"{self._prefix}usage:{window}:{cid}")
+                pipe.hgetall(f"{self._prefix}blocked:{window}")
+                return await pipe.execute()  # type: ignore[no-any-return]
+        replies = await self._store.call(run)
+        tail = replies[len(replies) - len(accounts) - 1:]
+        return dict(zip(accounts, tail[:-1])), tail[-1]
+
+    async def _block_over_limit(self, window: int, totals: dict[int, dict[bytes, bytes]],
+                                blocked: dict[int, dict[str, Any]], now: float) -> None:
+        decisions: list[tuple[int, int, str]] = []
+        for cid, raw in totals.items():
+            usage = parse_usage(raw)
+            calls, traffic = self.limits_for(cid)
+            already = {token_id for token_id in usage if token_id in blocked}
+            decisions.extend((cid, token_id, reason) for token_id, reason in choose_blocked(usage, already, calls, traffic))
+        if not decisions:
+            return
+        key = f"{self._prefix}blocked:{window}"
+
+        async def run() -> list[Any]:
+            async with self._store.client.pipeline(transaction=False) as pipe:
+                for cid, token_id, reason in decisions:
+                    pipe.hsetnx(key, str(token_id), orjson.dumps({"cid": cid, "reason": reason}))
+                pipe.expire(key, self._settings.window * 3)
+                return await pipe.execute()  # type: ignore[no-any-return]
+        replies = await self._store.call(run)
+        until = (window + 1) * self._settings.window
+        for (cid, token_id, reason), first in zip(decisions, replies):
+            blocked[token_id] = {"cid": cid, "reason": reason}
+            if first:
+                self._logs.emit({"timestamp": now, "event_code": EVENT_BLOCKED, "token_id": token_id, "cid": cid,
+                                 "reason": reason, "until": until})
+
+    async def _unblock_expired(self, now: float) -> None:
+        ended = [(token_id, block) for token_id, block in self.blocked.items() if now >= block.until]
+        if not ended:
+            return
+
+        async def run() -> list[Any]:
+            async with self._store.client.pipeline(transaction=False) as pipe:
+                for token_id, block in ended:
+                    key = f"{self._prefix}unblocked:{self.window(block.until - 1)}"
+                    pipe.hsetnx(key, str(token_id), 1).expire(key, self._settings.window * 3)
+                return await pipe.execute()  # type: ignore[no-any-return]
+        replies = await self._store.call(run)
+        for (token_id, block), first in zip(ended, replies[::2]):
+            del self.blocked[token_id]
+            if first:
+                self._logs.emit({"timestamp": now, "event_code": EVENT_UNBLOCKED, "token_id": token_id,
+                                 "cid": block.cid})
