@@ -10,22 +10,23 @@ to that single segment.
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from gateway.errors import Denied
 
 INVALID_PATH = "invalid request path"
 
 # Unreserved characters, `/`, and the sub-delimiters that carry no meaning in a path (`;` does);
-# a path made only of these needs no decoding at all.
+# a path made only of these, without `//` or `/.`, needs no decoding and no segment check at all.
 _FAST_PATH = re.compile(r"/[A-Za-z0-9\-._~/,=:@!$&'()*+]*")
-# Raw characters that may appear before decoding: printable ASCII without the ones that end the
-# path (`?`, `#`), start parameters (`;`) or act as a separator on some servers (`\`).
-_RAW_FORBIDDEN = re.compile(r"[^\x21-\x7e]|[?#;\\]")
-# After decoding, a segment may hold any text except separators, controls (C1 too: some stacks
-# read U+0085 as a line break) and a second `%`, which would mean double encoding.
-_DECODED_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f/\\;%]")
-_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+# Raw characters allowed before decoding: printable ASCII (0x21-0x7e) without the ones that end the
+# path (`?` 0x3f, `#` 0x23), start parameters (`;` 0x3b) or act as a separator on some servers (`\`).
+_RAW_FORBIDDEN = re.compile(r"[^!-\"$-:<->@-\[\]-~]")
+# A malformed escape (`unquote` would pass it through) or an encoded `/`, the one character whose
+# encoding is lost once decoded; encoded `\` and `%` are refused after decoding, like raw ones.
+_BAD_ESCAPE = re.compile(r"%(?!(?!2[Ff])[0-9A-Fa-f]{2})")
+# After decoding: controls (C1 too: some stacks read U+0085 as a line break), `\`, `;` and `%`.
+_DECODED_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\\;%]")
 _DOT_SEGMENTS = frozenset((".", ".."))
 # What `forwarded_path` leaves unencoded in a rewritten segment: the fast-path set without `/`.
 _QUOTE_SAFE = "-._~,=:@!$&'()*+"
@@ -33,13 +34,19 @@ _QUOTE_SAFE = "-._~,=:@!$&'()*+"
 
 def checked_path(raw_path: str) -> str:
     """Return the decoded path every check must use, or refuse an ambiguous one with 400."""
-    if _FAST_PATH.fullmatch(raw_path):
-        _check_segments(raw_path)
+    if _FAST_PATH.fullmatch(raw_path) and "//" not in raw_path and "/." not in raw_path:
         return raw_path
-    if not raw_path.startswith("/") or _RAW_FORBIDDEN.search(raw_path):
+    if not raw_path.startswith("/") or _RAW_FORBIDDEN.search(raw_path) or _BAD_ESCAPE.search(raw_path):
         raise Denied(400, INVALID_PATH)
-    decoded = "/".join(_decode_segment(segment) for segment in raw_path.split("/"))
-    _check_segments(decoded)
+    try:
+        decoded = unquote(raw_path, errors="strict")
+    except UnicodeDecodeError:
+        raise Denied(400, INVALID_PATH) from None
+    if _DECODED_FORBIDDEN.search(decoded) or "//" in decoded:
+        raise Denied(400, INVALID_PATH)
+    # Encoded slashes were refused above, so decoded segments are exactly the raw ones.
+    if any(segment in _DOT_SEGMENTS for segment in decoded.split("/")):
+        raise Denied(400, INVALID_PATH)
     return decoded
 
 
@@ -58,33 +65,5 @@ def forwarded_path(raw_path: str, checked: str, authorized: str) -> str:
         return quote(authorized, safe="/" + _QUOTE_SAFE)
     return "/".join(
         raw if old == new else quote(new, safe=_QUOTE_SAFE)
-        for raw, old, new in zip(raw_segments, checked_segments, authorized_segments)
+        for raw, old, new in zip(raw_segments, checked_segments, authorized_segments, strict=True)
     )
-
-
-def _check_segments(path: str) -> None:
-    """Refuse dot segments and empty segments; only the last segment may be empty (trailing `/`)."""
-    if "//" in path or not path.startswith("/"):
-        raise Denied(400, INVALID_PATH)
-    if "/." in path and any(segment in _DOT_SEGMENTS for segment in path.split("/")):
-        raise Denied(400, INVALID_PATH)
-
-
-def _decode_segment(segment: str) -> str:
-    if "%" not in segment:
-        return segment
-    pieces = segment.split("%")
-    octets = bytearray(pieces[0].encode("ascii"))
-    for piece in pieces[1:]:
-        # int(..., 16) alone would also accept "+1", " 1" and "_1"; only two hex digits are an escape.
-        if len(piece) < 2 or piece[0] not in _HEX_DIGITS or piece[1] not in _HEX_DIGITS:
-            raise Denied(400, INVALID_PATH)
-        octets.append(int(piece[:2], 16))
-        octets += piece[2:].encode("ascii")
-    try:
-        decoded = octets.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Denied(400, INVALID_PATH) from None
-    if _DECODED_FORBIDDEN.search(decoded):
-        raise Denied(400, INVALID_PATH)
-    return decoded

@@ -110,6 +110,7 @@ def test_ambiguous_paths_are_refused(raw: str) -> None:
         ("/gw/devices/all", "/gw/devices/1,2", "/gw/devices/1,2"),
         ("/gw/devices/%61ll/x%20y", "/gw/devices/3/x y", "/gw/devices/3/x%20y"),
         ("/gw/devices/all/", "/gw/devices/7/", "/gw/devices/7/"),
+        ("/gw/%64evices/all/%6D", "/gw/devices/1,2/m", "/gw/%64evices/1,2/%6D"),
     ],
 )
 def test_forwarded_path_rewrites_only_changed_segments(raw: str, authorized: str, forwarded: str) -> None:
