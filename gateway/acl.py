@@ -12,6 +12,10 @@ Decisions the public material leaves open (validation's own are listed in its mo
 - A path that fits several uris (`gw` and `gw/devices`) is granted if any reading grants it; the
   longest uri is tried first, so its `all` rewrite is the one that applies.
 - An uri mapped to a pattern without `{submodule}` grants nothing below the selector.
+- Compiling a stored ACL never fails: a malformed part grants nothing, and an entry whose uri does
+  not validate now (a platform uri included) is skipped.
+- The `all` rewrite lists every permitted id, so an entry with a very large id list (or group)
+  makes a long upstream URL; that is the price of the upstream never seeing an unpermitted item.
 
 Group membership (`"ids": "in-groups"`) is kept in Redis by the upstream application: the set
 `{prefix}group:{group_id}:{uri}` holds the ids of the items of `uri` that belong to group
@@ -223,8 +227,13 @@ def compile_acl(
     acl: list[dict[str, object]],
     patterns: Mapping[str, UriPattern] | None = None,
     group_uri: str = GROUP_URI,
+    platform_prefixes: tuple[str, ...] = PLATFORM_PREFIXES,
 ) -> CompiledAcl:
-    """Compile a (validated) ACL once per token load; anything malformed in it grants nothing."""
+    """Compile a (validated) ACL once per token load; anything malformed in it grants nothing.
+
+    Entries whose uri is not valid (a platform uri included) are skipped, so a record stored before
+    a rule or the configuration changed can never grant more than validation would allow now.
+    """
     patterns = patterns or {}
     builders: dict[str, _CollectionBuilder] = {}
     http_entries = [e for e in acl if isinstance(e, dict) and isinstance(e.get("uri"), str) and e["uri"] != MQTT_URI]
@@ -232,7 +241,7 @@ def compile_acl(
         uri = str(entry["uri"])
         builder = builders.get(uri)
         if builder is None:
-            pattern = _pattern_for(uri, patterns)
+            pattern = _pattern_for(uri, patterns, platform_prefixes)
             if pattern is None:
                 continue
             builder = builders[uri] = _CollectionBuilder(uri, pattern)
@@ -251,11 +260,12 @@ def compile_acl(
     )
 
 
-def _pattern_for(uri: str, patterns: Mapping[str, UriPattern]) -> UriPattern | None:
+def _pattern_for(
+    uri: str, patterns: Mapping[str, UriPattern], platform_prefixes: tuple[str, ...]
+) -> UriPattern | None:
     if uri in patterns:
-        return patterns[uri]
-    # A stored uri that no longer validates is skipped: it grants nothing instead of failing the load.
-    return UriPattern.flespi(uri) if uri_problem(uri, ()) is None else None
+        return patterns[uri]  # checked against the platform prefixes when the configuration was read
+    return UriPattern.flespi(uri) if uri_problem(uri, platform_prefixes) is None else None
 
 
 def _groups_needed(entries: Iterable[Mapping[str, object]], group_uri: str) -> tuple[str, ...] | None:

@@ -27,9 +27,11 @@ IN_GROUPS: Final = "in-groups"
 _HTTP_KEYS = frozenset(("uri", "methods", "ids", "submodules"))
 _MQTT_KEYS = frozenset(("uri", "topic", "actions"))
 _SUBMODULE_KEYS = frozenset(("name", "methods"))
-# The characters a request path may hold without any decoding (see gateway.paths), so an uri is
-# always compared with the path as it was sent.
+# The characters a request path may hold without any decoding (see gateway.paths), so an uri or a
+# submodule name always reads the same in the ACL, in the request and upstream.
 _URI = re.compile(r"[A-Za-z0-9\-._~/,=:@!$&'()*+]+")
+_SEGMENT = re.compile(r"[A-Za-z0-9\-._~,=:@!$&'()*+]+")
+_DOT_SEGMENTS = (".", "..")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ def _unknown_keys(entry: dict[str, object], known: frozenset[str], at: str) -> l
 
 
 def uri_problem(uri: object, platform_prefixes: tuple[str, ...]) -> str | None:
+    """Why `uri` can not name a collection in an ACL, or None when it can."""
     if not isinstance(uri, str) or not uri:
         return "uri must be a non-empty string"
     if any(char.isspace() for char in uri):
@@ -91,7 +94,7 @@ def uri_problem(uri: object, platform_prefixes: tuple[str, ...]) -> str | None:
         return "uri must not start or end with a slash"
     if "//" in uri:
         return "uri must not contain an empty segment"
-    if not _URI.fullmatch(uri) or any(segment in (".", "..") for segment in uri.split("/")):
+    if not _URI.fullmatch(uri) or any(segment in _DOT_SEGMENTS for segment in uri.split("/")):
         return "uri may hold only letters, digits and -._~,=:@!$&'()*+ between slashes, and no dot segments"
     if is_platform_path("/" + uri, platform_prefixes):
         return "platform uri can not be granted by an ACL"
@@ -160,8 +163,9 @@ def _submodule_problems(submodule: object, at: str) -> list[FieldProblem]:
         return [FieldProblem(at, "submodule must be an object {name, methods}")]
     problems = _unknown_keys(submodule, _SUBMODULE_KEYS, at)
     name = submodule.get("name")
-    if not isinstance(name, str) or not name or "/" in name or not is_plain_path("/" + name):
-        problems.append(FieldProblem(f"{at}.name", "submodule name must be one plain path segment"))
+    if not isinstance(name, str) or not _SEGMENT.fullmatch(name) or name in _DOT_SEGMENTS:
+        reason = "submodule name must be one path segment of letters, digits and -._~,=:@!$&'()*+"
+        problems.append(FieldProblem(f"{at}.name", reason))
     method_problem = _methods_problem(submodule.get("methods"))
     if method_problem:
         problems.append(FieldProblem(f"{at}.methods", method_problem))

@@ -134,6 +134,9 @@ def test_valid_acls_have_no_problems(acl: list[object]) -> None:
         ([{**GET, "submodules": [{"name": "a/b", "methods": ["GET"]}]}], ["access.acl[0].submodules[0].name"]),
         ([{**GET, "submodules": [{"name": "..", "methods": ["GET"]}]}], ["access.acl[0].submodules[0].name"]),
         ([{**GET, "submodules": [{"name": 7, "methods": ["GET"]}]}], ["access.acl[0].submodules[0].name"]),
+        ([{**GET, "submodules": [{"name": "a b", "methods": ["GET"]}]}], ["access.acl[0].submodules[0].name"]),
+        ([{**GET, "submodules": [{"name": "a%20b", "methods": ["GET"]}]}], ["access.acl[0].submodules[0].name"]),
+        ([{**GET, "submodules": [{"name": "{x}", "methods": ["GET"]}]}], ["access.acl[0].submodules[0].name"]),
         ([{**GET, "submodules": [{"name": "m", "methods": ["GET"], "ids": [1]}]}], ["access.acl[0].submodules[0].ids"]),
         ([{"uri": "mqtt", "topic": "flespi/state/#", "actions": ["subscribe"]}], ["access.acl[0].topic"]),
         ([{"uri": "mqtt", "topic": "flespi/", "actions": ["subscribe"]}], ["access.acl[0].topic"]),
@@ -411,6 +414,8 @@ def test_entries_combine(acl: list[dict[str, object]], method: str, path: str, f
         ([{**GET, "uri": 7}], "GET", "/7/1", None),
         ([{**GET, "uri": "a{b}"}], "GET", "/a{b}/1", None),
         ([{**GET, "uri": "gw/.."}], "GET", "/gw/../1", None),
+        ([{**GET, "uri": "platform/tokens"}], "GET", "/platform/tokens/1", None),
+        ([{**GET, "uri": "auth"}], "GET", "/auth/info", None),
     ],
 )
 def test_a_malformed_stored_acl_fails_closed(
@@ -452,6 +457,13 @@ def test_groups_of_simple_acls(acl: list[dict[str, object]], needed: object, rea
     compiled = compile_acl(acl)
     assert compiled.groups_needed() == needed
     assert compiled.reachable_groups() == reachable
+
+
+def test_compile_skips_uris_under_configured_platform_prefixes() -> None:
+    acl: list[dict[str, object]] = [{**GET, "uri": "admin/users"}, {**GET, "uri": "platform/tokens"}]
+    compiled = compile_acl(acl, platform_prefixes=("/admin/",))
+    assert _decide(compiled, "GET", "/admin/users/1") is None
+    assert _decide(compiled, "GET", "/platform/tokens/1") == "/platform/tokens/1"
 
 
 def test_group_uri_is_configurable() -> None:
