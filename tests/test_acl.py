@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -783,7 +784,8 @@ def _wait_for(port: int) -> None:
     raise RuntimeError(f"redis-server did not start on port {port}")
 
 
-@pytest.fixture
+# Marked explicitly so these run whether pytest-asyncio is in strict or auto mode.
+@pytest_asyncio.fixture
 async def redis(redis_port: int) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis(port=redis_port)
     await client.flushall()
@@ -804,6 +806,7 @@ async def _fill(client: aioredis.Redis) -> None:
     await client.sadd(f"{PREFIX}groups", 5, 8)
 
 
+@pytest.mark.asyncio
 async def test_members_of_the_reachable_groups(redis: aioredis.Redis) -> None:
     await _fill(redis)
     acl = compile_acl(
@@ -820,12 +823,14 @@ async def test_members_of_the_reachable_groups(redis: aioredis.Redis) -> None:
         acl.authorize("GET", "/gw/devices/99", members)
 
 
+@pytest.mark.asyncio
 async def test_all_groups_are_listed_in_the_groups_set(redis: aioredis.Redis) -> None:
     await _fill(redis)
     acl = compile_acl([{**GROUPS, "ids": "all"}, {**GET, "ids": "in-groups"}])
     assert await load_group_members(redis, PREFIX, acl) == {"gw/devices": frozenset({1, 2, 88})}
 
 
+@pytest.mark.asyncio
 async def test_decoded_replies_are_read_too(redis_port: int) -> None:
     client = aioredis.Redis(port=redis_port, decode_responses=True)
     try:
@@ -837,6 +842,7 @@ async def test_decoded_replies_are_read_too(redis_port: int) -> None:
         await client.aclose()
 
 
+@pytest.mark.asyncio
 async def test_no_reachable_group_means_no_members(redis: aioredis.Redis) -> None:
     await _fill(redis)
     assert await load_group_members(redis, PREFIX, compile_acl([{**GET, "ids": "in-groups"}])) == {
@@ -847,6 +853,7 @@ async def test_no_reachable_group_means_no_members(redis: aioredis.Redis) -> Non
     assert await load_group_members(redis, PREFIX, acl) == {"gw/devices": frozenset()}
 
 
+@pytest.mark.asyncio
 async def test_nothing_is_read_when_no_entry_needs_groups() -> None:
     class Untouchable:
         def __getattr__(self, name: str) -> Any:
@@ -855,6 +862,7 @@ async def test_nothing_is_read_when_no_entry_needs_groups() -> None:
     assert await load_group_members(Untouchable(), PREFIX, compile_acl([GROUPS, GET])) == {}
 
 
+@pytest.mark.asyncio
 async def test_one_round_trip_for_explicit_groups(redis: aioredis.Redis) -> None:
     await _fill(redis)
     before = int((await redis.info("stats"))["total_commands_processed"])
