@@ -1,16 +1,69 @@
-"""Placeholder until the path-safety module lands: refuses anything but plain paths."""
+"""Path safety: the access decision is made on exactly the path that is forwarded.
+
+Every form that servers are known to read differently is refused with 400 rather than normalised:
+dot segments (raw or encoded), empty segments, encoded `/` and `\\`, `;` parameters, control
+characters, double encoding, malformed escapes and invalid UTF-8. Because nothing ambiguous is
+accepted, the raw path can be forwarded unchanged and the upstream decodes it to the very path
+the checks saw. The one exception is an ACL rewrite of a selector, which `forwarded_path` applies
+to that single segment.
+"""
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
-from .errors import Denied
+from gateway.errors import Denied
 
 INVALID_PATH = "invalid request path"
-_PLAIN = re.compile(r"^(/[A-Za-z0-9_\-~,=:@!$&'()*+]+)*/?$")
+
+# Unreserved characters, `/`, and the sub-delimiters that carry no meaning in a path (`;` does);
+# a path made only of these, without `//` or `/.`, needs no decoding and no segment check at all.
+_FAST_PATH = re.compile(r"/[A-Za-z0-9\-._~/,=:@!$&'()*+]*")
+# Raw characters allowed before decoding: printable ASCII (0x21-0x7e) without the ones that end the
+# path (`?` 0x3f, `#` 0x23), start parameters (`;` 0x3b) or act as a separator on some servers (`\`).
+_RAW_FORBIDDEN = re.compile(r"[^!-\"$-:<->@-\[\]-~]")
+# A malformed escape (`unquote` would pass it through) or an encoded `/`, the one character whose
+# encoding is lost once decoded; encoded `\` and `%` are refused after decoding, like raw ones.
+_BAD_ESCAPE = re.compile(r"%(?!(?!2[Ff])[0-9A-Fa-f]{2})")
+# After decoding: controls (C1 too: some stacks read U+0085 as a line break), `\`, `;` and `%`.
+_DECODED_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\\;%]")
+_DOT_SEGMENTS = frozenset((".", ".."))
+# What `forwarded_path` leaves unencoded in a rewritten segment: the fast-path set without `/`.
+_QUOTE_SAFE = "-._~,=:@!$&'()*+"
 
 
 def checked_path(raw_path: str) -> str:
-    if not _PLAIN.match(raw_path) and not _PLAIN.match(unquote(raw_path)):
+    """Return the decoded path every check must use, or refuse an ambiguous one with 400."""
+    if _FAST_PATH.fullmatch(raw_path) and "//" not in raw_path and "/." not in raw_path:
+        return raw_path
+    if not raw_path.startswith("/") or _RAW_FORBIDDEN.search(raw_path) or _BAD_ESCAPE.search(raw_path):
         raise Denied(400, INVALID_PATH)
-    return unquote(raw_path)
+    try:
+        decoded = unquote(raw_path, errors="strict")
+    except UnicodeDecodeError:
+        raise Denied(400, INVALID_PATH) from None
+    if _DECODED_FORBIDDEN.search(decoded) or "//" in decoded:
+        raise Denied(400, INVALID_PATH)
+    # Encoded slashes were refused above, so decoded segments are exactly the raw ones.
+    if any(segment in _DOT_SEGMENTS for segment in decoded.split("/")):
+        raise Denied(400, INVALID_PATH)
+    return decoded
+
+
+def forwarded_path(raw_path: str, checked: str, authorized: str) -> str:
+    """The path to send upstream: the raw path, with only the segments the ACL rewrote re-encoded.
+
+    `checked` is `checked_path(raw_path)` and `authorized` what the ACL returned for it. Segment
+    counts agree because encoded slashes are refused, so each raw segment pairs with its decoded one.
+    """
+    if authorized == checked:
+        return raw_path
+    raw_segments = raw_path.split("/")
+    checked_segments = checked.split("/")
+    authorized_segments = authorized.split("/")
+    if not len(raw_segments) == len(checked_segments) == len(authorized_segments):
+        return quote(authorized, safe="/" + _QUOTE_SAFE)
+    return "/".join(
+        raw if old == new else quote(new, safe=_QUOTE_SAFE)
+        for raw, old, new in zip(raw_segments, checked_segments, authorized_segments, strict=True)
+    )
