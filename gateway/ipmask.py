@@ -58,7 +58,9 @@ def parse_ip(text: str) -> IpAddress | None:
     """The normalised form of a client address, or None when `text` is not one."""
     if ":" not in text:
         return _parse_ipv4(text)
-    return _parse_ipv6(text.partition("%")[0])
+    address, percent, zone = text.partition("%")
+    # The zone only names the local interface the packet came through, not a different host.
+    return None if percent and not zone else _parse_ipv6(address)
 
 
 def _parse_ipv4(text: str) -> IpAddress | None:

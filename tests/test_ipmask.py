@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from functools import lru_cache
+from functools import cache
 
 import pytest
 from hypothesis import assume, event, given
@@ -209,7 +209,10 @@ def test_client_address_is_normalised_before_matching(ips: str, address: str) ->
 
 @pytest.mark.parametrize(
     "address",
-    ["", "junk", "010.0.0.1", "10.0.0.01", "1.2.3", "1.2.3.4 ", " 1.2.3.4", "1.2.3.4:80", "[::1]", "::1::2", "١.٢.٣.٤", "1.2.3.4\n"],
+    [
+        *("", "junk", "010.0.0.1", "10.0.0.01", "1.2.3", "1.2.3.4 ", " 1.2.3.4", "1.2.3.4\n"),
+        *("1.2.3.4:80", "[::1]", "::1::2", "fe80::1%", "\u0661.\u0662.\u0663.\u0664"),
+    ],
 )
 def test_unparseable_client_address_never_matches(address: str) -> None:
     matcher = compile_ip_masks("*, 0.0.0.0/0, ::/0, 1.2.3.4, *.*.*.*")
@@ -232,16 +235,19 @@ def test_pathological_mask_is_matched_in_linear_time() -> None:
 # ---- properties against independent oracles ----
 
 ipv4_addresses = st.integers(0, 2**32 - 1).map(lambda value: str(ipaddress.IPv4Address(value)))
-ipv6_values = st.lists(st.sampled_from([0, 0, 1, 0xDB8, 0xFFFF, 0x2001, 0xABCD]) | st.integers(0, 0xFFFF), min_size=8, max_size=8)
-ipv6_addresses = ipv6_values.map(
-    lambda groups: ipaddress.IPv6Address(sum(group << (16 * (7 - index)) for index, group in enumerate(groups))).compressed
-).filter(lambda text: ipaddress.IPv6Address(text).ipv4_mapped is None)
+# Zero groups are drawn often so that `::` compression shows up in most addresses.
+ipv6_groups = st.sampled_from([0, 0, 1, 0xDB8, 0xFFFF, 0x2001, 0xABCD]) | st.integers(0, 0xFFFF)
+ipv6_addresses = (
+    st.lists(ipv6_groups, min_size=8, max_size=8)
+    .map(lambda groups: ipaddress.IPv6Address(b"".join(group.to_bytes(2, "big") for group in groups)).compressed)
+    .filter(lambda text: ipaddress.IPv6Address(text).ipv4_mapped is None)
+)
 
 
 def glob_oracle(mask: str, text: str, one_of: str) -> bool:
     """Plain recursive wildcard matching: `*` any run, `?` one character from `one_of`."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def match(i: int, j: int) -> bool:
         if i == len(mask):
             return j == len(text)
