@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from functools import cache
 
@@ -111,7 +112,7 @@ def test_invalid_masks_are_refused_with_a_reason(ips: str, reason: str) -> None:
     problems = ip_mask_problems(ips)
     assert len(problems) == 1
     assert reason in problems[0]
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(ValueError, match=re.escape(reason)):
         compile_ip_masks(ips)
 
 
