@@ -339,7 +339,8 @@ def _mask_group_problem(group: str, name: str, width: int) -> str | None:
         if len(run) > width:
             return f"{run!r} is wider than one {name}"
         if (index == 0 or len(run) == width) and len(run) > 1 and run[0] == "0":
-            return f"{name} {group!r} starts with a zero: ambiguous (octal?) and never canonical"
+            octal = " (and octal to some parsers)" if name == "octet" else ""
+            return f"{name} {group!r} starts with a zero, which the canonical form never has{octal}"
     return None
 
 
