@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import timeit
 from collections.abc import Callable
+from functools import partial
 
 from gateway.ipmask import compile_ip_masks
 from gateway.origins import compile_origins
@@ -61,9 +62,9 @@ def main() -> None:
     if ip_matcher is None or origin_matcher is None:
         raise SystemExit("the benchmark lists compiled to 'any': nothing to time")
     for label, address in ADDRESSES.items():
-        print(f"ips     {label:22} {per_call_us(lambda a=address: ip_matcher.matches(a)):6.2f} us/call")
+        print(f"ips     {label:22} {per_call_us(partial(ip_matcher.matches, address)):6.2f} us/call")
     for label, origin in ORIGIN_VALUES.items():
-        print(f"origins {label:22} {per_call_us(lambda o=origin: origin_matcher.matches(o)):6.2f} us/call")
+        print(f"origins {label:22} {per_call_us(partial(origin_matcher.matches, origin)):6.2f} us/call")
 
 
 if __name__ == "__main__":
