@@ -4,6 +4,7 @@ For every request: take the key from `Authorization: FlespiToken <key>`, GET the
 key `{prefix}tok:<sha256 hex of the key>` from Redis, refuse with 401 if it is missing, else
 forward the request with one shared aiohttp ClientSession and return the upstream's reply.
 No cache, no checks beyond existence, no log: what one writes in an afternoon.
+With --no-check it skips the Redis GET too: the cost of aiohttp's server and client alone.
 
     python bench/naive_proxy.py --port 9001 --upstream http://127.0.0.1:9000 \
         --redis redis://127.0.0.1:6390/0 [--prefix '{gw}:']
@@ -27,7 +28,7 @@ HOP_BY_HOP = frozenset({
 })
 
 
-def build_app(upstream: str, redis_url: str, prefix: str) -> web.Application:
+def build_app(upstream: str, redis_url: str, prefix: str, check: bool = True) -> web.Application:
     app = web.Application()
     state: dict[str, object] = {}
 
@@ -43,10 +44,11 @@ def build_app(upstream: str, redis_url: str, prefix: str) -> web.Application:
         scheme, _, key = auth.partition(" ")
         if scheme.lower() != "flespitoken" or not key:
             return web.json_response({"errors": [{"code": 401, "reason": "no token"}]}, status=401)
-        digest = hashlib.sha256(key.strip().encode()).hexdigest()
-        record = await state["redis"].get(f"{prefix}tok:{digest}")  # type: ignore[attr-defined]
-        if record is None:
-            return web.json_response({"errors": [{"code": 401, "reason": "invalid token"}]}, status=401)
+        if check:
+            digest = hashlib.sha256(key.strip().encode()).hexdigest()
+            record = await state["redis"].get(f"{prefix}tok:{digest}")  # type: ignore[attr-defined]
+            if record is None:
+                return web.json_response({"errors": [{"code": 401, "reason": "invalid token"}]}, status=401)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         body = await request.read() if request.body_exists else None
         session: aiohttp.ClientSession = state["session"]  # type: ignore[assignment]
@@ -68,13 +70,16 @@ def main() -> None:
     parse.add_argument("--upstream", required=True, help="http://host:port (no trailing slash)")
     parse.add_argument("--redis", required=True, help="redis://host:port/db")
     parse.add_argument("--prefix", default="{gw}:", help="the gateway's redis.key_prefix")
+    parse.add_argument("--no-check", action="store_true",
+                       help="skip the Redis GET: aiohttp server + ClientSession alone, the floor of any aiohttp proxy")
     args = parse.parse_args()
     try:
         import uvloop
         loop = uvloop.new_event_loop()
     except ImportError:
         loop = asyncio.new_event_loop()
-    web.run_app(build_app(args.upstream.rstrip("/"), args.redis, args.prefix), host=args.host, port=args.port,
+    web.run_app(build_app(args.upstream.rstrip("/"), args.redis, args.prefix, not args.no_check),
+                host=args.host, port=args.port,
                 access_log=None, print=None, loop=loop)
 
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 MASTER_KEY = "BenchMaster" + "0123456789" * 5 + "xyz"  # 64 characters [A-Za-z0-9]
 PREFIX = "{gw}:"
+FLOOR = "aiohttp server + client, no auth (floor)"
 CONNECTIONS = 50
 HOST = "127.0.0.1"
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
@@ -337,10 +338,12 @@ def start_nginx_proxy(procs: Processes, binary: str, upstream: str) -> tuple[str
     return f"http://{HOST}:{port}", process
 
 
-def start_naive(procs: Processes, upstream: str, redis_url: str) -> tuple[str, subprocess.Popen[bytes]]:
+def start_naive(procs: Processes, upstream: str, redis_url: str,
+                check: bool = True) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
-    process = procs.start("naive", [sys.executable, str(BENCH / "naive_proxy.py"), "--port", str(port),
-                                    "--upstream", upstream, "--redis", redis_url, "--prefix", PREFIX])
+    process = procs.start("naive" if check else "aiohttp-floor",
+                          [sys.executable, str(BENCH / "naive_proxy.py"), "--port", str(port), "--upstream", upstream,
+                           "--redis", redis_url, "--prefix", PREFIX] + ([] if check else ["--no-check"]))
     wait_for_port(port, process)
     return f"http://{HOST}:{port}", process
 
@@ -727,6 +730,7 @@ def main() -> int:
         key = token["key"]
         gwn = start_gateway(procs, f"gateway-{workers_n}", upstream, redis_url, workers_n)
         naive_url, naive_process = start_naive(procs, upstream, redis_url)
+        floor_url, floor_process = start_naive(procs, upstream, redis_url, check=False)
         targets: list[tuple[str, str, str | None, Any]] = [
             ("upstream direct (ceiling)", upstream, None, lambda: process_tree(upstream_process.pid)),
         ]
@@ -737,6 +741,7 @@ def main() -> int:
             ("naive aiohttp proxy", naive_url, key, lambda: [naive_process.pid]),
             ("gateway, 1 worker", gw1.url, key, lambda: process_tree(gw1.process.pid)),
             (f"gateway, {workers_n} workers", gwn.url, key, lambda: process_tree(gwn.process.pid)),
+            (FLOOR, floor_url, key, lambda: [floor_process.pid]),
         ]
         for name, url, target_key, _ in targets:
             status, body = http("GET", url + "/bench/ping", target_key)
@@ -764,7 +769,7 @@ def main() -> int:
             profile_note = profile_gateway(runner, procs, gw1, key, duration, workdir)
             say(profile_note)
 
-        for process in (naive_process, gwn.process, gw1.process):
+        for process in (floor_process, naive_process, gwn.process, gw1.process):
             procs.stop(process)
         if tools["nginx"]:
             procs.stop(proxy_process)
@@ -795,6 +800,7 @@ def main() -> int:
         loads = miss.redis_detail.get("get", 0)
         say(f"random of {n_tokens:,} keys    {fmt_rps(miss.rps):>9} req/s  p50 {miss.p50_ms:.2f} ms  "
             f"p99 {miss.p99_ms:.2f} ms  errors {miss.errors}  record loads {loads:,} of {miss.requests:,} requests")
+        miss_cached, miss_rss = cached_tokens(gwm.url), rss_mb(gwm.process.pid)
         procs.stop(gwm.process)
 
         # (c) memory with N distinct cached tokens
@@ -809,6 +815,9 @@ def main() -> int:
         rss_peak = rss_mb(gwr.process.pid, "VmHWM")
         say(f"memory: {cached:,} tokens cached after {memory_run.requests:,} requests; RSS {rss_after:.1f} MB "
             f"(peak {rss_peak:.1f} MB; {rss_before:.1f} MB with one token)")
+        hot_full = runner.wrk_run(gwr.url, duration, key=key, pids=process_tree(gwr.process.pid))
+        say(f"hot traffic with {cached:,} tokens cached: {fmt_rps(hot_full.rps)} req/s  p50 {hot_full.p50_ms:.2f} ms  "
+            f"p99 {hot_full.p99_ms:.2f} ms  errors {hot_full.errors}")
         procs.stop(gwr.process)
 
         # (b) revocation seen by another instance
@@ -831,6 +840,7 @@ def main() -> int:
             workers_n=workers_n, upstream_kind=upstream_kind, best=best, all_runs=all_runs,
             n_tokens=n_tokens, fill_seconds=fill_seconds, hot=hot, miss=miss, n_memory=n_memory, cached=cached,
             rss_before=rss_before, rss_after=rss_after, rss_peak=rss_peak, revoke=revoke, micro=micro,
+            miss_cached=miss_cached, miss_rss=miss_rss, hot_full=hot_full,
             elapsed=time.monotonic() - began, profile_note=profile_note,
         )
         text = report.markdown()
@@ -914,6 +924,9 @@ class Report:
     revoke: dict[str, Any]
     micro: dict[str, float]
     elapsed: float
+    miss_cached: int
+    miss_rss: float
+    hot_full: WrkResult
     profile_note: str = ""
 
     # -- derived figures --
@@ -984,6 +997,10 @@ class Report:
         naive = self.ratio("gateway, 1 worker", "naive aiohttp proxy")
         lines.append(f"gateway 1 worker / naive proxy = {naive:.2f}")
         lines.append(f"gateway {self.workers_n} workers / gateway 1 worker = {self.gwn.rps / self.gw1.rps:.2f}")
+        floor = self.ratio("gateway, 1 worker", FLOOR)
+        if floor is not None:
+            lines.append(f"gateway 1 worker / aiohttp floor = {floor:.2f} (the floor forwards with aiohttp's server "
+                         "and ClientSession and does nothing else)")
         detail = ", ".join(f"{name} {n}" for name, n in sorted(self.gw1.redis_detail.items(), key=lambda x: -x[1]))
         lines.append(f"Redis commands per proxied request (gateway 1 worker): {self.redis_per_request:.5f} "
                      f"({self.gw1.redis_commands} commands for {self.gw1.requests:,} requests: {detail or 'none'})")
@@ -1005,7 +1022,8 @@ class Report:
             f"p99 {self.miss.p99_ms:.2f} ms  errors {self.miss.errors}  others' CPU {self.miss.others_percent:.0f}%",
             f"    miss / hot = {self.miss.rps / self.hot.rps:.2f}; {loads:,} records loaded from Redis for "
             f"{self.miss.requests:,} requests ({100 * loads / max(1, self.miss.requests):.0f}% misses), "
-            f"{self.miss.redis_commands / max(1, self.miss.requests):.2f} Redis commands per request",
+            f"{self.miss.redis_commands / max(1, self.miss.requests):.2f} Redis commands per request; "
+            f"afterwards {self.miss_cached:,} tokens cached, RSS {self.miss_rss:.1f} MB",
             f"(b) revocation through instance A, instance B polled back to back, {self.revoke['rounds']} rounds:",
             f"    first 401 from B after the DELETE was sent: p50 {percentile(windows, 50):.2f} ms, "
             f"p99 {percentile(windows, 99):.2f} ms, max {max(windows):.2f} ms",
@@ -1016,6 +1034,8 @@ class Report:
             f"(peak {self.rss_peak:.1f} MB; {self.rss_before:.1f} MB with one token; "
             f"{1024 * (self.rss_after - self.rss_before) / max(1, self.cached):.2f} KB per token)"
             + (f"; extrapolated to 100,000 tokens: {rss:.1f} MB" if extrapolated else ""),
+            f"    then hot traffic (one key) through that worker: {fmt_rps(self.hot_full.rps)} req/s  "
+            f"p50 {self.hot_full.p50_ms:.2f} ms  p99 {self.hot_full.p99_ms:.2f} ms  errors {self.hot_full.errors}",
             "(d) in-process cost of one check (cached token, no I/O): " + ", ".join(
                 f"{name} {value:.2f} µs" for name, value in self.micro.items()),
         ]
