@@ -22,6 +22,8 @@ from .api import AUTH_INFO, PlatformApi
 from .auth import Authenticator, extract_key
 from .cache import TokenCache
 from .checks import RequestFacts, build_checks
+from .clientaddr import TrustedProxies, client_address, forwarded_for
+from .compiler import TokenCompiler
 from .config import Settings
 from .embedded import Snapshotter, open_embedded
 from .errors import (STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable, error_response,
@@ -32,23 +34,11 @@ from .paths import checked_path
 from .proxy import Proxy, pick_route, upstream_url
 from .store import TokenStore, connect_redis
 from .tokenlogs import RedisLogSink
-from .tokens import Token, TokenType, key_digest
+from .tokens import Token, key_digest
 from .usage import UsageMeter
-from .validation import TokenValidator
 
 log = logging.getLogger("gateway")
 APP_HEADER_LIMIT = 64
-
-
-async def compile_token(record: dict[str, Any]) -> Token:
-    access = record.get("access") or {}
-    return Token(
-        id=int(record["id"]), digest=record["digest"], cid=int(record.get("cid", 0)),
-        type=TokenType(access.get("type", 0)), enabled=bool(record.get("enabled", True)),
-        expire=int(record.get("expire", 0)), ttl=int(record.get("ttl", 0)), created=int(record.get("created", 0)),
-        accessed=int(record.get("accessed", 0)),
-        record={k: v for k, v in record.items() if k != "digest"},
-    )
 
 
 @dataclass(slots=True)
@@ -65,6 +55,7 @@ class Services:
     token_logs: RedisLogSink | None
     housekeeper: Housekeeper
     session: aiohttp.ClientSession
+    compiler: TokenCompiler
 
 
 class Gateway:
@@ -78,8 +69,9 @@ class Gateway:
         self.accessed = services.accessed
         self.usage = services.usage
         self.logs = services.logs
-        self.api = PlatformApi(services.store, services.accounts, services.directory, TokenValidator(), services.logs,
-                               services.token_logs)
+        self.api = PlatformApi(services.store, services.accounts, services.directory, services.compiler.validator(),
+                               services.logs, services.token_logs)
+        self.trusted = TrustedProxies.parse(settings.trusted_proxies)
         checks = build_checks(settings.platform_prefixes, frozenset({AUTH_INFO}), services.directory, services.usage)
         self.auth = Authenticator(services.cache, services.accessed, checks)
         self.proxy = Proxy(settings.proxy, services.session)
@@ -120,7 +112,7 @@ class Gateway:
         return uuid.uuid4().hex
 
     def is_trusted_peer(self, address: str | None) -> bool:
-        return address is not None and address in self.settings.trusted_proxies
+        return address is not None and self.trusted.is_trusted(address)
 
     def _facts(self, request: web.Request, now: float) -> RequestFacts:
         raw_path, _, query = request.raw_path.partition("?")
@@ -133,7 +125,7 @@ class Gateway:
             acting_cid = int(cid_header)
         return RequestFacts(
             method=request.method, path=path, forward_path=raw_path, query=query,
-            client_ip=request.remote or "", origin=request.headers.get("Origin"), acting_cid=acting_cid, now=now,
+            client_ip=client_address(request.remote or "", request.headers, self.trusted), origin=request.headers.get("Origin"), acting_cid=acting_cid, now=now,
         )
 
     async def _dispatch(self, request: web.Request, token: Token, facts: RequestFacts,
@@ -151,15 +143,13 @@ class Gateway:
 
     def _upstream_headers(self, request: web.Request, token: Token, facts: RequestFacts, request_id: str) -> Any:
         proxy = self.settings.proxy
-        incoming_xff = request.headers.get("X-Forwarded-For")
         peer = request.remote or ""
         trusted = self.is_trusted_peer(peer)
-        forwarded_for = f"{incoming_xff}, {peer}" if trusted and incoming_xff else peer
         extra = {
             proxy.token_id_header: str(token.id),
             proxy.account_id_header: str(facts.acting_cid if facts.acting_cid is not None else token.cid),
             proxy.request_id_header: request_id,
-            "X-Forwarded-For": forwarded_for,
+            "X-Forwarded-For": forwarded_for(peer, request.headers, self.trusted),
             "X-Forwarded-Proto": (request.headers.get("X-Forwarded-Proto") if trusted else None) or request.scheme,
             "X-Forwarded-Host": (request.headers.get("X-Forwarded-Host") if trusted else None) or request.host,
         }
@@ -236,13 +226,15 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     if token_logs is not None:
         logs.add_sink(token_logs)
     directory = AccountDirectory(accounts, settings.cache.max_age)
-    cache = TokenCache(store, settings.cache, compile_token)
+    compiler = TokenCompiler(settings, store)
+    cache = TokenCache(store, settings.cache, compiler)
     cache.listeners[CHANGED_MESSAGE] = directory.mark_changed
     built = Services(
         store=store, accounts=accounts, directory=directory, cache=cache,
         accessed=AccessedWriter(store, settings.accessed_flush_interval),
         usage=UsageMeter(store, settings.usage, directory, logs), logs=logs, token_logs=token_logs,
         housekeeper=Housekeeper(store, settings.housekeeping, logs), session=open_session(settings),
+        compiler=compiler,
     )
     app[GATEWAY] = Gateway(settings, built)
     jobs: list[Coroutine[Any, Any, None]] = [

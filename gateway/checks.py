@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .accounts import AccountDirectory, check_acting_account
 from .errors import TOKEN_DISABLED, UNAUTHORIZED_LOCATION, UNAUTHORIZED_ORIGIN, Denied
+from .paths import forwarded_path
 from .tokens import Token, TokenType
 from .usage import UsageMeter
 
@@ -77,7 +78,8 @@ def type_check(platform_prefixes: Sequence[str], open_paths: frozenset[str]) -> 
         if kind is TokenType.ACL:
             if token.acl is None:
                 raise Denied(403, f"access to {describe(facts)} is denied by token ACL")
-            facts.forward_path = token.acl.authorize(facts.method, facts.path, token.group_members)
+            authorized = token.acl.authorize(facts.method, facts.path, token.group_members)
+            facts.forward_path = forwarded_path(facts.forward_path, facts.path, authorized)
 
     return check_type
 

@@ -7,7 +7,6 @@ keep their types). `GATEWAY_MASTER_TOKEN` is an alias of `bootstrap_master_token
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +19,10 @@ from yarl import URL
 
 ENV_PREFIX = "GATEWAY_"
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9]{64}$")
+
+
+# flespi's own web applications, for `{"preset": "flespi"}` (override in `origin_presets`).
+FLESPI_ORIGINS = ("https://flespi.io", "https://*.flespi.io", "https://flespi.com", "https://*.flespi.com")
 
 
 class ConfigError(ValueError):
@@ -115,6 +118,14 @@ class TokenLogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AclSettings:
+    """How ACL uris map to paths of a non-flespi upstream (`{uri: "/api/v2/orders/{selector}/{submodule}"}`)."""
+
+    group_uri: str = "gw/groups"
+    uri_patterns: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     routes: tuple[Route, ...]
     listen: ListenSettings = field(default_factory=ListenSettings)
@@ -125,6 +136,8 @@ class Settings:
     usage: UsageSettings = field(default_factory=UsageSettings)
     housekeeping: HousekeepingSettings = field(default_factory=HousekeepingSettings)
     token_logs: TokenLogSettings = field(default_factory=TokenLogSettings)
+    acl: AclSettings = field(default_factory=AclSettings)
+    origin_presets: tuple[tuple[str, tuple[str, ...]], ...] = (("flespi", FLESPI_ORIGINS),)
     bootstrap_master_token: str | None = None
     platform_prefixes: tuple[str, ...] = ("/platform/", "/auth/")
     internal_prefix: str = "/_gateway/"
@@ -183,7 +196,7 @@ def _scalar(value: str) -> Any:
 KNOWN_TOP = {
     "listen", "upstream", "routes", "redis", "cache", "proxy", "log", "bootstrap_master_token",
     "platform_prefixes", "internal_prefix", "trusted_proxies", "realm", "workers",
-    "accessed_flush_interval", "usage", "housekeeping", "token_logs",
+    "accessed_flush_interval", "usage", "housekeeping", "token_logs", "acl", "origin_presets",
 }
 
 
@@ -201,6 +214,8 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
         usage=_section(UsageSettings, raw, "usage"),
         housekeeping=_section(HousekeepingSettings, raw, "housekeeping"),
         token_logs=_section(TokenLogSettings, raw, "token_logs"),
+        acl=_acl(raw.get("acl")),
+        origin_presets=_presets(raw.get("origin_presets")),
         bootstrap_master_token=_master_token(raw.get("bootstrap_master_token")),
         platform_prefixes=_prefixes(raw.get("platform_prefixes", ["/platform/", "/auth/"])),
         internal_prefix=_prefix("internal_prefix", raw.get("internal_prefix", "/_gateway/")),
@@ -211,6 +226,38 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
     )
     _validate(settings)
     return settings
+
+
+def _acl(value: Any) -> AclSettings:
+    from .acl import parse_uri_patterns
+
+    if value is None:
+        return AclSettings()
+    if not isinstance(value, dict) or set(value) - {"group_uri", "uri_patterns"}:
+        raise ConfigError("acl: must be a mapping with group_uri and/or uri_patterns")
+    group_uri = _typed("acl.group_uri", value.get("group_uri", "gw/groups"), str)
+    patterns = value.get("uri_patterns") or {}
+    if not isinstance(patterns, dict):
+        raise ConfigError("acl.uri_patterns: must map ACL uris to path patterns")
+    try:
+        parse_uri_patterns(patterns)
+    except ValueError as exc:
+        raise ConfigError(f"acl.uri_patterns: {exc}") from exc
+    return AclSettings(group_uri, tuple((str(k), str(v)) for k, v in patterns.items()))
+
+
+def _presets(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    from .origins import preset_problems
+
+    if value is None:
+        return (("flespi", FLESPI_ORIGINS),)
+    if not isinstance(value, dict) or not all(isinstance(v, list) for v in value.values()):
+        raise ConfigError("origin_presets: must map preset names to lists of origins")
+    problems = preset_problems(value)
+    if problems:
+        raise ConfigError(f"origin_presets: {problems[0]}")
+    presets = {"flespi": list(FLESPI_ORIGINS), **value}
+    return tuple((str(name), tuple(str(o) for o in origins)) for name, origins in presets.items())
 
 
 def _section(cls: type[Any], raw: Mapping[str, Any], name: str) -> Any:
@@ -312,13 +359,14 @@ def _prefixes(value: Any) -> tuple[str, ...]:
 
 
 def _trusted(value: Any) -> tuple[str, ...]:
+    from .clientaddr import TrustedProxies
+
     if not isinstance(value, list):
         raise ConfigError("trusted_proxies: must be a list of addresses or CIDR networks")
-    for item in value:
-        try:
-            ipaddress.ip_network(str(item), strict=False)
-        except ValueError as exc:
-            raise ConfigError(f"trusted_proxies: {item!r} is not an address or network") from exc
+    try:
+        TrustedProxies.parse([str(item) for item in value])
+    except ValueError as exc:
+        raise ConfigError(f"trusted_proxies: {exc}") from exc
     return tuple(str(item) for item in value)
 
 
