@@ -25,6 +25,7 @@ from .accounts import ROOT_ACCOUNT, AccountDirectory, AccountStore
 from .errors import Denied, FieldProblem, InvalidInput
 from .logs import LogWriter
 from .store import TokenStore
+from .templates import expand_template
 from .tokenlogs import RedisLogSink, select
 from .tokens import PUBLIC_FIELDS, Token, TokenType, key_digest, new_key
 from .validation import DEFAULTS, TokenValidator, account_problems, validity_problems
@@ -193,8 +194,14 @@ class PlatformApi:
         return [public(record, fields) for record in await self._select_tokens(call)]
 
     async def create_tokens(self, call: Call) -> list[dict[str, Any]]:
-        body = await read_json(call.request)
+        raw = await read_json(call.request)
+        expanded = [expand_template(item) for item in items_of(raw)]
+        body = [item for item, _ in expanded] if isinstance(raw, list) else expanded[0][0]
         problems = indexed(body, lambda item: self._validator.problems(item, partial=False))
+        template_problems = [FieldProblem(p.field, p.reason, index if isinstance(raw, list) else None)
+                             for index, (_, found) in enumerate(expanded) for p in found]
+        if template_problems:
+            raise InvalidInput(template_problems)
         if problems:
             raise InvalidInput(problems)
         items = items_of(body)

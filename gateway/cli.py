@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import ConfigError, Settings, load_settings
+from .cli_tokens import add_commands, create_token, master_key_from
 from .tokens import new_key
 
 
@@ -26,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), help="Python logging level")
     commands = parse.add_subparsers(dest="command")
     commands.add_parser("keygen", help="print a new random 64-character token key (for bootstrap_master_token)")
+    add_commands(commands)
     return parse
 
 
@@ -45,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "token":
+        host = "127.0.0.1" if settings.listen.host in ("0.0.0.0", "::") else settings.listen.host
+        url = args.url or f"http://{host}:{settings.listen.port}"
+        return create_token(args, url, master_key_from(os.environ, settings.bootstrap_master_token))
     if args.check_config:
         print(f"gateway: configuration {args.config or default_config() or '(environment)'} is valid")
         return 0
