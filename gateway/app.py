@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -166,7 +167,7 @@ class Gateway:
         })
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"result": [{"status": "ok", "tokens_cached": len(self.cache),
+        return web.json_response({"result": [{"status": "ok", "pid": os.getpid(), "tokens_cached": len(self.cache),
                                              "invalidation": self.cache.subscribed.is_set()}]})
 
 

@@ -114,19 +114,22 @@ class Proxy:
             raise Denied(504, UPSTREAM_TIMEOUT) from None
         except aiohttp.ClientError:
             raise Denied(502, UPSTREAM_UNAVAILABLE) from None
-        await response.prepare(request)
         try:
+            await response.prepare(request)
             chunk = first
             while chunk:
                 await response.write(chunk)
                 chunk = await upstream.content.readany()
+            await response.write_eof()
+        except ConnectionResetError:
+            # The client went away: drop the upstream connection too, it is half read.
+            upstream.close()
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             # The status is already sent: the only honest signal left is a broken connection.
             log.warning("upstream failed mid-response (%s); closing client connection", type(exc).__name__)
+            upstream.close()
             if request.transport is not None:
                 request.transport.close()
-            return response
-        await response.write_eof()
         return response
 
     async def _forward_websocket(self, request: web.Request, url: URL, headers: CIMultiDict[str]) -> web.StreamResponse:

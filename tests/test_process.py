@@ -182,7 +182,7 @@ async def test_large_bodies_stream_with_flat_memory(running: Any, client: aiohtt
     async with client.get(f"{gateway.url}/big/1000", headers=AUTH) as r:
         assert r.status == 200
     baseline = gateway.rss_peak_kb()
-    size = 512 * 1024 * 1024
+    size = 1024 * 1024 * 1024
 
     async def body() -> AsyncIterator[bytes]:
         block = b"u" * (1 << 20)
@@ -197,4 +197,23 @@ async def test_large_bodies_stream_with_flat_memory(running: Any, client: aiohtt
             received += len(chunk)
     assert received == size
     growth_mb = (gateway.rss_peak_kb() - baseline) / 1024
-    assert growth_mb < 64, f"peak RSS grew by {growth_mb:.0f} MB while streaming 2 x 512 MB"
+    assert growth_mb < 64, f"peak RSS grew by {growth_mb:.0f} MB while streaming 1 GB each way"
+
+
+async def test_workers_share_one_port_and_stop_cleanly(running: Any, client: aiohttp.ClientSession,
+                                                        redis_url: str, key_prefix: str, tmp_path: Path) -> None:
+    gateway = running(workers=2, redis={"url": redis_url, "key_prefix": key_prefix})
+    async with client.post(f"{gateway.url}/platform/tokens", json=[{"ttl": 600}], headers=AUTH) as r:
+        token = (await r.json())["result"][0]
+    pids = set()
+    for _ in range(60):  # new connections are spread over the workers by the kernel
+        async with aiohttp.ClientSession() as fresh:
+            async with fresh.get(f"{gateway.url}/_gateway/health") as r:
+                pids.add((await r.json())["result"][0]["pid"])
+            async with fresh.get(f"{gateway.url}/x", headers={"Authorization": f"FlespiToken {token['key']}"}) as r:
+                assert r.status == 200
+    assert len(pids) == 2
+    code, stderr = gateway.stop()
+    assert code == 0, stderr
+    lines = (tmp_path / "requests.log").read_bytes().splitlines()
+    assert len([line for line in lines if b'"uri":"/x"' in line]) == 60
