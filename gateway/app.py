@@ -109,7 +109,7 @@ class Gateway:
     def _request_id(self, request: web.Request) -> str:
         incoming = request.headers.get(self._request_id_header)
         if incoming and self.is_trusted_peer(request.remote) and len(incoming) <= 128 and incoming.isprintable():
-            return incoming
+            return str(incoming)
         return uuid.uuid4().hex
 
     def is_trusted_peer(self, address: str | None) -> bool:

@@ -61,7 +61,8 @@ INTERNAL_ERROR = "internal gateway error"
 
 
 def error_body(status: int, reason: str, **extra: object) -> bytes:
-    return orjson.dumps({"errors": [{"code": status, "reason": reason, **extra}]})
+    body: bytes = orjson.dumps({"errors": [{"code": status, "reason": reason, **extra}]})
+    return body
 
 
 def error_response(status: int, reason: str, realm: str, headers: dict[str, str] | None = None) -> web.Response:

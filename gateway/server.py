@@ -21,7 +21,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         import uvloop
     except ImportError:  # uvloop is optional: plain asyncio works, only slower
         return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 def serve(settings: Settings, *, reuse_port: bool = False) -> None:
@@ -78,10 +79,12 @@ def supervise(settings: Settings) -> int:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        slot = children.pop(pid, None)
-        if slot is not None and not stopping:
+        if pid in children and not stopping:
+            slot = children.pop(pid)
             log.error("worker %d exited with status %d; restarting it", pid, status)
             time.sleep(0.5)
             spawn(slot)
+        else:
+            children.pop(pid, 0)
     sys.stdout.flush()
     return 0

@@ -61,7 +61,7 @@ def expand_template(item: Any) -> tuple[Any, list[FieldProblem]]:
     if problems:
         return item, problems
     expanded = {key: value for key, value in item.items() if key != "template"}
-    expanded["access"] = {"type": 2, "acl": TEMPLATES[str(name)](int(target))}
+    expanded["access"] = {"type": 2, "acl": TEMPLATES[str(name)](int(str(target)))}
     if name == "support" and not expanded.get("expire") and not expanded.get("ttl"):
         expanded["expire"] = int(time.time()) + SUPPORT_DAYS * 86400
     return expanded, []

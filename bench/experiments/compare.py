@@ -6,7 +6,7 @@ Each `;`-separated name is a process: `bare-<mode>` runs floors.py in that mode,
 the gateway run through variant.py with VARIANT=<name> (comma-separated patches, see variant.py).
 PROFILE=<name> also samples that one with py-spy (collapsed stacks in bench/out/).
 """
-import os, sys, time, json, subprocess, signal
+import os, sys, time, json, subprocess
 from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

@@ -19,7 +19,6 @@ variants = set(filter(None, os.environ.get("VARIANT", "").split(",")))
 import gateway.proxy as proxy
 import gateway.app as app
 from aiohttp import web
-import asyncio, aiohttp
 
 if "oneshot" in variants:
     orig_relay = proxy.Proxy._relay
@@ -76,7 +75,7 @@ if "rawproxy" in variants:
     proxy.Proxy.forward = forward
 
 if "gcstats" in variants or "gcfreeze" in variants:
-    import gc, time as _t, atexit
+    import gc, time as _t
     gclog = open(os.environ.get("GCLOG", str(HERE.parent / "out" / "gc.log")), "a")
     _start = {}
     def cb(phase, info):
