@@ -609,22 +609,29 @@ async def revocation_rounds(url_a: str, url_b: str, rounds: int) -> dict[str, An
 
 async def check_cost(redis_url: str, key: str, calls: int) -> dict[str, float]:
     from gateway.accessed import AccessedWriter
+    from gateway.accounts import AccountDirectory, AccountStore
     from gateway.api import AUTH_INFO
-    from gateway.app import compile_token
     from gateway.auth import Authenticator, extract_key
     from gateway.cache import TokenCache
     from gateway.checks import RequestFacts, build_checks
-    from gateway.config import CacheSettings, RedisSettings, Settings
+    from gateway.compiler import TokenCompiler
+    from gateway.config import LogSettings, RedisSettings, Settings, UsageSettings
+    from gateway.logs import LogWriter
     from gateway.store import TokenStore, connect_redis
     from gateway.tokens import key_digest
+    from gateway.usage import UsageMeter
 
     client = connect_redis(RedisSettings(url=redis_url))
     try:
-        store = TokenStore(client, PREFIX)
-        cache = TokenCache(store, CacheSettings(), compile_token)
-        accessed = AccessedWriter(store, 0.1)
+        # The same services the app builds (gateway/app.py services()), without the HTTP server.
         defaults = Settings(routes=())
-        auth = Authenticator(cache, accessed, build_checks(defaults.platform_prefixes, frozenset({AUTH_INFO})))
+        store = TokenStore(client, PREFIX)
+        cache = TokenCache(store, defaults.cache, TokenCompiler(defaults, store))
+        accessed = AccessedWriter(store, 0.1)
+        directory = AccountDirectory(AccountStore(client, PREFIX), defaults.cache.max_age)
+        meter = UsageMeter(store, UsageSettings(), directory, LogWriter(LogSettings(), []))
+        checks = build_checks(defaults.platform_prefixes, frozenset({AUTH_INFO}), directory, meter)
+        auth = Authenticator(cache, accessed, checks)
         facts = RequestFacts(method="GET", path="/bench/ping", forward_path="/bench/ping", query="",
                              client_ip=HOST, origin=None, acting_cid=None, now=time.time())
         await auth.authenticate(key, facts)  # the one load from Redis; every call below is a cache hit

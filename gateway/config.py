@@ -90,7 +90,7 @@ class ProxySettings:
 class LogSettings:
     path: str = "-"
     queue_size: int = 100_000
-    flush_interval: float = 0.2
+    flush_interval: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

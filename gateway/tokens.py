@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
@@ -57,7 +57,7 @@ class Token:
     ips: Matcher | None = None
     origins: Matcher | None = None
     acl: Any = None
-    group_members: dict[str, frozenset[int]] = field(default_factory=dict)
+    group_members: dict[str, frozenset[int]] | None = None
     # Newest `accessed` value already handed to the batched writer; avoids one write per request.
     accessed_queued: int = 0
 
