@@ -66,6 +66,13 @@ async def test_subaccount_validation_and_delete_cascade(gw: GatewayHandle) -> No
     assert sorted((e["field"], e.get("index")) for e in body["errors"]) == [
         ("limits.api_calls", 1), ("limits.bogus", 1), ("name", 0)]
     child = (await gw.call("POST", "/platform/subaccounts", json={"name": "c"}))[1]["result"][0]
+    status, body = await gw.call("PUT", f"/platform/subaccounts/{child['id']}",
+                                 json={"name": "renamed", "limits": {"traffic": 1000}})
+    assert status == 200 and body["result"][0]["name"] == "renamed"
+    assert body["result"][0]["limits"] == {"traffic": 1000}
+    assert (await gw.call("PUT", f"/platform/subaccounts/{child['id']}", json={"cid": 5}))[0] == 400
+    assert (await gw.call("GET", f"/platform/subaccounts/{child['id']}", params={"fields": "name"}))[1] == {
+        "result": [{"name": "renamed"}]}
     token = (await gw.call("POST", "/platform/tokens", json={"ttl": 600},
                            headers={"x-flespi-cid": str(child["id"])}))[1]["result"][0]
     assert (await gw.call("GET", "/x", key=token["key"]))[0] == 200
@@ -192,3 +199,20 @@ async def test_token_logs_by_token_and_time(gw: GatewayHandle) -> None:
     assert [(e["event_code"], e.get("uri")) for e in platform] == [(1, None), (1000, "/c")]
     status, body = await gw.call("GET", "/platform/logs", params={"data": '{"from": "x", "bad": 1}'})
     assert status == 400 and sorted(e["field"] for e in body["errors"]) == ["data.bad", "data.from"]
+
+
+async def test_traffic_limit_blocks_the_heaviest_downloader(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(usage={"window": 30, "flush_interval": 0.1})
+    cid = (await gw.call("POST", "/platform/subaccounts", json={"name": "t", "limits": {"traffic": 50_000}}))[1][
+        "result"][0]["id"]
+    acting = {"x-flespi-cid": str(cid)}
+    heavy = (await gw.call("POST", "/platform/tokens", json={"ttl": 60}, headers=acting))[1]["result"][0]
+    light = (await gw.call("POST", "/platform/tokens", json={"ttl": 60}, headers=acting))[1]["result"][0]
+    await asyncio.sleep(0.3)
+    async with gw.request("GET", "/big/60000", key=heavy["key"]) as response:
+        assert len(await response.read()) == 60_000
+
+    async def blocked() -> bool:
+        return (await gw.call("GET", "/x", key=heavy["key"]))[0] == 429
+    await until(blocked, timeout=2.0)
+    assert (await gw.call("GET", "/x", key=light["key"]))[0] == 200
