@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .accessed import AccessedWriter
 from .accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
+from .aio import cancel_all
 from .api import AUTH_INFO, PlatformApi
 from .auth import Authenticator, extract_key
 from .cache import TokenCache
@@ -249,9 +250,7 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
         await cache.close()
         await _quietly(built.accessed.flush())
         await _quietly(built.usage.flush())
