@@ -328,6 +328,18 @@ async def gw(make_gateway: GatewayFactory) -> GatewayHandle:
     return await make_gateway()
 
 
+async def logged_hosts(gw: GatewayHandle, token_id: int, count: int, timeout: float = 5.0) -> list[str]:
+    """The `host` of a token's request log records, oldest first, read back through the logs API."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = await gw.call("GET", f"/platform/tokens/{token_id}/logs")
+        assert status == 200, body
+        hosts = [record["host"] for record in body["result"] if record.get("event_code") == 1000]
+        if len(hosts) >= count or time.monotonic() > deadline:
+            return hosts
+        await asyncio.sleep(0.05)
+
+
 def error(status: int, reason: str) -> dict[str, Any]:
     return {"errors": [{"code": status, "reason": reason}]}
 

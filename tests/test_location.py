@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import GatewayFactory, GatewayHandle, Upstream, error
+from conftest import GatewayFactory, GatewayHandle, Upstream, error, logged_hosts
 
 LOCATION = error(401, "using token from unauthorized location")
 SPOOF = {"X-Forwarded-For": "127.0.0.2", "X-Real-IP": "127.0.0.2", "Forwarded": "for=127.0.0.2"}
@@ -40,18 +40,6 @@ async def call_from(session: aiohttp.ClientSession, gw: GatewayHandle, key: str,
     auth = {"Authorization": f"FlespiToken {key}", **(headers or {})}
     async with session.get(gw.url + path, headers=auth) as response:
         return response.status, await response.json(content_type=None)
-
-
-async def logged_hosts(gw: GatewayHandle, token_id: int, count: int, timeout: float = 5.0) -> list[str]:
-    """The `host` of the token's request log records, read back through the logs API."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status, body = await gw.call("GET", f"/platform/tokens/{token_id}/logs")
-        assert status == 200, body
-        hosts = [record["host"] for record in body["result"] if record.get("event_code") == 1000]
-        if len(hosts) >= count or time.monotonic() > deadline:
-            return hosts
-        await asyncio.sleep(0.05)
 
 
 async def test_token_for_one_address(gw: GatewayHandle, upstream: Upstream, client_from: ClientFrom) -> None:
