@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 
 async def wait_event(event: asyncio.Event, seconds: float) -> bool:
@@ -16,3 +18,20 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def cancel_all(tasks: Sequence[asyncio.Task[Any]], retry_every: float = 0.5) -> None:
+    """Cancel `tasks` and wait until every one has ended, cancelling again while any runs on.
+
+    One cancellation is not always enough: on Python 3.11 `asyncio.wait_for` (fakeredis uses it
+    for every reply of the embedded store) drops a cancellation that arrives as its future
+    completes, and the background loop that was waiting on it then runs forever, so shutdown hung.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=retry_every)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not report it again when it is collected

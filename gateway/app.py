@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from .accessed import AccessedWriter
 from .accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
+from .aio import cancel_all
 from .api import AUTH_INFO, PlatformApi
 from .auth import Authenticator, extract_key
 from .cache import TokenCache
@@ -26,6 +28,7 @@ from .checks import RequestFacts, build_checks
 from .clientaddr import TrustedProxies, client_address, forwarded_for
 from .compiler import TokenCompiler
 from .config import Settings
+from .cors import CorsPolicy
 from .embedded import Snapshotter, open_embedded
 from .errors import (STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable, error_response,
                      invalid_input_response)
@@ -62,8 +65,9 @@ class Services:
 class Gateway:
     """Runs every request through the same flow."""
 
-    def __init__(self, settings: Settings, services: Services) -> None:
+    def __init__(self, settings: Settings, services: Services, cors: CorsPolicy) -> None:
         self.settings = settings
+        self.cors = cors
         self.services = services
         self.store = services.store
         self.cache = services.cache
@@ -84,16 +88,20 @@ class Gateway:
         facts: RequestFacts | None = None
         served: Token | None = None
         try:
-            facts = self._facts(request, now)
-            served = await self.auth.authenticate(extract_key(request.headers.get("Authorization")), facts)
-            response = await self._dispatch(request, served, facts, request_id)
+            if self.cors.is_preflight(request):
+                response = await self.cors.preflight(request)  # no token: never authorized, never forwarded
+            else:
+                facts = self._facts(request, now)
+                served = await self.auth.authenticate(extract_key(request.headers.get("Authorization")), facts)
+                response = await self._dispatch(request, served, facts, request_id)
         except Denied as denied:
-            response = self._error(denied.status, denied.reason, request_id, denied.headers)
+            response = error_response(denied.status, denied.reason, self.settings.realm, denied.headers)
         except StoreUnavailable:
-            response = self._error(503, STORAGE_UNAVAILABLE, request_id)
+            response = error_response(503, STORAGE_UNAVAILABLE, self.settings.realm)
         except InvalidInput as invalid:
             response = invalid_input_response(invalid.problems)
-            response.headers[self._request_id_header] = request_id
+        if not response.prepared:  # a proxied reply got these from the proxy, before its first byte
+            self._finish(response, request, facts, request_id)
         if facts is not None and facts.token is not None:
             if served is not None:
                 size = request.content.total_bytes + (response.body_length or 0)
@@ -101,10 +109,12 @@ class Gateway:
             self._log_request(request, facts, facts.token, response, request_id, started)
         return response
 
-    def _error(self, status: int, reason: str, request_id: str, headers: dict[str, str] | None = None) -> web.Response:
-        response = error_response(status, reason, self.settings.realm, headers)
+    def _finish(self, response: web.StreamResponse, request: web.Request, facts: RequestFacts | None,
+                request_id: str) -> None:
+        """The gateway's own headers on every reply (API, error or proxied), set before it starts."""
         response.headers[self._request_id_header] = request_id
-        return response
+        origin_allowed = facts is not None and facts.origin_allowed
+        self.cors.share(response.headers, request.headers.get("Origin"), origin_allowed)
 
     def _request_id(self, request: web.Request) -> str:
         incoming = request.headers.get(self._request_id_header)
@@ -132,15 +142,13 @@ class Gateway:
     async def _dispatch(self, request: web.Request, token: Token, facts: RequestFacts,
                         request_id: str) -> web.StreamResponse:
         if self.api.handles(facts.path):
-            response = await self.api.dispatch(request, token, facts.path, facts.acting_cid)
-            response.headers[self._request_id_header] = request_id
-            return response
+            return await self.api.dispatch(request, token, facts.path, facts.acting_cid)
         route = pick_route(self.settings.routes, facts.path)
         if route is None:
             raise Denied(404, f"no upstream for {facts.path}")
         url = upstream_url(route, facts.path, facts.forward_path, facts.query)
         return await self.proxy.forward(request, url, self._upstream_headers(request, token, facts, request_id),
-                                        {self._request_id_header: request_id})
+                                        partial(self._finish, request=request, facts=facts, request_id=request_id))
 
     def _upstream_headers(self, request: web.Request, token: Token, facts: RequestFacts, request_id: str) -> Any:
         proxy = self.settings.proxy
@@ -172,6 +180,7 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+CORS = web.AppKey("cors", CorsPolicy)
 BOOTSTRAP_EXPIRE = 4102444800  # 2100-01-01: a token must have ttl or expire (SPEC 2)
 
 
@@ -237,7 +246,7 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         housekeeper=Housekeeper(store, settings.housekeeping, logs), session=open_session(settings),
         compiler=compiler,
     )
-    app[GATEWAY] = Gateway(settings, built)
+    app[GATEWAY] = Gateway(settings, built, app[CORS])
     jobs: list[Coroutine[Any, Any, None]] = [
         cache.run_subscriber(), built.accessed.run(), logs.run(), built.usage.run(), built.housekeeper.run(),
         directory.run(settings.cache.refresh_interval),
@@ -250,9 +259,7 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
         await cache.close()
         await _quietly(built.accessed.flush())
         await _quietly(built.usage.flush())
@@ -289,5 +296,7 @@ def create_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(context)
     app.router.add_get(settings.internal_prefix + "health", health)
-    app.router.add_route("*", "/{tail:.*}", handle)
+    # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
+    app[CORS] = CorsPolicy(settings.cors)
+    app[CORS].install(app, app.router.add_route("*", "/{tail:.*}", handle))
     return app

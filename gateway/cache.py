@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .aio import cancel_all
 from .config import CacheSettings
 from .errors import StoreUnavailable
 from .store import TokenStore
@@ -174,6 +175,4 @@ class TokenCache:
                     self.invalidate(text)
 
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_all(list(self._background))

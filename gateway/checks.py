@@ -17,7 +17,11 @@ from .usage import UsageMeter
 
 @dataclass(slots=True)
 class RequestFacts:
-    """What the checks may know about a request; `forward_path` may be narrowed by the ACL."""
+    """What the checks may know about a request; `forward_path` may be narrowed by the ACL.
+
+    `origin_allowed` is set by the origin check when it passes; it is what lets a reply be shared
+    with the requesting page, so a refusal raised before that check is never readable by the page.
+    """
 
     method: str
     path: str
@@ -28,6 +32,7 @@ class RequestFacts:
     acting_cid: int | None
     now: float
     token: Token | None = None
+    origin_allowed: bool = False
 
 
 Check = Callable[[Token, RequestFacts], None]
@@ -44,8 +49,11 @@ def check_ip(token: Token, facts: RequestFacts) -> None:
 
 
 def check_origin(token: Token, facts: RequestFacts) -> None:
-    if facts.origin is not None and token.origins is not None and not token.origins.matches(facts.origin):
+    if facts.origin is None:
+        return
+    if token.origins is not None and not token.origins.matches(facts.origin):
         raise Denied(401, UNAUTHORIZED_ORIGIN)
+    facts.origin_allowed = True  # only now may the page at that origin read the reply (CORS)
 
 
 def describe(facts: RequestFacts) -> str:

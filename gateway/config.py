@@ -125,6 +125,22 @@ class AclSettings:
     uri_patterns: tuple[tuple[str, str], ...] = ()
 
 
+# What flespi's clients send: the key, the acting account and the application name, and JSON bodies.
+DEFAULT_CORS_HEADERS = ("Authorization", "Content-Type", "x-flespi-cid", "x-flespi-app")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+
+
+@dataclass(frozen=True, slots=True)
+class CorsSettings:
+    """Preflight answers and the headers shared replies carry; whether a reply is shared is per token."""
+
+    enabled: bool = True
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    allow_headers: tuple[str, ...] = DEFAULT_CORS_HEADERS
+    expose_headers: tuple[str, ...] = ("Retry-After",)
+    max_age: int = 600
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     routes: tuple[Route, ...]
@@ -137,6 +153,7 @@ class Settings:
     housekeeping: HousekeepingSettings = field(default_factory=HousekeepingSettings)
     token_logs: TokenLogSettings = field(default_factory=TokenLogSettings)
     acl: AclSettings = field(default_factory=AclSettings)
+    cors: CorsSettings = field(default_factory=CorsSettings)
     origin_presets: tuple[tuple[str, tuple[str, ...]], ...] = (("flespi", FLESPI_ORIGINS),)
     bootstrap_master_token: str | None = None
     platform_prefixes: tuple[str, ...] = ("/platform/", "/auth/")
@@ -196,7 +213,7 @@ def _scalar(value: str) -> Any:
 KNOWN_TOP = {
     "listen", "upstream", "routes", "redis", "cache", "proxy", "log", "bootstrap_master_token",
     "platform_prefixes", "internal_prefix", "trusted_proxies", "realm", "workers",
-    "accessed_flush_interval", "usage", "housekeeping", "token_logs", "acl", "origin_presets",
+    "accessed_flush_interval", "usage", "housekeeping", "token_logs", "acl", "origin_presets", "cors",
 }
 
 
@@ -215,6 +232,7 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
         housekeeping=_section(HousekeepingSettings, raw, "housekeeping"),
         token_logs=_section(TokenLogSettings, raw, "token_logs"),
         acl=_acl(raw.get("acl")),
+        cors=_cors(raw.get("cors")),
         origin_presets=_presets(raw.get("origin_presets")),
         bootstrap_master_token=_master_token(raw.get("bootstrap_master_token")),
         platform_prefixes=_prefixes(raw.get("platform_prefixes", ["/platform/", "/auth/"])),
@@ -244,6 +262,40 @@ def _acl(value: Any) -> AclSettings:
     except ValueError as exc:
         raise ConfigError(f"acl.uri_patterns: {exc}") from exc
     return AclSettings(group_uri, tuple((str(k), str(v)) for k, v in patterns.items()))
+
+
+def _cors(value: Any) -> CorsSettings:
+    if value is None:
+        return CorsSettings()
+    if not isinstance(value, dict):
+        raise ConfigError("cors: must be a mapping")
+    unknown = sorted(set(value) - set(CorsSettings.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown config key: cors.{unknown[0]}")
+    defaults = CorsSettings()
+    max_age = _typed("cors.max_age", value.get("max_age", defaults.max_age), int)
+    if max_age < 0:
+        raise ConfigError("cors.max_age: must be 0 or more seconds")
+    methods = _names("cors.allow_methods", value.get("allow_methods", defaults.allow_methods))
+    return CorsSettings(
+        enabled=_typed("cors.enabled", value.get("enabled", defaults.enabled), bool),
+        allow_methods=tuple(method.upper() for method in methods),
+        allow_headers=_names("cors.allow_headers", value.get("allow_headers", defaults.allow_headers)),
+        expose_headers=_names("cors.expose_headers", value.get("expose_headers", defaults.expose_headers)),
+        max_age=max_age,
+    )
+
+
+def _names(key: str, value: Any) -> tuple[str, ...]:
+    """Header or method names (both RFC 9110 tokens); `*` alone stands for any."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: must be a list of names")
+    for item in value:
+        if not isinstance(item, str) or not _HEADER_NAME.fullmatch(item):
+            raise ConfigError(f"{key}: {item!r} is not a valid name")
+    if "*" in value and len(value) > 1:
+        raise ConfigError(f"{key}: '*' (any) must be the only item")
+    return tuple(value)
 
 
 def _presets(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:

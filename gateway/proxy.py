@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import quote
 
 import aiohttp
@@ -22,7 +22,10 @@ HOP_BY_HOP = frozenset({
 # Answered or re-created by the gateway itself, so never copied from the client.
 REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded"})
 WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"})
+# The gateway alone decides which pages may read a reply (see cors.py); the upstream cannot know.
+CORS_PREFIX = "access-control-"
 NO_BODY_STATUSES = frozenset({204, 304})
+Finish = Callable[[web.StreamResponse], None]
 CHUNK = 256 * 1024
 
 
@@ -56,7 +59,7 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lower = name.lower()
-        if lower not in HOP_BY_HOP and lower not in named:
+        if lower not in HOP_BY_HOP and lower not in named and not lower.startswith(CORS_PREFIX):
             headers.add(name, value)
     return headers
 
@@ -84,7 +87,8 @@ class Proxy:
         return headers
 
     async def forward(self, request: web.Request, url: URL, headers: CIMultiDict[str],
-                      reply_headers: dict[str, str]) -> web.StreamResponse:
+                      finish: Finish) -> web.StreamResponse:
+        """Relay the upstream's reply; `finish` sets the gateway's own reply headers before it starts."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._forward_websocket(request, url, headers)
         try:
@@ -98,15 +102,15 @@ class Proxy:
         except (aiohttp.ClientError, OSError):
             raise Denied(502, UPSTREAM_UNAVAILABLE) from None
         try:
-            return await self._relay(request, upstream, reply_headers)
+            return await self._relay(request, upstream, finish)
         finally:
             upstream.release()
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                     reply_headers: dict[str, str]) -> web.StreamResponse:
+                     finish: Finish) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(response_headers(upstream.headers))
-        response.headers.update(reply_headers)
+        finish(response)
         body_allowed = request.method != "HEAD" and upstream.status not in NO_BODY_STATUSES
         try:
             first = await upstream.content.readany() if body_allowed else b""

@@ -210,6 +210,13 @@ def build_upstream(record: list[Recorded]) -> web.Application:
                 await ws.send_bytes(message.data[::-1])
         return ws
 
+    async def cors(request: web.Request) -> web.StreamResponse:
+        # An upstream with CORS opinions of its own, which the gateway must not pass on.
+        await remember(request, b"")
+        return web.json_response({"cors": True}, headers={
+            "Access-Control-Allow-Origin": "*", "Access-Control-Allow-Credentials": "true",
+            "Access-Control-Expose-Headers": "X-Secret", "Vary": "Accept-Encoding"})
+
     app = web.Application(client_max_size=1 << 34)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/big/{size}", big)
@@ -219,6 +226,7 @@ def build_upstream(record: list[Recorded]) -> web.Application:
     app.router.add_get("/hop", hop)
     app.router.add_get("/chunked", chunked)
     app.router.add_get("/ws", websocket)
+    app.router.add_get("/cors", cors)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 
@@ -318,6 +326,18 @@ async def wait_for_master(handle: GatewayHandle, timeout: float = 10.0) -> None:
 @pytest.fixture
 async def gw(make_gateway: GatewayFactory) -> GatewayHandle:
     return await make_gateway()
+
+
+async def logged_hosts(gw: GatewayHandle, token_id: int, count: int, timeout: float = 5.0) -> list[str]:
+    """The `host` of a token's request log records, oldest first, read back through the logs API."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = await gw.call("GET", f"/platform/tokens/{token_id}/logs")
+        assert status == 200, body
+        hosts = [record["host"] for record in body["result"] if record.get("event_code") == 1000]
+        if len(hosts) >= count or time.monotonic() > deadline:
+            return hosts
+        await asyncio.sleep(0.05)
 
 
 def error(status: int, reason: str) -> dict[str, Any]:

@@ -41,6 +41,7 @@ def check_config(config_path: Path, env: dict[str, str] | None = None) -> subpro
     ({"listen": {"port": 1}}, "upstream"),
     ({"upstream": "http://127.0.0.1:1", "workers": 2}, "workers"),
     ({"upstream": "http://127.0.0.1:1", "surprise": 1}, "surprise"),
+    ({"upstream": "http://127.0.0.1:1", "cors": {"allow_headers": "Authorization"}}, "cors.allow_headers"),
 ])
 def test_bad_config_exits_before_listening(tmp_path: Path, config: dict[str, Any], named: str) -> None:
     result = check_config(write_config(tmp_path / "bad.yaml", config))

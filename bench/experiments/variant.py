@@ -22,17 +22,18 @@ from aiohttp import web
 
 if "oneshot" in variants:
     orig_relay = proxy.Proxy._relay
-    async def _relay(self, request, upstream, reply_headers):
+    async def _relay(self, request, upstream, finish):
         body_allowed = request.method != "HEAD" and upstream.status not in proxy.NO_BODY_STATUSES
         if body_allowed:
             first = await upstream.content.readany()
             if upstream.content.at_eof():
                 headers = proxy.response_headers(upstream.headers)
-                headers.update(reply_headers)
                 headers.popall("Content-Length", None)
-                return web.Response(status=upstream.status, reason=upstream.reason, body=first, headers=headers)
+                response = web.Response(status=upstream.status, reason=upstream.reason, body=first, headers=headers)
+                finish(response)
+                return response
             raise RuntimeError("experiment only handles small bodies")
-        return await orig_relay(self, request, upstream, reply_headers)
+        return await orig_relay(self, request, upstream, finish)
     proxy.Proxy._relay = _relay
 
 if "reqid" in variants:
@@ -62,7 +63,7 @@ if "rawproxy" in variants:
     spec = importlib.util.spec_from_file_location("barelib", str(HERE / "rawlib.py"))
     barelib = importlib.util.module_from_spec(spec); spec.loader.exec_module(barelib)
     pools = {}
-    async def forward(self, request, url, headers, reply_headers):
+    async def forward(self, request, url, headers, finish):
         origin = (url.host, url.port)
         pool = pools.get(origin) or pools.setdefault(origin, barelib.Pool(url.host, url.port))
         data = barelib.build_request(request.method, url.raw_path_qs, f"{url.host}:{url.port}".encode(),
@@ -70,7 +71,7 @@ if "rawproxy" in variants:
         status, rheaders, body = await pool.request(data)
         out = [(k.decode(), v.decode()) for k, v in rheaders if k.lower() != b"content-length"]
         response = web.Response(status=status, body=body, headers=out)
-        response.headers.update(reply_headers)
+        finish(response)
         return response
     proxy.Proxy.forward = forward
 
