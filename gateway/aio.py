@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+
+from .errors import StoreUnavailable
+
+log = logging.getLogger("gateway")
 
 
 async def wait_event(event: asyncio.Event, seconds: float) -> bool:
@@ -35,3 +40,15 @@ async def cancel_all(tasks: Sequence[asyncio.Task[Any]], retry_every: float = 0.
     for task in tasks:
         if not task.cancelled():
             task.exception()  # retrieved, so asyncio does not report it again when it is collected
+
+
+async def every(seconds: float, job: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run `job` every `seconds` for good; a store outage is expected and waited out quietly."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except StoreUnavailable:
+            pass
+        except Exception:
+            log.exception("%s failed", what)

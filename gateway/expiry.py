@@ -8,12 +8,11 @@ other instances (at most about a second late) arrive before a token is judged.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
+from .aio import every
 from .config import HousekeepingSettings
-from .errors import StoreUnavailable
 from .logs import LogWriter
 from .store import TokenStore, expires_at
 from .tokens import is_valid_at
@@ -30,14 +29,7 @@ class Housekeeper:
         self._logs = logs
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.sweep_interval)
-            try:
-                await self.sweep()
-            except StoreUnavailable:
-                pass
-            except Exception:
-                log.exception("housekeeping sweep failed")
+        await every(self._settings.sweep_interval, self.sweep, "housekeeping sweep")
 
     async def sweep(self) -> int:
         now = time.time()

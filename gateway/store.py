@@ -166,24 +166,32 @@ class TokenStore(RedisStore):
 
     async def insert_if_absent(self, record: dict[str, Any]) -> bool:
         """Atomically create a record unless its key exists (bootstrap from several instances)."""
+        return await self._write_if_absent(record)
+
+    async def _write_if_absent(self, record: dict[str, Any], also: Callable[[Any], None] | None = None) -> bool:
+        """Write a record (and `also`'s commands) in one transaction, unless its key is in use."""
+        key = self._tok(record["digest"])
+
         async def run() -> bool:
             async with self.client.pipeline(transaction=True) as pipe:
-                await pipe.watch(self._tok(record["digest"]))
-                if await pipe.exists(self._tok(record["digest"])):
+                await pipe.watch(key)
+                if await pipe.exists(key):
                     return False
                 pipe.multi()
                 self._write(pipe, record)
+                if also is not None:
+                    also(pipe)
                 await pipe.execute()
                 return True
         try:
-            created = await self.call(run)
+            written = await self.call(run)
         except StoreUnavailable as exc:
             if isinstance(exc.__cause__, redis.exceptions.WatchError):
                 return False
             raise
-        if created:
+        if written:
             await self.changed()
-        return created
+        return written
 
     async def account_ids(self, cid: int) -> list[int]:
         ids = await self.call(lambda: self.client.smembers(self._account(cid)))
@@ -261,25 +269,9 @@ class TokenStore(RedisStore):
     async def restore(self, record: dict[str, Any]) -> bool:
         """Put a binned record back under its old id and key; False if the key is in use again."""
         restored = {key: value for key, value in record.items() if key != "deleted"}
-
-        async def run() -> bool:
-            async with self.client.pipeline(transaction=True) as pipe:
-                await pipe.watch(self._tok(record["digest"]))
-                if await pipe.exists(self._tok(record["digest"])):
-                    return False
-                pipe.multi()
-                self._write(pipe, restored)
-                pipe.hdel(self._bin, str(record["id"])).zrem(self._bin_times, str(record["id"]))
-                await pipe.execute()
-                return True
-        try:
-            done = await self.call(run)
-        except StoreUnavailable as exc:
-            if isinstance(exc.__cause__, redis.exceptions.WatchError):
-                return False
-            raise
-        await self.changed()
-        return done
+        token_id = str(record["id"])
+        return await self._write_if_absent(
+            restored, lambda pipe: pipe.hdel(self._bin, token_id).zrem(self._bin_times, token_id))
 
     async def purge_bin(self, older_than: float, ids: Iterable[int] | None = None) -> int:
         if ids is None:

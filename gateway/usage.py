@@ -9,7 +9,6 @@ again and event 21 is logged once (`HSETNX {gw}:unblocked:<window>`).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import orjson
 
 from .accounts import AccountDirectory, Limits
+from .aio import every
 from .config import UsageSettings
 from .errors import Denied, StoreUnavailable
 from .logs import LogWriter
@@ -103,14 +103,7 @@ class UsageMeter:
         return calls, traffic
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.flush_interval)
-            try:
-                await self.flush()
-            except StoreUnavailable:
-                pass
-            except Exception:
-                log.exception("usage flush failed")
+        await every(self._settings.flush_interval, self.flush, "usage flush")
 
     async def flush(self) -> None:
         now = self._clock()

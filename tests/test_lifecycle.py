@@ -129,7 +129,7 @@ async def test_heaviest_token_blocked_across_instances(make_gateway: GatewayFact
 async def test_expired_tokens_deleted_once(make_gateway: GatewayFactory) -> None:
     config = {"housekeeping": {"sweep_interval": 0.2, "grace": 0.5}}
     a, b = await make_gateway(**config), await make_gateway(**config)
-    short = await a.create_token(ttl=1)
+    short = await a.create_token(ttl=2)  # one-second resolution: at least a second of validity
     kept = await a.create_token(ttl=600)
     assert (await b.call("GET", "/x", key=short["key"]))[0] == 200
 
