@@ -55,21 +55,33 @@ class LogWriter:
             self.dropped += 1
             return
         self._queue.append(record)
-        if len(self._queue) >= 1000:
+        if len(self._queue) == self._early_flush:
             self._wakeup.set()
+
+    @property
+    def _early_flush(self) -> int:
+        # Write before the queue gets near full, but otherwise once per interval: under steady
+        # load each flush is one large batch, not a stream of small ones.
+        return max(1, self._settings.queue_size // 4)
 
     async def run(self) -> None:
         while True:
             await wait_event(self._wakeup, self._settings.flush_interval)
             self._wakeup.clear()
-            await self.flush()
+            await self._write_batch()
 
     async def flush(self) -> None:
+        """Write everything queued (at shutdown)."""
         while self._queue:
-            batch, self._queue = self._queue, []
-            for sink in self._sinks:
-                try:
-                    await sink(batch)
-                except Exception:
-                    log.exception("log sink failed; %d records not written to it", len(batch))
-            self.written += len(batch)
+            await self._write_batch()
+
+    async def _write_batch(self) -> None:
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        for sink in self._sinks:
+            try:
+                await sink(batch)
+            except Exception:
+                log.exception("log sink failed; %d records not written to it", len(batch))
+        self.written += len(batch)
