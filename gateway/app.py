@@ -254,7 +254,12 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     if snapshotter is not None:
         jobs.append(snapshotter.run())
     if settings.bootstrap_master_token:
-        jobs.append(_keep_bootstrapping(store, settings.bootstrap_master_token))
+        # Usable as soon as the port opens; only if the store is away does it wait in background.
+        try:
+            await bootstrap_master(store, settings.bootstrap_master_token)
+        except Exception as exc:
+            log.warning("bootstrap master token not yet created (%s); retrying in background", exc)
+            jobs.append(_keep_bootstrapping(store, settings.bootstrap_master_token))
     tasks = [asyncio.ensure_future(job) for job in jobs]
     try:
         yield
