@@ -46,9 +46,6 @@ class AccountTree:
             limits[int(record["id"])] = Limits(raw.get("api_calls"), raw.get("traffic"))
         return cls(parents, limits)
 
-    def exists(self, cid: int) -> bool:
-        return cid == ROOT_ACCOUNT or cid in self.parents
-
     def is_within(self, cid: int, ancestor: int) -> bool:
         """True if `cid` is `ancestor` or one of its descendants."""
         seen = 0
