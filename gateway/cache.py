@@ -75,6 +75,25 @@ class TokenCache:
                 return entry.token
             raise
 
+    def peek(self, digest: str) -> tuple[bool, Token | None]:
+        """`(True, token or None)` when the cache can answer without Redis, else `(False, None)`.
+
+        The synchronous twin of `lookup` for the hot path: it answers exactly when `lookup` would
+        answer from the entry (starting the same background refresh), and declines otherwise.
+        """
+        entry = self._entries.get(digest)
+        if entry is None or entry.epoch != self._epoch:
+            return False, None
+        age = self._clock() - entry.loaded
+        if entry.token is None:
+            return (True, None) if age < self._settings.negative_ttl else (False, None)
+        if age < self._settings.refresh_interval:
+            return True, entry.token
+        if age < self._settings.max_age:
+            self._refresh_in_background(digest, entry)
+            return True, entry.token
+        return False, None
+
     async def revalidate(self, digest: str) -> Token | None:
         """Reload a record that looks expired: another instance may have used it since."""
         entry = self._entries.get(digest)

@@ -37,8 +37,9 @@ def pick_route(routes: Iterable[Route], path: str) -> Route | None:
     return None
 
 
-def upstream_url(route: Route, path: str, raw_path: str, query: str) -> URL:
-    """Keep the path exactly as received unless the route rewrites its prefix (nginx style)."""
+def upstream_target(route: Route, path: str, raw_path: str, query: str) -> str:
+    """The request target (path and query) to send upstream: the path exactly as received unless the
+    route rewrites its prefix (nginx style)."""
     if route.replaces_prefix:
         if raw_path.startswith(route.prefix):
             rest = raw_path[len(route.prefix):]
@@ -46,8 +47,11 @@ def upstream_url(route: Route, path: str, raw_path: str, query: str) -> URL:
             rest = quote(path[len(route.prefix):], safe="/:@!$&'()*+,=-._~")
         base = route.upstream.raw_path
         raw_path = base.rstrip("/") + "/" + rest if base.endswith("/") or route.prefix.endswith("/") else base + rest
-    target = str(route.upstream.origin()) + raw_path + (f"?{query}" if query else "")
-    return URL(target, encoded=True)
+    return raw_path + (f"?{query}" if query else "")
+
+
+def upstream_url(route: Route, path: str, raw_path: str, query: str) -> URL:
+    return URL(str(route.upstream.origin()) + upstream_target(route, path, raw_path, query), encoded=True)
 
 
 def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:

@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from .app import create_app
+from .app import GATEWAY, create_app
 from .config import Settings
+from .fastpath import FastLane
 
 log = logging.getLogger("gateway.server")
 
@@ -47,19 +48,94 @@ async def freeze_long_lived_objects(app: web.Application) -> AsyncIterator[None]
     task.cancel()
 
 
+class GatewaySite(web.BaseSite):
+    """The listening socket: connections start on the fast path (`fastpath.FastLane`)."""
+
+    __slots__ = ("_host", "_port", "_reuse_port", "lane")
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, reuse_port: bool) -> None:
+        super().__init__(runner, backlog=1024)
+        self._host, self._port, self._reuse_port = host, port, reuse_port
+        self.lane: FastLane | None = None
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        return port
+
+    async def start(self) -> None:
+        await super().start()
+        runner = self._runner
+        assert isinstance(runner, web.AppRunner) and runner.server is not None
+        self.lane = FastLane(runner.app[GATEWAY], runner.server)
+        self.lane.start()
+        self._server = await asyncio.get_running_loop().create_server(
+            self.lane, self._host, self._port, backlog=self._backlog, reuse_address=True,
+            reuse_port=self._reuse_port or None)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()  # no new connections; those open finish their request
+        if self.lane is not None:
+            await self.lane.shutdown(SHUTDOWN_TIMEOUT)
+        await super().stop()
+
+
+SHUTDOWN_TIMEOUT = 30.0
+
+
+class GatewayServer:
+    """One running gateway in this process: the app, its services and the listening site."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self.app.cleanup_ctx.append(freeze_long_lived_objects)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                    shutdown_timeout=SHUTDOWN_TIMEOUT)
+        self.site: GatewaySite | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.site is not None
+        return self.site.port
+
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        await self.runner.setup()  # services first: the port opens once the gateway can answer
+        self.site = GatewaySite(self.runner, host, port, reuse_port)
+        await self.site.start()
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
 def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting, finish requests and drain the writers."""
-    listen = settings.listen
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
 
-    def ready(message: str) -> None:
-        log.info("%s (pid %d)", message.strip(), os.getpid())
+    async def main() -> None:
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        server = GatewayServer(settings)
+        await server.start(settings.listen.host, settings.listen.port, reuse_port)
+        log.info("listening on http://%s:%d (pid %d)", settings.listen.host, server.port, os.getpid())
+        try:
+            await stop.wait()
+        finally:
+            await server.close()
 
-    app = create_app(settings)
-    app.cleanup_ctx.append(freeze_long_lived_objects)
-    web.run_app(
-        app, host=listen.host, port=listen.port, reuse_port=reuse_port or None,
-        access_log=None, print=ready, loop=new_event_loop(), shutdown_timeout=30.0,
-    )
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 def run(settings: Settings) -> int:

@@ -22,7 +22,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.app import GATEWAY, create_app
+from gateway.app import GATEWAY
+from gateway.server import GatewayServer
 from gateway.config import Settings, build_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,7 +247,7 @@ async def upstream() -> AsyncIterator[Upstream]:
 class GatewayHandle:
     url: str
     settings: Settings
-    server: TestServer
+    server: GatewayServer
     session: aiohttp.ClientSession
 
     @property
@@ -296,8 +297,8 @@ async def make_gateway(upstream: Upstream, redis_url: str, key_prefix: str) -> A
 
     async def factory(**overrides: Any) -> GatewayHandle:
         settings = build_settings(base_config(upstream.url, redis_url, key_prefix, **overrides))
-        server = TestServer(create_app(settings), host="127.0.0.1", port=free_port())
-        await server.start_server()
+        server = GatewayServer(settings)  # the production server: fast path and aiohttp both
+        await server.start("127.0.0.1", 0)
         session = aiohttp.ClientSession(auto_decompress=False)
         handle = GatewayHandle(f"http://127.0.0.1:{server.port}", settings, server, session)
         handles.append(handle)

@@ -1,0 +1,859 @@
+"""The listening side: every client connection starts here, and plain proxied requests never leave.
+
+One `FrontProtocol` per client connection parses requests with llhttp (`httptools`). A plain
+HTTP/1.1 request for the upstream (GET, POST, PUT, PATCH, DELETE; no `Origin`, `Upgrade` or
+`Expect`; not an API, `/auth/info` or `/_gateway/` path) is served by an `Exchange` entirely in
+callbacks: same facts, same checks (`Authenticator.authenticate_cached`, with no task when the token
+is cached), same identity and forwarding headers, same log line and usage as the aiohttp path, and
+the upstream reached through `upstream.UpstreamPool`. A task is made only when Redis must be asked
+or a new upstream connection opened.
+
+Any other request — the tokens API, CORS preflights and pages' requests, WebSockets, HEAD,
+HTTP/1.0, `Expect: 100-continue` — hands the connection to aiohttp (`web.Application` in
+`app.py`) for the rest of its life: the request is written, as parsed, into an aiohttp
+`RequestHandler` through `Bridge`, a transport whose writes go to the real socket; once the
+parser stands between two messages, later bytes go to aiohttp untouched. Both paths run the
+same `Gateway` methods, so a request is decided the same way whichever serves it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+from multidict import CIMultiDict
+
+from .app import Gateway
+from .auth import extract_key
+from .clientaddr import client_address, forwarded_for
+from .config import Route
+from .errors import INTERNAL_ERROR, STORAGE_UNAVAILABLE, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied, error_body
+from .proxy import CORS_PREFIX, HOP_BY_HOP, REQUEST_DROP, pick_route, upstream_target
+from .upstream import NO_BODY_STATUSES, UpstreamConnection, UpstreamFailed, UpstreamPool
+
+log = logging.getLogger("gateway.fastpath")
+FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE"})
+# Headers that send a request to aiohttp: pages (CORS), protocol switches, 100-continue.
+SLOW_HEADERS = (b"origin", b"upgrade", b"expect")
+MAX_URL = 8190  # aiohttp's limit on the request line
+MAX_FIELD = 16384  # the gateway's aiohttp `max_field_size`
+MAX_HEAD = 65536
+MAX_HEADERS = 256
+MAX_BUFFERED = 1024 * 1024  # request body held while the token or a connection is awaited
+CLIENT_KEEPALIVE = 75.0  # aiohttp's keepalive_timeout: idle client connections are closed after it
+RESPONSE_DROP = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length", b"date"}
+STATUS_LINES = {status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode()) for status in HTTPStatus}
+CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the reply
+
+
+class HeadTooLarge(Exception):
+    pass
+
+
+class Incoming:
+    """One parsed request; its body pieces wait here until an exchange or the bridge takes them."""
+
+    __slots__ = ("url", "headers", "index", "method", "keep_alive", "upgrade", "version", "body", "buffered",
+                 "complete", "chunked", "length", "head_size", "target")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes, bytes]] = []  # (lowercased name, name, value)
+        self.index: dict[bytes, bytes] = {}  # first value of each header, by lowercased name
+        self.method = b""
+        self.keep_alive = True
+        self.upgrade = False
+        self.version = "1.1"
+        self.body: list[bytes] = []
+        self.buffered = 0
+        self.complete = False
+        self.chunked = False
+        self.length: int | None = None
+        self.head_size = 0
+        # Where the body goes once it is no longer buffered: an Exchange or the Bridge.
+        self.target: Any = None
+
+
+class FastLane:
+    """Per process: the protocol factory for the listening socket, and what its connections share."""
+
+    def __init__(self, gateway: Gateway, handler_factory: Callable[[], asyncio.Protocol]) -> None:
+        self.gateway = gateway
+        self.handler_factory = handler_factory
+        settings = gateway.settings
+        proxy = settings.proxy
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[FrontProtocol] = set()
+        self.closing = False
+        self._pools: dict[Route, tuple[UpstreamPool, bytes]] = {}
+        self._date = b""
+        self._date_second = -1
+        drop = {name.encode() for name in HOP_BY_HOP | REQUEST_DROP} | {b"content-length", b"host"}
+        drop |= {proxy.token_id_header.lower().encode(), proxy.account_id_header.lower().encode(),
+                 proxy.request_id_header.lower().encode()}
+        if not proxy.forward_authorization:
+            drop.add(b"authorization")
+        self.request_drop = frozenset(drop)
+        self.response_drop = RESPONSE_DROP | {proxy.request_id_header.lower().encode()}
+        self.request_id_header = proxy.request_id_header.lower().encode()
+        self.request_id_name = proxy.request_id_header.encode()
+        self.preserve_host = proxy.preserve_host
+        self.internal_prefix = settings.internal_prefix
+        self.realm_challenge = f'FlespiToken realm="{settings.realm}"'.encode()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def __call__(self) -> FrontProtocol:
+        return FrontProtocol(self)
+
+    def start(self) -> None:
+        self._sweeper = asyncio.ensure_future(self._sweep_idle())
+
+    def pool(self, route: Route) -> tuple[UpstreamPool, bytes]:
+        """The connection pool of a route's upstream, and the Host header it is sent."""
+        found = self._pools.get(route)
+        if found is None:
+            url = route.upstream
+            tls = url.scheme == "https"
+            host, port = url.raw_host or "localhost", url.port or (443 if tls else 80)
+            for other, (pool, host_header) in self._pools.items():
+                if (pool.host, pool.port) == (host, port) and other.upstream.scheme == url.scheme:
+                    found = (pool, host_header)
+                    break
+            else:
+                netloc = host if url.is_default_port() else f"{host}:{port}"
+                found = (UpstreamPool(host, port, tls, self.gateway.settings.proxy, self.loop), netloc.encode())
+            self._pools[route] = found
+        return found
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = formatdate(now, usegmt=True).encode()
+        return self._date
+
+    async def _sweep_idle(self) -> None:
+        while True:
+            await asyncio.sleep(CLIENT_KEEPALIVE / 5)
+            limit = self.loop.time() - CLIENT_KEEPALIVE
+            for conn in list(self.connections):
+                if conn.idle_since is not None and conn.idle_since < limit:
+                    conn.close()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop keep-alive, let requests in flight finish (up to `timeout`), then close the pools."""
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            if conn.idle_since is not None:
+                conn.close()
+        deadline = self.loop.time() + timeout
+        while any(conn.exchange is not None for conn in self.connections) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if conn.bridge is None:
+                conn.close()
+        for pool, _ in self._pools.values():
+            pool.close()
+
+
+class FrontProtocol(asyncio.Protocol):
+    """One client connection: requests are served one at a time, in order."""
+
+    def __init__(self, lane: FastLane) -> None:
+        self.lane = lane
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.parser = httptools.HttpRequestParser(self)
+        self.incoming: Incoming | None = None
+        self.queue: deque[Incoming] = deque()
+        self.exchange: Exchange | None = None
+        self.bridge: Bridge | None = None
+        self.raw = False  # bytes go to aiohttp unparsed
+        self.raw_backlog: list[bytes] = []
+        self.idle_since: float | None = lane.loop.time()
+        self.paused_writing = False
+        self._pauses: set[str] = set()
+        self._closed = False
+        self._eof = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else str(peer or "")
+        self.lane.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.raw:
+            self._raw_data(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.raw = True
+            tail = data[upgrade.args[0]:]
+            if tail:
+                self._raw_data(tail)
+            return
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__ or error.__cause__
+            if isinstance(cause, HeadTooLarge):
+                self._refuse(431, "request header too large")
+            else:
+                log.exception("request parsing failed")
+                self._refuse(500, INTERNAL_ERROR)
+            return
+        except httptools.HttpParserError:
+            self._refuse(400, "malformed HTTP request")
+            return
+        if self.bridge is not None and self.incoming is None and not self.queue:
+            self.raw = True  # between two messages: aiohttp can read the stream itself from here
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self.bridge is not None:
+            self.bridge.handler.eof_received()
+        if self.exchange is not None or self.bridge is not None:
+            return True  # half-closed: the reply in progress is still sent
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.lane.connections.discard(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.client_gone()
+        self.queue.clear()
+        if self.bridge is not None:
+            self.bridge.lost(exc)
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+        if self.bridge is not None:
+            self.bridge.handler.pause_writing()
+        elif self.exchange is not None:
+            self.exchange.pause_download()
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        if self.bridge is not None:
+            self.bridge.handler.resume_writing()
+        elif self.exchange is not None:
+            self.exchange.resume_download()
+
+    # -- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.incoming = Incoming()
+
+    def on_url(self, url: bytes) -> None:
+        incoming = self.incoming
+        assert incoming is not None
+        incoming.url += url
+        if len(incoming.url) > MAX_URL:
+            raise HeadTooLarge()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        incoming = self.incoming
+        assert incoming is not None
+        size = incoming.head_size = incoming.head_size + len(name) + len(value) + 4
+        if len(value) > MAX_FIELD or size > MAX_HEAD or len(incoming.headers) >= MAX_HEADERS:
+            raise HeadTooLarge()
+        lower = name.lower()
+        incoming.headers.append((lower, name, value))
+        incoming.index.setdefault(lower, value)
+
+    def on_headers_complete(self) -> None:
+        incoming = self.incoming
+        assert incoming is not None
+        parser = self.parser
+        incoming.method = parser.get_method()
+        incoming.version = parser.get_http_version()
+        incoming.keep_alive = parser.should_keep_alive()
+        incoming.upgrade = parser.should_upgrade()
+        index = incoming.index
+        encoding = index.get(b"transfer-encoding")
+        incoming.chunked = encoding is not None and b"chunked" in encoding.lower()
+        length = index.get(b"content-length")
+        incoming.length = int(length) if length is not None and not incoming.chunked else None
+        if self.bridge is not None:
+            self.bridge.send_head(incoming)
+        elif self.exchange is None and not self.queue:
+            self._start(incoming)
+        else:
+            self.queue.append(incoming)  # pipelined: served when the ones before it are
+            if len(self.queue) > 8:
+                self.pause("pipeline")
+
+    def on_body(self, body: bytes) -> None:
+        incoming = self.incoming
+        assert incoming is not None
+        target = incoming.target
+        if target is not None:
+            target.request_body(body)
+            return
+        incoming.body.append(body)
+        incoming.buffered += len(body)
+        if incoming.buffered > MAX_BUFFERED:
+            self.pause("buffered")
+
+    def on_message_complete(self) -> None:
+        incoming = self.incoming
+        assert incoming is not None
+        incoming.complete = True
+        if incoming.target is not None:
+            incoming.target.request_done()
+        self.incoming = None
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    def _start(self, incoming: Incoming) -> None:
+        self.idle_since = None
+        index = incoming.index
+        if (incoming.method not in FAST_METHODS or incoming.version != "1.1" or incoming.upgrade
+                or not incoming.url.startswith(b"/") or any(name in index for name in SLOW_HEADERS)):
+            self._to_aiohttp(incoming)
+            return
+        self.exchange = Exchange(self, incoming)
+        self.exchange.start()
+
+    def _to_aiohttp(self, incoming: Incoming) -> None:
+        """From this request on, aiohttp serves the connection."""
+        self.exchange = None
+        self.bridge = Bridge(self)
+        self.bridge.send_head(incoming)
+        for queued in self.queue:
+            self.bridge.send_head(queued)
+        self.queue.clear()
+        if self.raw_backlog:
+            for data in self.raw_backlog:
+                self.bridge.handler.data_received(data)
+            self.raw_backlog.clear()
+        self.resume("pipeline")
+
+    def exchange_done(self, exchange: Exchange, close: bool) -> None:
+        if self.exchange is not exchange:
+            return
+        self.exchange = None
+        self.resume("buffered")
+        if close or self.lane.closing or self._closed or self._eof:
+            self.close()
+            return
+        if self.queue:
+            self.resume("pipeline")
+            self._start(self.queue.popleft())
+        else:
+            self.idle_since = self.lane.loop.time()
+
+    def hand_over(self, incoming: Incoming) -> None:
+        """An exchange found, after parsing the path, that the request is aiohttp's (an API path)."""
+        self._to_aiohttp(incoming)
+
+    def _raw_data(self, data: bytes) -> None:
+        if self.bridge is not None:
+            self.bridge.handler.data_received(data)
+        else:
+            self.raw_backlog.append(data)  # an upgrade pipelined behind a fast request
+            self.pause("pipeline")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """The byte stream cannot be read any further: answer if nothing else is, then close."""
+        if self.bridge is not None or self.exchange is not None or self.transport is None:
+            self.close()
+            return
+        self.write(render_error(self.lane, status, reason, {}, b"", close=True))
+        self.close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.close()
+
+    def pause(self, reason: str) -> None:
+        if not self._pauses and self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+        self._pauses.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self._pauses:
+            self._pauses.discard(reason)
+            if not self._pauses and self.transport is not None and not self._closed:
+                self.transport.resume_reading()
+
+
+def render_error(lane: FastLane, status: int, reason: str, extra: dict[str, str], request_id: bytes,
+                 close: bool) -> bytes:
+    """The same reply as `errors.error_response`, as bytes."""
+    body = error_body(status, reason)
+    head = [STATUS_LINES.get(status) or b"HTTP/1.1 %d Error\r\n" % status,
+            b"Content-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\n" % (len(body), lane.date())]
+    if status == 401:
+        head.append(b"WWW-Authenticate: %s\r\n" % lane.realm_challenge)
+    for name, value in extra.items():
+        head.append(b"%s: %s\r\n" % (name.encode(), value.encode()))
+    if request_id:
+        head.append(b"%s: %s\r\n" % (lane.request_id_name, request_id))
+    if close:
+        head.append(b"Connection: close\r\n")
+    head.append(b"\r\n")
+    head.append(body)
+    return b"".join(head)
+
+
+class Exchange:
+    """One request served on the fast path, from its head to the last byte of the reply."""
+
+    __slots__ = ("front", "lane", "incoming", "started", "facts", "token", "served", "request_id", "conn",
+                 "task", "status", "replied", "out", "chunked_reply", "sent_bytes", "received_bytes", "done",
+                 "close_after", "head", "retried")
+
+    def __init__(self, front: FrontProtocol, incoming: Incoming) -> None:
+        self.front = front
+        self.lane = front.lane
+        self.incoming = incoming
+        self.started = time.perf_counter()
+        self.facts: Any = None
+        self.token: Any = None  # the token found (it may still have been refused)
+        self.served: Any = None  # the token that passed every check
+        self.request_id = b""
+        self.conn: UpstreamConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.status = 0
+        self.replied = False  # the reply's head went to the client
+        self.out: list[bytes] = []
+        self.chunked_reply = False
+        self.sent_bytes = 0
+        self.received_bytes = 0
+        self.done = False
+        self.close_after = not incoming.keep_alive
+        self.head = b""
+        self.retried = False
+
+    # -- deciding --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        incoming, gateway, front = self.incoming, self.lane.gateway, self.front
+        index = incoming.index
+        now = time.time()
+        incoming_id = index.get(self.lane.request_id_header)
+        self.request_id = gateway.request_id(incoming_id.decode("latin-1") if incoming_id else None,
+                                             front.peer).encode()
+        try:
+            raw_path, _, query = incoming.url.decode("utf-8", "surrogateescape").partition("?")
+            cid = index.get(b"x-flespi-cid")
+            self.facts = facts = gateway.facts_for(
+                incoming.method.decode(), raw_path, query, cid.decode("utf-8", "surrogateescape") if cid else None,
+                None, self._client_ip(), now)
+            if gateway.api.handles(facts.path) or facts.path.startswith(self.lane.internal_prefix):
+                front.hand_over(incoming)
+                return
+            incoming.target = self
+            token = gateway.auth.authenticate_cached(extract_key(_text(index.get(b"authorization"))), facts)
+        except Denied as denied:
+            incoming.target = self
+            self.token = self.facts.token if self.facts is not None else None
+            self.fail(denied.status, denied.reason, denied.headers)
+            return
+        except Exception:
+            log.exception("unexpected error while authenticating; request denied")
+            incoming.target = self
+            self.fail(500, INTERNAL_ERROR, {})
+            return
+        if token is None:
+            self.task = asyncio.ensure_future(self._authenticate())
+        else:
+            self.token = self.served = token
+            self._forward()
+
+    def _client_ip(self) -> str:
+        peer = self.front.peer
+        if b"x-forwarded-for" not in self.incoming.index or not self.lane.gateway.is_trusted_peer(peer):
+            return client_address(peer, _NO_HEADERS, self.lane.gateway.trusted)
+        return client_address(peer, self._multidict(), self.lane.gateway.trusted)
+
+    def _multidict(self) -> CIMultiDict[str]:
+        return CIMultiDict((name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+                           for _, name, value in self.incoming.headers)
+
+    async def _authenticate(self) -> None:
+        gateway = self.lane.gateway
+        try:
+            token = await gateway.auth.authenticate(extract_key(_text(self.incoming.index.get(b"authorization"))),
+                                                    self.facts)
+        except Denied as denied:
+            self.token = self.facts.token
+            self.fail(denied.status, denied.reason, denied.headers)
+            return
+        self.task = None
+        if self.done:
+            return
+        self.token = self.served = token
+        self._forward()
+
+    # -- forwarding ------------------------------------------------------------------------------
+
+    def _forward(self) -> None:
+        lane, facts, incoming = self.lane, self.facts, self.incoming
+        route = pick_route(lane.gateway.settings.routes, facts.path)
+        if route is None:
+            self.fail(404, f"no upstream for {facts.path}", {})
+            return
+        pool, host = lane.pool(route)
+        self.head = self._request_head(upstream_target(route, facts.path, facts.forward_path, facts.query), host)
+        conn = pool.take_idle()
+        if conn is None:
+            self.task = asyncio.ensure_future(self._connect(pool))
+        else:
+            self._send(conn)
+
+    async def _connect(self, pool: UpstreamPool) -> None:
+        try:
+            conn = await pool.connect()
+        except UpstreamFailed as failed:
+            self.task = None
+            self.fail(504 if failed.timeout else 502, UPSTREAM_TIMEOUT if failed.timeout else UPSTREAM_UNAVAILABLE, {})
+            return
+        self.task = None
+        if self.done:
+            pool.release(conn)
+            return
+        self._send(conn)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        if self.front.paused_writing and conn.transport is not None:
+            conn.transport.pause_reading()  # the client is not reading what came before yet
+        incoming = self.incoming
+        body = incoming.body
+        if body:
+            parts = [self._framed(piece) for piece in body] if incoming.chunked else body
+            self.sent_bytes = incoming.buffered
+            incoming.body = []
+            if incoming.complete and incoming.chunked:
+                parts.append(b"0\r\n\r\n")
+            conn.send(self, self.head + b"".join(parts))
+            self.front.resume("buffered")
+        else:
+            conn.send(self, self.head if not (incoming.complete and incoming.chunked) else self.head + b"0\r\n\r\n")
+        if incoming.complete:
+            conn.request_complete()
+
+    def _request_head(self, target: str, host: bytes) -> bytes:
+        lane, incoming, gateway = self.lane, self.incoming, self.lane.gateway
+        index = incoming.index
+        drop = lane.request_drop
+        connection = index.get(b"connection")
+        if connection is not None:
+            named = {item.strip().lower() for lower, _name, value in incoming.headers if lower == b"connection"
+                     for item in value.split(b",")}
+            drop = drop | named
+        client_host = index.get(b"host", b"")
+        parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
+            incoming.method, target.encode("utf-8", "surrogateescape"),
+            client_host if lane.preserve_host and client_host else host)]
+        for lower, name, value in incoming.headers:
+            if lower not in drop:
+                parts.append(b"%s: %s\r\n" % (name, value))
+        for name, value in gateway.identity_headers(self.served, self.facts, self.request_id.decode()):
+            parts.append(b"%s: %s\r\n" % (name.encode(), value.encode("latin-1")))
+        peer = self.front.peer
+        trusted = gateway.is_trusted_peer(peer)
+        forwarded = forwarded_for(peer, self._multidict() if trusted else _NO_HEADERS, gateway.trusted)
+        proto = (index.get(b"x-forwarded-proto") if trusted else None) or b"http"
+        forwarded_host = (index.get(b"x-forwarded-host") if trusted else None) or client_host
+        parts.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n" % (
+            forwarded.encode(), proto, forwarded_host))
+        if incoming.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif incoming.length is not None:
+            parts.append(b"Content-Length: %d\r\n" % incoming.length)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    @staticmethod
+    def _framed(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    # request body, after the head was sent (called by FrontProtocol)
+
+    def request_body(self, data: bytes) -> None:
+        if self.done:
+            return
+        conn = self.conn
+        if conn is None:
+            self.incoming.body.append(data)
+            self.incoming.buffered += len(data)
+            if self.incoming.buffered > MAX_BUFFERED:
+                self.front.pause("buffered")
+            return
+        self.sent_bytes += len(data)
+        conn.send_body(self._framed(data) if self.incoming.chunked else data)
+
+    def request_done(self) -> None:
+        if self.done:
+            self.front.exchange_done(self, self.close_after)
+            return
+        conn = self.conn
+        if conn is None:
+            return
+        if self.incoming.chunked:
+            conn.send_body(b"0\r\n\r\n")
+        conn.request_complete()
+
+    # -- the reply (UpstreamSink) ----------------------------------------------------------------
+
+    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None,
+                chunked: bool) -> None:
+        lane = self.lane
+        self.status = status
+        drop = lane.response_drop
+        named: set[bytes] = set()
+        for name, value in headers:
+            if name.lower() == b"connection":
+                named.update(item.strip().lower() for item in value.split(b","))
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        date = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower in drop or lower in named or lower.startswith(CORS_PREFIX_BYTES):
+                if lower == b"date":
+                    date = value
+                continue
+            out.append(b"%s: %s\r\n" % (name, value))
+        out.append(b"Date: %s\r\n%s: %s\r\n" % (date or lane.date(), lane.request_id_name, self.request_id))
+        if status in NO_BODY_STATUSES:
+            pass
+        elif length is not None:
+            out.append(b"Content-Length: %d\r\n" % length)
+        else:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+            self.chunked_reply = True
+        if self.close_after or lane.closing:
+            self.close_after = True
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        self.out = out
+        self.replied = True
+
+    def on_body(self, data: bytes) -> None:
+        self.received_bytes += len(data)
+        if self.chunked_reply:
+            self.out.append(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.out.append(data)
+
+    def flush(self) -> None:
+        if self.out:
+            self.front.write(b"".join(self.out))
+            self.out = []
+
+    def on_done(self) -> None:
+        self.conn = None
+        if self.chunked_reply:
+            self.out.append(b"0\r\n\r\n")
+        self.flush()
+        self._finish()
+
+    def on_fail(self, timeout: bool) -> None:
+        conn, self.conn = self.conn, None
+        if self.done:
+            return
+        if not self.replied:
+            if (conn is not None and conn.reused and not self.retried and not timeout and self.incoming.length is None
+                    and not self.incoming.chunked):
+                # A kept-alive connection the upstream had just closed: try once on a fresh one.
+                self.retried = True
+                pool = conn.pool
+                self.task = asyncio.ensure_future(self._connect(pool))
+                return
+            self.fail(504 if timeout else 502, UPSTREAM_TIMEOUT if timeout else UPSTREAM_UNAVAILABLE, {})
+            return
+        # The status is already sent: the only honest signal left is a broken connection.
+        log.warning("upstream failed mid-response (%s); closing client connection", "timeout" if timeout else "error")
+        self.flush()
+        self.close_after = True
+        self.front.close()
+        self._finish()
+
+    def pause_upload(self) -> None:
+        self.front.pause("upload")
+
+    def resume_upload(self) -> None:
+        self.front.resume("upload")
+
+    def pause_download(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def resume_download(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.resume_reading()
+
+    # -- ending ----------------------------------------------------------------------------------
+
+    def fail(self, status: int, reason: str, extra: dict[str, str]) -> None:
+        """Answer with a gateway error (nothing was sent yet)."""
+        if self.done:
+            return
+        if self.conn is not None:
+            self.conn.abandon()
+            self.conn = None
+        self.status = status
+        if not self.incoming.complete:
+            self.close_after = True  # the rest of the body would have to be read and thrown away
+        self.front.write(render_error(self.lane, status, reason, extra, self.request_id,
+                                      self.close_after or self.lane.closing))
+        self.replied = True
+        self._finish()
+
+    def client_gone(self) -> None:
+        """The client closed its connection: stop everything for this request."""
+        if self.done:
+            return
+        if self.task is not None:
+            self.task.cancel()
+        if self.conn is not None:
+            self.conn.abandon()
+            self.conn = None
+        if not self.replied:
+            self.status = CLIENT_CLOSED
+        self.close_after = True
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.front.resume("upload")
+        gateway, facts, token = self.lane.gateway, self.facts, self.token
+        if facts is not None and token is not None:
+            if self.served is not None:
+                gateway.usage.record(self.served, self.served.cid, self.sent_bytes + self.received_bytes, facts.now)
+            gateway.log_request(facts, token, _text(self.incoming.index.get(b"x-flespi-app")) or "", self.status,
+                                time.perf_counter() - self.started, self.received_bytes, self.request_id.decode())
+        if self.incoming.complete or self.close_after:
+            self.front.exchange_done(self, self.close_after)
+        # else: FrontProtocol reads the rest of the body (request_body ignores it) and then calls
+        # request_done, which ends the exchange; the connection stays usable.
+
+
+CORS_PREFIX_BYTES = CORS_PREFIX.encode()
+_NO_HEADERS: CIMultiDict[str] = CIMultiDict()
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("utf-8", "surrogateescape") if value is not None else None
+
+
+class Bridge(asyncio.Transport):
+    """What an aiohttp `RequestHandler` sees as its transport: writes go to the client socket."""
+
+    def __init__(self, front: FrontProtocol) -> None:
+        super().__init__()
+        self.front = front
+        self.handler: Any = front.lane.handler_factory()
+        self._closing = False
+        self._lost = False
+        self.handler.connection_made(self)
+        if front.paused_writing:
+            self.handler.pause_writing()
+
+    def send_head(self, incoming: Incoming) -> None:
+        """Write a request, as parsed so far, into aiohttp; the rest of its body follows."""
+        head = [b"%s %s HTTP/%s\r\n" % (incoming.method, incoming.url, incoming.version.encode())]
+        head.extend(b"%s: %s\r\n" % (name, value) for _, name, value in incoming.headers)
+        head.append(b"\r\n")
+        self.handler.data_received(b"".join(head))
+        incoming.target = self
+        for piece in incoming.body:
+            self._body(piece, incoming.chunked)
+        incoming.body = []
+        self.front.resume("buffered")
+        if incoming.complete and incoming.chunked:
+            self.handler.data_received(b"0\r\n\r\n")
+
+    def _body(self, data: bytes, chunked: bool) -> None:
+        # The parser took the chunked framing off; aiohttp gets it back, chunk extensions aside.
+        self.handler.data_received(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+
+    def request_body(self, data: bytes) -> None:
+        incoming = self.front.incoming
+        self._body(data, incoming is not None and incoming.chunked)
+
+    def request_done(self) -> None:
+        incoming = self.front.incoming
+        if incoming is not None and incoming.chunked:
+            self.handler.data_received(b"0\r\n\r\n")
+
+    def lost(self, exc: Exception | None) -> None:
+        if not self._lost:
+            self._lost = True
+            self.handler.connection_lost(exc)
+
+    # -- asyncio.Transport, as far as aiohttp uses it ---------------------------------------------
+
+    def write(self, data: Any) -> None:
+        self.front.write(bytes(data) if not isinstance(data, bytes) else data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.front.write(b"".join(list_of_data))
+
+    def is_closing(self) -> bool:
+        transport = self.front.transport
+        return self._closing or transport is None or transport.is_closing()
+
+    def close(self) -> None:
+        self._closing = True
+        self.front.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.front.transport is not None:
+            self.front.transport.abort()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        transport = self.front.transport
+        return transport.get_extra_info(name, default) if transport is not None else default
+
+    def pause_reading(self) -> None:
+        self.front.pause("aiohttp")
+
+    def resume_reading(self) -> None:
+        self.front.resume("aiohttp")
+
+    def is_reading(self) -> bool:
+        return "aiohttp" not in self.front._pauses
+
+    def get_write_buffer_size(self) -> int:
+        transport = self.front.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self.front.transport is not None:
+            self.front.transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        transport = self.front.transport
+        return transport.get_write_buffer_limits() if transport is not None else (0, 0)
+
+    def can_write_eof(self) -> bool:
+        transport = self.front.transport
+        return transport.can_write_eof() if transport is not None else False
+
+    def write_eof(self) -> None:
+        if self.front.transport is not None:
+            self.front.transport.write_eof()
