@@ -344,6 +344,7 @@ class FrontProtocol(asyncio.Protocol):
         if self.exchange is not exchange:
             return
         self.exchange = None
+        exchange.incoming.target = None  # break the cycle: reference counting frees both now
         self.resume("buffered")
         if close or self.lane.closing or self._closed or self._eof:
             self.close()

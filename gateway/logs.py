@@ -14,7 +14,11 @@ from .aio import wait_event
 from .config import LogSettings
 
 log = logging.getLogger("gateway.logs")
-Sink = Callable[[list[dict[str, Any]]], Awaitable[None]]
+# A sink gets a batch of records and the same records as JSON lines (serialized once, for all sinks).
+Sink = Callable[[list[dict[str, Any]], list[bytes]], Awaitable[None]]
+# Records serialized and handed to the sinks per step; the writer yields to requests in between,
+# so a second's worth of lines (tens of thousands) never holds the event loop for long.
+SLICE = 256
 
 
 class FileSink:
@@ -24,8 +28,8 @@ class FileSink:
         self._path = path
         self._fd = sys.stdout.fileno() if path == "-" else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
-    async def __call__(self, batch: list[dict[str, Any]]) -> None:
-        data = b"".join(orjson.dumps(record) + b"\n" for record in batch)
+    async def __call__(self, batch: list[dict[str, Any]], lines: list[bytes]) -> None:
+        data = b"".join(lines)
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
@@ -76,12 +80,15 @@ class LogWriter:
             await self._write_batch()
 
     async def _write_batch(self) -> None:
-        batch, self._queue = self._queue, []
-        if not batch:
-            return
-        for sink in self._sinks:
-            try:
-                await sink(batch)
-            except Exception:
-                log.exception("log sink failed; %d records not written to it", len(batch))
-        self.written += len(batch)
+        queued, self._queue = self._queue, []
+        for start in range(0, len(queued), SLICE):
+            if start:
+                await asyncio.sleep(0)
+            batch = queued[start:start + SLICE]
+            lines = [orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE) for record in batch]
+            for sink in self._sinks:
+                try:
+                    await sink(batch, lines)
+                except Exception:
+                    log.exception("log sink failed; %d records not written to it", len(batch))
+            self.written += len(batch)

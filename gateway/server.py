@@ -40,8 +40,8 @@ async def freeze_long_lived_objects(app: web.Application) -> AsyncIterator[None]
     """
     async def loop() -> None:
         while True:
+            gc.freeze()  # at once too: modules and startup objects are most of the heap
             await asyncio.sleep(GC_FREEZE_INTERVAL)
-            gc.freeze()
 
     task = asyncio.ensure_future(loop())
     yield

@@ -30,8 +30,9 @@ class RedisLogSink:
     def account_key(self, cid: int) -> str:
         return f"{self._store.prefix}logs:acct:{cid}"
 
-    async def __call__(self, batch: list[dict[str, Any]]) -> None:
-        pending = self._retry + [record for record in batch if record.get("token_id") is not None]
+    async def __call__(self, batch: list[dict[str, Any]], lines: list[bytes]) -> None:
+        pending = self._retry + [(record, line) for record, line in zip(batch, lines, strict=True)
+                                 if record.get("token_id") is not None]
         self._retry = []
         if not pending:
             return
@@ -44,20 +45,25 @@ class RedisLogSink:
                 pending = pending[overflow:]
             self._retry = pending
 
-    async def _write(self, records: list[dict[str, Any]]) -> None:
+    async def _write(self, records: list[tuple[dict[str, Any], bytes]]) -> None:
         by_key: dict[str, list[bytes]] = {}
         caps: dict[str, int] = {}
-        for record in records:
-            line = orjson.dumps(record)
-            for key, cap in ((self.token_key(int(record["token_id"])), self._settings.per_token),
-                             (self.account_key(int(record.get("cid") or 0)), self._settings.per_account)):
-                by_key.setdefault(key, []).append(line)
-                caps[key] = cap
+        token_keys: dict[int, str] = {}
+        account_keys: dict[int, str] = {}
+        per_token, per_account = self._settings.per_token, self._settings.per_account
+        for record, line in records:
+            token_id, cid = int(record["token_id"]), int(record.get("cid") or 0)
+            token_key = token_keys.get(token_id) or token_keys.setdefault(token_id, self.token_key(token_id))
+            account_key = account_keys.get(cid) or account_keys.setdefault(cid, self.account_key(cid))
+            by_key.setdefault(token_key, []).append(line)
+            by_key.setdefault(account_key, []).append(line)
+            caps[token_key], caps[account_key] = per_token, per_account
 
         async def run() -> None:
             async with self._store.client.pipeline(transaction=False) as pipe:
                 for key, lines in by_key.items():
-                    pipe.rpush(key, *lines).ltrim(key, -caps[key], -1)
+                    cap = caps[key]
+                    pipe.rpush(key, *lines[-cap:]).ltrim(key, -cap, -1)  # older lines would be trimmed
                 await pipe.execute()
         await self._store.call(run)
         self._store.touched()
