@@ -15,7 +15,8 @@ except for keys under the bench prefix `{gw}:`), writes the tokens with the gate
 - miss cost: `Authenticator.authenticate` on rounds of 50 concurrent requests with distinct
   keys, either all cached (hits) or all new to the cache (misses: keys present in Redis, and keys
   that are not); CPU time of this process per request, and the extra CPU of a miss over a hit
-  (the redis-server's own CPU is not included).
+  (the redis-server's own CPU is not included); then the CPU the usage and `accessed` writers
+  spend, at their next flush, per distinct token used (each miss is one).
 
 It prints figures and asserts nothing.
 """
@@ -49,7 +50,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-async def build(redis_url: str) -> tuple[Any, Any, Any]:
+async def build(redis_url: str) -> tuple[Any, Any, Any, Any, Any]:
     """Store, cache and authenticator built as gateway/app.py services() builds them."""
     from gateway.accessed import AccessedWriter
     from gateway.accounts import AccountDirectory, AccountStore
@@ -70,7 +71,8 @@ async def build(redis_url: str) -> tuple[Any, Any, Any]:
     directory = AccountDirectory(AccountStore(client, PREFIX), settings.cache.max_age)
     meter = UsageMeter(store, UsageSettings(), directory, LogWriter(LogSettings(), []))
     checks = build_checks(settings.platform_prefixes, frozenset({AUTH_INFO}), directory, meter)
-    return client, cache, Authenticator(cache, AccessedWriter(store, 3600.0), checks)
+    accessed = AccessedWriter(store, 3600.0)  # flushed by hand below
+    return client, cache, Authenticator(cache, accessed, checks), meter, accessed
 
 
 # -- memory (a child process per measurement) ---------------------------------------------------
@@ -82,7 +84,7 @@ async def memory_child(redis_url: str, keys_file: Path, count: int, traced: bool
     # The keys stay alive throughout (in the gateway they come with requests); each digest is made
     # per lookup, as a request makes it, so that the cache key is counted with the token.
     keys = keys_file.read_text().split()[:count + 1]
-    client, cache, _ = await build(redis_url)
+    client, cache, *_ = await build(redis_url)
     try:
         assert await cache.lookup(key_digest(keys[0])) is not None
         gc.collect()
@@ -129,10 +131,10 @@ def import_rss() -> tuple[float, float]:
 # -- CPU per miss ---------------------------------------------------------------------------
 
 async def miss_cost(redis_url: str, cached: list[str], fresh: list[str],
-                    unknown: list[str]) -> dict[str, tuple[float, float, int]]:
+                    unknown: list[str]) -> dict[str, tuple[float, float, float]]:
     from gateway.checks import RequestFacts
 
-    client, cache, auth = await build(redis_url)
+    client, cache, auth, meter, accessed = await build(redis_url)
     try:
         def facts() -> RequestFacts:
             return RequestFacts(method="GET", path="/bench/ping", forward_path="/bench/ping", query="",
@@ -140,23 +142,38 @@ async def miss_cost(redis_url: str, cached: list[str], fresh: list[str],
 
         async def one(key: str) -> bool:
             try:
-                await auth.authenticate(key, facts())
-                return True
+                now = facts()
+                token = await auth.authenticate(key, now)
             except Exception:
                 return False
+            meter.record(token, token.cid, 0, now.now)  # as Gateway.handle does after a request
+            return True
 
-        async def rounds(keys: list[str]) -> tuple[float, float, int]:
+        async def rounds(keys: list[str]) -> tuple[float, float, float]:
             cpu, wall, ok = time.process_time(), time.perf_counter(), 0
             for start in range(0, len(keys), CONCURRENCY):
                 ok += sum(await asyncio.gather(*(one(key) for key in keys[start:start + CONCURRENCY])))
             return ((time.process_time() - cpu) / len(keys) * 1e6, (time.perf_counter() - wall) / len(keys) * 1e6,
                     ok)
 
+        async def flush_cost(job: Any, tokens: int) -> float:
+            cpu = time.process_time()
+            await job()
+            return (time.process_time() - cpu) / max(1, tokens) * 1e6
+
         for start in range(0, len(cached), CONCURRENCY):  # load them once
             await asyncio.gather(*(one(key) for key in cached[start:start + CONCURRENCY]))
         gc.collect()
         gc.freeze()
-        return {"hit": await rounds(cached * 4), "miss": await rounds(fresh), "unknown": await rounds(unknown)}
+        figures = {"hit": await rounds(cached * 4)}
+        await meter.flush()
+        await accessed.flush()
+        figures["miss"] = await rounds(fresh)
+        # what the background writers then spend per distinct token used (each miss here)
+        figures["writers"] = (await flush_cost(meter.flush, len(fresh)), await flush_cost(accessed.flush, len(fresh)),
+                              0.0)
+        figures["unknown"] = await rounds(unknown)
+        return figures
     finally:
         await client.aclose()
 
@@ -211,7 +228,9 @@ def main() -> int:
             for name, asked in (("hit", len(cached) * 4), ("miss", len(fresh)), ("unknown", len(unknown))):
                 cpu, wall, accepted = figures[name]
                 extra = "" if name == "hit" else f"; extra CPU over a hit: {cpu - hit_cpu:.1f} us"
-                print(f"  {name:8} {cpu:7.1f} us / {wall:7.1f} us  ({accepted:,} of {asked:,} accepted){extra}")
+                print(f"  {name:8} {cpu:7.1f} us / {wall:7.1f} us  ({accepted:,.0f} of {asked:,} accepted){extra}")
+            usage, used = figures["writers"][:2]
+            print(f"then, per distinct token used: usage flush {usage:.1f} us, accessed flush {used:.1f} us of CPU")
         finally:
             procs.stop_all()
     return 0
