@@ -244,3 +244,7 @@ class TokenCache:
 
     async def close(self) -> None:
         await cancel_all(list(self._background))
+        # A batch cancelled before it started leaves its keys' waiters behind: release them too.
+        self._queued.clear()
+        for digest in list(self._waiters):
+            self._settle(digest, asyncio.CancelledError())

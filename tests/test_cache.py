@@ -243,3 +243,12 @@ async def test_the_oldest_entries_make_room(env: Env) -> None:
     assert cache.batches == batches  # the newest is still cached
     assert (await cache.lookup(digests[0])).id == made[0][1]["id"]
     assert cache.batches == batches + 1  # the oldest was dropped
+
+
+async def test_closing_releases_waiting_requests(env: Env) -> None:
+    [(key, _)] = await env.add(1)
+    pending = asyncio.ensure_future(env.cache.lookup(key_digest(key)))
+    await asyncio.sleep(0)  # queued; its batch has not started yet
+    await env.cache.close()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
