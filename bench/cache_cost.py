@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from run import PREFIX, Processes, fill_tokens, random_keys, run_async, start_redis  # noqa: E402
+from run import PREFIX, Processes, fill_tokens, random_keys, run_async, start_redis
 
 CONCURRENCY = 50
 
@@ -134,7 +133,7 @@ async def miss_cost(redis_url: str, cached: list[str], fresh: list[str],
                     unknown: list[str]) -> dict[str, tuple[float, float, float]]:
     from gateway.checks import RequestFacts
 
-    client, cache, auth, meter, accessed = await build(redis_url)
+    client, _, auth, meter, accessed = await build(redis_url)
     try:
         def facts() -> RequestFacts:
             return RequestFacts(method="GET", path="/bench/ping", forward_path="/bench/ping", query="",

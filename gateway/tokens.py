@@ -9,6 +9,7 @@ from enum import IntEnum
 from typing import Any, Protocol
 
 import orjson
+
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_LENGTH = 64
 # The record as stored and served by the API; `accessed` is merged in from the accessed index.
