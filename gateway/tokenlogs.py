@@ -48,7 +48,9 @@ class RedisLogSink:
         by_key: dict[str, list[bytes]] = {}
         caps: dict[str, int] = {}
         for record in records:
-            line = orjson.dumps(record)
+            # An exact-size copy: orjson's result keeps its 4 KiB write buffer, and a batch holds
+            # thousands of lines until the pipeline is sent (RSS grew ~10 MB per 3,000 lines).
+            line = memoryview(orjson.dumps(record)).tobytes()
             for key, cap in ((self.token_key(int(record["token_id"])), self._settings.per_token),
                              (self.account_key(int(record.get("cid") or 0)), self._settings.per_account)):
                 by_key.setdefault(key, []).append(line)
