@@ -322,7 +322,7 @@ class PlatformApi:
         records = [{"limits": {}, "metadata": {}, **item, "id": account_id, "cid": call.cid, "created": now}
                    for account_id, item in zip(ids, items)]
         await self._accounts.save(records)
-        self._directory.mark_changed()
+        await self._directory.reload()  # usable as x-flespi-cid by the very next request here
         return [public(record, ACCOUNT_FIELDS) for record in records]
 
     async def update_accounts(self, call: Call) -> list[dict[str, Any]]:

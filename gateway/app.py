@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -30,7 +30,6 @@ from .clientaddr import TrustedProxies, client_address, forwarded_for
 from .compiler import TokenCompiler
 from .config import Settings
 from .cors import CorsPolicy
-from .embedded import Snapshotter, open_embedded
 from .errors import (STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable, error_response,
                      invalid_input_response)
 from .expiry import Housekeeper
@@ -41,6 +40,9 @@ from .store import TokenStore, connect_redis
 from .tokenlogs import RedisLogSink
 from .tokens import Token, key_digest
 from .usage import UsageMeter
+
+if TYPE_CHECKING:
+    from .embedded import Snapshotter
 
 log = logging.getLogger("gateway")
 APP_HEADER_LIMIT = 64
@@ -238,6 +240,7 @@ def open_session(settings: Settings) -> aiohttp.ClientSession:
 async def services(app: web.Application, settings: Settings) -> AsyncIterator[None]:
     snapshotter: Snapshotter | None = None
     if settings.redis.embedded:
+        from .embedded import open_embedded  # fakeredis: imported only when it is used
         client, snapshotter = open_embedded(settings.redis.data_file)
         loaded = await snapshotter.load()
         log.info("embedded store: %d keys loaded from %s", loaded, settings.redis.data_file)

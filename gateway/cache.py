@@ -5,14 +5,19 @@ pub/sub and drop the entry at once; hot entries are refreshed in the background 
 `refresh_after`, so a busy token never waits for Redis. If the subscription was lost, every entry
 loaded before the loss is revalidated on its next use (messages may have been missed meanwhile),
 and while the store is unreachable entries inside `max_age` keep serving.
+
+Misses are loaded in batches: every key asked for during one event-loop iteration (misses,
+background refreshes, revalidations) is read with one round trip (`TokenStore.load_many`), and a
+key already being loaded is never asked for twice.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from itertools import islice
+from typing import Any, Protocol
 
 from .aio import cancel_all
 from .config import CacheSettings
@@ -21,34 +26,48 @@ from .store import TokenStore
 from .tokens import Token
 
 log = logging.getLogger("gateway.cache")
-Compiler = Callable[[dict[str, Any]], Awaitable[Token]]
+# Keys read by one MGET at most; more misses in the same loop iteration make several batches.
+MAX_BATCH = 256
 
 
-class Entry:
-    __slots__ = ("token", "loaded", "epoch", "refreshing")
+class Compiler(Protocol):
+    async def compile_many(self, records: Sequence[dict[str, Any]]) -> list[Token | Exception]: ...
 
-    def __init__(self, token: Token | None, loaded: float, epoch: int) -> None:
-        self.token = token
+
+class Unknown:
+    """A key with no token, remembered as such for `negative_ttl`. (A `Token` is its own entry.)"""
+
+    __slots__ = ("loaded", "epoch")
+
+    def __init__(self, loaded: float, epoch: int) -> None:
         self.loaded = loaded
         self.epoch = epoch
-        self.refreshing = False
+
+
+Outcome = Token | None | BaseException
 
 
 class TokenCache:
-    def __init__(self, store: TokenStore, settings: CacheSettings, compile_token: Compiler,
+    def __init__(self, store: TokenStore, settings: CacheSettings, compiler: Compiler,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._settings = settings
-        self._compile = compile_token
+        self._compiler = compiler
         self._clock = clock
-        self._entries: dict[str, Entry] = {}
-        self._inflight: dict[str, asyncio.Future[Token | None]] = {}
+        self._entries: dict[str, Token | Unknown] = {}
+        # Keys being loaded, each with the futures of the requests waiting for it (none for a
+        # background refresh); `_queued` ones go out with the next batch.
+        self._waiters: dict[str, list[asyncio.Future[Token | None]]] = {}
+        self._queued: list[str] = []
+        # Keys invalidated while being loaded: what the load read may predate the change.
+        self._dropped: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         # Entries with an older epoch were loaded before a pub/sub gap and must be revalidated.
         self._epoch = 0
         self.subscribed = asyncio.Event()
         # Other messages on the channel (e.g. "accounts") and who wants them; also told after a gap.
         self.listeners: dict[str, Callable[[], None]] = {}
+        self.batches = 0  # store round trips made for misses, refreshes and revalidations
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -59,20 +78,21 @@ class TokenCache:
         if entry is None:
             return await self._load(digest)
         age = self._clock() - entry.loaded
+        token = entry if isinstance(entry, Token) else None
         if entry.epoch == self._epoch:
-            if entry.token is None:
+            if token is None:
                 if age < self._settings.negative_ttl:
                     return None
             elif age < self._settings.refresh_interval:
-                return entry.token
+                return token
             elif age < self._settings.max_age:
-                self._refresh_in_background(digest, entry)
-                return entry.token
+                self._refresh_in_background(digest, token)
+                return token
         try:
             return await self._load(digest)
         except StoreUnavailable:
-            if entry.token is not None and age < self._settings.max_age:
-                return entry.token
+            if token is not None and age < self._settings.max_age:
+                return token
             raise
 
     def peek(self, digest: str) -> tuple[bool, Token | None]:
@@ -85,81 +105,129 @@ class TokenCache:
         if entry is None or entry.epoch != self._epoch:
             return False, None
         age = self._clock() - entry.loaded
-        if entry.token is None:
+        if not isinstance(entry, Token):
             return (True, None) if age < self._settings.negative_ttl else (False, None)
         if age < self._settings.refresh_interval:
-            return True, entry.token
+            return True, entry
         if age < self._settings.max_age:
             self._refresh_in_background(digest, entry)
-            return True, entry.token
+            return True, entry
         return False, None
 
     async def revalidate(self, digest: str) -> Token | None:
         """Reload a record that looks expired: another instance may have used it since."""
         entry = self._entries.get(digest)
         if entry is not None and self._clock() - entry.loaded < self._settings.revalidate_after:
-            return entry.token
+            return entry if isinstance(entry, Token) else None
         return await self._load(digest)
 
     def invalidate(self, digest: str) -> None:
         self._entries.pop(digest, None)
+        if digest in self._waiters:
+            self._dropped.add(digest)
 
     def mark_all_stale(self) -> None:
         self._epoch += 1
         for listener in self.listeners.values():
             listener()
 
-    async def _load(self, digest: str) -> Token | None:
-        pending = self._inflight.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Token | None] = asyncio.get_running_loop().create_future()
-        self._inflight[digest] = future
-        try:
-            token = await self._fetch(digest)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # the waiters (if any) re-raise it; don't warn when there are none
-            raise
+    # -- loading: concurrent misses share one round trip -------------------------------------
+
+    def _load(self, digest: str) -> asyncio.Future[Token | None]:
+        """A future for the key's token; a key not already being loaded joins the next batch."""
+        waiter: asyncio.Future[Token | None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.get(digest)
+        if waiters is None:
+            self._waiters[digest] = [waiter]
+            self._enqueue(digest)
         else:
-            future.set_result(token)
-            return token
-        finally:
-            del self._inflight[digest]
+            waiters.append(waiter)
+        return waiter
 
-    async def _fetch(self, digest: str) -> Token | None:
-        epoch, started = self._epoch, self._clock()
-        record = await self._store.load(digest)
-        token = await self._compile(record) if record is not None else None
-        self._remember(digest, Entry(token, started, epoch))
-        return token
+    def _enqueue(self, digest: str) -> None:
+        self._queued.append(digest)
+        if len(self._queued) == 1:
+            self._spawn(self._fetch_queued())
 
-    def _remember(self, digest: str, entry: Entry) -> None:
-        previous = self._entries.pop(digest, None)
-        if previous is not None and previous.token is not None and entry.token is not None:
-            # Keep the newest local use: it may not have reached the store yet.
-            entry.token.accessed = max(entry.token.accessed, previous.token.accessed)
-            entry.token.accessed_queued = max(entry.token.accessed_queued, previous.token.accessed_queued)
-        self._entries[digest] = entry
-        while len(self._entries) > self._settings.max_entries:
-            del self._entries[next(iter(self._entries))]
-
-    def _refresh_in_background(self, digest: str, entry: Entry) -> None:
-        if entry.refreshing or digest in self._inflight:
-            return
-        entry.refreshing = True
-        task = asyncio.ensure_future(self._quiet_refresh(digest, entry))
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(job)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _quiet_refresh(self, digest: str, entry: Entry) -> None:
+    async def _fetch_queued(self) -> None:
+        """Started by the first key queued, it runs at the next loop iteration: by then every
+        request that missed during this one has queued its key."""
+        queued, self._queued = self._queued, []
+        for start in range(MAX_BATCH, len(queued), MAX_BATCH):
+            self._spawn(self._fetch(queued[start:start + MAX_BATCH]))
+        await self._fetch(queued[:MAX_BATCH])
+
+    async def _fetch(self, digests: list[str]) -> None:
+        """One round trip for the batch, then every record compiled, remembered and handed out."""
+        epoch, started = self._epoch, self._clock()
+        self.batches += 1
         try:
-            await self._load(digest)
-        except StoreUnavailable:
-            entry.refreshing = False
-        except Exception:
-            entry.refreshing = False
-            log.exception("background refresh of a cached token failed")
+            records = await self._store.load_many(digests)
+            compiled = iter(await self._compiler.compile_many([record for record in records if record is not None]))
+            for digest, record in zip(digests, records):
+                outcome: Token | Exception | None = next(compiled) if record is not None else None
+                if not isinstance(outcome, Exception) and digest not in self._dropped:
+                    self._remember(digest, Unknown(started, epoch) if outcome is None else outcome, started, epoch)
+                self._settle(digest, outcome)
+        except BaseException as exc:
+            for digest in digests:
+                if digest in self._waiters:  # not settled yet
+                    self._settle(digest, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _settle(self, digest: str, outcome: Outcome) -> None:
+        self._dropped.discard(digest)
+        waiters = self._waiters.pop(digest, ())
+        if not isinstance(outcome, BaseException):
+            for waiter in waiters:
+                if not waiter.done():  # done: its request was cancelled
+                    waiter.set_result(outcome)
+            return
+        entry = self._entries.get(digest)
+        if isinstance(entry, Token):
+            entry.refreshing = False  # a later use may try again
+        told = False
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if isinstance(outcome, asyncio.CancelledError):
+                waiter.cancel()
+            else:
+                waiter.set_exception(outcome)
+                told = True
+        if not told and isinstance(outcome, Exception) and not isinstance(outcome, StoreUnavailable):
+            log.error("loading a token record failed", exc_info=outcome)
+
+    def _remember(self, digest: str, entry: Token | Unknown, loaded: float, epoch: int) -> None:
+        entry.loaded, entry.epoch = loaded, epoch
+        previous = self._entries.pop(digest, None)
+        if isinstance(previous, Token) and isinstance(entry, Token):
+            # Keep the newest local use: it may not have reached the store yet.
+            entry.accessed = max(entry.accessed, previous.accessed)
+            entry.accessed_queued = max(entry.accessed_queued, previous.accessed_queued)
+        self._entries[digest] = entry
+        if len(self._entries) > self._settings.max_entries:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest entries, a slice at a time: deleting them one by one from the front of
+        the dict would rescan the holes earlier deletions left there, every time."""
+        limit = self._settings.max_entries
+        for digest in list(islice(self._entries, len(self._entries) - limit + limit // 64)):
+            del self._entries[digest]
+
+    def _refresh_in_background(self, digest: str, token: Token) -> None:
+        if token.refreshing or digest in self._waiters:
+            return
+        token.refreshing = True
+        self._waiters[digest] = []
+        self._enqueue(digest)
 
     async def run_subscriber(self, retry_delay: float = 0.5) -> None:
         """Follow the invalidation channel for the life of the app, reconnecting after failures."""
@@ -195,3 +263,7 @@ class TokenCache:
 
     async def close(self) -> None:
         await cancel_all(list(self._background))
+        # A batch cancelled before it started leaves its keys' waiters behind: release them too.
+        self._queued.clear()
+        for digest in list(self._waiters):
+            self._settle(digest, asyncio.CancelledError())

@@ -85,7 +85,9 @@ class LogWriter:
             if start:
                 await asyncio.sleep(0)
             batch = queued[start:start + SLICE]
-            lines = [orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE) for record in batch]
+            # Exact-size copies: orjson's result keeps its 4 KiB write buffer, and a sink may hold
+            # lines for a while (the Redis sink retains them while Redis is away).
+            lines = [memoryview(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)).tobytes() for record in batch]
             for sink in self._sinks:
                 try:
                     await sink(batch, lines)

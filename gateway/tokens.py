@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
+import orjson
+
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_LENGTH = 64
 # The record as stored and served by the API; `accessed` is merged in from the accessed index.
@@ -42,10 +44,14 @@ class Matcher(Protocol):
 
 @dataclass(slots=True, eq=False)
 class Token:
-    """A token record compiled for the hot path: masks, origins and ACL are built once, on load."""
+    """A token record compiled for the hot path: masks, origins and ACL are built once, on load.
+
+    Only what the checks read is kept as fields; the rest of the record stays compact JSON bytes,
+    parsed by `public_record()` (`/auth/info`). One is held per cached key, so every byte counts.
+    """
 
     id: int
-    digest: str
+    digest: str  # the cache key's own string object: not a second copy
     cid: int
     type: TokenType
     enabled: bool
@@ -53,16 +59,23 @@ class Token:
     ttl: int
     created: int
     accessed: int
-    record: dict[str, Any]
+    record_json: bytes  # the record without its digest
     ips: Matcher | None = None
     origins: Matcher | None = None
     acl: Any = None
     group_members: dict[str, frozenset[int]] | None = None
     # Newest `accessed` value already handed to the batched writer; avoids one write per request.
     accessed_queued: int = 0
+    # Kept by TokenCache (the token is its own cache entry): when and in which epoch it was
+    # loaded, and whether a background reload is running.
+    loaded: float = 0.0
+    epoch: int = 0
+    refreshing: bool = False
 
     def valid_at(self, now: float) -> bool:
         return is_valid_at(self.expire, self.ttl, self.created, self.accessed, now)
 
     def public_record(self) -> dict[str, Any]:
-        return {**self.record, "accessed": self.accessed}
+        record: dict[str, Any] = orjson.loads(self.record_json)
+        record["accessed"] = self.accessed
+        return record
