@@ -179,6 +179,8 @@ class FrontProtocol(asyncio.Protocol):
         self.raw = False  # bytes go to aiohttp unparsed
         self.raw_backlog: list[bytes] = []
         self.idle_since: float | None = lane.loop.time()
+        self.trusted_peer = False
+        self.peer_address = ""
         self.paused_writing = False
         self._pauses: set[str] = set()
         self._closed = False
@@ -190,6 +192,11 @@ class FrontProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else str(peer or "")
+        # Per connection, not per request: whether the peer is a trusted proxy, and the address
+        # a request from it has when it brings no X-Forwarded-For.
+        gateway = self.lane.gateway
+        self.trusted_peer = gateway.is_trusted_peer(self.peer)
+        self.peer_address = client_address(self.peer, _NO_HEADERS, gateway.trusted)
         self.lane.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -449,8 +456,8 @@ class Exchange:
         index = incoming.index
         now = time.time()
         incoming_id = index.get(self.lane.request_id_header)
-        self.request_id = gateway.request_id(incoming_id.decode("latin-1") if incoming_id else None,
-                                             front.peer).encode()
+        self.request_id = gateway.request_id(
+            incoming_id.decode("latin-1") if incoming_id and front.trusted_peer else None, front.peer).encode()
         try:
             raw_path, _, query = incoming.url.decode("utf-8", "surrogateescape").partition("?")
             cid = index.get(b"x-flespi-cid")
@@ -479,10 +486,10 @@ class Exchange:
             self._forward()
 
     def _client_ip(self) -> str:
-        peer = self.front.peer
-        if b"x-forwarded-for" not in self.incoming.index or not self.lane.gateway.is_trusted_peer(peer):
-            return client_address(peer, _NO_HEADERS, self.lane.gateway.trusted)
-        return client_address(peer, self._multidict(), self.lane.gateway.trusted)
+        front = self.front
+        if not front.trusted_peer or b"x-forwarded-for" not in self.incoming.index:
+            return front.peer_address
+        return client_address(front.peer, self._multidict(), self.lane.gateway.trusted)
 
     def _multidict(self) -> CIMultiDict[str]:
         return CIMultiDict((name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
@@ -501,7 +508,15 @@ class Exchange:
         if self.done:
             return
         self.token = self.served = token
-        self._forward()
+        self._guarded(self._forward)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run a step from a task: whatever goes wrong, the client gets an answer."""
+        try:
+            step()
+        except Exception:
+            log.exception("unexpected error while forwarding")
+            self.fail(500, INTERNAL_ERROR, {})
 
     # -- forwarding ------------------------------------------------------------------------------
 
@@ -530,7 +545,7 @@ class Exchange:
         if self.done:
             pool.release(conn)
             return
-        self._send(conn)
+        self._guarded(lambda: self._send(conn))
 
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn
@@ -569,9 +584,10 @@ class Exchange:
                 parts.append(b"%s: %s\r\n" % (name, value))
         for name, value in gateway.identity_headers(self.served, self.facts, self.request_id.decode()):
             parts.append(b"%s: %s\r\n" % (name.encode(), value.encode("latin-1")))
-        peer = self.front.peer
-        trusted = gateway.is_trusted_peer(peer)
-        forwarded = forwarded_for(peer, self._multidict() if trusted else _NO_HEADERS, gateway.trusted)
+        front = self.front
+        trusted = front.trusted_peer
+        forwarded = (forwarded_for(front.peer, self._multidict(), gateway.trusted) if trusted
+                     else front.peer_address)
         proto = (index.get(b"x-forwarded-proto") if trusted else None) or b"http"
         forwarded_host = (index.get(b"x-forwarded-host") if trusted else None) or client_host
         parts.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n" % (
