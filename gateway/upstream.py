@@ -202,7 +202,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _complete(self) -> None:
         sink, self.sink = self.sink, None
         reusable = self._reusable and self._request_sent and not self._closed
-        self._cancel_timer()
+        # The read timer stays armed: under load the next request reuses it instead of making a
+        # new one; with no exchange when it fires, it simply lapses.
         self._reset()
         self.reused = True
         if reusable:
