@@ -5,8 +5,8 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import orjson
 
@@ -14,11 +14,18 @@ from .aio import wait_event
 from .config import LogSettings
 
 log = logging.getLogger("gateway.logs")
-# A sink gets a batch of records and the same records as JSON lines (serialized once, for all sinks).
-Sink = Callable[[list[dict[str, Any]], list[bytes]], Awaitable[None]]
 # Records serialized and handed to the sinks per step; the writer yields to requests in between,
 # so a second's worth of lines (tens of thousands) never holds the event loop for long.
 SLICE = 256
+
+
+class Sink(Protocol):
+    """Where log lines go. `add` takes one slice (records and the same as JSON lines, serialized once
+    for every sink) and must be quick; `flush` ends the batch, once per writer interval."""
+
+    def add(self, records: list[dict[str, Any]], lines: list[bytes]) -> None: ...
+
+    async def flush(self) -> None: ...
 
 
 class FileSink:
@@ -28,12 +35,14 @@ class FileSink:
         self._path = path
         self._fd = sys.stdout.fileno() if path == "-" else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
-    async def __call__(self, batch: list[dict[str, Any]], lines: list[bytes]) -> None:
-        data = b"".join(lines)
-        view = memoryview(data)
+    def add(self, records: list[dict[str, Any]], lines: list[bytes]) -> None:
+        view = memoryview(b"".join(lines))
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+
+    async def flush(self) -> None:
+        return None
 
     def close(self) -> None:
         if self._path != "-":
@@ -81,6 +90,8 @@ class LogWriter:
 
     async def _write_batch(self) -> None:
         queued, self._queue = self._queue, []
+        if not queued:
+            return
         for start in range(0, len(queued), SLICE):
             if start:
                 await asyncio.sleep(0)
@@ -90,7 +101,12 @@ class LogWriter:
             lines = [memoryview(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)).tobytes() for record in batch]
             for sink in self._sinks:
                 try:
-                    await sink(batch, lines)
+                    sink.add(batch, lines)
                 except Exception:
                     log.exception("log sink failed; %d records not written to it", len(batch))
             self.written += len(batch)
+        for sink in self._sinks:
+            try:
+                await sink.flush()
+            except Exception:
+                log.exception("log sink failed to flush")

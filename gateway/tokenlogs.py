@@ -17,11 +17,17 @@ from .store import RedisStore
 
 
 class RedisLogSink:
+    """Lines are grouped by list as they come (`add`) and written with one pipeline per batch
+    (`flush`). Only the newest `cap` lines of each list are kept, so what is held while Redis is
+    away is bounded by the caps, and by `max_retained` lines in all."""
+
     def __init__(self, store: RedisStore, settings: TokenLogSettings, max_retained: int = 100_000) -> None:
         self._store = store
         self._settings = settings
         self._max_retained = max_retained
-        self._retry: list[dict[str, Any]] = []
+        self._pending: dict[str, list[bytes]] = {}
+        self._caps: dict[str, int] = {}
+        self._held = 0
         self.dropped = 0
 
     def token_key(self, token_id: int) -> str:
@@ -30,42 +36,44 @@ class RedisLogSink:
     def account_key(self, cid: int) -> str:
         return f"{self._store.prefix}logs:acct:{cid}"
 
-    async def __call__(self, batch: list[dict[str, Any]], lines: list[bytes]) -> None:
-        pending = self._retry + [(record, line) for record, line in zip(batch, lines, strict=True)
-                                 if record.get("token_id") is not None]
-        self._retry = []
-        if not pending:
-            return
-        try:
-            await self._write(pending)
-        except StoreUnavailable:
-            overflow = len(pending) - self._max_retained
-            if overflow > 0:
-                self.dropped += overflow
-                pending = pending[overflow:]
-            self._retry = pending
-
-    async def _write(self, records: list[tuple[dict[str, Any], bytes]]) -> None:
-        by_key: dict[str, list[bytes]] = {}
-        caps: dict[str, int] = {}
-        token_keys: dict[int, str] = {}
-        account_keys: dict[int, str] = {}
+    def add(self, records: list[dict[str, Any]], lines: list[bytes]) -> None:
+        pending, caps = self._pending, self._caps
         per_token, per_account = self._settings.per_token, self._settings.per_account
-        for record, line in records:
-            token_id, cid = int(record["token_id"]), int(record.get("cid") or 0)
-            token_key = token_keys.get(token_id) or token_keys.setdefault(token_id, self.token_key(token_id))
-            account_key = account_keys.get(cid) or account_keys.setdefault(cid, self.account_key(cid))
-            by_key.setdefault(token_key, []).append(line)
-            by_key.setdefault(account_key, []).append(line)
-            caps[token_key], caps[account_key] = per_token, per_account
+        for record, line in zip(records, lines, strict=True):
+            token_id = record.get("token_id")
+            if token_id is None:
+                continue
+            if self._held >= self._max_retained:
+                self.dropped += 1
+                continue
+            for key, cap in ((self.token_key(int(token_id)), per_token),
+                             (self.account_key(int(record.get("cid") or 0)), per_account)):
+                held = pending.get(key)
+                if held is None:
+                    held = pending[key] = []
+                    caps[key] = cap
+                held.append(line)
+                self._held += 1
+                if len(held) >= 2 * cap:  # the older half would be trimmed in Redis anyway
+                    del held[:-cap]
+                    self._held -= cap
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, caps = self._pending, self._caps
 
         async def run() -> None:
             async with self._store.client.pipeline(transaction=False) as pipe:
-                for key, lines in by_key.items():
+                for key, lines in pending.items():
                     cap = caps[key]
-                    pipe.rpush(key, *lines[-cap:]).ltrim(key, -cap, -1)  # older lines would be trimmed
+                    pipe.rpush(key, *lines[-cap:]).ltrim(key, -cap, -1)
                 await pipe.execute()
-        await self._store.call(run)
+        try:
+            await self._store.call(run)
+        except StoreUnavailable:
+            return  # kept, and written with the next batch
+        self._pending, self._caps, self._held = {}, {}, 0
         self._store.touched()
 
     async def read(self, keys: Iterable[str]) -> list[dict[str, Any]]:
