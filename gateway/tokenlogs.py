@@ -16,6 +16,10 @@ from .errors import StoreUnavailable
 from .store import RedisStore
 
 
+PUSH_CHUNK = 512  # lines per RPUSH
+PIPELINE_LINES = 2048  # lines per pipeline (one round trip)
+
+
 class RedisLogSink:
     """Lines are grouped by list as they come (`add`) and written with one pipeline per batch
     (`flush`). Only the newest `cap` lines of each list are kept, so what is held while Redis is
@@ -62,17 +66,37 @@ class RedisLogSink:
         if not self._pending:
             return
         pending, caps = self._pending, self._caps
+        # Several small pipelines rather than one with tens of thousands of arguments: packing
+        # them held the event loop for ~10 ms; requests are served between these round trips.
+        steps: list[list[tuple[str, list[bytes], int | None]]] = [[]]
+        size = 0
+        for key, lines in pending.items():
+            cap = caps[key]
+            kept = lines[-cap:]
+            for start in range(0, len(kept), PUSH_CHUNK):
+                if size >= PIPELINE_LINES:
+                    steps.append([])
+                    size = 0
+                chunk = kept[start:start + PUSH_CHUNK]
+                last = start + PUSH_CHUNK >= len(kept)
+                steps[-1].append((key, chunk, cap if last else None))
+                size += len(chunk)
 
-        async def run() -> None:
+        async def run(step: list[tuple[str, list[bytes], int | None]]) -> None:
             async with self._store.client.pipeline(transaction=False) as pipe:
-                for key, lines in pending.items():
-                    cap = caps[key]
-                    pipe.rpush(key, *lines[-cap:]).ltrim(key, -cap, -1)
+                for key, chunk, trim in step:
+                    pipe.rpush(key, *chunk)
+                    if trim is not None:
+                        pipe.ltrim(key, -trim, -1)
                 await pipe.execute()
         try:
-            await self._store.call(run)
+            for step in steps:
+                await self._store.call(lambda: run(step))
+                for key, _, trim in step:
+                    if trim is not None:  # this list is written in full: not again with the next batch
+                        self._held -= len(pending.pop(key))
         except StoreUnavailable:
-            return  # kept, and written with the next batch
+            return  # the rest is kept for the next batch (a list cut between two steps may get some lines twice)
         self._pending, self._caps, self._held = {}, {}, 0
         self._store.touched()
 
