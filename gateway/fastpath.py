@@ -33,7 +33,7 @@ from .app import Gateway
 from .auth import extract_key
 from .clientaddr import client_address, forwarded_for
 from .config import Route
-from .errors import INTERNAL_ERROR, STORAGE_UNAVAILABLE, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied, error_body
+from .errors import INTERNAL_ERROR, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied, error_body
 from .proxy import CORS_PREFIX, HOP_BY_HOP, REQUEST_DROP, pick_route, upstream_target
 from .upstream import NO_BODY_STATUSES, UpstreamConnection, UpstreamFailed, UpstreamPool
 
@@ -521,7 +521,7 @@ class Exchange:
     # -- forwarding ------------------------------------------------------------------------------
 
     def _forward(self) -> None:
-        lane, facts, incoming = self.lane, self.facts, self.incoming
+        lane, facts = self.lane, self.facts
         route = pick_route(lane.gateway.settings.routes, facts.path)
         if route is None:
             self.fail(404, f"no upstream for {facts.path}", {})
@@ -582,8 +582,8 @@ class Exchange:
         for lower, name, value in incoming.headers:
             if lower not in drop:
                 parts.append(b"%s: %s\r\n" % (name, value))
-        for name, value in gateway.identity_headers(self.served, self.facts, self.request_id.decode()):
-            parts.append(b"%s: %s\r\n" % (name.encode(), value.encode("latin-1")))
+        for header, text in gateway.identity_headers(self.served, self.facts, self.request_id.decode()):
+            parts.append(b"%s: %s\r\n" % (header.encode(), text.encode("latin-1")))
         front = self.front
         trusted = front.trusted_peer
         forwarded = (forwarded_for(front.peer, self._multidict(), gateway.trusted) if trusted

@@ -91,7 +91,7 @@ class RedisLogSink:
                 await pipe.execute()
         try:
             for step in steps:
-                await self._store.call(lambda: run(step))
+                await self._store.call(lambda step=step: run(step))  # type: ignore[misc]
                 for key, _, trim in step:
                     if trim is not None:  # this list is written in full: not again with the next batch
                         self._held -= len(pending.pop(key))

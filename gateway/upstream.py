@@ -286,7 +286,7 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await self.loop.create_connection(lambda: conn, self.host, self.port, ssl=self._ssl)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.forget(conn)
             raise UpstreamFailed(True) from None
         except OSError:
