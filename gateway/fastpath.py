@@ -107,6 +107,9 @@ class FastLane:
         self.internal_prefix = settings.internal_prefix
         self.realm_challenge = f'FlespiToken realm="{settings.realm}"'.encode()
         self._sweeper: asyncio.Task[None] | None = None
+        # Requests answered by an Exchange, and connections handed to aiohttp (for tests and stats).
+        self.served_fast = 0
+        self.handed_over = 0
 
     def __call__(self) -> FrontProtocol:
         return FrontProtocol(self)
@@ -328,6 +331,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _to_aiohttp(self, incoming: Incoming) -> None:
         """From this request on, aiohttp serves the connection."""
+        self.lane.handed_over += 1
         self.exchange = None
         self.bridge = Bridge(self)
         self.bridge.send_head(incoming)
@@ -739,6 +743,7 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        self.lane.served_fast += 1
         self.front.resume("upload")
         gateway, facts, token = self.lane.gateway, self.facts, self.token
         if facts is not None and token is not None:
