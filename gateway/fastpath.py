@@ -225,6 +225,8 @@ class FrontProtocol(asyncio.Protocol):
         self._eof = True
         if self.bridge is not None:
             self.bridge.handler.eof_received()
+        elif self.exchange is not None and self.exchange.incoming is self.incoming:
+            return False  # mid-body: the request can never be completed, so the client is gone
         if self.exchange is not None or self.bridge is not None:
             return True  # half-closed: the reply in progress is still sent
         return False
