@@ -287,7 +287,9 @@ class FrontProtocol(asyncio.Protocol):
         incoming.upgrade = parser.should_upgrade()
         index = incoming.index
         encoding = index.get(b"transfer-encoding")
-        incoming.chunked = encoding is not None and b"chunked" in encoding.lower()
+        # Every Transfer-Encoding field counts ("gzip" then "chunked" is chunked to llhttp), not the first.
+        incoming.chunked = encoding is not None and any(
+            lower == b"transfer-encoding" and b"chunked" in value.lower() for lower, _, value in incoming.headers)
         length = index.get(b"content-length")
         incoming.length = int(length) if length is not None and not incoming.chunked else None
         if self.bridge is not None:
