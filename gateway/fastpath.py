@@ -542,8 +542,8 @@ class Exchange:
 
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn
-        if self.front.paused_writing and conn.transport is not None:
-            conn.transport.pause_reading()  # the client is not reading what came before yet
+        if self.front.paused_writing:
+            conn.pause_reply()  # the client is not reading what came before yet
         incoming = self.incoming
         body = incoming.body
         if body:
@@ -704,13 +704,13 @@ class Exchange:
 
     def pause_download(self) -> None:
         conn = self.conn
-        if conn is not None and conn.transport is not None:
-            conn.transport.pause_reading()
+        if conn is not None:
+            conn.pause_reply()
 
     def resume_download(self) -> None:
         conn = self.conn
-        if conn is not None and conn.transport is not None:
-            conn.transport.resume_reading()
+        if conn is not None:
+            conn.resume_reply()
 
     # -- ending ----------------------------------------------------------------------------------
 
