@@ -722,7 +722,8 @@ class Exchange:
             self.conn.abandon()
             self.conn = None
         self.status = status
-        if not self.incoming.complete:
+        incoming = self.incoming
+        if not incoming.complete and (incoming.chunked or incoming.length):
             self.close_after = True  # the rest of the body would have to be read and thrown away
         self.front.write(render_error(self.lane, status, reason, extra, self.request_id,
                                       self.close_after or self.lane.closing))
