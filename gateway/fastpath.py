@@ -463,8 +463,8 @@ class Exchange:
             raw_path, _, query = incoming.url.decode("utf-8", "surrogateescape").partition("?")
             cid = index.get(b"x-flespi-cid")
             self.facts = facts = gateway.facts_for(
-                incoming.method.decode(), raw_path, query, cid.decode("utf-8", "surrogateescape") if cid else None,
-                None, self._client_ip(), now)
+                incoming.method.decode(), raw_path, query,
+                cid.decode("utf-8", "surrogateescape") if cid is not None else None, None, self._client_ip(), now)
             if gateway.api.handles(facts.path) or facts.path.startswith(self.lane.internal_prefix):
                 front.hand_over(incoming)
                 return
