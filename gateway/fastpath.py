@@ -185,6 +185,7 @@ class FrontProtocol(asyncio.Protocol):
         self.paused_writing = False
         self._pauses: set[str] = set()
         self._closed = False
+        self._closing = False
         self._eof = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -324,6 +325,8 @@ class FrontProtocol(asyncio.Protocol):
     # -- serving ---------------------------------------------------------------------------------
 
     def _start(self, incoming: Incoming) -> None:
+        if self._closing:
+            return  # requests parsed after the reply that ends the connection are not served
         self.idle_since = None
         index = incoming.index
         if (incoming.method not in FAST_METHODS or incoming.version != "1.1" or incoming.upgrade
@@ -387,6 +390,7 @@ class FrontProtocol(asyncio.Protocol):
             self.transport.write(data)
 
     def close(self) -> None:
+        self._closing = True
         if self.transport is not None and not self._closed:
             self.transport.close()
 
