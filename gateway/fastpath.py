@@ -50,6 +50,7 @@ CLIENT_KEEPALIVE = 75.0  # aiohttp's keepalive_timeout: idle client connections 
 RESPONSE_DROP = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length", b"date"}
 STATUS_LINES = {status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode()) for status in HTTPStatus}
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the reply
+LINGER = 10.0  # aiohttp's lingering_time: how long the unread rest of a request is read and dropped
 
 
 class HeadTooLarge(Exception):
@@ -358,7 +359,10 @@ class FrontProtocol(asyncio.Protocol):
         exchange.incoming.target = None  # break the cycle: reference counting frees both now
         self.resume("buffered")
         if close or self.lane.closing or self._closed or self._eof:
-            self.close()
+            if exchange.incoming.complete:
+                self.close()
+            else:
+                self.linger()  # the client may still be sending the body
             return
         if self.queue:
             self.resume("pipeline")
@@ -373,6 +377,8 @@ class FrontProtocol(asyncio.Protocol):
     def _raw_data(self, data: bytes) -> None:
         if self.bridge is not None:
             self.bridge.handler.data_received(data)
+        elif self._closing:
+            return  # lingering: what the client still sends is dropped
         else:
             self.raw_backlog.append(data)  # an upgrade pipelined behind a fast request
             self.pause("pipeline")
@@ -383,7 +389,7 @@ class FrontProtocol(asyncio.Protocol):
             self.close()
             return
         self.write(render_error(self.lane, status, reason, {}, b"", close=True))
-        self.close()
+        self.linger()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self._closed:
@@ -393,6 +399,22 @@ class FrontProtocol(asyncio.Protocol):
         self._closing = True
         if self.transport is not None and not self._closed:
             self.transport.close()
+
+    def linger(self) -> None:
+        """Close after a reply sent before the request was read whole. Closing at once, with bytes
+        unread, makes the kernel reset the connection, and a client still sending loses the reply
+        it had not read yet: so the reply is followed by our FIN, what the client still sends is
+        read and dropped, and the connection closes on the client's EOF or after LINGER."""
+        transport = self.transport
+        if transport is None or self._closed or self._eof or not transport.can_write_eof():
+            self.close()
+            return
+        self._closing = True
+        self.raw = True  # later bytes skip the parser (see _raw_data)
+        self._pauses.clear()
+        transport.resume_reading()
+        transport.write_eof()
+        self.lane.loop.call_later(LINGER, self.close)
 
     def pause(self, reason: str) -> None:
         if not self._pauses and self.transport is not None and not self._closed:
