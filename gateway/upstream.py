@@ -294,6 +294,10 @@ class UpstreamPool:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled before it could run: the turn goes to the next
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
