@@ -107,7 +107,12 @@ def parse_data(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
 async def read_json(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise InvalidInput([FieldProblem("", f"request body larger than {MAX_BODY} bytes")])
-    body = await request.content.read(MAX_BODY + 1)
+    body = b""
+    while len(body) <= MAX_BODY:  # read(n) returns what has arrived so far, not n bytes
+        piece = await request.content.read(MAX_BODY + 1 - len(body))
+        if not piece:
+            break
+        body += piece
     if len(body) > MAX_BODY:
         raise InvalidInput([FieldProblem("", f"request body larger than {MAX_BODY} bytes")])
     try:

@@ -50,6 +50,7 @@ CLIENT_KEEPALIVE = 75.0  # aiohttp's keepalive_timeout: idle client connections 
 RESPONSE_DROP = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length", b"date"}
 STATUS_LINES = {status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode()) for status in HTTPStatus}
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the reply
+LINGER = 10.0  # aiohttp's lingering_time: how long the unread rest of a request is read and dropped
 
 
 class HeadTooLarge(Exception):
@@ -107,6 +108,9 @@ class FastLane:
         self.internal_prefix = settings.internal_prefix
         self.realm_challenge = f'FlespiToken realm="{settings.realm}"'.encode()
         self._sweeper: asyncio.Task[None] | None = None
+        # Requests answered by an Exchange, and connections handed to aiohttp (for tests and stats).
+        self.served_fast = 0
+        self.handed_over = 0
 
     def __call__(self) -> FrontProtocol:
         return FrontProtocol(self)
@@ -184,6 +188,7 @@ class FrontProtocol(asyncio.Protocol):
         self.paused_writing = False
         self._pauses: set[str] = set()
         self._closed = False
+        self._closing = False
         self._eof = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -229,6 +234,8 @@ class FrontProtocol(asyncio.Protocol):
         self._eof = True
         if self.bridge is not None:
             self.bridge.handler.eof_received()
+        elif self.exchange is not None and self.exchange.incoming is self.incoming:
+            return False  # mid-body: the request can never be completed, so the client is gone
         if self.exchange is not None or self.bridge is not None:
             return True  # half-closed: the reply in progress is still sent
         return False
@@ -289,7 +296,9 @@ class FrontProtocol(asyncio.Protocol):
         incoming.upgrade = parser.should_upgrade()
         index = incoming.index
         encoding = index.get(b"transfer-encoding")
-        incoming.chunked = encoding is not None and b"chunked" in encoding.lower()
+        # Every Transfer-Encoding field counts ("gzip" then "chunked" is chunked to llhttp), not the first.
+        incoming.chunked = encoding is not None and any(
+            lower == b"transfer-encoding" and b"chunked" in value.lower() for lower, _, value in incoming.headers)
         length = index.get(b"content-length")
         incoming.length = int(length) if length is not None and not incoming.chunked else None
         if self.bridge is not None:
@@ -324,6 +333,8 @@ class FrontProtocol(asyncio.Protocol):
     # -- serving ---------------------------------------------------------------------------------
 
     def _start(self, incoming: Incoming) -> None:
+        if self._closing:
+            return  # requests parsed after the reply that ends the connection are not served
         self.idle_since = None
         index = incoming.index
         if (incoming.method not in FAST_METHODS or incoming.version != "1.1" or incoming.upgrade
@@ -335,6 +346,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _to_aiohttp(self, incoming: Incoming) -> None:
         """From this request on, aiohttp serves the connection."""
+        self.lane.handed_over += 1
         self.exchange = None
         self.bridge = Bridge(self)
         self.bridge.send_head(incoming)
@@ -354,7 +366,10 @@ class FrontProtocol(asyncio.Protocol):
         exchange.incoming.target = None  # break the cycle: reference counting frees both now
         self.resume("buffered")
         if close or self.lane.closing or self._closed or self._eof:
-            self.close()
+            if exchange.incoming.complete:
+                self.close()
+            else:
+                self.linger()  # the client may still be sending the body
             return
         if self.queue:
             self.resume("pipeline")
@@ -369,6 +384,8 @@ class FrontProtocol(asyncio.Protocol):
     def _raw_data(self, data: bytes) -> None:
         if self.bridge is not None:
             self.bridge.handler.data_received(data)
+        elif self._closing:
+            return  # lingering: what the client still sends is dropped
         else:
             self.raw_backlog.append(data)  # an upgrade pipelined behind a fast request
             self.pause("pipeline")
@@ -379,15 +396,32 @@ class FrontProtocol(asyncio.Protocol):
             self.close()
             return
         self.write(render_error(self.lane, status, reason, {}, b"", close=True))
-        self.close()
+        self.linger()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self._closed:
             self.transport.write(data)
 
     def close(self) -> None:
+        self._closing = True
         if self.transport is not None and not self._closed:
             self.transport.close()
+
+    def linger(self) -> None:
+        """Close after a reply sent before the request was read whole. Closing at once, with bytes
+        unread, makes the kernel reset the connection, and a client still sending loses the reply
+        it had not read yet: so the reply is followed by our FIN, what the client still sends is
+        read and dropped, and the connection closes on the client's EOF or after LINGER."""
+        transport = self.transport
+        if transport is None or self._closed or self._eof or not transport.can_write_eof():
+            self.close()
+            return
+        self._closing = True
+        self.raw = True  # later bytes skip the parser (see _raw_data)
+        self._pauses.clear()
+        transport.resume_reading()
+        transport.write_eof()
+        self.lane.loop.call_later(LINGER, self.close)
 
     def pause(self, reason: str) -> None:
         if not self._pauses and self.transport is not None and not self._closed:
@@ -462,8 +496,8 @@ class Exchange:
             raw_path, _, query = incoming.url.decode("utf-8", "surrogateescape").partition("?")
             cid = index.get(b"x-flespi-cid")
             self.facts = facts = gateway.facts_for(
-                incoming.method.decode(), raw_path, query, cid.decode("utf-8", "surrogateescape") if cid else None,
-                None, self._client_ip(), now)
+                incoming.method.decode(), raw_path, query,
+                cid.decode("utf-8", "surrogateescape") if cid is not None else None, None, self._client_ip(), now)
             if gateway.api.handles(facts.path) or facts.path.startswith(self.lane.internal_prefix):
                 front.hand_over(incoming)
                 return
@@ -549,8 +583,8 @@ class Exchange:
 
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn
-        if self.front.paused_writing and conn.transport is not None:
-            conn.transport.pause_reading()  # the client is not reading what came before yet
+        if self.front.paused_writing:
+            conn.pause_reply()  # the client is not reading what came before yet
         incoming = self.incoming
         body = incoming.body
         if body:
@@ -712,13 +746,13 @@ class Exchange:
 
     def pause_download(self) -> None:
         conn = self.conn
-        if conn is not None and conn.transport is not None:
-            conn.transport.pause_reading()
+        if conn is not None:
+            conn.pause_reply()
 
     def resume_download(self) -> None:
         conn = self.conn
-        if conn is not None and conn.transport is not None:
-            conn.transport.resume_reading()
+        if conn is not None:
+            conn.resume_reply()
 
     # -- ending ----------------------------------------------------------------------------------
 
@@ -730,7 +764,8 @@ class Exchange:
             self.conn.abandon()
             self.conn = None
         self.status = status
-        if not self.incoming.complete:
+        incoming = self.incoming
+        if not incoming.complete and (incoming.chunked or incoming.length):
             self.close_after = True  # the rest of the body would have to be read and thrown away
         self.front.write(render_error(self.lane, status, reason, extra, self.request_id,
                                       self.close_after or self.lane.closing))
@@ -755,6 +790,7 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        self.lane.served_fast += 1
         self.front.resume("upload")
         gateway, facts, token = self.lane.gateway, self.facts, self.token
         if facts is not None and token is not None:

@@ -57,7 +57,7 @@ class UpstreamFailed(Exception):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "reused", "_status", "_reason", "_headers", "_informational",
                  "_head_done", "_until_close", "_reusable", "_request_sent", "_last_active", "_timer", "_read_timeout",
-                 "_closed", "_loop")
+                 "_closed", "_loop", "_paused")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -68,6 +68,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: UpstreamSink | None = None
         self.reused = False
         self._closed = False
+        self._paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._reset()
 
@@ -100,6 +101,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     def request_complete(self) -> None:
         self._request_sent = True
+
+    def pause_reply(self) -> None:
+        """Stop reading the reply while the client is not reading it; the read timeout waits too
+        (as aiohttp's does): the upstream is not late, the client is slow."""
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reply(self) -> None:
+        self._paused = False
+        self._last_active = self._loop.time()
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     def abandon(self) -> None:
         """The exchange gives up (its client left, or it failed): never reuse this connection."""
@@ -223,6 +237,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         if self.sink is None:
             return
+        if self._paused:
+            self._timer = self._loop.call_later(self._read_timeout, self._check_timeout)
+            return
         idle = self._loop.time() - self._last_active
         if idle >= self._read_timeout:
             self._fail(True)
@@ -278,6 +295,10 @@ class UpstreamPool:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled before it could run: the turn goes to the next
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
