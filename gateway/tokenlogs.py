@@ -18,6 +18,7 @@ from .store import RedisStore
 
 PUSH_CHUNK = 512  # lines per RPUSH
 PIPELINE_LINES = 2048  # lines per pipeline (one round trip)
+PIPELINE_COMMANDS = 256  # commands per pipeline
 
 
 class RedisLogSink:
@@ -66,37 +67,50 @@ class RedisLogSink:
         if not self._pending:
             return
         pending, caps = self._pending, self._caps
-        # Several small pipelines rather than one with tens of thousands of arguments: packing
-        # them held the event loop for ~10 ms; requests are served between these round trips.
-        steps: list[list[tuple[str, list[bytes], int | None]]] = [[]]
+        # Several small pipelines rather than one with tens of thousands of arguments or thousands
+        # of commands: packing those held the event loop for ~10 ms; requests are served between
+        # these round trips.
+        steps: list[list[tuple[str, list[bytes], bool]]] = [[]]
         size = 0
         for key, lines in pending.items():
-            cap = caps[key]
-            kept = lines[-cap:]
+            kept = lines[-caps[key]:]
             for start in range(0, len(kept), PUSH_CHUNK):
-                if size >= PIPELINE_LINES:
+                if size >= PIPELINE_LINES or len(steps[-1]) >= PIPELINE_COMMANDS:
                     steps.append([])
                     size = 0
                 chunk = kept[start:start + PUSH_CHUNK]
-                last = start + PUSH_CHUNK >= len(kept)
-                steps[-1].append((key, chunk, cap if last else None))
+                steps[-1].append((key, chunk, start + PUSH_CHUNK >= len(kept)))
                 size += len(chunk)
 
-        async def run(step: list[tuple[str, list[bytes], int | None]]) -> None:
+        async def push(step: list[tuple[str, list[bytes], bool]]) -> list[int]:
             async with self._store.client.pipeline(transaction=False) as pipe:
-                for key, chunk, trim in step:
+                for key, chunk, _ in step:
                     pipe.rpush(key, *chunk)
-                    if trim is not None:
-                        pipe.ltrim(key, -trim, -1)
+                return await pipe.execute()
+
+        async def trim(keys: list[str]) -> None:
+            async with self._store.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.ltrim(key, -caps[key], -1)
                 await pipe.execute()
+
+        # RPUSH answers the list's length, so only lists past their cap get an LTRIM (a second
+        # round trip): a token used a few times a second costs one command, not two.
+        over: list[str] = []
         try:
             for step in steps:
-                await self._store.call(lambda step=step: run(step))  # type: ignore[misc]
-                for key, _, trim in step:
-                    if trim is not None:  # this list is written in full: not again with the next batch
-                        self._held -= len(pending.pop(key))
+                lengths = await self._store.call(lambda step=step: push(step))  # type: ignore[misc]
+                for (key, _, last), length in zip(step, lengths, strict=True):
+                    if last:
+                        if int(length) > caps[key]:
+                            over.append(key)
+                        self._held -= len(pending.pop(key))  # written in full: not again next batch
+            for start in range(0, len(over), PIPELINE_COMMANDS):
+                await self._store.call(lambda keys=over[start:start + PIPELINE_COMMANDS]: trim(keys))  # type: ignore[misc]
         except StoreUnavailable:
-            return  # the rest is kept for the next batch (a list cut between two steps may get some lines twice)
+            # The rest is kept for the next batch (a list cut between two steps may get some lines
+            # twice; a list not yet trimmed is trimmed by its next write).
+            return
         self._pending, self._caps, self._held = {}, {}, 0
         self._store.touched()
 

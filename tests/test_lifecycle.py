@@ -201,6 +201,22 @@ async def test_token_logs_by_token_and_time(gw: GatewayHandle) -> None:
     assert status == 400 and sorted(e["field"] for e in body["errors"]) == ["data.bad", "data.from"]
 
 
+async def test_token_log_lists_keep_only_their_cap(make_gateway: GatewayFactory, redis_client: Any,
+                                                   key_prefix: str) -> None:
+    gw = await make_gateway(token_logs={"per_token": 3}, log={"path": "off", "flush_interval": 0.1})
+    token = await gw.create_token()
+    for batch in range(3):  # the first batch leaves the list under its cap, the later ones push it over
+        for n in range(2 + batch):
+            assert (await gw.call("GET", f"/p{batch}-{n}", key=token["key"]))[0] == 200
+        await asyncio.sleep(0.3)
+
+    async def trimmed() -> bool:
+        logs = (await gw.call("GET", f"/platform/tokens/{token['id']}/logs"))[1]["result"]
+        return [e.get("uri") for e in logs] == ["/p2-1", "/p2-2", "/p2-3"]
+    await until(trimmed, timeout=3.0)
+    assert await redis_client.llen(f"{key_prefix}logs:tok:{token['id']}") == 3
+
+
 async def test_traffic_limit_blocks_the_heaviest_downloader(make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(usage={"window": 30, "flush_interval": 0.1})
     if 30 - time.time() % 30 < 5:  # all of it inside one window
