@@ -261,6 +261,7 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     compiler = TokenCompiler(settings, store)
     cache = TokenCache(store, settings.cache, compiler)
     cache.listeners[CHANGED_MESSAGE] = directory.mark_changed
+    store.on_publish = accounts.on_publish = cache.receive
     built = Services(
         store=store, accounts=accounts, directory=directory, cache=cache,
         accessed=AccessedWriter(store, settings.accessed_flush_interval),

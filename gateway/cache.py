@@ -254,12 +254,15 @@ class TokenCache:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is not None and message.get("type") == "message":
                 data = message["data"]
-                text = data.decode() if isinstance(data, bytes) else str(data)
-                listener = self.listeners.get(text)
-                if listener is not None:
-                    listener()
-                else:
-                    self.invalidate(text)
+                self.receive(data.decode() if isinstance(data, bytes) else str(data))
+
+    def receive(self, text: str) -> None:
+        """One invalidation message: a token digest, or the name of a listener's topic."""
+        listener = self.listeners.get(text)
+        if listener is not None:
+            listener()
+        else:
+            self.invalidate(text)
 
     async def close(self) -> None:
         await cancel_all(list(self._background))

@@ -64,6 +64,8 @@ class RedisStore:
         # The embedded store persists itself through these; Redis needs neither.
         self.after_change: Callable[[], Awaitable[None]] | None = None
         self.after_touch: Callable[[], None] | None = None
+        # This process's own cache hears its changes at once, not a pub/sub round trip later.
+        self.on_publish: Callable[[str], None] | None = None
 
     async def changed(self) -> None:
         if self.after_change is not None:
@@ -80,6 +82,11 @@ class RedisStore:
             raise StoreUnavailable(f"token store: {type(exc).__name__}") from exc
 
     async def publish(self, messages: Iterable[str]) -> None:
+        messages = list(messages)
+        if self.on_publish is not None:
+            for message in messages:
+                self.on_publish(message)
+
         async def run() -> None:
             async with self.client.pipeline(transaction=False) as pipe:
                 for message in messages:
