@@ -234,3 +234,23 @@ async def test_traffic_limit_blocks_the_heaviest_downloader(make_gateway: Gatewa
         return (await gw.call("GET", "/x", key=heavy["key"]))[0] == 429
     await until(blocked, timeout=2.0)
     assert (await gw.call("GET", "/x", key=light["key"]))[0] == 200
+
+
+async def test_usage_of_many_tokens_is_counted_once_each(make_gateway: GatewayFactory, redis_client: Any,
+                                                         key_prefix: str) -> None:
+    """More tokens than one usage pipeline holds (the increments go out in several)."""
+    gw = await make_gateway(usage={"flush_interval": 0.2})
+    status, body = await gw.call("POST", "/platform/tokens", json=[{"ttl": 3600}] * 200)
+    assert status == 200
+    tokens = body["result"]
+    for token in tokens:
+        assert (await gw.call("GET", "/counted", key=token["key"]))[0] == 200
+
+    async def counted() -> bool:
+        calls: dict[str, int] = {}
+        async for key in redis_client.scan_iter(match=f"{key_prefix}usage:*"):
+            for field, value in (await redis_client.hgetall(key)).items():
+                if field.startswith(b"c:"):
+                    calls[field.decode()[2:]] = calls.get(field.decode()[2:], 0) + int(value)
+        return all(calls.get(str(token["id"])) == 1 for token in tokens)
+    await until(counted, timeout=5.0)
