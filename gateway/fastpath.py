@@ -339,12 +339,12 @@ class FrontProtocol(asyncio.Protocol):
         index = incoming.index
         if (incoming.method not in FAST_METHODS or incoming.version != "1.1" or incoming.upgrade
                 or not incoming.url.startswith(b"/") or any(name in index for name in SLOW_HEADERS)):
-            self._to_aiohttp(incoming)
+            self.hand_over(incoming)
             return
         self.exchange = Exchange(self, incoming)
         self.exchange.start()
 
-    def _to_aiohttp(self, incoming: Incoming) -> None:
+    def hand_over(self, incoming: Incoming) -> None:
         """From this request on, aiohttp serves the connection."""
         self.lane.handed_over += 1
         self.exchange = None
@@ -376,10 +376,6 @@ class FrontProtocol(asyncio.Protocol):
             self._start(self.queue.popleft())
         else:
             self.idle_since = self.lane.loop.time()
-
-    def hand_over(self, incoming: Incoming) -> None:
-        """An exchange found, after parsing the path, that the request is aiohttp's (an API path)."""
-        self._to_aiohttp(incoming)
 
     def _raw_data(self, data: bytes) -> None:
         if self.bridge is not None:

@@ -99,6 +99,7 @@ class GatewayServer:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                     shutdown_timeout=SHUTDOWN_TIMEOUT)
         self.site: GatewaySite | None = None
+        self._closed = False
 
     @property
     def port(self) -> int:
@@ -111,6 +112,10 @@ class GatewayServer:
         await self.site.start()
 
     async def close(self) -> None:
+        """Stop serving; a second call (e.g. a test that closed it, then its fixture) does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         await self.runner.cleanup()
 
 

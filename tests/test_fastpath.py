@@ -22,9 +22,8 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from conftest import MASTER_KEY, GatewayFactory, GatewayHandle, Upstream, base_config, error, free_port, wait_for_master
+from conftest import MASTER_KEY, GatewayFactory, GatewayHandle, Upstream, error, free_port
 
-from gateway.config import build_settings
 from gateway.fastpath import FastLane
 from gateway.server import GatewayServer
 from gateway.tokens import key_digest
@@ -318,30 +317,6 @@ async def scripted() -> AsyncIterator[Callable[[Handler], Awaitable[ScriptedUpst
 
 ScriptedFactory = Callable[[Handler], Awaitable[ScriptedUpstream]]
 ClientFactory = Callable[[GatewayHandle | GatewayServer], Awaitable[Client]]
-
-
-# -- gateways this file starts and stops itself ---------------------------------------------------
-
-@pytest.fixture
-async def own_gateway(redis_url: str, key_prefix: str) -> AsyncIterator[Callable[..., Awaitable[GatewayHandle]]]:
-    """Like `make_gateway`, for tests that close the gateway themselves (`handle.server.close()`)."""
-    started: list[GatewayHandle] = []
-
-    async def factory(upstream_url: str, **overrides: Any) -> GatewayHandle:
-        settings = build_settings(base_config(upstream_url, redis_url, key_prefix, **overrides))
-        server = GatewayServer(settings)
-        await server.start("127.0.0.1", 0)
-        handle = GatewayHandle(f"http://127.0.0.1:{server.port}", settings, server, aiohttp.ClientSession())
-        started.append(handle)
-        await wait_for_master(handle)
-        return handle
-
-    yield factory
-    for handle in started:
-        await handle.session.close()
-        if handle.server.site is not None and handle.server.runner.server is not None:
-            async with asyncio.timeout(GUARD):
-                await handle.server.close()
 
 
 # == 1. which path serves what ====================================================================
@@ -745,19 +720,20 @@ async def test_recording_upstream_cors_and_hop_headers_dropped(gw: GatewayHandle
 
 # == 6. upstream failures =========================================================================
 
+async def close_second(conn: UpConn) -> None:
+    """The first connection answers once, then closes on the next request, unanswered: what an
+    upstream whose keep-alive timeout ran out at that moment does."""
+    if conn.index == 0:
+        if await conn.read_request() is not None:
+            await conn.answer(b"first")
+            await conn.read_request()
+        return
+    await serve_ok(conn)
+
+
 async def test_kept_alive_connection_closed_by_upstream_is_retried(make_gateway: GatewayFactory,
                                                                    scripted: ScriptedFactory,
                                                                    clients: ClientFactory) -> None:
-    async def close_second(conn: UpConn) -> None:
-        # The first connection answers once, then closes on the next request, unanswered: what an
-        # upstream whose keep-alive timeout ran out at that moment does.
-        if conn.index == 0:
-            if await conn.read_request() is not None:
-                await conn.answer(b"first")
-                await conn.read_request()
-            return
-        await serve_ok(conn)
-
     up = await scripted(close_second)
     gw = await make_gateway(upstream=up.url)
     client = await clients(gw)
@@ -787,14 +763,6 @@ async def test_idle_connection_closed_by_upstream_is_not_used(make_gateway: Gate
 
 async def test_request_with_body_is_not_retried(make_gateway: GatewayFactory, scripted: ScriptedFactory,
                                                 clients: ClientFactory) -> None:
-    async def close_second(conn: UpConn) -> None:
-        if conn.index == 0:
-            if await conn.read_request() is not None:
-                await conn.answer(b"first")
-                await conn.read_request()
-            return
-        await serve_ok(conn)
-
     up = await scripted(close_second)
     gw = await make_gateway(upstream=up.url)
     client = await clients(gw)
@@ -1152,10 +1120,10 @@ async def test_pool_turn_passed_on_when_a_woken_waiter_leaves(make_gateway: Gate
 
 # == 8. identity, request ids, logs and usage =====================================================
 
-async def test_key_never_forwarded_nor_logged(own_gateway: Callable[..., Awaitable[GatewayHandle]],
-                                              upstream: Upstream, clients: ClientFactory, tmp_path: Path) -> None:
+async def test_key_never_forwarded_nor_logged(make_gateway: GatewayFactory, upstream: Upstream,
+                                              clients: ClientFactory, tmp_path: Path) -> None:
     log_path = tmp_path / "requests.log"
-    gw = await own_gateway(upstream.url, log={"path": str(log_path), "flush_interval": 0.05})
+    gw = await make_gateway(log={"path": str(log_path), "flush_interval": 0.05})
     token = await gw.create_token(access={"type": 0}, info="logged")
     counts = Counts(gw)
     client = await clients(gw)
@@ -1260,9 +1228,9 @@ async def test_usage_counted_for_fast_requests(gw: GatewayHandle, clients: Clien
 
 # == 9. graceful shutdown =========================================================================
 
-async def test_request_in_flight_finishes_on_close(own_gateway: Callable[..., Awaitable[GatewayHandle]],
-                                                   upstream: Upstream, clients: ClientFactory) -> None:
-    gw = await own_gateway(upstream.url)
+async def test_request_in_flight_finishes_on_close(make_gateway: GatewayFactory, upstream: Upstream,
+                                                   clients: ClientFactory) -> None:
+    gw = await make_gateway()
     lane, port = lane_of(gw), gw.server.port
     idle = await clients(gw)
     assert (await idle.ask("GET", "/warm")).status == 200
