@@ -1,8 +1,9 @@
 """Recent log records kept in Redis per token and per account, for the logs API.
 
 `{gw}:logs:tok:<id>` and `{gw}:logs:acct:<cid>` are lists of JSON records, oldest first, trimmed
-to the configured caps. The sink receives batches from the one LogWriter; a batch that cannot be
-written (Redis away) is kept and retried with the next one, up to `max_retained` records.
+to the configured caps; a Lua script (`LOG_PUSH`) appends to up to 256 lists in one call. The
+sink receives batches from the one LogWriter; a batch that cannot be written (Redis away) is kept
+and retried with the next one, up to `max_retained` records.
 """
 from __future__ import annotations
 
@@ -16,9 +17,27 @@ from .errors import StoreUnavailable
 from .store import RedisStore
 
 
-PUSH_CHUNK = 512  # lines per RPUSH
-PIPELINE_LINES = 2048  # lines per pipeline (one round trip)
-PIPELINE_COMMANDS = 256  # commands per pipeline
+PUSH_CHUNK = 512  # lines per list and LOG_PUSH call
+CALL_LINES = 2048  # lines per LOG_PUSH call (one round trip)
+CALL_KEYS = 256  # lists per LOG_PUSH call
+# KEYS: lists; ARGV, for each key in turn: its cap, how many lines, the lines. RPUSH answers the
+# list's length, so only a list past its cap is trimmed. unpack() goes 500 lines at a time: Lua's
+# C stack holds some 8,000 values.
+LOG_PUSH = """
+local at = 1
+for i = 1, #KEYS do
+  local cap, n = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  local first, last, length = at + 2, at + 1 + n, 0
+  for s = first, last, 500 do
+    length = redis.call('RPUSH', KEYS[i], unpack(ARGV, s, math.min(s + 499, last)))
+  end
+  if length > cap then
+    redis.call('LTRIM', KEYS[i], -cap, -1)
+  end
+  at = last + 1
+end
+return #KEYS
+"""
 
 
 class RedisLogSink:
@@ -34,6 +53,7 @@ class RedisLogSink:
         self._caps: dict[str, int] = {}
         self._held = 0
         self.dropped = 0
+        self._push = store.script(LOG_PUSH)
 
     def token_key(self, token_id: int) -> str:
         return f"{self._store.prefix}logs:tok:{token_id}"
@@ -67,48 +87,30 @@ class RedisLogSink:
         if not self._pending:
             return
         pending, caps = self._pending, self._caps
-        # Several small pipelines rather than one with tens of thousands of arguments or thousands
-        # of commands: packing those held the event loop for ~10 ms; requests are served between
-        # these round trips.
+        # Several script calls rather than one with tens of thousands of arguments: packing those
+        # held the event loop for ~10 ms; requests are served between these round trips.
         steps: list[list[tuple[str, list[bytes], bool]]] = [[]]
         size = 0
         for key, lines in pending.items():
             kept = lines[-caps[key]:]
             for start in range(0, len(kept), PUSH_CHUNK):
-                if size >= PIPELINE_LINES or len(steps[-1]) >= PIPELINE_COMMANDS:
+                if size >= CALL_LINES or len(steps[-1]) >= CALL_KEYS:
                     steps.append([])
                     size = 0
                 chunk = kept[start:start + PUSH_CHUNK]
                 steps[-1].append((key, chunk, start + PUSH_CHUNK >= len(kept)))
                 size += len(chunk)
-
-        async def push(step: list[tuple[str, list[bytes], bool]]) -> list[int]:
-            async with self._store.client.pipeline(transaction=False) as pipe:
-                for key, chunk, _ in step:
-                    pipe.rpush(key, *chunk)
-                return await pipe.execute()
-
-        async def trim(keys: list[str]) -> None:
-            async with self._store.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.ltrim(key, -caps[key], -1)
-                await pipe.execute()
-
-        # RPUSH answers the list's length, so only lists past their cap get an LTRIM (a second
-        # round trip): a token used a few times a second costs one command, not two.
-        over: list[str] = []
         try:
             for step in steps:
-                lengths = await self._store.call(lambda step=step: push(step))  # type: ignore[misc]
-                for (key, _, last), length in zip(step, lengths, strict=True):
+                args: list[Any] = []
+                for key, chunk, _ in step:
+                    args += (caps[key], len(chunk), *chunk)
+                await self._push([key for key, _, _ in step], args)
+                for key, _, last in step:
                     if last:
-                        if int(length) > caps[key]:
-                            over.append(key)
                         self._held -= len(pending.pop(key))  # written in full: not again next batch
-            for start in range(0, len(over), PIPELINE_COMMANDS):
-                await self._store.call(lambda keys=over[start:start + PIPELINE_COMMANDS]: trim(keys))  # type: ignore[misc]
         except StoreUnavailable:
-            # The rest is kept for the next batch (a list cut between two steps may get some lines
+            # The rest is kept for the next batch (a list cut between two calls may get some lines
             # twice; a list not yet trimmed is trimmed by its next write).
             return
         self._pending, self._caps, self._held = {}, {}, 0

@@ -1,8 +1,9 @@
 """Usage blocking: per account and window, count API calls and traffic across every instance.
 
-Requests only bump in-process counters. Every `flush_interval` one pipeline adds them to
-`{gw}:usage:<window>:<account>` (hash `c:<token>` calls, `b:<token>` bytes), reads back the
-totals of the accounts this instance served, and the set of blocked tokens. Over a limit, the
+Requests only bump in-process counters. Every `flush_interval` a Lua script (`USAGE_ADD`, one
+call per 512 tokens) adds them to `{gw}:usage:<window>:<account>` (hash `c:<token>` calls,
+`b:<token>` bytes); then one pipeline reads back the totals of the accounts this instance served,
+and the set of blocked tokens. Over a limit, the
 heaviest tokens are blocked until the rest fit (`HSETNX {gw}:blocked:<window>` makes the block,
 and its event 20, happen once whichever instance sees it first); at the next window they work
 again and event 21 is logged once (`HSETNX {gw}:unblocked:<window>`).
@@ -13,6 +14,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from itertools import groupby
+from operator import itemgetter
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +60,23 @@ def choose_blocked(usage: dict[int, tuple[int, int]], already: set[int], calls_l
     return chosen
 
 
-PIPELINE_COMMANDS = 256
+SCRIPT_TOKENS = 512  # tokens per USAGE_ADD call
+# KEYS: usage hashes; ARGV[1]: seconds to keep them; then, for each key in turn, how many tokens,
+# and for each token its id, calls and bytes (added to the fields c:<id> and b:<id>).
+USAGE_ADD = """
+local keep, at = ARGV[1], 2
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  for _ = 1, tonumber(ARGV[at]) do
+    redis.call('HINCRBY', key, 'c:' .. ARGV[at + 1], ARGV[at + 2])
+    redis.call('HINCRBY', key, 'b:' .. ARGV[at + 1], ARGV[at + 3])
+    at = at + 3
+  end
+  at = at + 1
+  redis.call('EXPIRE', key, keep)
+end
+return #KEYS
+"""
 
 
 def parse_usage(raw: dict[bytes, bytes]) -> dict[int, tuple[int, int]]:
@@ -80,6 +99,7 @@ class UsageMeter:
         self._counts: dict[tuple[int, int, int], list[int]] = {}
         self.blocked: dict[int, Block] = {}
         self._prefix = store.prefix
+        self._add = store.script(USAGE_ADD)
 
     def window(self, now: float) -> int:
         return int(now // self._settings.window)
@@ -130,52 +150,40 @@ class UsageMeter:
 
     async def _exchange(self, counts: dict[tuple[int, int, int], list[int]], window: int,
                         accounts: list[int]) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes]]:
-        keep = self._settings.window * 3
-
-        # The increments go in pipelines of at most PIPELINE_COMMANDS, sent one after the other:
-        # with a new token per request, one pipeline for half a second's tokens (thousands of
-        # commands) held the event loop for tens of ms while redis-py packed it.
-        increments: list[tuple[str, str, int]] = []
-        written: set[str] = set()
-        for (win, cid, token_id), (calls, size) in counts.items():
-            key = f"{self._prefix}usage:{win}:{cid}"
-            increments.append((key, f"c:{token_id}", calls))
-            increments.append((key, f"b:{token_id}", size))
-            written.add(key)
-
-        async def add(part: list[tuple[str, str, int]]) -> None:
-            async with self._store.client.pipeline(transaction=False) as pipe:
-                for key, field, amount in part:
-                    pipe.hincrby(key, field, amount)
-                await pipe.execute()
-
+        # The increments go in script calls of at most SCRIPT_TOKENS tokens, one after the other:
+        # with a new token per request, half a second's tokens are thousands of them.
+        by_hash: dict[str, list[tuple[int, int, int]]] = {}
+        for entry in counts:
+            win, cid, _ = entry
+            by_hash.setdefault(f"{self._prefix}usage:{win}:{cid}", []).append(entry)
+        rows = [(key, entry) for key, entries in by_hash.items() for entry in entries]
         done = 0
         try:
-            for start in range(0, max(0, len(increments) - PIPELINE_COMMANDS), PIPELINE_COMMANDS):
-                await self._store.call(lambda part=increments[start:start + PIPELINE_COMMANDS]: add(part))  # type: ignore[misc]
-                done = start + PIPELINE_COMMANDS
+            for start in range(0, len(rows), SCRIPT_TOKENS):
+                chunk = rows[start:start + SCRIPT_TOKENS]
+                keys: list[str] = []
+                args: list[int] = [self._settings.window * 3]
+                for key, group in groupby(chunk, key=itemgetter(0)):
+                    entries = [entry for _, entry in group]
+                    keys.append(key)
+                    args.append(len(entries))
+                    for entry in entries:
+                        args += (entry[2], *counts[entry])
+                await self._add(keys, args)
+                done = start + len(chunk)
         except StoreUnavailable:
-            # What was written must not be counted again: a chunk never splits a token's pair
-            # (PIPELINE_COMMANDS is even), so the first done // 2 entries are in Redis.
-            for entry in list(counts)[:done // 2]:
+            for _, entry in rows[:done]:  # in Redis already: not to be counted again
                 del counts[entry]
             raise
-        last = increments[len(increments) - (len(increments) % PIPELINE_COMMANDS or PIPELINE_COMMANDS):] \
-            if len(increments) > PIPELINE_COMMANDS else increments
 
         async def run() -> list[Any]:
             async with self._store.client.pipeline(transaction=False) as pipe:
-                for key, field, amount in last:
-                    pipe.hincrby(key, field, amount)
-                for key in written:  # once per hash, not per token: each command costs the client ~15 us
-                    pipe.expire(key, keep)
                 for cid in accounts:
                     pipe.hgetall(f"{self._prefix}usage:{window}:{cid}")
                 pipe.hgetall(f"{self._prefix}blocked:{window}")
                 return await pipe.execute()  # type: ignore[no-any-return]
         replies = await self._store.call(run)
-        tail = replies[len(replies) - len(accounts) - 1:]
-        return dict(zip(accounts, tail[:-1])), tail[-1]
+        return dict(zip(accounts, replies[:-1])), replies[-1]
 
     async def _block_over_limit(self, window: int, totals: dict[int, dict[bytes, bytes]],
                                 blocked: dict[int, dict[str, Any]], now: float) -> None:
