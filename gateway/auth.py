@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .accessed import AccessedWriter
-from .cache import TokenCache
+from .cache import Outcome, TokenCache
 from .checks import Check, RequestFacts
 from .errors import INTERNAL_ERROR, INVALID_TOKEN, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
 from .tokens import KEY_LENGTH, Token, key_digest
@@ -70,6 +70,12 @@ class Authenticator:
         except Exception:
             log.exception("unexpected error while authenticating; request denied")
             raise Denied(500, INTERNAL_ERROR) from None
+
+    def when_loaded(self, key: str, callback: Callable[[Outcome], None]) -> bool:
+        """For a key `authenticate_cached` declined because the cache has no entry for it at all:
+        `callback` is called once the cache has tried to load it, and `authenticate_cached` can
+        then decide. False when there is an entry (stale): ask `authenticate`."""
+        return self._cache.load_then(key_digest(key), callback)
 
     async def find(self, key: str | None, now: float) -> Token:
         if key is None:

@@ -45,6 +45,9 @@ class Unknown:
 
 
 Outcome = Token | None | BaseException
+# What waits for a key being loaded: the future of a coroutine (`lookup`), or a plain callback
+# (`load_then`, the fast path's: no task per cache miss).
+Waiter = asyncio.Future[Token | None] | Callable[[Outcome], None]
 
 
 class TokenCache:
@@ -57,7 +60,7 @@ class TokenCache:
         self._entries: dict[str, Token | Unknown] = {}
         # Keys being loaded, each with the futures of the requests waiting for it (none for a
         # background refresh); `_queued` ones go out with the next batch.
-        self._waiters: dict[str, list[asyncio.Future[Token | None]]] = {}
+        self._waiters: dict[str, list[Waiter]] = {}
         self._queued: list[str] = []
         # Keys invalidated while being loaded: what the load read may predate the change.
         self._dropped: set[str] = set()
@@ -144,6 +147,23 @@ class TokenCache:
             waiters.append(waiter)
         return waiter
 
+    def load_then(self, digest: str, callback: Callable[[Outcome], None]) -> bool:
+        """For a key with no entry at all: join (or start) its load, and `callback(outcome)` when
+        the batch settles: the token, None for no such token, or the exception. It is called from
+        the batch's own task, so a request waits with no task and no future of its own.
+
+        False, and nothing done, when there is an entry: `lookup` knows what a stale one means.
+        """
+        if digest in self._entries:
+            return False
+        waiters = self._waiters.get(digest)
+        if waiters is None:
+            self._waiters[digest] = [callback]
+            self._enqueue(digest)
+        else:
+            waiters.append(callback)
+        return True
+
     def _enqueue(self, digest: str) -> None:
         self._queued.append(digest)
         if len(self._queued) == 1:
@@ -186,7 +206,9 @@ class TokenCache:
         waiters = self._waiters.pop(digest, ())
         if not isinstance(outcome, BaseException):
             for waiter in waiters:
-                if not waiter.done():  # done: its request was cancelled
+                if not isinstance(waiter, asyncio.Future):
+                    _tell(waiter, outcome)
+                elif not waiter.done():  # done: its request was cancelled
                     waiter.set_result(outcome)
             return
         entry = self._entries.get(digest)
@@ -194,9 +216,11 @@ class TokenCache:
             entry.refreshing = False  # a later use may try again
         told = False
         for waiter in waiters:
-            if waiter.done():
+            if not isinstance(waiter, asyncio.Future):
+                _tell(waiter, outcome)  # it answers its request; the error is logged here, once
+            elif waiter.done():
                 continue
-            if isinstance(outcome, asyncio.CancelledError):
+            elif isinstance(outcome, asyncio.CancelledError):
                 waiter.cancel()
             else:
                 waiter.set_exception(outcome)
@@ -270,3 +294,11 @@ class TokenCache:
         self._queued.clear()
         for digest in list(self._waiters):
             self._settle(digest, asyncio.CancelledError())
+
+
+def _tell(callback: Callable[[Outcome], None], outcome: Outcome) -> None:
+    """A callback's failure is its own: the other waiters of the batch are still told."""
+    try:
+        callback(outcome)
+    except Exception:
+        log.exception("a token load callback failed")

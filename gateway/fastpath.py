@@ -33,7 +33,9 @@ from .app import Gateway
 from .auth import extract_key
 from .clientaddr import client_address, forwarded_for
 from .config import Route
-from .errors import INTERNAL_ERROR, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied, error_body
+from .cache import Outcome
+from .errors import (INTERNAL_ERROR, STORAGE_UNAVAILABLE, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied,
+                     StoreUnavailable, error_body)
 from .proxy import CORS_PREFIX, HOP_BY_HOP, REQUEST_DROP, pick_route, upstream_target
 from .upstream import NO_BODY_STATUSES, UpstreamConnection, UpstreamFailed, UpstreamPool
 
@@ -455,7 +457,7 @@ class Exchange:
 
     __slots__ = ("front", "lane", "incoming", "started", "facts", "token", "served", "request_id", "conn",
                  "task", "status", "replied", "out", "chunked_reply", "sent_bytes", "received_bytes", "done",
-                 "close_after", "head", "retried")
+                 "close_after", "head", "retried", "key")
 
     def __init__(self, front: FrontProtocol, incoming: Incoming) -> None:
         self.front = front
@@ -478,6 +480,7 @@ class Exchange:
         self.close_after = not incoming.keep_alive
         self.head = b""
         self.retried = False
+        self.key: str | None = None  # kept only while its record is being loaded
 
     # -- deciding --------------------------------------------------------------------------------
 
@@ -498,7 +501,8 @@ class Exchange:
                 front.hand_over(incoming)
                 return
             incoming.target = self
-            token = gateway.auth.authenticate_cached(extract_key(_text(index.get(b"authorization"))), facts)
+            key = extract_key(_text(index.get(b"authorization")))
+            token = gateway.auth.authenticate_cached(key, facts)
         except Denied as denied:
             incoming.target = self
             self.token = self.facts.token if self.facts is not None else None
@@ -509,11 +513,44 @@ class Exchange:
             incoming.target = self
             self.fail(500, INTERNAL_ERROR, {})
             return
-        if token is None:
-            self.task = asyncio.ensure_future(self._authenticate())
-        else:
+        if token is not None:
             self.token = self.served = token
             self._forward()
+        elif key is not None and gateway.auth.when_loaded(key, self._loaded):
+            self.key = key  # a plain miss: `_loaded` goes on once the record's batch is read
+        else:
+            self.task = asyncio.ensure_future(self._authenticate())
+
+    def _loaded(self, outcome: Outcome) -> None:
+        """The cache read the key's record (or failed to): decide as `start` would have."""
+        key, self.key = self.key, None
+        if self.done:
+            return  # the client left meanwhile
+        if isinstance(outcome, asyncio.CancelledError):
+            self.fail(503, STORAGE_UNAVAILABLE, {})  # shutting down
+            return
+        try:
+            # Another request's load may have filled the entry even if this one failed.
+            token = self.lane.gateway.auth.authenticate_cached(key, self.facts)
+        except Denied as denied:
+            self.token = self.facts.token
+            self.fail(denied.status, denied.reason, denied.headers)
+            return
+        except Exception:
+            log.exception("unexpected error while authenticating; request denied")
+            self.fail(500, INTERNAL_ERROR, {})
+            return
+        if token is not None:
+            self.token = self.served = token
+            self._guarded(self._forward)
+        elif isinstance(outcome, StoreUnavailable):
+            self.fail(503, STORAGE_UNAVAILABLE, {})
+        elif isinstance(outcome, BaseException):
+            self.fail(500, INTERNAL_ERROR, {})  # the cache logged it
+        else:
+            # The entry needs more than a look (it looks expired, or was dropped while being
+            # read): the full path decides.
+            self.task = asyncio.ensure_future(self._authenticate())
 
     def _client_ip(self) -> str:
         front = self.front

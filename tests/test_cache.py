@@ -252,3 +252,43 @@ async def test_closing_releases_waiting_requests(env: Env) -> None:
     await env.cache.close()
     with pytest.raises(asyncio.CancelledError):
         await pending
+
+
+async def test_callbacks_wait_for_a_batch_without_tasks(env: Env) -> None:
+    """`load_then` (the fast path's miss): callbacks join the batch that futures join."""
+    [(key, record), (other_key, other)] = await env.add(2)
+    digest, unknown = key_digest(key), key_digest(new_key())
+    told: list[tuple[str, Any]] = []
+
+    def broken(outcome: Any) -> None:
+        raise RuntimeError("a request's own bug")
+
+    before = await env.commands()
+    assert env.cache.load_then(digest, lambda outcome: told.append(("a", outcome)))
+    assert env.cache.load_then(digest, broken)  # fails alone: the next waiter is still told
+    assert env.cache.load_then(digest, lambda outcome: told.append(("b", outcome)))
+    assert env.cache.load_then(unknown, lambda outcome: told.append(("unknown", outcome)))
+    awaited = await env.cache.lookup(key_digest(other_key))  # a coroutine's miss, in the same batch
+    assert await env.commands_since(before) == {"mget": 1, "zmscore": 1}
+    assert awaited.id == other["id"]
+    assert [name for name, _ in told] == ["a", "b", "unknown"]
+    assert told[0][1] is told[1][1] and told[0][1].id == record["id"]
+    assert told[2][1] is None
+    # Now there are entries (a token, an unknown key): `lookup` decides what they mean.
+    assert not env.cache.load_then(digest, told.append)
+    assert not env.cache.load_then(unknown, told.append)
+    assert len(told) == 3
+
+
+async def test_callbacks_hear_failures_and_shutdown(env: Env) -> None:
+    [(key, _)] = await env.add(1)
+    told: list[Any] = []
+    env.redis.stop()
+    assert env.cache.load_then(key_digest(key), told.append)
+    while not told:
+        await asyncio.sleep(0.01)
+    assert isinstance(told[0], StoreUnavailable) and len(env.cache) == 0
+    env.redis.start()
+    assert env.cache.load_then(key_digest(key), told.append)
+    await env.cache.close()  # before its batch ran: released, not left waiting
+    assert len(told) == 2 and isinstance(told[1], asyncio.CancelledError)
