@@ -36,6 +36,7 @@ from .expiry import Housekeeper
 from .logs import FileSink, LogWriter
 from .paths import checked_path
 from .proxy import Proxy, pick_route, upstream_url
+from .resp import RespClient, lean_client
 from .store import TokenStore, connect_redis
 from .tokenlogs import RedisLogSink
 from .tokens import Token, key_digest
@@ -239,6 +240,7 @@ def open_session(settings: Settings) -> aiohttp.ClientSession:
 
 async def services(app: web.Application, settings: Settings) -> AsyncIterator[None]:
     snapshotter: Snapshotter | None = None
+    lean: RespClient | None = None
     if settings.redis.embedded:
         from .embedded import open_embedded  # fakeredis: imported only when it is used
         client, snapshotter = open_embedded(settings.redis.data_file)
@@ -246,8 +248,9 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         log.info("embedded store: %d keys loaded from %s", loaded, settings.redis.data_file)
     else:
         client = connect_redis(settings.redis)
+        lean = lean_client(settings.redis.url, settings.redis.socket_timeout, settings.redis.connect_timeout)
     prefix = settings.redis.key_prefix
-    store, accounts = TokenStore(client, prefix), AccountStore(client, prefix)
+    store, accounts = TokenStore(client, prefix, lean), AccountStore(client, prefix)
     if snapshotter is not None:
         for persisted in (store, accounts):
             persisted.after_change = snapshotter.save
@@ -297,6 +300,8 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         await built.session.close()
         if snapshotter is not None:
             await snapshotter.save()
+        if lean is not None:
+            await lean.close()
         await client.aclose()
 
 

@@ -28,6 +28,7 @@ from redis.backoff import NoBackoff
 
 from .config import RedisSettings
 from .errors import StoreUnavailable
+from .resp import RespClient, script_sha
 
 T = TypeVar("T")
 STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
@@ -57,8 +58,9 @@ def expires_at(record: dict[str, Any]) -> int:
 class RedisStore:
     """Shared plumbing: the client, key names, error mapping, change hooks for persistence."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, lean: RespClient | None = None) -> None:
         self.client = client
+        self.lean = lean  # for `batch`: the hot, batched traffic
         self.prefix = prefix
         self.channel = f"{prefix}invalidate"
         # The embedded store persists itself through these; Redis needs neither.
@@ -81,19 +83,35 @@ class RedisStore:
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"token store: {type(exc).__name__}") from exc
 
+    async def batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Commands sent together, their replies in order (raw: bytes, ints, lists), the first
+        error reply raised; the lean client when there is one (`resp.py`), else a pipeline."""
+        if self.lean is not None:
+            return await self.lean.execute(commands)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute()  # type: ignore[no-any-return]
+
     def script(self, source: str) -> Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]:
-        """A Lua script run with EVALSHA (loaded again by redis-py if the server lost it).
+        """A Lua script run with EVALSHA, loaded again if the server lost it (restart, SCRIPT FLUSH).
 
         Batched writes use scripts rather than pipelines: one command and one reply for hundreds
-        of list pushes or counter increments costs the client a fraction of as many commands
-        (each pipelined command is packed, and its reply read under its own timeout, in Python).
-        Every key a script touches is passed in KEYS and carries the prefix's hash tag, so a
-        script runs on a Redis Cluster too.
+        of list pushes or counter increments. Every key a script touches is passed in KEYS and
+        carries the prefix's hash tag, so a script runs on a Redis Cluster too.
         """
-        registered = self.client.register_script(source)
+        sha = script_sha(source)
+
+        async def attempt(keys: Sequence[str], args: Sequence[Any]) -> Any:
+            command = ("EVALSHA", sha, len(keys), *keys, *args)
+            try:
+                return (await self.batch([command]))[0]
+            except redis.exceptions.NoScriptError:
+                pass
+            return (await self.batch([("SCRIPT", "LOAD", source), command]))[1]
 
         async def run(keys: Sequence[str], args: Sequence[Any]) -> Any:
-            return await self.call(lambda: registered(keys=keys, args=args))
+            return await self.call(lambda: attempt(keys, args))
         return run
 
     async def publish(self, messages: Iterable[str]) -> None:
@@ -123,8 +141,8 @@ class RedisStore:
 
 
 class TokenStore(RedisStore):
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
-        super().__init__(client, prefix)
+    def __init__(self, client: aioredis.Redis, prefix: str, lean: RespClient | None = None) -> None:
+        super().__init__(client, prefix, lean)
         self._ids = f"{prefix}ids"
         self._accessed = f"{prefix}accessed"
         self.expiry_key = f"{prefix}expiry"
@@ -154,13 +172,9 @@ class TokenStore(RedisStore):
         if not digests:
             return []
 
-        async def run() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.mget([self._tok(digest) for digest in digests])
-                pipe.zmscore(self._accessed, list(digests))
-                replies: list[Any] = await pipe.execute()
-                return replies
-        raws, accessed = await self.call(run)
+        tok = f"{self.prefix}tok:"
+        raws, accessed = await self.call(lambda: self.batch([("MGET", *[tok + digest for digest in digests]),
+                                                             ("ZMSCORE", self._accessed, *digests)]))
         records: list[dict[str, Any] | None] = []
         for digest, raw, used in zip(digests, raws, accessed, strict=True):
             if raw is None:
@@ -176,13 +190,10 @@ class TokenStore(RedisStore):
         if not accessed:
             return
 
-        async def run() -> None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.zadd(self._accessed, accessed, gt=True)
-                if expiry:
-                    pipe.zadd(self.expiry_key, expiry, gt=True, xx=True)
-                await pipe.execute()
-        await self.call(run)
+        commands: list[tuple[Any, ...]] = [("ZADD", self._accessed, "GT", *_pairs(accessed))]
+        if expiry:
+            commands.append(("ZADD", self.expiry_key, "GT", "XX", *_pairs(expiry)))
+        await self.call(lambda: self.batch(commands))
         self.touched()
 
     # -- tokens API ---------------------------------------------------------------------------
@@ -322,7 +333,16 @@ class TokenStore(RedisStore):
         return len(victims)
 
 
-def _merge_accessed(record: dict[str, Any], accessed: float | None) -> dict[str, Any]:
-    if accessed is not None and int(accessed) > record.get("accessed", 0):
-        record["accessed"] = int(accessed)
+def _merge_accessed(record: dict[str, Any], accessed: bytes | float | None) -> dict[str, Any]:
+    """`accessed` is a ZMSCORE reply: a float through redis-py, bytes through the lean client."""
+    if accessed is not None and int(float(accessed)) > record.get("accessed", 0):
+        record["accessed"] = int(float(accessed))
     return record
+
+
+def _pairs(members: dict[str, int]) -> list[Any]:
+    """ZADD's score, member, score, member..."""
+    flat: list[Any] = []
+    for member, score in members.items():
+        flat += (score, member)
+    return flat

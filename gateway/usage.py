@@ -132,7 +132,7 @@ class UsageMeter:
         now = self._clock()
         window = self.window(now)
         counts, self._counts = self._counts, {}
-        limited = {cid for (win, cid, _) in counts if win == window and any(self.limits_for(cid))}
+        limited = {cid for cid in {cid for (win, cid, _) in counts if win == window} if any(self.limits_for(cid))}
         try:
             totals, blocked_raw = await self._exchange(counts, window, sorted(limited))
         except StoreUnavailable:

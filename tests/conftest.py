@@ -39,8 +39,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class RedisProcess:
     """A redis-server of our own, on a free loopback port, that a test may stop and restart."""
 
-    def __init__(self, persistent: bool = False) -> None:
+    def __init__(self, persistent: bool = False, extra: list[str] | None = None) -> None:
         self.persistent = persistent
+        self.extra = extra or []  # more redis-server options, e.g. --requirepass
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="gw-redis-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -56,7 +57,7 @@ class RedisProcess:
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--dir", self.dir, *self.extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

@@ -254,3 +254,35 @@ async def test_usage_of_many_tokens_is_counted_once_each(make_gateway: GatewayFa
                     calls[field.decode()[2:]] = calls.get(field.decode()[2:], 0) + int(value)
         return all(calls.get(str(token["id"])) == 1 for token in tokens)
     await until(counted, timeout=5.0)
+
+
+async def test_embedded_store_runs_the_batched_writes(make_gateway: GatewayFactory, tmp_path: Any) -> None:
+    """The log, usage and accessed writes are Lua scripts and raw batches: the embedded store
+    (fakeredis with lupa) must run them as Redis does."""
+    window = 30
+    gw = await make_gateway(redis={"url": "memory://", "data_file": str(tmp_path / "data.json")},
+                            usage={"window": window, "flush_interval": 0.1}, log={"path": "off", "flush_interval": 0.1},
+                            token_logs={"per_token": 3}, accessed_flush_interval=0.1)
+    if window - time.time() % window < 5:  # all of it inside one window
+        await asyncio.sleep(window - time.time() % window + 0.05)
+    cid = (await gw.call("POST", "/platform/subaccounts", json={"name": "t", "limits": {"api_calls": 4}}))[1][
+        "result"][0]["id"]
+    acting = {"x-flespi-cid": str(cid)}
+    token = (await gw.call("POST", "/platform/tokens", json={"ttl": 600}, headers=acting))[1]["result"][0]
+    await asyncio.sleep(0.3)  # the gateway knows the account's limits
+    for n in range(6):
+        assert (await gw.call("GET", f"/e{n}", key=token["key"]))[0] == 200
+
+    async def logged() -> bool:  # LOG_PUSH appended and trimmed to the cap
+        logs = (await gw.call("GET", f"/platform/tokens/{token['id']}/logs", headers=acting))[1]["result"]
+        return [e.get("uri") for e in logs] == ["/e3", "/e4", "/e5"]
+    await until(logged, timeout=3.0)
+
+    async def blocked() -> bool:  # usage went through USAGE_ADD
+        return (await gw.call("GET", "/x", key=token["key"]))[0] == 429
+    await until(blocked, timeout=3.0)
+
+    async def accessed() -> bool:  # the accessed ZADD reached the store
+        record = (await gw.call("GET", f"/platform/tokens/{token['id']}", headers=acting))[1]
+        return record["result"][0]["accessed"] >= token["created"]
+    await until(accessed, timeout=3.0)

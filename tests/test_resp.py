@@ -1,0 +1,171 @@
+"""The lean RESP client (gateway/resp.py) against real redis-servers and a server that never answers."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from conftest import RedisProcess, free_port
+from gateway.errors import StoreUnavailable
+from gateway.resp import RespClient, lean_client, pack
+from gateway.store import TokenStore
+
+
+@pytest.fixture
+async def lean(redis_url: str) -> AsyncIterator[RespClient]:
+    client = RespClient(redis_url, timeout=2.0, connect_timeout=2.0)
+    yield client
+    await client.close()
+
+
+def test_pack_speaks_the_protocol() -> None:
+    assert pack([("SET", b"k\r\n", 12), ("ZADD", "z", 1.5, "m")]) == (
+        b"*3\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n12\r\n*4\r\n$4\r\nZADD\r\n$1\r\nz\r\n$3\r\n1.5\r\n$1\r\nm\r\n")
+    assert pack([("SET", "clé", "")]) == b"*3\r\n$3\r\nSET\r\n$4\r\ncl\xc3\xa9\r\n$0\r\n\r\n"
+    with pytest.raises(TypeError):
+        pack([("SET", "k", None)])  # type: ignore[list-item]
+
+
+def test_only_plain_and_unix_urls_get_the_lean_client() -> None:
+    assert lean_client("redis://127.0.0.1:6379/0", 1, 1) is not None
+    assert lean_client("unix:///tmp/redis.sock", 1, 1) is not None
+    assert lean_client("rediss://example.com:6380/0", 1, 1) is None
+    assert lean_client("memory://", 1, 1) is None
+
+
+async def test_concurrent_batches_share_one_connection_in_order(lean: RespClient, key_prefix: str) -> None:
+    async def one(n: int) -> list[object]:
+        key = f"{key_prefix}n{n}"
+        return await lean.execute([("SET", key, n), ("INCRBY", key, n), ("GET", key), ("CLIENT", "ID")])
+
+    results = await asyncio.gather(*(one(n) for n in range(300)))
+    for n, (set_reply, incremented, read, _) in enumerate(results):
+        assert (set_reply, incremented, read) == (b"OK", 2 * n, str(2 * n).encode())
+    assert len({client_id for *_, client_id in results}) == 1  # pipelined on one connection
+
+
+async def test_large_replies_arrive_whole(lean: RespClient, key_prefix: str) -> None:
+    key = f"{key_prefix}big"
+    values = [os.urandom(700) for _ in range(3000)]  # ~2 MB: many reads on the socket
+    for start in range(0, len(values), 500):
+        await lean.execute([("RPUSH", key, *values[start:start + 500])])
+    [read] = await lean.execute([("LRANGE", key, 0, -1)])
+    assert read == values
+
+
+async def test_error_replies_raise_and_the_connection_goes_on(lean: RespClient, key_prefix: str) -> None:
+    key = f"{key_prefix}list"
+    await lean.execute([("RPUSH", key, "a")])
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await lean.execute([("INCR", key)])
+    with pytest.raises(NoScriptError):
+        await lean.execute([("EVALSHA", "0" * 40, 0)])
+    assert await lean.execute([("LLEN", key)]) == [1]
+
+
+async def test_scripts_are_loaded_again_after_a_flush(redis_url: str, key_prefix: str) -> None:
+    lean = RespClient(redis_url, timeout=2.0, connect_timeout=2.0)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        store = TokenStore(client, key_prefix, lean)
+        double = store.script("return redis.call('INCRBY', KEYS[1], ARGV[1] * 2)")
+        assert await double([f"{key_prefix}d"], [3]) == 6
+        await lean.execute([("SCRIPT", "FLUSH")])
+        assert await double([f"{key_prefix}d"], [5]) == 16
+    finally:
+        await lean.close()
+        await client.aclose()
+
+
+async def test_password_and_database_from_the_url(key_prefix: str) -> None:
+    server = RedisProcess(extra=["--requirepass", "s3cret"])
+    server.start()
+    try:
+        lean = RespClient(f"redis://:s3cret@127.0.0.1:{server.port}/3", timeout=2.0, connect_timeout=2.0)
+        await lean.execute([("SET", f"{key_prefix}k", "in three")])
+        await lean.close()
+        check = aioredis.Redis(port=server.port, password="s3cret", db=3)
+        assert await check.get(f"{key_prefix}k") == b"in three"
+        await check.aclose()
+        wrong = RespClient(f"redis://:nope@127.0.0.1:{server.port}/0", timeout=2.0, connect_timeout=2.0)
+        with pytest.raises(RedisConnectionError, match="refused the handshake"):
+            await wrong.execute([("PING",)])
+        await wrong.close()
+    finally:
+        server.cleanup()
+
+
+async def test_unix_socket() -> None:
+    path = f"/tmp/gw-test-{os.getpid()}-{free_port()}.sock"
+    server = RedisProcess(extra=["--unixsocket", path, "--unixsocketperm", "700"])
+    server.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        lean = RespClient(f"unix://{path}", timeout=2.0, connect_timeout=2.0)
+        assert await lean.execute([("PING",)]) == [b"PONG"]
+        await lean.close()
+    finally:
+        server.cleanup()
+
+
+async def test_a_silent_server_times_out_and_the_next_call_reconnects() -> None:
+    accepted: list[socket.socket] = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def accept() -> None:
+        while True:
+            connection, _ = await loop.sock_accept(listener)
+            accepted.append(connection)  # read nothing, answer nothing
+
+    acceptor = asyncio.ensure_future(accept())
+    lean = RespClient(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", timeout=0.3, connect_timeout=1.0)
+    try:
+        started = time.monotonic()
+        first = asyncio.ensure_future(lean.execute([("PING",)]))
+        second = asyncio.ensure_future(lean.execute([("PING",)]))  # on the same connection
+        for call in (first, second):
+            with pytest.raises(RedisTimeoutError):
+                await call
+        assert time.monotonic() - started < 2.0
+        assert len(accepted) == 1
+        with pytest.raises(RedisTimeoutError):
+            await lean.execute([("PING",)])
+        assert len(accepted) == 2  # the timed-out connection was dropped, a new one made
+    finally:
+        await lean.close()
+        acceptor.cancel()
+        for connection in accepted:
+            connection.close()
+        listener.close()
+
+
+async def test_redis_away_then_back(own_redis: RedisProcess, key_prefix: str) -> None:
+    lean = RespClient(own_redis.url, timeout=0.5, connect_timeout=0.5)
+    client = aioredis.Redis.from_url(own_redis.url)
+    store = TokenStore(client, key_prefix, lean)
+    try:
+        assert await store.load_many(["a" * 64]) == [None]
+        own_redis.stop()
+        with pytest.raises(StoreUnavailable):
+            await store.load_many(["a" * 64])
+        with pytest.raises(StoreUnavailable):  # nothing listens: refused at once
+            await store.load_many(["a" * 64])
+        own_redis.start()
+        assert await store.load_many(["a" * 64]) == [None]
+    finally:
+        await lean.close()
+        await client.aclose()
