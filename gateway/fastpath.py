@@ -31,11 +31,18 @@ from multidict import CIMultiDict
 
 from .app import Gateway
 from .auth import extract_key
+from .cache import Outcome
 from .clientaddr import client_address, forwarded_for
 from .config import Route
-from .cache import Outcome
-from .errors import (INTERNAL_ERROR, STORAGE_UNAVAILABLE, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied,
-                     StoreUnavailable, error_body)
+from .errors import (
+    INTERNAL_ERROR,
+    STORAGE_UNAVAILABLE,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+    Denied,
+    StoreUnavailable,
+    error_body,
+)
 from .proxy import CORS_PREFIX, HOP_BY_HOP, REQUEST_DROP, pick_route, upstream_target
 from .upstream import NO_BODY_STATUSES, UpstreamConnection, UpstreamFailed, UpstreamPool
 

@@ -39,7 +39,7 @@ def _arg(value: Arg) -> bytes:
     if kind is str:
         return value.encode()  # type: ignore[union-attr]
     if kind is int:
-        return b"%d" % value
+        return str(value).encode()
     if kind is float:
         return repr(value).encode()
     raise TypeError(f"a Redis argument must be bytes, str, int or float, not {kind.__name__}")

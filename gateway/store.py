@@ -91,7 +91,7 @@ class RedisStore:
         async with self.client.pipeline(transaction=False) as pipe:
             for command in commands:
                 pipe.execute_command(*command)
-            return await pipe.execute()  # type: ignore[no-any-return]
+            return await pipe.execute()
 
     def script(self, source: str) -> Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]:
         """A Lua script run with EVALSHA, loaded again if the server lost it (restart, SCRIPT FLUSH).

@@ -16,7 +16,6 @@ from .config import TokenLogSettings
 from .errors import StoreUnavailable
 from .store import RedisStore
 
-
 PUSH_CHUNK = 512  # lines per list and LOG_PUSH call
 CALL_LINES = 2048  # lines per LOG_PUSH call (one round trip)
 CALL_KEYS = 256  # lists per LOG_PUSH call

@@ -14,9 +14,9 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import groupby
 from operator import itemgetter
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -181,7 +181,7 @@ class UsageMeter:
                 for cid in accounts:
                     pipe.hgetall(f"{self._prefix}usage:{window}:{cid}")
                 pipe.hgetall(f"{self._prefix}blocked:{window}")
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
         replies = await self._store.call(run)
         return dict(zip(accounts, replies[:-1])), replies[-1]
 

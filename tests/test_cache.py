@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-
 from conftest import RedisProcess
+
 from gateway.accessed import AccessedWriter
 from gateway.acl import group_members_key
 from gateway.auth import Authenticator

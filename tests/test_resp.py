@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from conftest import RedisProcess, free_port
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from conftest import RedisProcess, free_port
 from gateway.errors import StoreUnavailable
 from gateway.resp import RespClient, lean_client, pack
 from gateway.store import TokenStore
