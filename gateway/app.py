@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class Services:
     housekeeper: Housekeeper
     session: aiohttp.ClientSession
     compiler: TokenCompiler
+    upstream_tls: ssl.SSLContext  # the one context both proxy paths use for https upstreams
 
 
 class Gateway:
@@ -229,9 +231,9 @@ async def _keep_bootstrapping(store: TokenStore, key: str) -> None:
             await asyncio.sleep(1.0)
 
 
-def open_session(settings: Settings) -> aiohttp.ClientSession:
+def open_session(settings: Settings, upstream_tls: ssl.SSLContext) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=settings.proxy.pool_size, ttl_dns_cache=60),
+        connector=aiohttp.TCPConnector(limit=settings.proxy.pool_size, ttl_dns_cache=60, ssl=upstream_tls),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.proxy.connect_timeout,
                                       sock_read=settings.proxy.read_timeout),
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
@@ -265,12 +267,13 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     cache = TokenCache(store, settings.cache, compiler)
     cache.listeners[CHANGED_MESSAGE] = directory.mark_changed
     store.on_publish = accounts.on_publish = cache.receive
+    upstream_tls = settings.proxy.ssl_context()
     built = Services(
         store=store, accounts=accounts, directory=directory, cache=cache,
         accessed=AccessedWriter(store, settings.accessed_flush_interval),
         usage=UsageMeter(store, settings.usage, directory, logs), logs=logs, token_logs=token_logs,
-        housekeeper=Housekeeper(store, settings.housekeeping, logs), session=open_session(settings),
-        compiler=compiler,
+        housekeeper=Housekeeper(store, settings.housekeeping, logs), session=open_session(settings, upstream_tls),
+        compiler=compiler, upstream_tls=upstream_tls,
     )
     app[GATEWAY] = Gateway(settings, built, app[CORS])
     jobs: list[Coroutine[Any, Any, None]] = [

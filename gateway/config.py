@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,13 @@ class ProxySettings:
     token_id_header: str = "X-Token-Id"
     account_id_header: str = "X-Account-Id"
     request_id_header: str = "X-Request-ID"
+    ca_file: str | None = None  # PEM CA certificates for https upstreams; None: the system trust store
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context for https upstreams: `ca_file`'s CAs or the system's, host names checked."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        context.set_alpn_protocols(["http/1.1"])  # both proxy paths speak HTTP/1.1 only
+        return context
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +336,8 @@ def _section(cls: type[Any], raw: Mapping[str, Any], name: str) -> Any:
 
 
 def _cast(key: str, value: Any, default: Any) -> Any:
+    if default is None:  # an optional path: absent or null means none
+        return None if value is None else _typed(key, value, str)
     if isinstance(default, bool):
         return _typed(key, value, bool)
     if isinstance(default, int):
@@ -450,5 +460,18 @@ def _validate(settings: Settings) -> None:
     for header in ("token_id_header", "account_id_header", "request_id_header"):
         if not re.fullmatch(r"[A-Za-z0-9-]+", getattr(settings.proxy, header)):
             raise ConfigError(f"proxy.{header}: must be a header name")
+    if settings.proxy.ca_file is not None:
+        _check_ca_file(settings.proxy, settings.proxy.ca_file)
     if settings.internal_prefix in settings.platform_prefixes:
         raise ConfigError("internal_prefix: must differ from platform_prefixes")
+
+
+def _check_ca_file(proxy: ProxySettings, path: str) -> None:
+    """Load the CA file once now: a bad one stops the start instead of failing every https request."""
+    if not Path(path).is_file():
+        raise ConfigError(f"proxy.ca_file: {path!r} is not a file")
+    try:
+        proxy.ssl_context()
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"proxy.ca_file: {path!r} holds no usable PEM CA certificates ({reason})") from exc

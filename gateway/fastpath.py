@@ -140,7 +140,8 @@ class FastLane:
                     break
             else:
                 netloc = host if url.is_default_port() else f"{host}:{port}"
-                found = (UpstreamPool(host, port, tls, self.gateway.settings.proxy, self.loop), netloc.encode())
+                context = self.gateway.services.upstream_tls if tls else None
+                found = (UpstreamPool(host, port, context, self.gateway.settings.proxy, self.loop), netloc.encode())
             self._pools[route] = found
         return found
 

@@ -262,14 +262,17 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Open connections to one upstream origin: idle ones are reused last-in first-out."""
 
-    def __init__(self, host: str, port: int, tls: bool, settings: ProxySettings,
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, settings: ProxySettings,
                  loop: asyncio.AbstractEventLoop) -> None:
+        """`tls`: the context of an https upstream (certificate and host name checked against `host`), else None."""
         self.host = host
         self.port = port
         self.loop = loop
         self.read_timeout = settings.read_timeout
         self._connect_timeout = settings.connect_timeout
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
+        self._ssl = tls
+        # As aiohttp does: a certificate names a host without the root's trailing dot.
+        self._server_hostname = host.rstrip(".") if tls is not None else None
         self._limit = settings.pool_size
         self._max_idle = settings.pool_size or DEFAULT_IDLE
         self._idle: list[UpstreamConnection] = []
@@ -306,7 +309,8 @@ class UpstreamPool:
         self._open.add(conn)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await self.loop.create_connection(lambda: conn, self.host, self.port, ssl=self._ssl)
+                await self.loop.create_connection(lambda: conn, self.host, self.port, ssl=self._ssl,
+                                              server_hostname=self._server_hostname)
         except TimeoutError:
             self.forget(conn)
             raise UpstreamFailed(True) from None

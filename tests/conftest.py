@@ -6,12 +6,14 @@ import gzip
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -233,13 +235,22 @@ def build_upstream(record: list[Recorded]) -> web.Application:
     return app
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
+@asynccontextmanager
+async def running_upstream(tls: ssl.SSLContext | None = None, name: str = "127.0.0.1") -> AsyncIterator[Upstream]:
+    """The recording upstream on a free loopback port; with `tls` it serves https, its URL naming `name`."""
     recorded: list[Recorded] = []
     server = TestServer(build_upstream(recorded), host="127.0.0.1", port=free_port())
-    await server.start_server()
-    yield Upstream(f"http://127.0.0.1:{server.port}", recorded)
-    await server.close()
+    await server.start_server(ssl=tls)
+    try:
+        yield Upstream(f"{'https' if tls else 'http'}://{name}:{server.port}", recorded)
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with running_upstream() as server:
+        yield server
 
 
 # -- gateways -----------------------------------------------------------------------------------
