@@ -5,7 +5,12 @@ RUN useradd --create-home --uid 10001 gateway
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-RUN pip install --no-cache-dir . && mkdir -p /data && chown gateway /data
+COPY setup.py ./
+# gcc only for the build: setup.py compiles the fast path with mypyc (without it, plain Python).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir . \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /data && chown gateway /data
 COPY config.yaml ./
 
 USER gateway

@@ -1,3 +1,6 @@
 """A token authorization gateway: flespi's token model in front of any HTTP API."""
+from .build import check_fresh
 
 __version__ = "0.1.0"
+
+check_fresh()

@@ -25,6 +25,7 @@ from .accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
 from .aio import cancel_all
 from .api import AUTH_INFO, PlatformApi
 from .auth import Authenticator, extract_key
+from .build import fast_path_compiled
 from .cache import TokenCache
 from .checks import RequestFacts, build_checks
 from .clientaddr import TrustedProxies, client_address, forwarded_for
@@ -200,7 +201,8 @@ class Gateway:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"result": [{"status": "ok", "pid": os.getpid(), "tokens_cached": len(self.cache),
-                                             "invalidation": self.cache.subscribed.is_set()}]})
+                                             "invalidation": self.cache.subscribed.is_set(),
+                                             "fast_path": "compiled" if fast_path_compiled() else "interpreted"}]})
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

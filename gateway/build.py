@@ -1,0 +1,38 @@
+"""Which modules run compiled, and a guard against running a stale compiled module.
+
+`setup.py` compiles the fast path (`fastpath.py`, `upstream.py`) with mypyc when it can; the
+compiled module (`fastpath.cpython-311-...so`) then sits beside its source and Python imports it
+first. In a source checkout (an editable install) the source can change afterwards; running the
+old compiled code would be silently wrong, so importing the package refuses instead.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+from pathlib import Path
+
+COMPILED = ("fastpath", "upstream")  # the same modules as setup.py's COMPILED
+HERE = Path(__file__).resolve().parent
+
+
+def fast_path_compiled() -> bool:
+    """Whether the fast path's modules were imported as compiled extensions."""
+    for name in COMPILED:
+        spec = importlib.util.find_spec(f"{__package__}.{name}")
+        if spec is None or spec.origin is None or spec.origin.endswith(".py"):
+            return False
+    return True
+
+
+def check_fresh(package: Path = HERE) -> None:
+    """In a checkout, refuse a compiled module older than its source (edited since the build)."""
+    if not (package.parent / "pyproject.toml").exists():
+        return  # an installed package: its files change only by installing again
+    for name in COMPILED:
+        source = package / f"{name}.py"
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            built = package / f"{name}{suffix}"
+            if built.exists() and source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+                raise ImportError(
+                    f"{source} changed after it was compiled to {built.name}: run `pip install -e .` "
+                    f"again to rebuild it, or delete {built.name} to run the module as Python")

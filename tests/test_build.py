@@ -1,0 +1,61 @@
+"""The compiled fast path (setup.py, gateway/build.py): which one runs, and no stale build runs."""
+from __future__ import annotations
+
+import importlib.machinery
+import os
+from pathlib import Path
+
+import pytest
+from conftest import GatewayHandle
+
+from gateway.build import COMPILED, check_fresh, fast_path_compiled
+
+
+def make_package(root: Path, checkout: bool) -> Path:
+    package = root / "gateway"
+    package.mkdir()
+    if checkout:
+        (root / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    for name in COMPILED:
+        (package / f"{name}.py").write_text("# source\n")
+        (package / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"\x7fELF")
+    return package
+
+
+def age(path: Path, seconds: float) -> None:
+    stat = path.stat()
+    os.utime(path, (stat.st_atime - seconds, stat.st_mtime - seconds))
+
+
+def test_a_source_edited_after_the_build_is_refused(tmp_path: Path) -> None:
+    package = make_package(tmp_path, checkout=True)
+    check_fresh(package)  # built after the sources: fine
+    built = package / f"fastpath{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    age(built, 60)  # fastpath.py is now newer than what was compiled from it
+    with pytest.raises(ImportError, match=r"fastpath\.py changed after it was compiled.*pip install -e \."):
+        check_fresh(package)
+    built.unlink()  # no compiled module: the source runs, nothing to refuse
+    check_fresh(package)
+
+
+def test_an_installed_package_is_not_second_guessed(tmp_path: Path) -> None:
+    package = make_package(tmp_path, checkout=False)  # site-packages: no pyproject.toml beside it
+    for name in COMPILED:
+        age(package / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[0]}", 60)
+    check_fresh(package)
+
+
+@pytest.mark.skipif(os.environ.get("EXPECT_COMPILED_FAST_PATH") != "1",
+                    reason="set by .ci/run, where a C compiler is")
+def test_the_fast_path_was_compiled() -> None:
+    """CI builds with a C compiler: a build that fell back to Python (setup.py prints why) fails here
+    instead of passing unnoticed, slower."""
+    assert fast_path_compiled()
+
+
+async def test_health_says_which_fast_path_runs(gw: GatewayHandle) -> None:
+    status, body = await gw.call("GET", "/_gateway/health")
+    assert status == 200
+    assert body["result"][0]["fast_path"] == ("compiled" if fast_path_compiled() else "interpreted")
+    import gateway.fastpath
+    assert fast_path_compiled() == (not gateway.fastpath.__file__.endswith(".py"))
