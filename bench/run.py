@@ -404,6 +404,11 @@ def create_token(gateway_url: str) -> dict[str, Any]:
     return json.loads(body)["result"][0]  # type: ignore[no-any-return]
 
 
+def fast_path_kind(gateway_url: str) -> str:
+    status, body = http("GET", gateway_url + "/_gateway/health", timeout=2)
+    return str(json.loads(body)["result"][0].get("fast_path", "?")) if status == 200 else "?"
+
+
 def cached_tokens(gateway_url: str) -> int:
     status, body = http("GET", gateway_url + "/_gateway/health", timeout=2)
     return int(json.loads(body)["result"][0]["tokens_cached"]) if status == 200 else -1
@@ -737,6 +742,7 @@ def main() -> int:
         gw1 = start_gateway(procs, "gateway-1", upstream, redis_url, 1)
         token = create_token(gw1.url)
         key = token["key"]
+        machine["gateway fast path"] = fast_path_kind(gw1.url)  # compiled with mypyc, or Python
         gwn = start_gateway(procs, f"gateway-{workers_n}", upstream, redis_url, workers_n)
         naive_url, naive_process = start_naive(procs, upstream, redis_url)
         floor_url, floor_process = start_naive(procs, upstream, redis_url, check=False)
