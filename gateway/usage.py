@@ -202,7 +202,7 @@ class UsageMeter:
                 for cid, token_id, reason in decisions:
                     pipe.hsetnx(key, str(token_id), orjson.dumps({"cid": cid, "reason": reason}))
                 pipe.expire(key, self._settings.window * 3)
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
         replies = await self._store.call(run)
         until = (window + 1) * self._settings.window
         for (cid, token_id, reason), first in zip(decisions, replies):
@@ -220,8 +220,9 @@ class UsageMeter:
             async with self._store.client.pipeline(transaction=False) as pipe:
                 for token_id, block in ended:
                     key = f"{self._prefix}unblocked:{self.window(block.until - 1)}"
-                    pipe.hsetnx(key, str(token_id), 1).expire(key, self._settings.window * 3)
-                return await pipe.execute()  # type: ignore[no-any-return]
+                    pipe.hsetnx(key, str(token_id), 1)
+                    pipe.expire(key, self._settings.window * 3)
+                return await pipe.execute()
         replies = await self._store.call(run)
         for (token_id, block), first in zip(ended, replies[::2]):
             del self.blocked[token_id]
