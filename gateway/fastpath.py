@@ -200,6 +200,9 @@ class FrontProtocol(asyncio.Protocol):
         self._closed = False
         self._closing = False
         self._eof = False
+        # Set by the parser callbacks that refuse an oversized head: the exception they raise
+        # reaches data_received wrapped by httptools, and a flag does not depend on its chaining.
+        self._head_too_large = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -228,7 +231,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__ or error.__cause__
-            if isinstance(cause, HeadTooLarge):
+            if self._head_too_large or isinstance(cause, HeadTooLarge):
                 self._refuse(431, "request header too large")
             else:
                 log.exception("request parsing failed")
@@ -284,6 +287,7 @@ class FrontProtocol(asyncio.Protocol):
         assert incoming is not None
         incoming.url += url
         if len(incoming.url) > MAX_URL:
+            self._head_too_large = True
             raise HeadTooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -291,6 +295,7 @@ class FrontProtocol(asyncio.Protocol):
         assert incoming is not None
         size = incoming.head_size = incoming.head_size + len(name) + len(value) + 4
         if len(value) > MAX_FIELD or size > MAX_HEAD or len(incoming.headers) >= MAX_HEADERS:
+            self._head_too_large = True
             raise HeadTooLarge()
         lower = name.lower()
         incoming.headers.append((lower, name, value))
