@@ -139,12 +139,7 @@ class TokenCache:
     def _load(self, digest: str) -> asyncio.Future[Token | None]:
         """A future for the key's token; a key not already being loaded joins the next batch."""
         waiter: asyncio.Future[Token | None] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.get(digest)
-        if waiters is None:
-            self._waiters[digest] = [waiter]
-            self._enqueue(digest)
-        else:
-            waiters.append(waiter)
+        self._wait(digest, waiter)
         return waiter
 
     def load_then(self, digest: str, callback: Callable[[Outcome], None]) -> bool:
@@ -156,13 +151,17 @@ class TokenCache:
         """
         if digest in self._entries:
             return False
+        self._wait(digest, callback)
+        return True
+
+    def _wait(self, digest: str, waiter: Waiter) -> None:
+        """The waiter joins the key's load in progress, or the key joins the next batch."""
         waiters = self._waiters.get(digest)
         if waiters is None:
-            self._waiters[digest] = [callback]
+            self._waiters[digest] = [waiter]
             self._enqueue(digest)
         else:
-            waiters.append(callback)
-        return True
+            waiters.append(waiter)
 
     def _enqueue(self, digest: str) -> None:
         self._queued.append(digest)
