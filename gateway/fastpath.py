@@ -229,9 +229,8 @@ class FrontProtocol(asyncio.Protocol):
             if tail:
                 self._raw_data(tail)
             return
-        except httptools.HttpParserCallbackError as error:
-            cause = error.__context__ or error.__cause__
-            if self._head_too_large or isinstance(cause, HeadTooLarge):
+        except httptools.HttpParserCallbackError:
+            if self._head_too_large:
                 self._refuse(431, "request header too large")
             else:
                 log.exception("request parsing failed")

@@ -335,8 +335,8 @@ class TokenStore(RedisStore):
 
 def _merge_accessed(record: dict[str, Any], accessed: bytes | float | None) -> dict[str, Any]:
     """`accessed` is a ZMSCORE reply: a float through redis-py, bytes through the lean client."""
-    if accessed is not None and int(float(accessed)) > record.get("accessed", 0):
-        record["accessed"] = int(float(accessed))
+    if accessed is not None:
+        record["accessed"] = max(int(float(accessed)), record.get("accessed", 0))
     return record
 
 

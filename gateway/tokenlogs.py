@@ -110,7 +110,7 @@ class RedisLogSink:
                         self._held -= len(pending.pop(key))  # written in full: not again next batch
         except StoreUnavailable:
             # The rest is kept for the next batch (a list cut between two calls may get some lines
-            # twice; a list not yet trimmed is trimmed by its next write).
+            # twice).
             return
         self._pending, self._caps, self._held = {}, {}, 0
         self._store.touched()
