@@ -15,7 +15,7 @@ from pathlib import Path
 # here: modules that take records and API input as they come (acl, compiler, validation, api),
 # where mypyc's run-time type checks would turn malformed data into TypeErrors.
 COMPILED = ("fastpath", "upstream", "auth", "cache", "checks", "paths", "accessed", "logs", "tokenlogs",
-            "usage", "resp")
+            "usage", "resp", "tokens")
 HERE = Path(__file__).resolve().parent
 
 

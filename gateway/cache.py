@@ -55,6 +55,10 @@ class TokenCache:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._settings = settings
+        # Read on every lookup: plain floats here, not properties of the settings object.
+        self._refresh_after = settings.refresh_interval
+        self._max_age = settings.max_age
+        self._negative_ttl = settings.negative_ttl
         self._compiler = compiler
         self._clock = clock
         self._entries: dict[str, Token | Unknown] = {}
@@ -84,17 +88,17 @@ class TokenCache:
         token = entry if isinstance(entry, Token) else None
         if entry.epoch == self._epoch:
             if token is None:
-                if age < self._settings.negative_ttl:
+                if age < self._negative_ttl:
                     return None
-            elif age < self._settings.refresh_interval:
+            elif age < self._refresh_after:
                 return token
-            elif age < self._settings.max_age:
+            elif age < self._max_age:
                 self._refresh_in_background(digest, token)
                 return token
         try:
             return await self._load(digest)
         except StoreUnavailable:
-            if token is not None and age < self._settings.max_age:
+            if token is not None and age < self._max_age:
                 return token
             raise
 
@@ -109,10 +113,10 @@ class TokenCache:
             return False, None
         age = self._clock() - entry.loaded
         if not isinstance(entry, Token):
-            return (True, None) if age < self._settings.negative_ttl else (False, None)
-        if age < self._settings.refresh_interval:
+            return (True, None) if age < self._negative_ttl else (False, None)
+        if age < self._refresh_after:
             return True, entry
-        if age < self._settings.max_age:
+        if age < self._max_age:
             self._refresh_in_background(digest, entry)
             return True, entry
         return False, None

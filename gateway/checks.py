@@ -6,36 +6,55 @@ is the ordered list built by `build_checks`, run in one loop by the authenticato
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from .accounts import AccountDirectory, check_acting_account
 from .errors import TOKEN_DISABLED, UNAUTHORIZED_LOCATION, UNAUTHORIZED_ORIGIN, Denied
-from .paths import forwarded_path
+from .paths import checked_path, forwarded_path
 from .tokens import Token, TokenType
 from .usage import UsageMeter
 
 
-@dataclass(slots=True)
 class RequestFacts:
     """What the checks may know about a request; `forward_path` may be narrowed by the ACL.
 
     `origin_allowed` is set by the origin check when it passes; it is what lets a reply be shared
     with the requesting page, so a refusal raised before that check is never readable by the page.
+
+    A plain class, not a dataclass: one is made per request, and compiled, a dataclass is still
+    initialised through its generated Python `__init__`.
     """
 
-    method: str
-    path: str
-    forward_path: str
-    query: str
-    client_ip: str
-    origin: str | None
-    acting_cid: int | None
-    now: float
-    token: Token | None = None
-    origin_allowed: bool = False
+    __slots__ = ("method", "path", "forward_path", "query", "client_ip", "origin", "acting_cid", "now", "token",
+                 "origin_allowed")
+
+    def __init__(self, method: str, path: str, forward_path: str, query: str, client_ip: str, origin: str | None,
+                 acting_cid: int | None, now: float, token: Token | None = None, origin_allowed: bool = False) -> None:
+        self.method = method
+        self.path = path
+        self.forward_path = forward_path
+        self.query = query
+        self.client_ip = client_ip
+        self.origin = origin
+        self.acting_cid = acting_cid
+        self.now = now
+        self.token = token
+        self.origin_allowed = origin_allowed
 
 
 Check = Callable[[Token, RequestFacts], None]
+
+
+def request_facts(method: str, raw_path: str, query: str, cid_header: str | None, origin: str | None,
+                  client_ip: str, now: float) -> RequestFacts:
+    """What the checks see; refuses an ambiguous path or a malformed x-flespi-cid with 400."""
+    path = checked_path(raw_path)
+    acting_cid = None
+    if cid_header is not None:
+        cid = cid_header.strip()
+        if not cid.isdigit() or not cid.isascii():
+            raise Denied(400, "invalid x-flespi-cid header: must be an account id")
+        acting_cid = int(cid)
+    return RequestFacts(method, path, raw_path, query, client_ip, origin, acting_cid, now)
 
 
 def check_enabled(token: Token, facts: RequestFacts) -> None:
@@ -95,7 +114,8 @@ def type_check(platform_prefixes: Sequence[str], open_paths: frozenset[str]) -> 
 def account_check(directory: AccountDirectory) -> Check:
     """Acting as account N (x-flespi-cid) needs N to be the token's account or below it."""
     def check_account(token: Token, facts: RequestFacts) -> None:
-        check_acting_account(directory, token.cid, facts.acting_cid)
+        if facts.acting_cid is not None:
+            check_acting_account(directory, token.cid, facts.acting_cid)
     return check_account
 
 

@@ -42,11 +42,13 @@ class Route:
 
     prefix: str
     upstream: URL
+    # Like nginx proxy_pass with a URI part: the matched prefix is replaced by the URL's path.
+    # Worked out once here: every proxied request asks.
+    replaces_prefix: bool = field(init=False, compare=False, repr=False)
 
-    @property
-    def replaces_prefix(self) -> bool:
-        # Like nginx proxy_pass with a URI part: the matched prefix is replaced by the URL's path.
-        return self.upstream.raw_path not in ("", "/") or str(self.upstream).endswith("/")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "replaces_prefix",
+                           self.upstream.raw_path not in ("", "/") or str(self.upstream).endswith("/"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,8 +30,10 @@ import httptools
 from multidict import CIMultiDict
 
 from .app import Gateway
+from .api import AUTH_INFO, PLATFORM
 from .auth import extract_key
 from .cache import Outcome
+from .checks import request_facts
 from .clientaddr import client_address, forwarded_for
 from .config import Route
 from .errors import (
@@ -43,7 +45,9 @@ from .errors import (
     StoreUnavailable,
     error_body,
 )
-from .proxy import CORS_PREFIX, HOP_BY_HOP, REQUEST_DROP, pick_route, upstream_target
+from .logs import request_record
+from .paths import pick_route, upstream_target
+from .proxy import CORS_PREFIX, HOP_BY_HOP, REQUEST_DROP
 from .upstream import NO_BODY_STATUSES, UpstreamConnection, UpstreamFailed, UpstreamPool
 
 log = logging.getLogger("gateway.fastpath")
@@ -101,7 +105,8 @@ class FastLane:
         self.loop = asyncio.get_running_loop()
         self.connections: set[FrontProtocol] = set()
         self.closing = False
-        self._pools: dict[Route, tuple[UpstreamPool, bytes]] = {}
+        # By route prefix (unique per route): hashing the Route itself hashes its URL, per request.
+        self._pools: dict[str, tuple[UpstreamPool, bytes]] = {}
         self._date = b""
         self._date_second = -1
         drop = {name.encode() for name in HOP_BY_HOP | REQUEST_DROP} | {b"content-length", b"host"}
@@ -115,6 +120,10 @@ class FastLane:
         self.request_id_name = proxy.request_id_header.encode()
         self.preserve_host = proxy.preserve_host
         self.internal_prefix = settings.internal_prefix
+        # Paths that start with none of these are never the API's nor the gateway's own.
+        self.not_proxied = (PLATFORM, AUTH_INFO, settings.internal_prefix)
+        self.token_id_name = proxy.token_id_header.encode()
+        self.account_id_name = proxy.account_id_header.encode()
         self.realm_challenge = f'FlespiToken realm="{settings.realm}"'.encode()
         self._sweeper: asyncio.Task[None] | None = None
         # Requests answered by an Exchange, and connections handed to aiohttp (for tests and stats).
@@ -129,20 +138,20 @@ class FastLane:
 
     def pool(self, route: Route) -> tuple[UpstreamPool, bytes]:
         """The connection pool of a route's upstream, and the Host header it is sent."""
-        found = self._pools.get(route)
+        found = self._pools.get(route.prefix)
         if found is None:
             url = route.upstream
             tls = url.scheme == "https"
             host, port = url.raw_host or "localhost", url.port or (443 if tls else 80)
-            for other, (pool, host_header) in self._pools.items():
-                if (pool.host, pool.port) == (host, port) and other.upstream.scheme == url.scheme:
+            for pool, host_header in self._pools.values():
+                if (pool.host, pool.port) == (host, port) and (pool.tls is not None) == tls:
                     found = (pool, host_header)
                     break
             else:
                 netloc = host if url.is_default_port() else f"{host}:{port}"
                 context = self.gateway.services.upstream_tls if tls else None
                 found = (UpstreamPool(host, port, context, self.gateway.settings.proxy, self.loop), netloc.encode())
-            self._pools[route] = found
+            self._pools[route.prefix] = found
         return found
 
     def date(self) -> bytes:
@@ -500,16 +509,18 @@ class Exchange:
         incoming, gateway, front = self.incoming, self.lane.gateway, self.front
         index = incoming.index
         now = time.time()
-        incoming_id = index.get(self.lane.request_id_header)
-        self.request_id = gateway.request_id(
-            incoming_id.decode("latin-1") if incoming_id and front.trusted_peer else None, front.peer).encode()
+        incoming_id = index.get(self.lane.request_id_header) if front.trusted_peer else None
+        self.request_id = (gateway.request_id(incoming_id.decode("latin-1"), front.peer) if incoming_id
+                           else gateway.request_ids.next()).encode()
         try:
             raw_path, _, query = incoming.url.decode("utf-8", "surrogateescape").partition("?")
             cid = index.get(b"x-flespi-cid")
-            self.facts = facts = gateway.facts_for(
+            self.facts = facts = request_facts(
                 incoming.method.decode(), raw_path, query,
                 cid.decode("utf-8", "surrogateescape") if cid is not None else None, None, self._client_ip(), now)
-            if gateway.api.handles(facts.path) or facts.path.startswith(self.lane.internal_prefix):
+            path = facts.path
+            if path.startswith(self.lane.not_proxied) and (gateway.api.handles(path)
+                                                           or path.startswith(self.lane.internal_prefix)):
                 front.hand_over(incoming)
                 return
             incoming.target = self
@@ -660,9 +671,12 @@ class Exchange:
             client_host if lane.preserve_host and client_host else host)]
         for lower, name, value in incoming.headers:
             if lower not in drop:
-                parts.append(b"%s: %s\r\n" % (name, value))
-        for header, text in gateway.identity_headers(self.served, self.facts, self.request_id.decode()):
-            parts.append(b"%s: %s\r\n" % (header.encode(), text.encode("latin-1")))
+                parts += (name, b": ", value, b"\r\n")
+        # Gateway.identity_headers, as bytes.
+        served, facts = self.served, self.facts
+        parts.append(b"%s: %d\r\n%s: %d\r\n%s: %s\r\n" % (
+            lane.token_id_name, served.id, lane.account_id_name,
+            facts.acting_cid if facts.acting_cid is not None else served.cid, lane.request_id_name, self.request_id))
         front = self.front
         trusted = front.trusted_peer
         forwarded = (forwarded_for(front.peer, self._multidict(), gateway.trusted) if trusted
@@ -710,24 +724,25 @@ class Exchange:
 
     # -- the reply (UpstreamSink) ----------------------------------------------------------------
 
-    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None,
+    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]], length: int | None,
                 chunked: bool) -> None:
         lane = self.lane
         self.status = status
         drop = lane.response_drop
-        named: set[bytes] = set()
-        for name, value in headers:
-            if name.lower() == b"connection":
+        named: set[bytes] | None = None
+        for lower, _, value in headers:
+            if lower == b"connection":
+                if named is None:
+                    named = set()
                 named.update(item.strip().lower() for item in value.split(b","))
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         date = None
-        for name, value in headers:
-            lower = name.lower()
-            if lower in drop or lower in named or lower.startswith(CORS_PREFIX_BYTES):
+        for lower, name, value in headers:
+            if lower in drop or (named is not None and lower in named) or lower.startswith(CORS_PREFIX_BYTES):
                 if lower == b"date":
                     date = value
                 continue
-            out.append(b"%s: %s\r\n" % (name, value))
+            out += (name, b": ", value, b"\r\n")
         out.append(b"Date: %s\r\n%s: %s\r\n" % (date or lane.date(), lane.request_id_name, self.request_id))
         if status in NO_BODY_STATUSES:
             pass
@@ -841,8 +856,10 @@ class Exchange:
         if facts is not None and token is not None:
             if self.served is not None:
                 gateway.usage.record(self.served, self.served.cid, self.sent_bytes + self.received_bytes, facts.now)
-            gateway.log_request(facts, token, _text(self.incoming.index.get(b"x-flespi-app")) or "", self.status,
-                                time.perf_counter() - self.started, self.received_bytes, self.request_id.decode())
+            gateway.logs.emit(request_record(
+                facts.now, token.id, token.cid, facts.client_ip, _text(self.incoming.index.get(b"x-flespi-app")) or "",
+                facts.method, facts.path, self.status, time.perf_counter() - self.started, self.received_bytes,
+                self.request_id.decode()))
         if self.incoming.complete or self.close_after:
             self.front.exchange_done(self, self.close_after)
         # else: FrontProtocol reads the rest of the body (request_body ignores it) and then calls

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -17,6 +19,31 @@ log = logging.getLogger("gateway.logs")
 # Records serialized and handed to the sinks per step; the writer yields to requests in between,
 # so a second's worth of lines (tens of thousands) never holds the event loop for long.
 SLICE = 256
+APP_HEADER_LIMIT = 64  # characters of x-flespi-app kept in a log record
+
+
+class RequestIds:
+    """Request ids: a random per-process prefix and a counter, unique across processes (a uuid4 per
+    request cost ~3 %)."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._count = 0
+
+    def next(self) -> str:
+        self._count += 1
+        return f"{self._prefix}{self._count:016x}"
+
+
+def request_record(now: float, token_id: int, cid: int, host: str, app: str, method: str, uri: str, status: int,
+                   duration: float, size: int, request_id: str) -> dict[str, Any]:
+    """The log record of one request (event 1000), whichever path served it."""
+    return {
+        "timestamp": now, "event_code": 1000, "token_id": token_id, "cid": cid, "host": host,
+        "app": app[:APP_HEADER_LIMIT], "method": method, "uri": uri, "status": status,
+        # To the microsecond, as round(duration, 6) does, without its decimal conversion.
+        "duration": math.floor(duration * 1e6 + 0.5) / 1e6, "size": size, "request_id": request_id,
+    }
 
 
 class Sink(Protocol):

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
-from urllib.parse import quote
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -13,6 +12,7 @@ from yarl import URL
 
 from .config import ProxySettings, Route
 from .errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied
+from .paths import upstream_target
 
 log = logging.getLogger("gateway.proxy")
 HOP_BY_HOP = frozenset({
@@ -27,27 +27,6 @@ CORS_PREFIX = "access-control-"
 NO_BODY_STATUSES = frozenset({204, 304})
 Finish = Callable[[web.StreamResponse], None]
 CHUNK = 256 * 1024
-
-
-def pick_route(routes: Iterable[Route], path: str) -> Route | None:
-    """Longest prefix wins (routes are kept sorted longest first)."""
-    for route in routes:
-        if path.startswith(route.prefix):
-            return route
-    return None
-
-
-def upstream_target(route: Route, path: str, raw_path: str, query: str) -> str:
-    """The request target (path and query) to send upstream: the path exactly as received unless the
-    route rewrites its prefix (nginx style)."""
-    if route.replaces_prefix:
-        if raw_path.startswith(route.prefix):
-            rest = raw_path[len(route.prefix):]
-        else:
-            rest = quote(path[len(route.prefix):], safe="/:@!$&'()*+,=-._~")
-        base = route.upstream.raw_path
-        raw_path = base.rstrip("/") + "/" + rest if base.endswith("/") or route.prefix.endswith("/") else base + rest
-    return raw_path + (f"?{query}" if query else "")
 
 
 def upstream_url(route: Route, path: str, raw_path: str, query: str) -> URL:

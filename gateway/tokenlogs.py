@@ -63,6 +63,8 @@ class RedisLogSink:
     def add(self, records: list[dict[str, Any]], lines: list[bytes]) -> None:
         pending, caps = self._pending, self._caps
         per_token, per_account = self._settings.per_token, self._settings.per_account
+        # A slice is mostly a few busy tokens: their two lists are named once per slice.
+        named: dict[tuple[Any, Any], tuple[tuple[str, int], tuple[str, int]]] = {}
         for record, line in zip(records, lines, strict=True):
             token_id = record.get("token_id")
             if token_id is None:
@@ -70,8 +72,12 @@ class RedisLogSink:
             if self._held >= self._max_retained:
                 self.dropped += 1
                 continue
-            for key, cap in ((self.token_key(int(token_id)), per_token),
-                             (self.account_key(int(record.get("cid") or 0)), per_account)):
+            cid = record.get("cid")
+            lists = named.get((token_id, cid))
+            if lists is None:
+                lists = named[(token_id, cid)] = ((self.token_key(int(token_id)), per_token),
+                                                   (self.account_key(int(cid or 0)), per_account))
+            for key, cap in lists:
                 held = pending.get(key)
                 if held is None:
                     held = pending[key] = []

@@ -30,8 +30,9 @@ NO_BODY_STATUSES = frozenset({204, 304})
 
 
 class UpstreamSink(Protocol):
-    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None,
-                chunked: bool) -> None: ...
+    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]], length: int | None,
+                chunked: bool) -> None:
+        """`headers`: (lowercased name, name, value) for each header, in order."""
 
     def on_body(self, data: bytes) -> None: ...
 
@@ -75,7 +76,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _reset(self) -> None:
         self._status = 0
         self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[tuple[bytes, bytes, bytes]] = []  # (lowercased name, name, value)
         self._informational = False
         self._head_done = False
         self._until_close = False
@@ -166,7 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        self._headers.append((name.lower(), name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -177,8 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = status
         length: int | None = None
         chunked = False
-        for name, value in self._headers:
-            lower = name.lower()
+        for lower, _, value in self._headers:
             if lower == b"content-length":
                 length = int(value)
             elif lower == b"transfer-encoding":
@@ -270,7 +270,7 @@ class UpstreamPool:
         self.loop = loop
         self.read_timeout = settings.read_timeout
         self._connect_timeout = settings.connect_timeout
-        self._ssl = tls
+        self.tls = tls
         # As aiohttp does: a certificate names a host without the root's trailing dot.
         self._server_hostname = host.rstrip(".") if tls is not None else None
         self._limit = settings.pool_size
@@ -309,7 +309,7 @@ class UpstreamPool:
         self._open.add(conn)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await self.loop.create_connection(lambda: conn, self.host, self.port, ssl=self._ssl,
+                await self.loop.create_connection(lambda: conn, self.host, self.port, ssl=self.tls,
                                               server_hostname=self._server_hostname)
         except TimeoutError:
             self.forget(conn)
