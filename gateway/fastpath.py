@@ -29,11 +29,11 @@ from typing import Any
 import httptools
 from multidict import CIMultiDict
 
-from .app import Gateway
 from .api import AUTH_INFO, PLATFORM
-from .auth import extract_key
+from .app import Gateway
+from .auth import Authenticator, extract_key
 from .cache import Outcome
-from .checks import request_facts
+from .checks import RequestFacts, request_facts
 from .clientaddr import client_address, forwarded_for
 from .config import Route
 from .errors import (
@@ -45,10 +45,12 @@ from .errors import (
     StoreUnavailable,
     error_body,
 )
-from .logs import request_record
+from .logs import LogWriter, RequestIds, request_record
 from .paths import pick_route, upstream_target
 from .proxy import CORS_PREFIX, HOP_BY_HOP, REQUEST_DROP
 from .upstream import NO_BODY_STATUSES, UpstreamConnection, UpstreamFailed, UpstreamPool
+from .tokens import Token
+from .usage import UsageMeter
 
 log = logging.getLogger("gateway.fastpath")
 FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE"})
@@ -102,6 +104,13 @@ class FastLane:
         self.handler_factory = handler_factory
         settings = gateway.settings
         proxy = settings.proxy
+        # The services every request uses, held here as typed attributes: reaching them through
+        # the (interpreted) Gateway costs an attribute lookup by name each time.
+        self.auth: Authenticator = gateway.auth
+        self.usage: UsageMeter = gateway.usage
+        self.logs: LogWriter = gateway.logs
+        self.request_ids: RequestIds = gateway.request_ids
+        self.routes: tuple[Route, ...] = settings.routes
         self.loop = asyncio.get_running_loop()
         self.connections: set[FrontProtocol] = set()
         self.closing = False
@@ -485,9 +494,9 @@ class Exchange:
         self.lane = front.lane
         self.incoming = incoming
         self.started = time.perf_counter()
-        self.facts: Any = None
-        self.token: Any = None  # the token found (it may still have been refused)
-        self.served: Any = None  # the token that passed every check
+        self.facts: RequestFacts | None = None
+        self.token: Token | None = None  # the token found (it may still have been refused)
+        self.served: Token | None = None  # the token that passed every check
         self.request_id = b""
         self.conn: UpstreamConnection | None = None
         self.task: asyncio.Task[None] | None = None
@@ -506,12 +515,13 @@ class Exchange:
     # -- deciding --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        incoming, gateway, front = self.incoming, self.lane.gateway, self.front
+        incoming, lane, front = self.incoming, self.lane, self.front
+        gateway = lane.gateway
         index = incoming.index
         now = time.time()
-        incoming_id = index.get(self.lane.request_id_header) if front.trusted_peer else None
+        incoming_id = index.get(lane.request_id_header) if front.trusted_peer else None
         self.request_id = (gateway.request_id(incoming_id.decode("latin-1"), front.peer) if incoming_id
-                           else gateway.request_ids.next()).encode()
+                           else lane.request_ids.next()).encode()
         try:
             raw_path, _, query = incoming.url.decode("utf-8", "surrogateescape").partition("?")
             cid = index.get(b"x-flespi-cid")
@@ -519,13 +529,12 @@ class Exchange:
                 incoming.method.decode(), raw_path, query,
                 cid.decode("utf-8", "surrogateescape") if cid is not None else None, None, self._client_ip(), now)
             path = facts.path
-            if path.startswith(self.lane.not_proxied) and (gateway.api.handles(path)
-                                                           or path.startswith(self.lane.internal_prefix)):
+            if path.startswith(lane.not_proxied) and (gateway.api.handles(path) or path.startswith(lane.internal_prefix)):
                 front.hand_over(incoming)
                 return
             incoming.target = self
             key = extract_key(_text(index.get(b"authorization")))
-            token = gateway.auth.authenticate_cached(key, facts)
+            token = lane.auth.authenticate_cached(key, facts)
         except Denied as denied:
             incoming.target = self
             self.token = self.facts.token if self.facts is not None else None
@@ -539,7 +548,7 @@ class Exchange:
         if token is not None:
             self.token = self.served = token
             self._forward()
-        elif key is not None and gateway.auth.when_loaded(key, self._loaded):
+        elif key is not None and lane.auth.when_loaded(key, self._loaded):
             self.key = key  # a plain miss: `_loaded` goes on once the record's batch is read
         else:
             self.task = asyncio.ensure_future(self._authenticate())
@@ -552,11 +561,14 @@ class Exchange:
         if isinstance(outcome, asyncio.CancelledError):
             self.fail(503, STORAGE_UNAVAILABLE, {})  # shutting down
             return
+        facts = self.facts
         try:
+            if facts is None:
+                raise RuntimeError("a request decided before its facts were known")
             # Another request's load may have filled the entry even if this one failed.
-            token = self.lane.gateway.auth.authenticate_cached(key, self.facts)
+            token = self.lane.auth.authenticate_cached(key, facts)
         except Denied as denied:
-            self.token = self.facts.token
+            self.token = facts.token if facts is not None else None
             self.fail(denied.status, denied.reason, denied.headers)
             return
         except Exception:
@@ -586,13 +598,19 @@ class Exchange:
                            for _, name, value in self.incoming.headers)
 
     async def _authenticate(self) -> None:
-        gateway = self.lane.gateway
+        facts = self.facts
         try:
-            token = await gateway.auth.authenticate(extract_key(_text(self.incoming.index.get(b"authorization"))),
-                                                    self.facts)
+            if facts is None:
+                raise RuntimeError("a request decided before its facts were known")
+            token = await self.lane.auth.authenticate(
+                extract_key(_text(self.incoming.index.get(b"authorization"))), facts)
         except Denied as denied:
-            self.token = self.facts.token
+            self.token = facts.token if facts is not None else None
             self.fail(denied.status, denied.reason, denied.headers)
+            return
+        except Exception:
+            log.exception("unexpected error while authenticating; request denied")
+            self.fail(500, INTERNAL_ERROR, {})
             return
         self.task = None
         if self.done:
@@ -612,7 +630,8 @@ class Exchange:
 
     def _forward(self) -> None:
         lane, facts = self.lane, self.facts
-        route = pick_route(lane.gateway.settings.routes, facts.path)
+        assert facts is not None  # _forward runs only for a request its checks let through
+        route = pick_route(lane.routes, facts.path)
         if route is None:
             self.fail(404, f"no upstream for {facts.path}", {})
             return
@@ -662,21 +681,24 @@ class Exchange:
         drop = lane.request_drop
         connection = index.get(b"connection")
         if connection is not None:
-            named = {item.strip().lower() for lower, _name, value in incoming.headers if lower == b"connection"
-                     for item in value.split(b",")}
-            drop = drop | named
+            named = set(drop)
+            for lower, _name, value in incoming.headers:
+                if lower == b"connection":
+                    for item in value.split(b","):
+                        named.add(item.strip().lower())
+            drop = frozenset(named)
         client_host = index.get(b"host", b"")
-        parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
-            incoming.method, target.encode("utf-8", "surrogateescape"),
-            client_host if lane.preserve_host and client_host else host)]
+        parts = [incoming.method, b" ", target.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\nHost: ",
+                 client_host if lane.preserve_host and client_host else host, b"\r\n"]
         for lower, name, value in incoming.headers:
             if lower not in drop:
                 parts += (name, b": ", value, b"\r\n")
         # Gateway.identity_headers, as bytes.
         served, facts = self.served, self.facts
-        parts.append(b"%s: %d\r\n%s: %d\r\n%s: %s\r\n" % (
-            lane.token_id_name, served.id, lane.account_id_name,
-            facts.acting_cid if facts.acting_cid is not None else served.cid, lane.request_id_name, self.request_id))
+        assert served is not None and facts is not None
+        parts += (lane.token_id_name, b": ", str(served.id).encode(), b"\r\n", lane.account_id_name, b": ",
+                  str(facts.acting_cid if facts.acting_cid is not None else served.cid).encode(), b"\r\n",
+                  lane.request_id_name, b": ", self.request_id, b"\r\n")
         front = self.front
         trusted = front.trusted_peer
         forwarded = (forwarded_for(front.peer, self._multidict(), gateway.trusted) if trusted
@@ -734,7 +756,8 @@ class Exchange:
             if lower == b"connection":
                 if named is None:
                     named = set()
-                named.update(item.strip().lower() for item in value.split(b","))
+                for item in value.split(b","):  # a loop: compiled, a generator here cost 7,000 instructions
+                    named.add(item.strip().lower())
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         date = None
         for lower, name, value in headers:
@@ -852,11 +875,12 @@ class Exchange:
         self.done = True
         self.lane.served_fast += 1
         self.front.resume("upload")
-        gateway, facts, token = self.lane.gateway, self.facts, self.token
+        lane, facts, token = self.lane, self.facts, self.token
         if facts is not None and token is not None:
-            if self.served is not None:
-                gateway.usage.record(self.served, self.served.cid, self.sent_bytes + self.received_bytes, facts.now)
-            gateway.logs.emit(request_record(
+            served = self.served
+            if served is not None:
+                lane.usage.record(served, served.cid, self.sent_bytes + self.received_bytes, facts.now)
+            lane.logs.emit(request_record(
                 facts.now, token.id, token.cid, facts.client_ip, _text(self.incoming.index.get(b"x-flespi-app")) or "",
                 facts.method, facts.path, self.status, time.perf_counter() - self.started, self.received_bytes,
                 self.request_id.decode()))

@@ -32,7 +32,7 @@ class RequestIds:
 
     def next(self) -> str:
         self._count += 1
-        return f"{self._prefix}{self._count:016x}"
+        return self._prefix + "%016x" % self._count
 
 
 def request_record(now: float, token_id: int, cid: int, host: str, app: str, method: str, uri: str, status: int,
