@@ -47,13 +47,15 @@ class Authenticator:
             log.exception("unexpected error while authenticating; request denied")
             raise Denied(500, INTERNAL_ERROR) from None
 
-    def authenticate_cached(self, key: str | None, facts: RequestFacts) -> Token | None:
+    def authenticate_cached(self, digest: str | None, facts: RequestFacts) -> Token | None:
         """The same decision without waiting, when the cache alone can make it; None means "ask
-        `authenticate`". Raises `Denied` like it, and any other failure denies too."""
+        `authenticate`". It takes the key's digest (`key_digest`, None for no key): a request
+        that has to wait for its record asks again, and hashes once. Raises `Denied` like
+        `authenticate`, and any other failure denies too."""
         try:
-            if key is None:
+            if digest is None:
                 raise Denied(401, INVALID_TOKEN)
-            known, token = self._cache.peek(key_digest(key))
+            known, token = self._cache.peek(digest)
             if not known:
                 return None
             if token is None:
@@ -71,11 +73,12 @@ class Authenticator:
             log.exception("unexpected error while authenticating; request denied")
             raise Denied(500, INTERNAL_ERROR) from None
 
-    def when_loaded(self, key: str, callback: Callable[[Outcome], None]) -> bool:
-        """For a key `authenticate_cached` declined because the cache has no entry for it at all:
-        `callback` is called once the cache has tried to load it, and `authenticate_cached` can
-        then decide. False when there is an entry (stale): ask `authenticate`."""
-        return self._cache.load_then(key_digest(key), callback)
+    def when_loaded(self, digest: str, callback: Callable[[Outcome], None]) -> bool:
+        """For a key (by digest) `authenticate_cached` declined because the cache has no entry for
+        it at all: `callback` is called once the cache has tried to load it, and
+        `authenticate_cached` can then decide. False when there is an entry (stale): ask
+        `authenticate`."""
+        return self._cache.load_then(digest, callback)
 
     async def find(self, key: str | None, now: float) -> Token:
         if key is None:

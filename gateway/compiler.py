@@ -14,7 +14,7 @@ from .origins import compile_origins, origin_problems
 from .acl import acl_problems
 from .config import Settings
 from .store import RedisStore
-from .tokens import Token, TokenType
+from .tokens import TOKEN_TYPES, Token, TokenType
 from .validation import TokenValidator
 
 
@@ -56,7 +56,9 @@ class TokenCompiler:
     def compile(self, record: dict[str, Any]) -> Token:
         """Everything but group membership (`compile_many` adds it)."""
         access = record.get("access") or {}
-        kind = TokenType(access.get("type", 0))
+        kind = TOKEN_TYPES.get(access.get("type", 0))
+        if kind is None:
+            raise ValueError(f"{access.get('type')!r} is not a token type")
         token = Token(
             id=int(record["id"]), digest=record["digest"], cid=int(record.get("cid", 0)), type=kind,
             enabled=bool(record.get("enabled", True)), expire=int(record.get("expire", 0)),

@@ -49,7 +49,7 @@ from .logs import LogWriter, RequestIds, request_record
 from .paths import pick_route, upstream_target
 from .proxy import CORS_PREFIX, HOP_BY_HOP, REQUEST_DROP
 from .upstream import NO_BODY_STATUSES, UpstreamConnection, UpstreamFailed, UpstreamPool
-from .tokens import Token
+from .tokens import Token, key_digest
 from .usage import UsageMeter
 
 log = logging.getLogger("gateway.fastpath")
@@ -487,7 +487,7 @@ class Exchange:
 
     __slots__ = ("front", "lane", "incoming", "started", "facts", "token", "served", "request_id", "conn",
                  "task", "status", "replied", "out", "chunked_reply", "sent_bytes", "received_bytes", "done",
-                 "close_after", "head", "retried", "key")
+                 "close_after", "head", "retried", "digest")
 
     def __init__(self, front: FrontProtocol, incoming: Incoming) -> None:
         self.front = front
@@ -510,7 +510,7 @@ class Exchange:
         self.close_after = not incoming.keep_alive
         self.head = b""
         self.retried = False
-        self.key: str | None = None  # kept only while its record is being loaded
+        self.digest: str | None = None  # the key's digest, kept only while its record is being loaded
 
     # -- deciding --------------------------------------------------------------------------------
 
@@ -534,7 +534,8 @@ class Exchange:
                 return
             incoming.target = self
             key = extract_key(_text(index.get(b"authorization")))
-            token = lane.auth.authenticate_cached(key, facts)
+            digest = key_digest(key) if key is not None else None
+            token = lane.auth.authenticate_cached(digest, facts)
         except Denied as denied:
             incoming.target = self
             self.token = self.facts.token if self.facts is not None else None
@@ -548,14 +549,14 @@ class Exchange:
         if token is not None:
             self.token = self.served = token
             self._forward()
-        elif key is not None and lane.auth.when_loaded(key, self._loaded):
-            self.key = key  # a plain miss: `_loaded` goes on once the record's batch is read
+        elif digest is not None and lane.auth.when_loaded(digest, self._loaded):
+            self.digest = digest  # a plain miss: `_loaded` goes on once the record's batch is read
         else:
             self.task = asyncio.ensure_future(self._authenticate())
 
     def _loaded(self, outcome: Outcome) -> None:
         """The cache read the key's record (or failed to): decide as `start` would have."""
-        key, self.key = self.key, None
+        digest, self.digest = self.digest, None
         if self.done:
             return  # the client left meanwhile
         if isinstance(outcome, asyncio.CancelledError):
@@ -566,7 +567,7 @@ class Exchange:
             if facts is None:
                 raise RuntimeError("a request decided before its facts were known")
             # Another request's load may have filled the entry even if this one failed.
-            token = self.lane.auth.authenticate_cached(key, facts)
+            token = self.lane.auth.authenticate_cached(digest, facts)
         except Denied as denied:
             self.token = facts.token if facts is not None else None
             self.fail(denied.status, denied.reason, denied.headers)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 import string
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
@@ -25,6 +24,10 @@ class TokenType(IntEnum):
     NOAPI = 3
 
 
+# `TokenType(value)` goes through the Enum machinery (~2 µs); a cache miss asks this instead.
+TOKEN_TYPES: dict[Any, TokenType] = {kind.value: kind for kind in TokenType}
+
+
 def new_key() -> str:
     return "".join(secrets.choice(KEY_ALPHABET) for _ in range(KEY_LENGTH))
 
@@ -42,35 +45,46 @@ class Matcher(Protocol):
     def matches(self, value: str) -> bool: ...
 
 
-@dataclass(slots=True, eq=False)
 class Token:
     """A token record compiled for the hot path: masks, origins and ACL are built once, on load.
 
     Only what the checks read is kept as fields; the rest of the record stays compact JSON bytes,
     parsed by `public_record()` (`/auth/info`). One is held per cached key, so every byte counts.
+    A plain class, not a dataclass: compiled, a dataclass is initialised by its generated Python
+    `__init__`, and one is made per cache miss.
     """
 
-    id: int
-    digest: str  # the cache key's own string object: not a second copy
-    cid: int
-    type: TokenType
-    enabled: bool
-    expire: int
-    ttl: int
-    created: int
-    accessed: int
-    record_json: bytes  # the record without its digest
-    ips: Matcher | None = None
-    origins: Matcher | None = None
-    acl: Any = None
-    group_members: dict[str, frozenset[int]] | None = None
-    # Newest `accessed` value already handed to the batched writer; avoids one write per request.
-    accessed_queued: int = 0
-    # Kept by TokenCache (the token is its own cache entry): when and in which epoch it was
-    # loaded, and whether a background reload is running.
-    loaded: float = 0.0
-    epoch: int = 0
-    refreshing: bool = False
+    __slots__ = ("id", "digest", "cid", "type", "enabled", "expire", "ttl", "created", "accessed", "record_json",
+                 "ips", "origins", "acl", "group_members", "accessed_queued", "loaded", "epoch", "refreshing")
+
+    def __init__(self, id: int, digest: str, cid: int, type: TokenType, enabled: bool, expire: int, ttl: int,
+                 created: int, accessed: int, record_json: bytes, ips: Matcher | None = None,
+                 origins: Matcher | None = None, acl: Any = None,
+                 group_members: dict[str, frozenset[int]] | None = None) -> None:
+        self.id = id
+        self.digest = digest  # the cache key's own string object: not a second copy
+        self.cid = cid
+        self.type = type
+        self.enabled = enabled
+        self.expire = expire
+        self.ttl = ttl
+        self.created = created
+        self.accessed = accessed
+        self.record_json = record_json  # the record without its digest
+        self.ips = ips
+        self.origins = origins
+        self.acl = acl
+        self.group_members = group_members
+        # Newest `accessed` value already handed to the batched writer; avoids one write per request.
+        self.accessed_queued = 0
+        # Kept by TokenCache (the token is its own cache entry): when and in which epoch it was
+        # loaded, and whether a background reload is running.
+        self.loaded = 0.0
+        self.epoch = 0
+        self.refreshing = False
+
+    def __repr__(self) -> str:
+        return f"Token(id={self.id}, cid={self.cid}, type={self.type.name})"
 
     def valid_at(self, now: float) -> bool:
         return is_valid_at(self.expire, self.ttl, self.created, self.accessed, now)

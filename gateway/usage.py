@@ -1,7 +1,7 @@
 """Usage blocking: per account and window, count API calls and traffic across every instance.
 
 Requests only bump in-process counters. Every `flush_interval` a Lua script (`USAGE_ADD`, one
-call per 512 tokens) adds them to `{gw}:usage:<window>:<account>` (hash `c:<token>` calls,
+call per 128 tokens) adds them to `{gw}:usage:<window>:<account>` (hash `c:<token>` calls,
 `b:<token>` bytes); then one pipeline reads back the totals of the accounts this instance served,
 and the set of blocked tokens. Over a limit, the
 heaviest tokens are blocked until the rest fit (`HSETNX {gw}:blocked:<window>` makes the block,
@@ -60,7 +60,8 @@ def choose_blocked(usage: dict[int, tuple[int, int]], already: set[int], calls_l
     return chosen
 
 
-SCRIPT_TOKENS = 512  # tokens per USAGE_ADD call
+# Tokens per USAGE_ADD call: ~0.5 ms of Redis time (512 held it for 2.5 ms, token loads queued behind).
+SCRIPT_TOKENS = 128
 # KEYS: usage hashes; ARGV[1]: seconds to keep them; then, for each key in turn, how many tokens,
 # and for each token its id, calls and bytes (added to the fields c:<id> and b:<id>).
 USAGE_ADD = """

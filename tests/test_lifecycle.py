@@ -146,6 +146,30 @@ async def test_expired_tokens_deleted_once(make_gateway: GatewayFactory) -> None
     assert short["id"] not in bin_ids  # expired tokens are deleted for good
 
 
+
+async def test_ttl_token_in_use_outlives_its_first_expiry(make_gateway: GatewayFactory) -> None:
+    """Using a ttl token does not move it in the expiry index; the sweeper must see the use and
+    keep it (moving it forward), on either instance, and delete it once the uses stop."""
+    config = {"housekeeping": {"sweep_interval": 0.2, "grace": 0.5}}
+    a, b = await make_gateway(**config), await make_gateway(**config)
+    token = await a.create_token(ttl=2)
+    deadline = time.monotonic() + 5.0  # two and a half times its ttl
+    while time.monotonic() < deadline:
+        status, _ = await (a if int(time.monotonic() * 2) % 2 else b).call("GET", "/x", key=token["key"])
+        assert status == 200
+        await asyncio.sleep(0.4)
+    assert (await a.call("GET", f"/platform/tokens/{token['id']}"))[1]["result"]
+
+    async def gone() -> bool:
+        return (await a.call("GET", f"/platform/tokens/{token['id']}"))[1]["result"] == []
+    await until(gone, timeout=8.0)
+    assert (await b.call("GET", "/x", key=token["key"]))[0] == 401
+
+    async def logged_once() -> bool:
+        logs = (await b.call("GET", "/platform/logs", params=data(token_id=token["id"])))[1]["result"]
+        return [e["event_code"] for e in logs].count(600) == 1
+    await until(logged_once, timeout=3.0)
+
 # -- recycle bin --------------------------------------------------------------------------------
 
 async def test_restore_from_recycle_bin_with_old_key(gw: GatewayHandle) -> None:
