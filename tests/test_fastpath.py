@@ -383,6 +383,31 @@ async def test_refusals_on_the_fast_path_are_fast(gw: GatewayHandle, clients: Cl
     assert reply.status == 200 and reply.json()["path"] == "/x"
 
 
+
+async def test_keys_change_on_one_kept_alive_connection(gw: GatewayHandle, clients: ClientFactory,
+                                                        upstream: Upstream) -> None:
+    """A connection remembers its last Authorization header and that key's digest; each request
+    is still decided by its own key: another token, a bad key, no key, a revoked token."""
+    first, second = await gw.create_token(), await gw.create_token()
+    client = await clients(gw)
+
+    async def token_id_seen(key: str | None) -> tuple[int, str | None]:
+        before = len(upstream.requests)
+        reply = await client.ask("GET", "/who", key=key)
+        forwarded = upstream.requests[before:]
+        return reply.status, forwarded[0].headers["x-token-id"][0] if forwarded else None
+
+    assert await token_id_seen(first["key"]) == (200, str(first["id"]))
+    assert await token_id_seen(first["key"]) == (200, str(first["id"]))
+    assert await token_id_seen(second["key"]) == (200, str(second["id"]))
+    assert await token_id_seen(BAD_KEY) == (401, None)
+    assert await token_id_seen(None) == (401, None)
+    assert await token_id_seen(BAD_KEY) == (401, None)
+    assert await token_id_seen(first["key"]) == (200, str(first["id"]))
+    await gw.call("DELETE", f"/platform/tokens/{first['id']}")
+    assert await token_id_seen(first["key"]) == (401, None)
+    assert await token_id_seen(second["key"]) == (200, str(second["id"]))
+
 # == 2. keep-alive across the hand-over ===========================================================
 
 async def test_one_connection_fast_then_handed_over_then_proxied(gw: GatewayHandle, clients: ClientFactory,
