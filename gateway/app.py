@@ -230,6 +230,7 @@ def open_session(settings: Settings, upstream_tls: ssl.SSLContext) -> aiohttp.Cl
 async def services(app: web.Application, settings: Settings) -> AsyncIterator[None]:
     snapshotter: Snapshotter | None = None
     lean: RespClient | None = None
+    lean_loads: RespClient | None = None
     if settings.redis.embedded:
         from .embedded import open_embedded  # fakeredis: imported only when it is used
         client, snapshotter = open_embedded(settings.redis.data_file)
@@ -238,8 +239,9 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     else:
         client = connect_redis(settings.redis)
         lean = lean_client(settings.redis.url, settings.redis.socket_timeout, settings.redis.connect_timeout)
+        lean_loads = lean_client(settings.redis.url, settings.redis.socket_timeout, settings.redis.connect_timeout)
     prefix = settings.redis.key_prefix
-    store, accounts = TokenStore(client, prefix, lean), AccountStore(client, prefix)
+    store, accounts = TokenStore(client, prefix, lean, lean_loads), AccountStore(client, prefix)
     if snapshotter is not None:
         for persisted in (store, accounts):
             persisted.after_change = snapshotter.save
@@ -290,8 +292,9 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         await built.session.close()
         if snapshotter is not None:
             await snapshotter.save()
-        if lean is not None:
-            await lean.close()
+        for connection in (lean, lean_loads):
+            if connection is not None:
+                await connection.close()
         await client.aclose()
 
 
