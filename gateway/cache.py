@@ -33,6 +33,10 @@ MAX_BATCH = 256
 class Compiler(Protocol):
     async def compile_many(self, records: Sequence[dict[str, Any]]) -> list[Token | Exception]: ...
 
+    def compile_each(self, records: Sequence[dict[str, Any]]) -> tuple[list[Token | Exception], list[int]]: ...
+
+    async def add_group_members(self, compiled: list[Token | Exception], grouped: list[int]) -> None: ...
+
 
 class Unknown:
     """A key with no token, remembered as such for `negative_ttl`. (A `Token` is its own entry.)"""
@@ -179,30 +183,73 @@ class TokenCache:
 
     async def _fetch_queued(self) -> None:
         """Started by the first key queued, it runs at the next loop iteration: by then every
-        request that missed during this one has queued its key."""
+        request that missed during this one has queued its key. A batch is answered straight from
+        the Redis reply when the store can (`load_many_then`), else by a task of its own."""
         queued, self._queued = self._queued, []
-        for start in range(MAX_BATCH, len(queued), MAX_BATCH):
-            self._spawn(self._fetch(queued[start:start + MAX_BATCH]))
-        await self._fetch(queued[:MAX_BATCH])
+        for start in range(0, len(queued), MAX_BATCH):
+            digests = queued[start:start + MAX_BATCH]
+            epoch, started = self._epoch, self._clock()
+            self.batches += 1
+            try:
+                sent = self._store.load_many_then(
+                    digests, lambda loaded, digests=digests, epoch=epoch, started=started:  # type: ignore[misc]
+                    self._loaded_batch(digests, loaded, epoch, started))
+            except Exception as exc:  # the connection broke as the batch was written
+                self._fail_batch(digests, exc)
+                continue
+            if not sent:
+                self._spawn(self._fetch(digests, epoch, started))
 
-    async def _fetch(self, digests: list[str]) -> None:
+    async def _fetch(self, digests: list[str], epoch: int, started: float) -> None:
         """One round trip for the batch, then every record compiled, remembered and handed out."""
-        epoch, started = self._epoch, self._clock()
-        self.batches += 1
         try:
             records = await self._store.load_many(digests)
-            compiled = iter(await self._compiler.compile_many([record for record in records if record is not None]))
-            for digest, record in zip(digests, records):
-                outcome: Token | Exception | None = next(compiled) if record is not None else None
-                if not isinstance(outcome, Exception) and digest not in self._dropped:
-                    self._remember(digest, Unknown(started, epoch) if outcome is None else outcome, started, epoch)
-                self._settle(digest, outcome)
+            compiled = await self._compiler.compile_many([record for record in records if record is not None])
+            self._hand_out(digests, records, compiled, epoch, started)
         except BaseException as exc:
-            for digest in digests:
-                if digest in self._waiters:  # not settled yet
-                    self._settle(digest, exc)
+            self._fail_batch(digests, exc)
             if not isinstance(exc, Exception):
                 raise
+
+    def _loaded_batch(self, digests: list[str], loaded: list[dict[str, Any] | None] | Exception, epoch: int,
+                      started: float) -> None:
+        """The batch's records as the Redis reply brought them (called from the connection)."""
+        if isinstance(loaded, Exception):
+            self._fail_batch(digests, loaded)
+            return
+        try:
+            compiled, grouped = self._compiler.compile_each([record for record in loaded if record is not None])
+            if grouped:  # ACL tokens whose group members must be read first: in a task
+                self._spawn(self._with_groups(digests, loaded, compiled, grouped, epoch, started))
+                return
+            self._hand_out(digests, loaded, compiled, epoch, started)
+        except Exception as exc:
+            self._fail_batch(digests, exc)
+
+    async def _with_groups(self, digests: list[str], records: list[dict[str, Any] | None],
+                           compiled: list[Token | Exception], grouped: list[int], epoch: int, started: float) -> None:
+        try:
+            await self._compiler.add_group_members(compiled, grouped)
+            self._hand_out(digests, records, compiled, epoch, started)
+        except BaseException as exc:
+            self._fail_batch(digests, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _hand_out(self, digests: list[str], records: list[dict[str, Any] | None], compiled: list[Token | Exception],
+                  epoch: int, started: float) -> None:
+        """Every record of the batch remembered (unless dropped meanwhile) and told to its waiters."""
+        tokens = iter(compiled)
+        for digest, record in zip(digests, records):
+            outcome: Token | Exception | None = next(tokens) if record is not None else None
+            if not isinstance(outcome, Exception) and digest not in self._dropped:
+                self._remember(digest, Unknown(started, epoch) if outcome is None else outcome, started, epoch)
+            self._settle(digest, outcome)
+
+    def _fail_batch(self, digests: list[str], exc: BaseException) -> None:
+        for digest in digests:
+            if digest in self._waiters:  # not settled yet
+                self._settle(digest, exc)
 
     def _settle(self, digest: str, outcome: Outcome) -> None:
         self._dropped.discard(digest)

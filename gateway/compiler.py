@@ -29,8 +29,16 @@ class TokenCompiler:
     async def compile_many(self, records: Sequence[dict[str, Any]]) -> list[Token | Exception]:
         """A `Token` per record, or the exception that compiling it raised (one bad record fails
         alone); the group members that ACL tokens need are read from the store concurrently."""
+        compiled, grouped = self.compile_each(records)
+        if grouped:
+            await self.add_group_members(compiled, grouped)
+        return compiled
+
+    def compile_each(self, records: Sequence[dict[str, Any]]) -> tuple[list[Token | Exception], list[int]]:
+        """`compile_many` up to the group members: the results, and the indexes of the tokens
+        that still need theirs (`add_group_members`)."""
         compiled: list[Token | Exception] = []
-        grouped: list[tuple[int, Token]] = []
+        grouped: list[int] = []
         for record in records:
             try:
                 token = self.compile(record)
@@ -39,19 +47,20 @@ class TokenCompiler:
                 continue
             compiled.append(token)
             if token.acl is not None and token.acl.groups_needed():
-                grouped.append((len(compiled) - 1, token))
-        if grouped:
-            # Membership is owned by the upstream application; it is cached with the token.
-            found = await asyncio.gather(*(self._group_members(token) for _, token in grouped),
-                                         return_exceptions=True)
-            for (index, token), members in zip(grouped, found):
-                if isinstance(members, dict):
-                    token.group_members = members
-                elif isinstance(members, Exception):
-                    compiled[index] = members
-                else:
+                grouped.append(len(compiled) - 1)
+        return compiled, grouped
+
+    async def add_group_members(self, compiled: list[Token | Exception], grouped: list[int]) -> None:
+        # Membership is owned by the upstream application; it is cached with the token.
+        tokens = [token for token in (compiled[index] for index in grouped) if isinstance(token, Token)]
+        found = await asyncio.gather(*(self._group_members(token) for token in tokens), return_exceptions=True)
+        for index, token, members in zip(grouped, tokens, found):
+            if isinstance(members, BaseException):
+                if not isinstance(members, Exception):
                     raise members
-        return compiled
+                compiled[index] = members
+            else:
+                token.group_members = members
 
     def compile(self, record: dict[str, Any]) -> Token:
         """Everything but group membership (`compile_many` adds it)."""

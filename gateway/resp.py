@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -28,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+log = logging.getLogger("gateway.resp")
 Arg = bytes | str | int | float
 Command = Sequence[Arg]
 
@@ -56,11 +58,17 @@ def pack(commands: Sequence[Command]) -> bytes:
     return b"".join(out)
 
 
-class _Request:
-    __slots__ = ("future", "expected", "replies", "timer")
+Answer = Callable[[list[Any] | BaseException], None]
 
-    def __init__(self, future: asyncio.Future[list[Any]], expected: int) -> None:
+
+class _Request:
+    """Commands sent together; their replies go to a future (`execute`) or a callback (`execute_then`)."""
+
+    __slots__ = ("future", "callback", "expected", "replies", "timer")
+
+    def __init__(self, future: asyncio.Future[list[Any]] | None, callback: Answer | None, expected: int) -> None:
         self.future = future
+        self.callback = callback
         self.expected = expected
         self.replies: list[Any] = []
         self.timer: asyncio.TimerHandle | None = None
@@ -68,12 +76,21 @@ class _Request:
     def settle(self, error: BaseException | None = None) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        if self.future.done():  # its caller was cancelled
+        callback = self.callback
+        if callback is not None:
+            self.callback = None
+            try:
+                callback(error if error is not None else self.replies)
+            except Exception:
+                log.exception("a Redis reply callback failed")
+            return
+        future = self.future
+        if future is None or future.done():  # its caller was cancelled
             return
         if error is not None:
-            self.future.set_exception(error)
+            future.set_exception(error)
         else:
-            self.future.set_result(self.replies)
+            future.set_result(self.replies)
 
 
 class _Connection(asyncio.Protocol):
@@ -90,11 +107,17 @@ class _Connection(asyncio.Protocol):
 
     def send(self, data: bytes, expected: int) -> asyncio.Future[list[Any]]:
         loop = asyncio.get_running_loop()
-        request = _Request(loop.create_future(), expected)
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self._send(_Request(future, None, expected), data, loop)
+        return future
+
+    def send_then(self, data: bytes, expected: int, callback: Answer) -> None:
+        self._send(_Request(None, callback, expected), data, asyncio.get_running_loop())
+
+    def _send(self, request: _Request, data: bytes, loop: asyncio.AbstractEventLoop) -> None:
         request.timer = loop.call_later(self.timeout, self._timed_out)
         self.pending.append(request)
         self.transport.write(data)  # type: ignore[union-attr]
-        return request.future
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -161,6 +184,16 @@ class RespClient:
                 message = str(reply)
                 raise (NoScriptError if message.startswith("NOSCRIPT") else ResponseError)(message)
         return replies
+
+    def execute_then(self, commands: Sequence[Command], callback: Answer) -> bool:
+        """`execute` without a task: `callback` gets the replies (error replies among them, as
+        `hiredis.ReplyError`) or the exception, from the connection's own callback. False, and
+        nothing sent, when the connection is not open: use `execute`, which opens it."""
+        connection = self._connection
+        if connection is None or connection.closed:
+            return False
+        connection.send_then(pack(commands), len(commands), callback)
+        return True
 
     async def _connect(self) -> _Connection:
         """Callers arriving while the connection is being made wait for the same attempt."""

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -182,18 +183,47 @@ class TokenStore(RedisStore):
         if not digests:
             return []
 
+        raws, accessed = await self.call(lambda: self.batch(self._load_commands(digests), urgent=True))
+        return _records(digests, raws, accessed)
+
+    def load_many_then(self, digests: Sequence[str],
+                       callback: Callable[[list[dict[str, Any] | None] | Exception], None]) -> bool:
+        """`load_many` without a task: `callback` gets the records, or the exception (a store
+        failure as `StoreUnavailable`), straight from the reply. False, and nothing asked, when
+        that is not possible (no lean client, or its connection not open yet): use `load_many`.
+        A request waiting for its token goes on as soon as the reply is read, not one event-loop
+        turn later."""
+        lean = self.lean_loads
+        if lean is None or not digests:
+            return False
+
+        def answer(replies: list[Any] | BaseException) -> None:
+            if isinstance(replies, BaseException):
+                error = replies
+            else:
+                failed = next((reply for reply in replies if isinstance(reply, hiredis.ReplyError)), None)
+                if failed is None:
+                    try:
+                        records = _records(digests, replies[0], replies[1])
+                    except Exception as exc:
+                        callback(exc)
+                        return
+                    callback(records)
+                    return
+                error = redis.exceptions.ResponseError(str(failed))
+            if isinstance(error, STORE_ERRORS):
+                unavailable = StoreUnavailable(f"token store: {type(error).__name__}")
+                unavailable.__cause__ = error
+                callback(unavailable)
+            elif isinstance(error, Exception):
+                callback(error)
+            else:
+                callback(StoreUnavailable(f"token store: {type(error).__name__}"))
+        return lean.execute_then(self._load_commands(digests), answer)
+
+    def _load_commands(self, digests: Sequence[str]) -> list[tuple[Any, ...]]:
         tok = f"{self.prefix}tok:"
-        raws, accessed = await self.call(lambda: self.batch([("MGET", *[tok + digest for digest in digests]),
-                                                             ("ZMSCORE", self._accessed, *digests)], urgent=True))
-        records: list[dict[str, Any] | None] = []
-        for digest, raw, used in zip(digests, raws, accessed, strict=True):
-            if raw is None:
-                records.append(None)
-                continue
-            record = _merge_accessed(orjson.loads(raw), used)
-            record["digest"] = digest
-            records.append(record)
-        return records
+        return [("MGET", *[tok + digest for digest in digests]), ("ZMSCORE", self._accessed, *digests)]
 
     async def touch(self, accessed: dict[str, int]) -> None:
         """Record uses; GT means a late or slower instance never moves the time back.
@@ -354,6 +384,19 @@ def _merge_accessed(record: dict[str, Any], accessed: bytes | float | None) -> d
     if accessed is not None:
         record["accessed"] = max(int(float(accessed)), record.get("accessed", 0))
     return record
+
+
+def _records(digests: Sequence[str], raws: list[Any], accessed: list[Any]) -> list[dict[str, Any] | None]:
+    """MGET and ZMSCORE replies as records; a record's `digest` is the very string asked for."""
+    records: list[dict[str, Any] | None] = []
+    for digest, raw, used in zip(digests, raws, accessed, strict=True):
+        if raw is None:
+            records.append(None)
+            continue
+        record = _merge_accessed(orjson.loads(raw), used)
+        record["digest"] = digest
+        records.append(record)
+    return records
 
 
 def _pairs(members: dict[str, int]) -> list[Any]:
