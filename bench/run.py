@@ -994,8 +994,10 @@ class Report:
         scale, efficiency, saturated = self.scaling
         rows.append((f"{self.workers_n} workers scale with cores (≥ 0.75 × {self.workers_n} = "
                      f"{0.75 * self.workers_n:.2f} × 1 worker, or, when wrk and the upstream leave the workers "
-                     "fewer cores than that, ≥ 0.75 × 1 worker's req/s per core used)",
-                     f"{scale:.2f} ×; per core {efficiency:.2f} ×; machine {'saturated' if saturated else 'not saturated'}",
+                     "fewer cores than that, ≥ 0.75 × 1 worker's req/s per core used, the workers having had "
+                     "at least 1.25 cores)",
+                     f"{scale:.2f} ×; per core {efficiency:.2f} ×; the workers had {self.gwn.cpu_percent / 100:.2f} "
+                     f"cores; machine {'saturated' if saturated else 'not saturated'}",
                      scale >= 0.75 * self.workers_n or (saturated and efficiency >= 0.75
                                                         and self.gwn.cpu_percent >= 125)))
         rows.append(("≤ 0.01 Redis commands per proxied request (1 worker)", f"{self.redis_per_request:.5f}",
