@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
+import hiredis
 import pytest
 import redis.asyncio as aioredis
 from conftest import RedisProcess, free_port
@@ -168,4 +169,51 @@ async def test_redis_away_then_back(own_redis: RedisProcess, key_prefix: str) ->
         assert await store.load_many(["a" * 64]) == [None]
     finally:
         await lean.close()
+        await client.aclose()
+
+
+async def test_replies_to_a_callback(lean: RespClient, key_prefix: str) -> None:
+    key = f"{key_prefix}c"
+    got: list[object] = []
+    assert not lean.execute_then([("PING",)], got.append)  # no connection yet: nothing sent
+    await lean.execute([("SET", key, 1)])
+    answered = asyncio.Event()
+
+    def answer(replies: object) -> None:
+        got.append(replies)
+        answered.set()
+    assert lean.execute_then([("INCR", key), ("LPUSH", key, "x"), ("GET", key)], answer)
+    async with asyncio.timeout(2):
+        await answered.wait()
+    [[incremented, wrong_type, read]] = got
+    assert incremented == 2 and read == b"2"
+    assert isinstance(wrong_type, hiredis.ReplyError) and "WRONGTYPE" in str(wrong_type)
+
+
+async def test_loads_answered_to_a_callback_and_store_failures(own_redis: RedisProcess, key_prefix: str) -> None:
+    """load_many_then: the records, or StoreUnavailable when Redis does not answer in time (a
+    private server: it is paused)."""
+    writes = RespClient(own_redis.url, timeout=2.0, connect_timeout=2.0)
+    loads = RespClient(own_redis.url, timeout=0.3, connect_timeout=2.0)
+    client = aioredis.Redis.from_url(own_redis.url)
+    store = TokenStore(client, key_prefix, writes, loads)
+    digest = "d" * 64
+    await store.insert([{"id": 7, "digest": digest, "info": "", "enabled": True, "access": {"type": 0},
+                         "expire": 0, "ttl": 60, "created": 1, "accessed": 0, "ips": "", "origins": "*", "cid": 0,
+                         "metadata": {}}])
+    try:
+        assert not store.load_many_then([digest], print)  # the loads connection is not open yet
+        assert [record["id"] if record else None for record in await store.load_many([digest, "e" * 64])] == [7, None]
+        outcomes: asyncio.Queue[object] = asyncio.Queue()
+        assert store.load_many_then([digest, "e" * 64], outcomes.put_nowait)
+        records = await asyncio.wait_for(outcomes.get(), 2)
+        assert isinstance(records, list) and records[0]["id"] == 7 and records[0]["digest"] == digest
+        assert records[1] is None
+        await client.execute_command("CLIENT", "PAUSE", 1000, "ALL")
+        assert store.load_many_then([digest], outcomes.put_nowait)
+        assert isinstance(await asyncio.wait_for(outcomes.get(), 2), StoreUnavailable)
+    finally:
+        await client.execute_command("CLIENT", "UNPAUSE")
+        await writes.close()
+        await loads.close()
         await client.aclose()
