@@ -48,8 +48,8 @@ from .errors import (
 from .logs import LogWriter, RequestIds, request_record
 from .paths import pick_route, upstream_target
 from .proxy import CORS_PREFIX, HOP_BY_HOP, REQUEST_DROP
-from .upstream import NO_BODY_STATUSES, UpstreamConnection, UpstreamFailed, UpstreamPool
 from .tokens import Token, key_digest
+from .upstream import NO_BODY_STATUSES, UpstreamConnection, UpstreamFailed, UpstreamPool
 from .usage import UsageMeter
 
 log = logging.getLogger("gateway.fastpath")
