@@ -547,15 +547,9 @@ class Exchange:
                 if authorization is not None:
                     front.last_authorization, front.last_digest = authorization, digest
             token = lane.auth.authenticate_cached(digest, facts)
-        except Denied as denied:
+        except Exception as error:
             incoming.target = self
-            self.token = self.facts.token if self.facts is not None else None
-            self.fail(denied.status, denied.reason, denied.headers)
-            return
-        except Exception:
-            log.exception("unexpected error while authenticating; request denied")
-            incoming.target = self
-            self.fail(500, INTERNAL_ERROR, {})
+            self._refuse(error)
             return
         if token is not None:
             self.token = self.served = token
@@ -573,19 +567,13 @@ class Exchange:
         if isinstance(outcome, asyncio.CancelledError):
             self.fail(503, STORAGE_UNAVAILABLE, {})  # shutting down
             return
-        facts = self.facts
         try:
-            if facts is None:
-                raise RuntimeError("a request decided before its facts were known")
+            facts = self.facts
+            assert facts is not None  # set by `start` before it waited
             # Another request's load may have filled the entry even if this one failed.
             token = self.lane.auth.authenticate_cached(digest, facts)
-        except Denied as denied:
-            self.token = facts.token if facts is not None else None
-            self.fail(denied.status, denied.reason, denied.headers)
-            return
-        except Exception:
-            log.exception("unexpected error while authenticating; request denied")
-            self.fail(500, INTERNAL_ERROR, {})
+        except Exception as error:
+            self._refuse(error)
             return
         if token is not None:
             self.token = self.served = token
@@ -610,25 +598,30 @@ class Exchange:
                            for _, name, value in self.incoming.headers)
 
     async def _authenticate(self) -> None:
-        facts = self.facts
         try:
-            if facts is None:
-                raise RuntimeError("a request decided before its facts were known")
+            facts = self.facts
+            assert facts is not None  # set by `start` before it made this task
             token = await self.lane.auth.authenticate(
                 extract_key(_text(self.incoming.index.get(b"authorization"))), facts)
-        except Denied as denied:
-            self.token = facts.token if facts is not None else None
-            self.fail(denied.status, denied.reason, denied.headers)
-            return
-        except Exception:
-            log.exception("unexpected error while authenticating; request denied")
-            self.fail(500, INTERNAL_ERROR, {})
+        except Exception as error:
+            self._refuse(error)
             return
         self.task = None
         if self.done:
             return
         self.token = self.served = token
         self._guarded(self._forward)
+
+    def _refuse(self, error: Exception) -> None:
+        """Answer a request its checks refused (`Denied`) or could not decide: any other error
+        denies it too, with 500, and is logged."""
+        if isinstance(error, Denied):
+            facts = self.facts
+            self.token = facts.token if facts is not None else None
+            self.fail(error.status, error.reason, error.headers)
+        else:
+            log.error("unexpected error while authenticating; request denied", exc_info=error)
+            self.fail(500, INTERNAL_ERROR, {})
 
     def _guarded(self, step: Callable[[], None]) -> None:
         """Run a step from a task: whatever goes wrong, the client gets an answer."""

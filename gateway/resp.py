@@ -179,10 +179,9 @@ class RespClient:
         if connection is None or connection.closed:
             connection = await self._connect()
         replies = await connection.send(pack(commands), len(commands))
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                message = str(reply)
-                raise (NoScriptError if message.startswith("NOSCRIPT") else ResponseError)(message)
+        error = reply_error(replies)
+        if error is not None:
+            raise error
         return replies
 
     def execute_then(self, commands: Sequence[Command], callback: Answer) -> bool:
@@ -235,6 +234,15 @@ class RespClient:
         if self._connection is not None:
             self._connection.fail(RedisConnectionError("client closed"))
             self._connection = None
+
+
+def reply_error(replies: list[Any]) -> ResponseError | None:
+    """The first error reply among `replies`, as redis-py raises it (`NoScriptError` for NOSCRIPT)."""
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            message = str(reply)
+            return (NoScriptError if message.startswith("NOSCRIPT") else ResponseError)(message)
+    return None
 
 
 def lean_client(url: str, timeout: float, connect_timeout: float) -> RespClient | None:

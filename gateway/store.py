@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import hiredis
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -29,7 +28,7 @@ from redis.backoff import NoBackoff
 
 from .config import RedisSettings
 from .errors import StoreUnavailable
-from .resp import RespClient, script_sha
+from .resp import RespClient, reply_error, script_sha
 
 T = TypeVar("T")
 STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
@@ -89,7 +88,7 @@ class RedisStore:
         try:
             return await operation()
         except STORE_ERRORS as exc:
-            raise StoreUnavailable(f"token store: {type(exc).__name__}") from exc
+            raise _unavailable(exc) from exc
 
     async def batch(self, commands: Sequence[Sequence[Any]], urgent: bool = False) -> list[Any]:
         """Commands sent together, their replies in order (raw: bytes, ints, lists), the first
@@ -198,27 +197,21 @@ class TokenStore(RedisStore):
             return False
 
         def answer(replies: list[Any] | BaseException) -> None:
+            # Every failure here is the store's: the connection fails with redis-py's errors only,
+            # and an error reply is one of them (`reply_error`).
             if isinstance(replies, BaseException):
-                error = replies
-            else:
-                failed = next((reply for reply in replies if isinstance(reply, hiredis.ReplyError)), None)
-                if failed is None:
-                    try:
-                        records = _records(digests, replies[0], replies[1])
-                    except Exception as exc:
-                        callback(exc)
-                        return
-                    callback(records)
-                    return
-                error = redis.exceptions.ResponseError(str(failed))
-            if isinstance(error, STORE_ERRORS):
-                unavailable = StoreUnavailable(f"token store: {type(error).__name__}")
-                unavailable.__cause__ = error
-                callback(unavailable)
-            elif isinstance(error, Exception):
-                callback(error)
-            else:
-                callback(StoreUnavailable(f"token store: {type(error).__name__}"))
+                callback(_unavailable(replies))
+                return
+            error = reply_error(replies)
+            if error is not None:
+                callback(_unavailable(error))
+                return
+            loaded: list[dict[str, Any] | None] | Exception
+            try:
+                loaded = _records(digests, replies[0], replies[1])
+            except Exception as exc:
+                loaded = exc
+            callback(loaded)
         return lean.execute_then(self._load_commands(digests), answer)
 
     def _load_commands(self, digests: Sequence[str]) -> list[tuple[Any, ...]]:
@@ -384,6 +377,12 @@ def _merge_accessed(record: dict[str, Any], accessed: bytes | float | None) -> d
     if accessed is not None:
         record["accessed"] = max(int(float(accessed)), record.get("accessed", 0))
     return record
+
+
+def _unavailable(error: BaseException) -> StoreUnavailable:
+    unavailable = StoreUnavailable(f"token store: {type(error).__name__}")
+    unavailable.__cause__ = error
+    return unavailable
 
 
 def _records(digests: Sequence[str], raws: list[Any], accessed: list[Any]) -> list[dict[str, Any] | None]:
