@@ -217,3 +217,33 @@ async def test_loads_answered_to_a_callback_and_store_failures(own_redis: RedisP
         await writes.close()
         await loads.close()
         await client.aclose()
+
+
+async def test_batched_writes_in_many_commands_lose_nothing(redis_url: str, key_prefix: str) -> None:
+    """`accessed` goes in ZADDs of TOUCH_CHUNK members and log lines in LOG_PUSH calls of CALL_KEYS
+    lists: more than one command's worth still lands whole, and GT keeps the newest time."""
+    from gateway.config import TokenLogSettings
+    from gateway.store import TOUCH_CHUNK
+    from gateway.tokenlogs import CALL_KEYS, RedisLogSink
+
+    lean = RespClient(redis_url, timeout=2.0, connect_timeout=2.0)
+    client = aioredis.Redis.from_url(redis_url)
+    store = TokenStore(client, key_prefix, lean)
+    try:
+        digests = [f"{n:064x}" for n in range(2 * TOUCH_CHUNK + 7)]
+        await store.touch({digest: 1_900_000_000 for digest in digests})
+        await store.touch({digests[0]: 1_800_000_000, digests[-1]: 1_950_000_000})
+        scores = await client.zmscore(f"{key_prefix}accessed", digests)
+        assert scores == [1_900_000_000] * (len(digests) - 1) + [1_950_000_000]
+
+        sink = RedisLogSink(store, TokenLogSettings(per_token=2, per_account=5))
+        records = [{"token_id": n, "cid": 0, "n": n} for n in range(CALL_KEYS + 9)]
+        sink.add(records, [b'{"n":%d}' % n for n in range(len(records))])
+        await sink.flush()
+        lists = [await client.lrange(sink.token_key(n), 0, -1) for n in range(len(records))]
+        assert lists == [[b'{"n":%d}' % n] for n in range(len(records))]
+        assert await client.lrange(sink.account_key(0), 0, -1) == [
+            b'{"n":%d}' % n for n in range(len(records) - 5, len(records))]
+    finally:
+        await lean.close()
+        await client.aclose()
