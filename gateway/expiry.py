@@ -7,7 +7,8 @@ anything else on a cache miss), so a due token is read first and, if its `access
 use since, moved forward instead of deleted. Whichever instance first removes
 a due id from it (ZREM answers 1 to one caller only) deletes the token and logs the event, so it
 happens exactly once however many instances sweep. A `grace` delay lets `accessed` writes from
-other instances (at most about a second late) arrive before a token is judged.
+other instances (at most about a second late) arrive before a token is judged. Each sweep also
+folds the sorted set older versions kept `accessed` in into today's hash (a rolling upgrade).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class Housekeeper:
 
     async def sweep(self) -> int:
         now = time.time()
+        # `accessed` as instances of earlier builds wrote it: into the hash that loads and this sweep read.
+        await self._store.fold_legacy_accessed()
         deleted = await self.delete_expired(now)
         await self._store.purge_bin(now - self._settings.recycle_bin_days * 86400)
         return deleted

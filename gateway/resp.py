@@ -1,9 +1,9 @@
 """A lean pipelined RESP2 client for the gateway's own batched Redis traffic.
 
-Cache-miss loads (MGET + ZMSCORE), `accessed` writes and the log and usage scripts are a handful of
-commands each, sent in batches. Through redis-py's pipeline a batch cost ~300 µs of CPU (each
-command packed argument by argument, each reply read under its own timeout, a connection taken
-from and given back to the pool); this client packs a batch with a few `bytes` formats, writes it
+Cache-miss loads (MGET + HMGET + ZMSCORE), `accessed` writes and the log and usage scripts are a
+handful of commands each, sent in batches. Through redis-py's pipeline a batch cost ~300 µs of
+CPU (each command packed argument by argument, each reply read under its own timeout, a
+connection taken from and given back to the pool); this client packs a batch with a few `bytes` formats, writes it
 on one shared connection, and hands the replies, parsed by hiredis, back in order: ~60 µs. Every
 other Redis use (the tokens API, pub/sub, accounts, housekeeping) stays on redis-py.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import string
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Any, Protocol
 
@@ -93,3 +94,29 @@ class Token:
         record: dict[str, Any] = orjson.loads(self.record_json)
         record["accessed"] = self.accessed
         return record
+
+
+# -- records as a cache-miss load brings them (compiled: run once per miss) -------------------
+
+def records_from_replies(digests: Sequence[str], raws: list[Any], used: list[Any],
+                         legacy: list[Any]) -> list[dict[str, Any] | None]:
+    """MGET, HMGET and ZMSCORE replies as records; a record's `digest` is the very string asked for."""
+    records: list[dict[str, Any] | None] = []
+    for digest, raw, when, old in zip(digests, raws, used, legacy, strict=True):
+        if raw is None:
+            records.append(None)
+            continue
+        record = merge_accessed(orjson.loads(raw), when, old)
+        record["digest"] = digest
+        records.append(record)
+    return records
+
+
+def merge_accessed(record: dict[str, Any], used: Any, legacy: Any) -> dict[str, Any]:
+    """The newest of the record's own `accessed`, the `used` hash's (an HMGET reply: bytes) and
+    the old sorted set's (a ZMSCORE reply: a float through redis-py, bytes through the lean client)."""
+    if used is not None:
+        record["accessed"] = max(int(used), record.get("accessed", 0))
+    if legacy is not None:
+        record["accessed"] = max(int(float(legacy)), record.get("accessed", 0))
+    return record

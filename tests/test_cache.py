@@ -102,8 +102,9 @@ async def test_concurrent_misses_share_one_round_trip(env: Env) -> None:
 
     before = await env.commands()
     found = await lookup_all(env.cache, asked)
-    # one batch: one MGET of the records and one ZMSCORE of their accessed times, nothing else
-    assert await env.commands_since(before) == {"mget": 1, "zmscore": 1}
+    # one batch: one MGET of the records, one HMGET of their accessed times and one ZMSCORE of
+    # the sorted set earlier builds kept them in, nothing else
+    assert await env.commands_since(before) == {"mget": 1, "hmget": 1, "zmscore": 1}
     assert env.cache.batches == 1
     for digest, token in zip(asked, found):
         if digest in expected:
@@ -126,13 +127,13 @@ async def test_more_misses_than_a_batch_holds(env: Env) -> None:
     present = await env.add(count)
     before = await env.commands()
     found = await lookup_all(env.cache, [key_digest(key) for key, _ in present])
-    assert await env.commands_since(before) == {"mget": 3, "zmscore": 3}
+    assert await env.commands_since(before) == {"mget": 3, "hmget": 3, "zmscore": 3}
     assert [token.id for token in found] == [record["id"] for _, record in present]
 
 
 async def test_a_loaded_token_is_lean_and_keeps_the_record(env: Env) -> None:
     [(key, record)] = await env.add(1, metadata={"team": "ops"}, ips="10.0.0.0/8", origins=["https://a.example"])
-    await env.client.zadd(f"{env.prefix}accessed", {record["digest"]: 1_900_000_000})
+    await env.client.hset(f"{env.prefix}used", record["digest"], 1_900_000_000)
     digest = key_digest(key)
     token = await env.cache.lookup(digest)
     assert token is not None and token.digest is digest  # the cache key's own string, not a copy
@@ -145,6 +146,36 @@ async def test_a_loaded_token_is_lean_and_keeps_the_record(env: Env) -> None:
     assert token.public_record() == {**public, "accessed": 1_900_000_000}
     token.accessed = 1_950_000_000  # a local use
     assert token.public_record()["accessed"] == 1_950_000_000
+
+
+async def test_accessed_kept_by_earlier_builds_is_read_then_folded(env: Env) -> None:
+    """Earlier builds kept `accessed` in a sorted set: loads take the newest of it and the hash,
+    the housekeeper's fold moves it into the hash (the newer time winning, in chunks), and a
+    deleted token leaves neither behind."""
+    from gateway.store import FOLD_CHUNK
+
+    (key_a, a), (key_b, b), (key_c, c) = await env.add(3)
+    used, legacy = f"{env.prefix}used", f"{env.prefix}accessed"
+    await env.client.zadd(legacy, {a["digest"]: 1_900_000_000, b["digest"]: 1_800_000_000, c["digest"]: 2_000_000_000})
+    await env.client.hset(used, mapping={b["digest"]: 1_950_000_000, c["digest"]: 1_700_000_000})
+    filler = {f"{n:064x}": 1_600_000_000 + n for n in range(2 * FOLD_CHUNK + 5)}
+    await env.client.zadd(legacy, filler)
+
+    records = await env.store.load_many([a["digest"], b["digest"], c["digest"]])
+    assert [record["accessed"] for record in records if record] == [1_900_000_000, 1_950_000_000, 2_000_000_000]
+
+    assert await env.store.fold_legacy_accessed() == 3 + len(filler)
+    assert not await env.client.exists(legacy)
+    assert await env.client.hmget(used, [a["digest"], b["digest"], c["digest"]]) == [
+        b"1900000000", b"1950000000", b"2000000000"]
+    assert await env.client.hget(used, f"{7:064x}") == b"1600000007"
+    records = await env.store.load_many([a["digest"], b["digest"], c["digest"]])
+    assert [record["accessed"] for record in records if record] == [1_900_000_000, 1_950_000_000, 2_000_000_000]
+    assert await env.store.fold_legacy_accessed() == 0  # nothing left: one command
+
+    await env.client.zadd(legacy, {a["digest"]: 1_990_000_000})  # an old instance still writing
+    await env.store.remove([a], to_bin=False)
+    assert await env.client.hget(used, a["digest"]) is None and not await env.client.exists(legacy)
 
 
 async def test_acl_tokens_in_a_batch_get_their_group_members(env: Env) -> None:
@@ -269,7 +300,7 @@ async def test_callbacks_wait_for_a_batch_without_tasks(env: Env) -> None:
     assert env.cache.load_then(digest, lambda outcome: told.append(("b", outcome)))
     assert env.cache.load_then(unknown, lambda outcome: told.append(("unknown", outcome)))
     awaited = await env.cache.lookup(key_digest(other_key))  # a coroutine's miss, in the same batch
-    assert await env.commands_since(before) == {"mget": 1, "zmscore": 1}
+    assert await env.commands_since(before) == {"mget": 1, "hmget": 1, "zmscore": 1}
     assert awaited.id == other["id"]
     assert [name for name, _ in told] == ["a", "b", "unknown"]
     assert told[0][1] is told[1][1] and told[0][1].id == record["id"]
