@@ -285,7 +285,7 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         await cancel_all(tasks)
         await cache.close()
         await _quietly(built.accessed.flush())
-        await _quietly(built.usage.flush())
+        await _quietly(built.usage.flush(final=True))
         await logs.flush()
         if sink is not None:
             sink.close()

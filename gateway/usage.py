@@ -3,7 +3,8 @@
 Requests only bump in-process counters. Every `flush_interval` a Lua script (`USAGE_ADD`, one
 call per 128 tokens) adds them to `{gw}:usage:<window>:<account>` (hash `c:<token>` calls,
 `b:<token>` bytes); then one pipeline reads back the totals of the accounts this instance served,
-and the set of blocked tokens. Over a limit, the
+and the set of blocked tokens. Counts of an account with no limit are held in process for the
+current window instead, and written only if a limit comes before the window ends. Over a limit, the
 heaviest tokens are blocked until the rest fit (`HSETNX {gw}:blocked:<window>` makes the block,
 and its event 20, happen once whichever instance sees it first); at the next window they work
 again and event 21 is logged once (`HSETNX {gw}:unblocked:<window>`).
@@ -60,6 +61,8 @@ def choose_blocked(usage: dict[int, tuple[int, int]], already: set[int], calls_l
     return chosen
 
 
+# Tokens whose counts an instance holds for accounts with no limit, at most (~40 MB).
+MAX_HELD = 250_000
 # Tokens per USAGE_ADD call: ~0.5 ms of Redis time (512 held it for 2.5 ms, token loads queued behind).
 SCRIPT_TOKENS = 128
 # KEYS: usage hashes; ARGV[1]: seconds to keep them; then, for each key in turn, how many tokens,
@@ -91,13 +94,17 @@ def parse_usage(raw: dict[bytes, bytes]) -> dict[int, tuple[int, int]]:
 
 class UsageMeter:
     def __init__(self, store: RedisStore, settings: UsageSettings, directory: AccountDirectory, logs: LogWriter,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, max_held: int = MAX_HELD) -> None:
         self._store = store
         self._settings = settings
         self._directory = directory
         self._logs = logs
         self._clock = clock
         self._counts: dict[tuple[int, int, int], list[int]] = {}
+        # (window, account) -> token id -> [calls, bytes], for accounts with no limit (`_to_send`)
+        self._held: dict[tuple[int, int], dict[int, list[int]]] = {}
+        self._held_tokens = 0
+        self._max_held = max_held
         self.blocked: dict[int, Block] = {}
         self._prefix = store.prefix
         self._add = store.script(USAGE_ADD)
@@ -129,10 +136,12 @@ class UsageMeter:
     async def run(self) -> None:
         await every(self._settings.flush_interval, self.flush, "usage flush")
 
-    async def flush(self) -> None:
+    async def flush(self, final: bool = False) -> None:
+        """Exchange counts with Redis; `final` (shutdown) also writes what is held in process."""
         now = self._clock()
         window = self.window(now)
-        counts, self._counts = self._counts, {}
+        pending, self._counts = self._counts, {}
+        counts = self._to_send(pending, window, final)
         limited = {cid for cid in {cid for (win, cid, _) in counts if win == window} if any(self.limits_for(cid))}
         try:
             totals, blocked_raw = await self._exchange(counts, window, sorted(limited))
@@ -148,6 +157,54 @@ class UsageMeter:
         await self._unblock_expired(now)
         for token_id, info in blocked.items():
             self.blocked[token_id] = Block(until, info["reason"], int(info["cid"]))
+
+    def _to_send(self, pending: dict[tuple[int, int, int], list[int]], window: int,
+                 final: bool) -> dict[tuple[int, int, int], list[int]]:
+        """What goes to Redis: the counts of accounts with a limit, joined by what was held for
+        them while they had none (a limit set during a window still counts the whole window).
+
+        The counts of an account with no limit are only read if a limit comes, so for the current
+        window they are held here (up to MAX_HELD tokens; past that they are written, which is as
+        exact) and dropped when the window is over. Writing them cost Redis two counters a token:
+        with a new token per request, more than anything but the token's load and log list."""
+        held = self._held
+        for past in [account for account in held if account[0] < window]:
+            self._held_tokens -= len(held.pop(past))
+        send: dict[tuple[int, int, int], list[int]] = {}
+        limited: dict[int, bool] = {}
+        for key, counts in pending.items():
+            win, cid, token_id = key
+            account_limited = limited.get(cid)
+            if account_limited is None:
+                account_limited = limited[cid] = any(self.limits_for(cid))
+            if account_limited or final:
+                send[key] = counts
+            elif win == window:
+                tokens = held.get((win, cid))
+                if tokens is None:
+                    tokens = held[(win, cid)] = {}
+                mine = tokens.get(token_id)
+                if mine is not None:
+                    mine[0] += counts[0]
+                    mine[1] += counts[1]
+                elif self._held_tokens < self._max_held:
+                    tokens[token_id] = counts
+                    self._held_tokens += 1
+                else:
+                    send[key] = counts
+            # else: a past window of an account with no limit: nobody will ever read it
+        for account in [account for account in held if final or any(self.limits_for(account[1]))]:
+            tokens = held.pop(account)
+            self._held_tokens -= len(tokens)
+            for token_id, counts in tokens.items():
+                entry = (account[0], account[1], token_id)
+                sent = send.get(entry)
+                if sent is None:
+                    send[entry] = counts
+                else:
+                    sent[0] += counts[0]
+                    sent[1] += counts[1]
+        return send
 
     async def _exchange(self, counts: dict[tuple[int, int, int], list[int]], window: int,
                         accounts: list[int]) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes]]:

@@ -1228,7 +1228,14 @@ async def test_valid_cid_header(gw: GatewayHandle, clients: ClientFactory, upstr
 
 async def test_usage_counted_for_fast_requests(gw: GatewayHandle, clients: ClientFactory,
                                                redis_client: aioredis.Redis, key_prefix: str) -> None:
-    token = await gw.create_token(access={"type": 0})
+    # Counts reach Redis for an account with a limit (without one they are held in process).
+    status, body = await gw.call("POST", "/platform/subaccounts", json={"name": "u", "limits": {"api_calls": 10 ** 6}})
+    assert status == 200, body
+    cid = body["result"][0]["id"]
+    status, body = await gw.call("POST", "/platform/tokens", json=[{"ttl": 3600, "access": {"type": 0}}],
+                                 headers={"x-flespi-cid": str(cid)})
+    assert status == 200, body
+    token = body["result"][0]
     counts = Counts(gw)
     client = await clients(gw)
     for _ in range(3):

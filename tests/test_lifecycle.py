@@ -9,6 +9,8 @@ import orjson
 
 from conftest import GatewayFactory, GatewayHandle, Upstream, error
 
+from gateway.usage import parse_usage
+
 
 async def until(predicate: Any, timeout: float, step: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
@@ -122,6 +124,47 @@ async def test_heaviest_token_blocked_across_instances(make_gateway: GatewayFact
     async def both_events() -> bool:
         return await events() == [20, 21]
     await until(both_events, timeout=3.0)
+
+
+async def test_limit_set_during_a_window_counts_the_whole_window(make_gateway: GatewayFactory, redis_client: Any,
+                                                                key_prefix: str) -> None:
+    """Without a limit an account's counts stay in each instance (Redis gets none of them); a
+    limit set halfway through the window brings both instances' counts of the whole window to
+    Redis, and the heaviest token is blocked for calls made before the limit existed."""
+    window = 6
+    config = {"usage": {"window": window, "flush_interval": 0.1}}
+    a, b = await make_gateway(**config), await make_gateway(**config)
+    await asyncio.sleep(window - time.time() % window + 0.05)
+    cid = (await a.call("POST", "/platform/subaccounts", json={"name": "later"}))[1]["result"][0]["id"]
+    acting = {"x-flespi-cid": str(cid)}
+    heavy = (await a.call("POST", "/platform/tokens", json={"ttl": 600}, headers=acting))[1]["result"][0]
+    light = (await a.call("POST", "/platform/tokens", json={"ttl": 600}, headers=acting))[1]["result"][0]
+    for gw in (a, b):
+        for _ in range(12):
+            assert (await gw.call("GET", "/x", key=heavy["key"]))[0] == 200
+    assert (await b.call("GET", "/x", key=light["key"]))[0] == 200
+    await asyncio.sleep(0.4)  # several flushes
+    assert [key async for key in redis_client.scan_iter(match=f"{key_prefix}usage:*:{cid}")] == []
+
+    status, _ = await a.call("PUT", f"/platform/subaccounts/{cid}", json={"limits": {"api_calls": 20}})
+    assert status == 200
+
+    async def counted() -> dict[int, tuple[int, int]]:
+        found: dict[int, tuple[int, int]] = {}
+        async for key in redis_client.scan_iter(match=f"{key_prefix}usage:*:{cid}"):
+            found.update(parse_usage(await redis_client.hgetall(key)))
+        return found
+
+    async def whole_window() -> bool:
+        counts = await counted()
+        return counts.get(heavy["id"], (0, 0))[0] == 24 and counts.get(light["id"], (0, 0))[0] == 1
+    await until(whole_window, timeout=3.0)
+
+    async def heavy_blocked() -> bool:  # by calls made before the limit existed
+        async with a.request("GET", "/x", key=heavy["key"]) as r1, b.request("GET", "/x", key=heavy["key"]) as r2:
+            return r1.status == 429 and r2.status == 429
+    await until(heavy_blocked, timeout=2.0)
+    assert (await a.call("GET", "/x", key=light["key"]))[0] == 200
 
 
 # -- expiry -------------------------------------------------------------------------------------
@@ -262,8 +305,9 @@ async def test_traffic_limit_blocks_the_heaviest_downloader(make_gateway: Gatewa
 
 async def test_usage_of_many_tokens_is_counted_once_each(make_gateway: GatewayFactory, redis_client: Any,
                                                          key_prefix: str) -> None:
-    """More tokens than one usage pipeline holds (the increments go out in several)."""
-    gw = await make_gateway(usage={"flush_interval": 0.2})
+    """More tokens than one usage pipeline holds (the increments go out in several). A default
+    limit: without one, counts stay in process."""
+    gw = await make_gateway(usage={"flush_interval": 0.2, "api_calls": 10 ** 6})
     status, body = await gw.call("POST", "/platform/tokens", json=[{"ttl": 3600}] * 200)
     assert status == 200
     tokens = body["result"]

@@ -1,10 +1,17 @@
-"""The blocking rule on its own: heaviest first until the rest fits, for calls and for traffic."""
+"""The blocking rule on its own (heaviest first until the rest fits, for calls and for traffic), and
+which counts reach Redis."""
 from __future__ import annotations
 
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import given, strategies as st
 
-from gateway.usage import choose_blocked, parse_usage
+from gateway.accounts import AccountDirectory, AccountStore, AccountTree, Limits
+from gateway.config import LogSettings, RedisSettings, UsageSettings
+from gateway.logs import LogWriter
+from gateway.store import RedisStore, connect_redis
+from gateway.tokens import Token, TokenType
+from gateway.usage import UsageMeter, choose_blocked, parse_usage
 
 
 @pytest.mark.parametrize(("usage", "already", "calls", "traffic", "expected"), [
@@ -44,3 +51,64 @@ def test_what_is_left_fits_and_no_lighter_token_is_blocked_needlessly(usage: dic
         assert sum(b for _, b in left) <= traffic
     if not calls and not traffic:
         assert not blocked
+
+
+# -- what reaches Redis ---------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_counts_of_an_account_without_limit_are_held_until_a_limit_comes(
+        redis_client: aioredis.Redis, redis_url: str, key_prefix: str) -> None:
+    """Counts of accounts with no limit stay in process for the window (up to `max_held` tokens,
+    past that they are written); a limit set during the window brings them all to Redis, and so
+    does the final flush at shutdown; a window that ended unlimited is dropped."""
+    client = connect_redis(RedisSettings(url=redis_url))
+    store = RedisStore(client, key_prefix)
+    directory = AccountDirectory(AccountStore(client, key_prefix), 60.0)
+    directory.tree = AccountTree({}, {})
+    clock = Clock(6_000_000.0)  # window 100,000 of 60 s
+    meter = UsageMeter(store, UsageSettings(), directory, LogWriter(LogSettings(path="off"), []), clock=clock,
+                       max_held=2)
+
+    def tokens(*ids: int) -> list[Token]:
+        return [Token(id=n, digest=f"{n:064x}", cid=5, type=TokenType.STANDARD, enabled=True, expire=0, ttl=0,
+                      created=0, accessed=0, record_json=b"{}") for n in ids]
+
+    async def stored(window: int) -> dict[int, tuple[int, int]]:
+        return parse_usage(await redis_client.hgetall(f"{key_prefix}usage:{window}:5"))
+
+    try:
+        one, two, three = tokens(1, 2, 3)
+        for token, size in ((one, 10), (two, 20), (one, 5)):
+            meter.record(token, 5, size, clock.now)
+        await meter.flush()
+        assert await stored(100_000) == {}  # held: no limit, nobody reads them
+        meter.record(three, 5, 7, clock.now)  # a third token: past max_held, written at once
+        meter.record(one, 5, 1, clock.now)  # held already: stays held
+        await meter.flush()
+        assert await stored(100_000) == {3: (1, 7)}
+
+        directory.tree = AccountTree({}, {5: Limits(api_calls=1000)})  # a limit comes mid-window
+        meter.record(three, 5, 3, clock.now)
+        await meter.flush()
+        assert await stored(100_000) == {1: (3, 16), 2: (1, 20), 3: (2, 10)}  # the whole window
+
+        directory.tree = AccountTree({}, {})
+        clock.now += 60  # window 100,001: held again, and dropped once it is over
+        meter.record(two, 5, 4, clock.now)
+        await meter.flush()
+        clock.now += 60
+        meter.record(two, 5, 6, clock.now)
+        await meter.flush()
+        meter.record(one, 5, 8, clock.now)
+        await meter.flush(final=True)  # shutdown: what is held goes to Redis
+        assert await stored(100_001) == {}
+        assert await stored(100_002) == {1: (1, 8), 2: (1, 6)}
+    finally:
+        await client.aclose()
