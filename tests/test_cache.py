@@ -189,6 +189,23 @@ async def test_acl_tokens_in_a_batch_get_their_group_members(env: Env) -> None:
     assert found[0].acl.authorize("GET", "/gw/devices/all", found[0].group_members) == "/gw/devices/1,2"
 
 
+@pytest.mark.parametrize("damage", [
+    {"access": "standard"}, {"access": {"type": "zero"}}, {"access": {"type": 2, "acl": 7}}, {"id": "seven"},
+    {"cid": [1]}, {"ttl": None}, {"enabled": {"x": 1}, "created": "yesterday"}, {"origins": 5},
+])
+async def test_a_malformed_stored_record_fails_alone_in_the_compiled_compiler(env: Env, damage: dict[str, Any]) -> None:
+    """`compiler.py` is compiled: whatever a stored record holds, a bad one raises for its own
+    requests only (they are denied), and the batch's other records load."""
+    good = await env.add(2)
+    bad_key = new_key()
+    bad = {**good[0][1], "id": 998, "digest": key_digest(bad_key), **damage}
+    await env.client.set(f"{env.prefix}tok:{bad['digest']}", orjson.dumps(bad))
+    found = await lookup_all(env.cache, [key_digest(good[0][0]), key_digest(bad_key), key_digest(good[1][0])])
+    assert isinstance(found[1], Exception)
+    assert [token.id for token in (found[0], found[2])] == [record["id"] for _, record in good]
+    assert len(env.cache) == 2
+
+
 async def test_a_bad_record_fails_alone_and_denies(env: Env) -> None:
     good = await env.add(4)
     bad_key = new_key()
