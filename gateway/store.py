@@ -39,30 +39,25 @@ NEVER = 2 ** 40
 # Tokens per TOUCH call of the batched `accessed` writes: ~0.5 ms of Redis time (2.3 µs a token in
 # a million-field hash; the sorted set it replaced took 4.7 µs, 7 µs with the machine busy).
 TOUCH_CHUNK = 256
-# KEYS[1]: the `used` hash; ARGV: digest, time, digest, time... A time is written only if newer
-# than the one there: a late or slower instance never moves `accessed` back.
-TOUCH = """
-for i = 1, #ARGV, 2 do
-  local old = redis.call('HGET', KEYS[1], ARGV[i])
-  if not old or tonumber(old) < tonumber(ARGV[i + 1]) then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+# Writes each (digest, time) pair of a flat list into the `used` hash unless the time there is
+# newer: a late or slower instance never moves `accessed` back. Answers how many pairs it read.
+KEEP_NEWER = """
+local function keep_newer(hash, flat)
+  for i = 1, #flat, 2 do
+    local old = redis.call('HGET', hash, flat[i])
+    if not old or tonumber(old) < tonumber(flat[i + 1]) then
+      redis.call('HSET', hash, flat[i], flat[i + 1])
+    end
   end
+  return #flat / 2
 end
-return #ARGV / 2
 """
+# KEYS[1]: the `used` hash; ARGV: digest, time, digest, time...
+TOUCH = KEEP_NEWER + "return keep_newer(KEYS[1], ARGV)\n"
 # KEYS[1]: the old `accessed` sorted set, KEYS[2]: the `used` hash; ARGV[1]: how many to move.
 # Pops the oldest members and keeps each one's newer time: atomic, so nothing is lost to an old
 # instance still writing the sorted set meanwhile.
-FOLD_ACCESSED = """
-local popped = redis.call('ZPOPMIN', KEYS[1], ARGV[1])
-for i = 1, #popped, 2 do
-  local old = redis.call('HGET', KEYS[2], popped[i])
-  if not old or tonumber(old) < tonumber(popped[i + 1]) then
-    redis.call('HSET', KEYS[2], popped[i], popped[i + 1])
-  end
-end
-return #popped / 2
-"""
+FOLD_ACCESSED = KEEP_NEWER + "return keep_newer(KEYS[2], redis.call('ZPOPMIN', KEYS[1], ARGV[1]))\n"
 FOLD_CHUNK = 1000
 
 
