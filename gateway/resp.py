@@ -3,9 +3,10 @@
 Cache-miss loads (MGET + HMGET + ZMSCORE), `accessed` writes and the log and usage scripts are a
 handful of commands each, sent in batches. Through redis-py's pipeline a batch cost ~300 µs of
 CPU (each command packed argument by argument, each reply read under its own timeout, a
-connection taken from and given back to the pool); this client packs a batch with a few `bytes` formats, writes it
-on one shared connection, and hands the replies, parsed by hiredis, back in order: ~60 µs. Every
-other Redis use (the tokens API, pub/sub, accounts, housekeeping) stays on redis-py.
+connection taken from and given back to the pool); this client packs a batch with a few `bytes`
+formats, writes it on one shared connection, and hands the replies, parsed by hiredis, back in
+order: ~60 µs. Every other Redis use (the tokens API, pub/sub, accounts, housekeeping) stays on
+redis-py.
 
 One connection, opened on first use and again after any failure; requests are pipelined on it and
 answered in order. A request not answered within `timeout` fails, and so does the connection

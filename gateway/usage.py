@@ -4,8 +4,8 @@ Requests only bump in-process counters. Every `flush_interval` a Lua script (`US
 call per 128 tokens) adds them to `{gw}:usage:<window>:<account>` (hash `c:<token>` calls,
 `b:<token>` bytes); then one pipeline reads back the totals of the accounts this instance served,
 and the set of blocked tokens. Counts of an account with no limit are held in process for the
-current window instead, and written only if a limit comes before the window ends. Over a limit, the
-heaviest tokens are blocked until the rest fit (`HSETNX {gw}:blocked:<window>` makes the block,
+current window instead, and written only if a limit comes before the window ends. Over a limit,
+the heaviest tokens are blocked until the rest fit (`HSETNX {gw}:blocked:<window>` makes the block,
 and its event 20, happen once whichever instance sees it first); at the next window they work
 again and event 21 is logged once (`HSETNX {gw}:unblocked:<window>`).
 """
