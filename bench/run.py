@@ -992,14 +992,24 @@ class Report:
         naive = self.ratio("gateway, 1 worker", "naive aiohttp proxy")
         rows.append(("gateway 1 worker ≥ 3 × naive proxy", f"{naive:.2f} ×", naive is not None and naive >= 3))
         scale, efficiency, saturated = self.scaling
+        cores = self.gwn.cpu_percent / 100
+        scaled: bool | None
+        if scale >= 0.75 * self.workers_n:
+            scaled = True
+        elif efficiency < 0.75 or not saturated:
+            scaled = False  # a loss per core, or cores left unused: either is a failure
+        elif cores >= 1.25:
+            scaled = True
+        else:
+            scaled = None  # wrk and the upstream left the workers too little of the machine to tell
         rows.append((f"{self.workers_n} workers scale with cores (≥ 0.75 × {self.workers_n} = "
                      f"{0.75 * self.workers_n:.2f} × 1 worker, or, when wrk and the upstream leave the workers "
                      "fewer cores than that, ≥ 0.75 × 1 worker's req/s per core used, the workers having had "
-                     "at least 1.25 cores)",
-                     f"{scale:.2f} ×; per core {efficiency:.2f} ×; the workers had {self.gwn.cpu_percent / 100:.2f} "
-                     f"cores; machine {'saturated' if saturated else 'not saturated'}",
-                     scale >= 0.75 * self.workers_n or (saturated and efficiency >= 0.75
-                                                        and self.gwn.cpu_percent >= 125)))
+                     "at least 1.25 cores; n/a when they had less)",
+                     f"{scale:.2f} ×; per core {efficiency:.2f} ×; the workers had {cores:.2f} "
+                     f"cores; machine {'saturated' if saturated else 'not saturated'}"
+                     + ("; too few cores left to show it" if scaled is None else ""),
+                     scaled))
         rows.append(("≤ 0.01 Redis commands per proxied request (1 worker)", f"{self.redis_per_request:.5f}",
                      self.redis_per_request <= 0.01))
         rows.append(("p99 < 5 ms at 50 connections (gateway 1 worker)", f"{self.gw1.p99_ms:.2f} ms",
