@@ -692,6 +692,17 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def scaling_verdict(scale: float, per_core: float, saturated: bool, cores: float, workers: int) -> bool | None:
+    """N workers against one: met at 0.75 × N the throughput; on a saturated machine, met at 0.75
+    of one worker's throughput per core used if the workers had at least 1.25 cores, and None
+    (nothing shown either way) with fewer; a loss per core, or cores left unused, is a miss."""
+    if scale >= 0.75 * workers:
+        return True
+    if per_core < 0.75 or not saturated:
+        return False
+    return True if cores >= 1.25 else None
+
+
 def main() -> int:
     parse = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parse.add_argument("--quick", action="store_true", help="short runs and fewer tokens (about a minute)")
@@ -993,15 +1004,7 @@ class Report:
         rows.append(("gateway 1 worker ≥ 3 × naive proxy", f"{naive:.2f} ×", naive is not None and naive >= 3))
         scale, efficiency, saturated = self.scaling
         cores = self.gwn.cpu_percent / 100
-        scaled: bool | None
-        if scale >= 0.75 * self.workers_n:
-            scaled = True
-        elif efficiency < 0.75 or not saturated:
-            scaled = False  # a loss per core, or cores left unused: either is a failure
-        elif cores >= 1.25:
-            scaled = True
-        else:
-            scaled = None  # wrk and the upstream left the workers too little of the machine to tell
+        scaled = scaling_verdict(scale, efficiency, saturated, cores, self.workers_n)
         rows.append((f"{self.workers_n} workers scale with cores (≥ 0.75 × {self.workers_n} = "
                      f"{0.75 * self.workers_n:.2f} × 1 worker, or, when wrk and the upstream leave the workers "
                      "fewer cores than that, ≥ 0.75 × 1 worker's req/s per core used, the workers having had "
