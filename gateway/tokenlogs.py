@@ -96,21 +96,34 @@ class RedisLogSink:
         # Several script calls rather than one with tens of thousands of arguments: packing those
         # held the event loop for ~10 ms; requests are served between these round trips.
         steps: list[list[tuple[str, list[bytes], bool]]] = [[]]
+        step = steps[0]
         size = 0
         for key, lines in pending.items():
-            kept = lines[-caps[key]:]
+            cap = caps[key]
+            if len(lines) <= cap and len(lines) <= PUSH_CHUNK:  # nearly always (one line a token when
+                if size >= CALL_LINES or len(step) >= CALL_KEYS:  # each request has its own): as is
+                    step = []
+                    steps.append(step)
+                    size = 0
+                step.append((key, lines, True))
+                size += len(lines)
+                continue
+            kept = lines[-cap:]
             for start in range(0, len(kept), PUSH_CHUNK):
-                if size >= CALL_LINES or len(steps[-1]) >= CALL_KEYS:
-                    steps.append([])
+                if size >= CALL_LINES or len(step) >= CALL_KEYS:
+                    step = []
+                    steps.append(step)
                     size = 0
                 chunk = kept[start:start + PUSH_CHUNK]
-                steps[-1].append((key, chunk, start + PUSH_CHUNK >= len(kept)))
+                step.append((key, chunk, start + PUSH_CHUNK >= len(kept)))
                 size += len(chunk)
         try:
             for step in steps:
                 args: list[Any] = []
                 for key, chunk, _ in step:
-                    args += (caps[key], len(chunk), *chunk)
+                    args.append(caps[key])
+                    args.append(len(chunk))
+                    args.extend(chunk)
                 await self._push([key for key, _, _ in step], args)
                 for key, _, last in step:
                     if last:

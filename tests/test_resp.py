@@ -244,6 +244,17 @@ async def test_batched_writes_in_many_commands_lose_nothing(redis_url: str, key_
         assert lists == [[b'{"n":%d}' % n] for n in range(len(records))]
         assert await client.lrange(sink.account_key(0), 0, -1) == [
             b'{"n":%d}' % n for n in range(len(records) - 5, len(records))]
+
+        # one busy token: more lines than one RPUSH chunk and than its cap, over two flushes
+        busy = RedisLogSink(store, TokenLogSettings(per_token=1000, per_account=5000))
+        lines = [b'{"m":%d}' % n for n in range(1100)]
+        busy.add([{"token_id": 7, "cid": 1}] * 1100, lines)
+        await busy.flush()
+        assert await client.lrange(busy.token_key(7), 0, -1) == lines[100:]
+        busy.add([{"token_id": 7, "cid": 1}] * 10, [b'{"m":%d}' % n for n in range(1100, 1110)])
+        await busy.flush()
+        assert await client.lrange(busy.token_key(7), 0, -1) == lines[110:] + [b'{"m":%d}' % n for n in range(1100, 1110)]
+        assert await client.llen(busy.account_key(1)) == 1110
     finally:
         await lean.close()
         await client.aclose()
