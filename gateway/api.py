@@ -165,7 +165,8 @@ class PlatformApi:
         parts = path[len(PLATFORM):].rstrip("/").split("/") if path.startswith(PLATFORM) else []
         return bool(parts) and parts[0] in ("tokens", "logs", "recycle-bin", "subaccounts")
 
-    async def dispatch(self, request: web.Request, token: Token, path: str, acting_cid: int | None) -> web.Response:
+    async def dispatch(self, request: web.Request, token: Token, path: str, cid: int) -> web.Response:
+        """`cid`: the account the request acts for (`RequestFacts.account_of`)."""
         if path == AUTH_INFO:
             if request.method not in ("GET", "HEAD"):
                 raise Denied(405, f"method {request.method} is not allowed on {path}")
@@ -173,7 +174,7 @@ class PlatformApi:
         if token.type is not TokenType.MASTER:
             raise Denied(403, f"access to {path.lstrip('/')} is denied: master token required")
         parts = path[len(PLATFORM):].rstrip("/").split("/")
-        call = Call(request, token, token.cid if acting_cid is None else acting_cid, parts)
+        call = Call(request, token, cid, parts)
         if parts[0] == "recycle-bin" and (len(parts) < 2 or parts[1] != "tokens"
                                           or len(parts) == 4 and parts[3] != "restore"):
             raise Denied(404, f"unknown path {path}")

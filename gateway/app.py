@@ -135,19 +135,15 @@ class Gateway:
 
     def _facts(self, request: web.Request, now: float) -> RequestFacts:
         raw_path, _, query = request.raw_path.partition("?")
-        return self.facts_for(request.method, raw_path, query, request.headers.get("x-flespi-cid"),
-                              request.headers.get("Origin"),
-                              client_address(request.remote or "", request.headers, self.trusted), now)
-
-    def facts_for(self, method: str, raw_path: str, query: str, cid_header: str | None, origin: str | None,
-                  client_ip: str, now: float) -> RequestFacts:
-        """What the checks see; refuses an ambiguous path or a malformed x-flespi-cid with 400."""
-        return request_facts(method, raw_path, query, cid_header, origin, client_ip, now)
+        # What the checks see; refuses an ambiguous path or a malformed x-flespi-cid with 400.
+        return request_facts(request.method, raw_path, query, request.headers.get("x-flespi-cid"),
+                             request.headers.get("Origin"),
+                             client_address(request.remote or "", request.headers, self.trusted), now)
 
     async def _dispatch(self, request: web.Request, token: Token, facts: RequestFacts,
                         request_id: str) -> web.StreamResponse:
         if self.api.handles(facts.path):
-            return await self.api.dispatch(request, token, facts.path, facts.acting_cid)
+            return await self.api.dispatch(request, token, facts.path, facts.account_of(token))
         route = pick_route(self.settings.routes, facts.path)
         if route is None:
             raise Denied(404, f"no upstream for {facts.path}")
@@ -156,7 +152,6 @@ class Gateway:
                                         partial(self._finish, request=request, facts=facts, request_id=request_id))
 
     def _upstream_headers(self, request: web.Request, token: Token, facts: RequestFacts, request_id: str) -> Any:
-        proxy = self.settings.proxy
         peer = request.remote or ""
         trusted = self.is_trusted_peer(peer)
         extra = {
@@ -171,7 +166,7 @@ class Gateway:
         """Who made the request, for the upstream: these names are never taken from the client."""
         proxy = self.settings.proxy
         return ((proxy.token_id_header, str(token.id)),
-                (proxy.account_id_header, str(facts.acting_cid if facts.acting_cid is not None else token.cid)),
+                (proxy.account_id_header, str(facts.account_of(token))),
                 (proxy.request_id_header, request_id))
 
     def _log_request(self, request: web.Request, facts: RequestFacts, token: Token, response: web.StreamResponse,

@@ -40,6 +40,10 @@ class RequestFacts:
         self.token = token
         self.origin_allowed = origin_allowed
 
+    def account_of(self, token: Token) -> int:
+        """The account the request acts for: `x-flespi-cid` when given (checked), else the token's."""
+        return self.acting_cid if self.acting_cid is not None else token.cid
+
 
 Check = Callable[[Token, RequestFacts], None]
 

@@ -534,7 +534,8 @@ class Exchange:
                 incoming.method.decode(), raw_path, query,
                 cid.decode("utf-8", "surrogateescape") if cid is not None else None, None, self._client_ip(), now)
             path = facts.path
-            if path.startswith(lane.not_proxied) and (gateway.api.handles(path) or path.startswith(lane.internal_prefix)):
+            if path.startswith(lane.not_proxied) and (gateway.api.handles(path)
+                                                      or path.startswith(lane.internal_prefix)):
                 front.hand_over(incoming)
                 return
             incoming.target = self
@@ -702,8 +703,8 @@ class Exchange:
         served, facts = self.served, self.facts
         assert served is not None and facts is not None
         parts += (lane.token_id_name, b": ", str(served.id).encode(), b"\r\n", lane.account_id_name, b": ",
-                  str(facts.acting_cid if facts.acting_cid is not None else served.cid).encode(), b"\r\n",
-                  lane.request_id_name, b": ", self.request_id, b"\r\n")
+                  str(facts.account_of(served)).encode(), b"\r\n", lane.request_id_name, b": ", self.request_id,
+                  b"\r\n")
         front = self.front
         trusted = front.trusted_peer
         forwarded = (forwarded_for(front.peer, self._multidict(), gateway.trusted) if trusted
