@@ -99,22 +99,14 @@ class RedisLogSink:
         step = steps[0]
         size = 0
         for key, lines in pending.items():
-            cap = caps[key]
-            if len(lines) <= cap and len(lines) <= PUSH_CHUNK:  # nearly always (one line a token when
-                if size >= CALL_LINES or len(step) >= CALL_KEYS:  # each request has its own): as is
-                    step = []
-                    steps.append(step)
-                    size = 0
-                step.append((key, lines, True))
-                size += len(lines)
-                continue
-            kept = lines[-cap:]
+            # Copied only when cut: most lists (one line a token, under cache-miss traffic) go as they are.
+            kept = lines if len(lines) <= caps[key] else lines[-caps[key]:]
             for start in range(0, len(kept), PUSH_CHUNK):
                 if size >= CALL_LINES or len(step) >= CALL_KEYS:
                     step = []
                     steps.append(step)
                     size = 0
-                chunk = kept[start:start + PUSH_CHUNK]
+                chunk = kept if len(kept) <= PUSH_CHUNK else kept[start:start + PUSH_CHUNK]
                 step.append((key, chunk, start + PUSH_CHUNK >= len(kept)))
                 size += len(chunk)
         try:
