@@ -1,4 +1,4 @@
-"""The platform API (SPEC 7), served by the gateway itself.
+"""The platform API (docs/api.md), served by the gateway itself.
 
 Paths (all under the acting account: the token's own, or `x-flespi-cid` when it names a
 subaccount of it):

@@ -190,7 +190,7 @@ class Gateway:
 
 GATEWAY = web.AppKey("gateway", Gateway)
 CORS = web.AppKey("cors", CorsPolicy)
-BOOTSTRAP_EXPIRE = 4102444800  # 2100-01-01: a token must have ttl or expire (SPEC 2)
+BOOTSTRAP_EXPIRE = 4102444800  # 2100-01-01: a token must have ttl or expire (docs/tokens.md)
 
 
 async def bootstrap_master(store: TokenStore, key: str) -> None:
