@@ -536,9 +536,9 @@ def random_keys(count: int) -> list[str]:
 async def fill_tokens(redis_url: str, keys: list[str], batch: int = 5000) -> None:
     """The records exactly as the tokens API creates them, written by the gateway's own TokenStore."""
     from gateway.config import RedisSettings
-    from gateway.store import TokenStore, connect_redis
+    from gateway.store.tokens import TokenStore, connect_redis
     from gateway.tokens import key_digest
-    from gateway.validation import DEFAULTS
+    from gateway.api.validation import DEFAULTS
 
     client = connect_redis(RedisSettings(url=redis_url, socket_timeout=30, connect_timeout=5))
     store = TokenStore(client, PREFIX)
@@ -615,18 +615,18 @@ async def revocation_rounds(url_a: str, url_b: str, rounds: int) -> dict[str, An
 # -- one check, in process --------------------------------------------------------------------
 
 async def check_cost(redis_url: str, key: str, calls: int) -> dict[str, float]:
-    from gateway.accessed import AccessedWriter
-    from gateway.accounts import AccountDirectory, AccountStore
-    from gateway.api import AUTH_INFO
-    from gateway.auth import Authenticator, extract_key
-    from gateway.cache import TokenCache
-    from gateway.checks import RequestFacts, build_checks
-    from gateway.compiler import TokenCompiler
+    from gateway.writers.accessed import AccessedWriter
+    from gateway.store.accounts import AccountDirectory, AccountStore
+    from gateway.api.platform import AUTH_INFO
+    from gateway.auth.authenticator import Authenticator, extract_key
+    from gateway.store.cache import TokenCache
+    from gateway.auth.checks import RequestFacts, build_checks
+    from gateway.auth.compiler import TokenCompiler
     from gateway.config import LogSettings, RedisSettings, Settings, UsageSettings
-    from gateway.logs import LogWriter
-    from gateway.store import TokenStore, connect_redis
+    from gateway.writers.logs import LogWriter
+    from gateway.store.tokens import TokenStore, connect_redis
     from gateway.tokens import key_digest
-    from gateway.usage import UsageMeter
+    from gateway.writers.usage import UsageMeter
 
     client = connect_redis(RedisSettings(url=redis_url))
     try:

@@ -18,32 +18,32 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from .accessed import AccessedWriter
-from .accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
-from .aio import cancel_all
-from .api import AUTH_INFO, PlatformApi
-from .auth import Authenticator, extract_key
-from .build import fast_path_compiled
-from .cache import TokenCache
-from .checks import RequestFacts, build_checks, request_facts
-from .clientaddr import TrustedProxies, client_address, forwarded_for
-from .compiler import TokenCompiler
-from .config import Settings
-from .cors import CorsPolicy
-from .errors import (STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable, error_response,
+from gateway.writers.accessed import AccessedWriter
+from gateway.store.accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
+from gateway.aio import cancel_all
+from gateway.api.platform import AUTH_INFO, PlatformApi
+from gateway.auth.authenticator import Authenticator, extract_key
+from gateway.build import fast_path_compiled
+from gateway.store.cache import TokenCache
+from gateway.auth.checks import RequestFacts, build_checks, request_facts
+from gateway.policy.clientaddr import TrustedProxies, client_address, forwarded_for
+from gateway.auth.compiler import TokenCompiler
+from gateway.config import Settings
+from gateway.proxy.cors import CorsPolicy
+from gateway.errors import (STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable, error_response,
                      invalid_input_response)
-from .expiry import Housekeeper
-from .logs import FileSink, LogWriter, RequestIds, request_record
-from .paths import pick_route
-from .proxy import Proxy, upstream_url
-from .resp import RespClient, lean_client
-from .store import TokenStore, connect_redis
-from .tokenlogs import RedisLogSink
-from .tokens import Token, key_digest
-from .usage import UsageMeter
+from gateway.writers.housekeeping import Housekeeper
+from gateway.writers.logs import FileSink, LogWriter, RequestIds, request_record
+from gateway.policy.paths import pick_route
+from gateway.proxy.relay import Proxy, upstream_url
+from gateway.store.resp import RespClient, lean_client
+from gateway.store.tokens import TokenStore, connect_redis
+from gateway.writers.tokenlogs import RedisLogSink
+from gateway.tokens import Token, key_digest
+from gateway.writers.usage import UsageMeter
 
 if TYPE_CHECKING:
-    from .embedded import Snapshotter
+    from gateway.store.embedded import Snapshotter
 
 log = logging.getLogger("gateway")
 
@@ -232,7 +232,7 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     lean: RespClient | None = None
     lean_loads: RespClient | None = None
     if settings.redis.embedded:
-        from .embedded import open_embedded  # fakeredis: imported only when it is used
+        from gateway.store.embedded import open_embedded  # fakeredis: imported only when it is used
         client, snapshotter = open_embedded(settings.redis.data_file)
         loaded = await snapshotter.load()
         log.info("embedded store: %d keys loaded from %s", loaded, settings.redis.data_file)

@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ConfigError, Settings, load_settings
-from .cli_tokens import add_commands, create_token, master_key_from
-from .tokens import new_key
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.cli_tokens import add_commands, create_token, master_key_from
+from gateway.tokens import new_key
 
 
 def default_config() -> str | None:
@@ -54,6 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(f"gateway: configuration {args.config or default_config() or '(environment)'} is valid")
         return 0
-    from .server import run
+    from gateway.server import run
 
     return run(settings)

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from .templates import TEMPLATES
+from gateway.api.templates import TEMPLATES
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 

@@ -280,7 +280,7 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
 
 
 def _acl(value: Any) -> AclSettings:
-    from .acl import parse_uri_patterns
+    from gateway.policy.acl import parse_uri_patterns
 
     if value is None:
         return AclSettings()
@@ -332,7 +332,7 @@ def _names(key: str, value: Any) -> tuple[str, ...]:
 
 
 def _presets(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    from .origins import preset_problems
+    from gateway.policy.origins import preset_problems
 
     if value is None:
         return (("flespi", FLESPI_ORIGINS),)
@@ -446,7 +446,7 @@ def _prefixes(value: Any) -> tuple[str, ...]:
 
 
 def _trusted(value: Any) -> tuple[str, ...]:
-    from .clientaddr import TrustedProxies
+    from gateway.policy.clientaddr import TrustedProxies
 
     if not isinstance(value, list):
         raise ConfigError("trusted_proxies: must be a list of addresses or CIDR networks")

@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 variants = set(filter(None, os.environ.get("VARIANT", "").split(",")))
-import gateway.proxy as proxy
+import gateway.proxy.relay as proxy
 import gateway.app as app
 from aiohttp import web
 
@@ -46,7 +46,7 @@ if "nolog" in variants:
     app.Gateway._log_request = lambda *a, **k: None
 
 if "noauth" in variants:
-    from gateway.auth import Authenticator
+    from gateway.auth.authenticator import Authenticator
     tok = {}
     orig = Authenticator.authenticate
     async def authenticate(self, key, facts):

@@ -12,9 +12,9 @@ from typing import Any
 
 import orjson
 
-from .config import TokenLogSettings
-from .errors import StoreUnavailable
-from .store import RedisStore
+from gateway.config import TokenLogSettings
+from gateway.errors import StoreUnavailable
+from gateway.store.tokens import RedisStore
 
 PUSH_CHUNK = 512  # lines per list and LOG_PUSH call
 # Per LOG_PUSH call (one round trip), for ~0.5 ms of Redis time at most: token loads queue behind it.

@@ -15,7 +15,7 @@ from typing import Any
 import fakeredis
 import orjson
 
-log = logging.getLogger("gateway.embedded")
+log = logging.getLogger("gateway.store.embedded")
 
 
 def _text(value: bytes) -> str:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .accounts import AccountDirectory, check_acting_account
-from .errors import TOKEN_DISABLED, UNAUTHORIZED_LOCATION, UNAUTHORIZED_ORIGIN, Denied
-from .paths import checked_path, forwarded_path
-from .tokens import Token, TokenType
-from .usage import UsageMeter
+from gateway.store.accounts import AccountDirectory, check_acting_account
+from gateway.errors import TOKEN_DISABLED, UNAUTHORIZED_LOCATION, UNAUTHORIZED_ORIGIN, Denied
+from gateway.policy.paths import checked_path, forwarded_path
+from gateway.tokens import Token, TokenType
+from gateway.writers.usage import UsageMeter
 
 
 class RequestFacts:

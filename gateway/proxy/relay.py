@@ -10,11 +10,11 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .config import ProxySettings, Route
-from .errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied
-from .paths import upstream_target
+from gateway.config import ProxySettings, Route
+from gateway.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied
+from gateway.policy.paths import upstream_target
 
-log = logging.getLogger("gateway.proxy")
+log = logging.getLogger("gateway.proxy.relay")
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "trailers", "transfer-encoding", "upgrade",

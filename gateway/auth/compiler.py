@@ -7,15 +7,15 @@ from typing import Any
 
 import orjson
 
-from .acl import compile_acl, load_group_members, parse_uri_patterns
-from .errors import FieldProblem
-from .ipmask import compile_ip_masks, ip_mask_problems
-from .origins import compile_origins, origin_problems
-from .acl import acl_problems
-from .config import Settings
-from .store import RedisStore
-from .tokens import TOKEN_TYPES, Token, TokenType
-from .validation import TokenValidator
+from gateway.policy.acl import compile_acl, load_group_members, parse_uri_patterns
+from gateway.errors import FieldProblem
+from gateway.policy.ipmask import compile_ip_masks, ip_mask_problems
+from gateway.policy.origins import compile_origins, origin_problems
+from gateway.policy.acl import acl_problems
+from gateway.config import Settings
+from gateway.store.tokens import RedisStore
+from gateway.tokens import TOKEN_TYPES, Token, TokenType
+from gateway.api.validation import TokenValidator
 
 
 class TokenCompiler:

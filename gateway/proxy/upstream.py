@@ -5,7 +5,7 @@ the rest of the gateway together. Here a request is bytes written to a pooled co
 reply is parsed by llhttp (through `httptools`, the parser uvicorn uses) straight into callbacks
 on the exchange that sent it, with no task, future or stream object per request on the way back.
 
-Callbacks go to an `UpstreamSink` (the exchange in `fastpath.py`):
+Callbacks go to an `UpstreamSink` (the exchange in `proxy/listener.py`):
 `on_head` once (1xx replies are skipped), `on_body` per piece, then `on_done`, or `on_fail` once
 if the reply cannot be completed. A connection goes back to the pool only when its reply was read
 to the end, the request was sent in full and both sides kept it alive; any other connection is
@@ -21,9 +21,9 @@ from typing import Protocol
 
 import httptools
 
-from .config import ProxySettings
+from gateway.config import ProxySettings
 
-log = logging.getLogger("gateway.upstream")
+log = logging.getLogger("gateway.proxy.upstream")
 # Idle connections kept per upstream when `pool_size` is 0 (no limit on open connections).
 DEFAULT_IDLE = 256
 NO_BODY_STATUSES = frozenset({204, 304})

@@ -4,11 +4,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .errors import StoreUnavailable
-from .store import TokenStore
-from .tokens import Token
+from gateway.errors import StoreUnavailable
+from gateway.store.tokens import TokenStore
+from gateway.tokens import Token
 
-log = logging.getLogger("gateway.accessed")
+log = logging.getLogger("gateway.writers.accessed")
 
 
 class AccessedWriter:

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Address
 
-from gateway.wildcard import glob_to_regex
+from gateway.policy.wildcard import glob_to_regex
 
 Presets = Mapping[str, Sequence[str]]
 

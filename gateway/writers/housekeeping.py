@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import time
 
-from .aio import every
-from .config import HousekeepingSettings
-from .logs import LogWriter
-from .store import TokenStore, expires_at
-from .tokens import is_valid_at
+from gateway.aio import every
+from gateway.config import HousekeepingSettings
+from gateway.writers.logs import LogWriter
+from gateway.store.tokens import TokenStore, expires_at
+from gateway.tokens import is_valid_at
 
-log = logging.getLogger("gateway.expiry")
+log = logging.getLogger("gateway.writers.housekeeping")
 EVENT_EXPIRED = 600
 BATCH = 500
 SWEEP_BATCHES = 20  # at most 10,000 due tokens looked at per sweep

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Address, IPv6Network
 from typing import Literal
 
-from gateway.wildcard import glob_to_regex
+from gateway.policy.wildcard import glob_to_regex
 
 # (first address, netmask) as ints: membership is one AND and one compare, far cheaper than
 # `address in IPv4Network` on every request.

@@ -15,11 +15,11 @@ from typing import Any
 
 import orjson
 
-from .aio import wait_event
-from .errors import Denied, StoreUnavailable
-from .store import RedisStore
+from gateway.aio import wait_event
+from gateway.errors import Denied, StoreUnavailable
+from gateway.store.tokens import RedisStore
 
-log = logging.getLogger("gateway.accounts")
+log = logging.getLogger("gateway.store.accounts")
 ROOT_ACCOUNT = 0
 CHANGED_MESSAGE = "accounts"
 

@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-log = logging.getLogger("gateway.resp")
+log = logging.getLogger("gateway.store.resp")
 Arg = bytes | str | int | float
 Command = Sequence[Arg]
 

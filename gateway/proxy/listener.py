@@ -10,7 +10,7 @@ or a new upstream connection opened.
 
 Any other request — the tokens API, CORS preflights and pages' requests, WebSockets, HEAD,
 HTTP/1.0, `Expect: 100-continue` — hands the connection to aiohttp (`web.Application` in
-`app.py`) for the rest of its life: the request is written, as parsed, into an aiohttp
+`gateway/app.py`) for the rest of its life: the request is written, as parsed, into an aiohttp
 `RequestHandler` through `Bridge`, a transport whose writes go to the real socket; once the
 parser stands between two messages, later bytes go to aiohttp untouched. Both paths run the
 same `Gateway` methods, so a request is decided the same way whichever serves it.
@@ -29,14 +29,14 @@ from typing import Any
 import httptools
 from multidict import CIMultiDict
 
-from .api import AUTH_INFO, PLATFORM
-from .app import Gateway
-from .auth import Authenticator, extract_key
-from .cache import Outcome
-from .checks import RequestFacts, request_facts
-from .clientaddr import client_address, forwarded_for
-from .config import LimitsSettings, Route
-from .errors import (
+from gateway.api.platform import AUTH_INFO, PLATFORM
+from gateway.app import Gateway
+from gateway.auth.authenticator import Authenticator, extract_key
+from gateway.store.cache import Outcome
+from gateway.auth.checks import RequestFacts, request_facts
+from gateway.policy.clientaddr import client_address, forwarded_for
+from gateway.config import LimitsSettings, Route
+from gateway.errors import (
     INTERNAL_ERROR,
     STORAGE_UNAVAILABLE,
     UPSTREAM_TIMEOUT,
@@ -45,14 +45,14 @@ from .errors import (
     StoreUnavailable,
     error_body,
 )
-from .logs import LogWriter, RequestIds, request_record
-from .paths import pick_route, upstream_target
-from .proxy import CORS_PREFIX, HOP_BY_HOP, REQUEST_DROP
-from .tokens import Token, key_digest
-from .upstream import NO_BODY_STATUSES, UpstreamConnection, UpstreamFailed, UpstreamPool
-from .usage import UsageMeter
+from gateway.writers.logs import LogWriter, RequestIds, request_record
+from gateway.policy.paths import pick_route, upstream_target
+from gateway.proxy.relay import CORS_PREFIX, HOP_BY_HOP, REQUEST_DROP
+from gateway.tokens import Token, key_digest
+from gateway.proxy.upstream import NO_BODY_STATUSES, UpstreamConnection, UpstreamFailed, UpstreamPool
+from gateway.writers.usage import UsageMeter
 
-log = logging.getLogger("gateway.fastpath")
+log = logging.getLogger("gateway.proxy.listener")
 FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE"})
 # Headers that send a request to aiohttp: pages (CORS), protocol switches, 100-continue.
 SLOW_HEADERS = (b"origin", b"upgrade", b"expect")

@@ -3,7 +3,7 @@
 An ACL is a list of entries `{"uri", "methods", "ids", "submodules"}` (HTTP) or
 `{"uri": "mqtt", "topic", "actions"}` (MQTT, never grants an HTTP path). What is not granted is denied.
 
-Validation lives in `gateway.acl_validation` (re-exported here as `acl_problems`).
+Validation lives in `gateway.policy.acl_validation` (re-exported here as `acl_problems`).
 
 Decisions the public material leaves open (validation's own are listed in its module):
 - The collection path itself (`/gw/devices`, no selector) is granted only by an entry whose ids are
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from gateway.acl_validation import (
+from gateway.policy.acl_validation import (
     ALL_IDS,
     GROUP_URI,
     IN_GROUPS,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from gateway.errors import Denied, FieldProblem
-from gateway.paths import checked_path
+from gateway.policy.paths import checked_path
 
 GROUP_URI = "gw/groups"
 MQTT_URI = "mqtt"
@@ -27,7 +27,7 @@ IN_GROUPS: Final = "in-groups"
 _HTTP_KEYS = frozenset(("uri", "methods", "ids", "submodules"))
 _MQTT_KEYS = frozenset(("uri", "topic", "actions"))
 _SUBMODULE_KEYS = frozenset(("name", "methods"))
-# The characters a request path may hold without any decoding (see gateway.paths), so an uri or a
+# The characters a request path may hold without any decoding (see gateway.policy.paths), so an uri or a
 # submodule name always reads the same in the ACL, in the request and upstream.
 _URI = re.compile(r"[A-Za-z0-9\-._~/,=:@!$&'()*+]+")
 _SEGMENT = re.compile(r"[A-Za-z0-9\-._~,=:@!$&'()*+]+")

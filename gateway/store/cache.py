@@ -19,13 +19,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from itertools import islice
 from typing import Any, Protocol
 
-from .aio import cancel_all
-from .config import CacheSettings
-from .errors import StoreUnavailable
-from .store import TokenStore
-from .tokens import Token
+from gateway.aio import cancel_all
+from gateway.config import CacheSettings
+from gateway.errors import StoreUnavailable
+from gateway.store.tokens import TokenStore
+from gateway.tokens import Token
 
-log = logging.getLogger("gateway.cache")
+log = logging.getLogger("gateway.store.cache")
 # Keys read by one MGET at most; more misses in the same loop iteration make several batches.
 MAX_BATCH = 256
 

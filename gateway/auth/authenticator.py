@@ -4,13 +4,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from .accessed import AccessedWriter
-from .cache import Outcome, TokenCache
-from .checks import Check, RequestFacts
-from .errors import INTERNAL_ERROR, INVALID_TOKEN, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
-from .tokens import KEY_LENGTH, Token, key_digest
+from gateway.writers.accessed import AccessedWriter
+from gateway.store.cache import Outcome, TokenCache
+from gateway.auth.checks import Check, RequestFacts
+from gateway.errors import INTERNAL_ERROR, INVALID_TOKEN, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
+from gateway.tokens import KEY_LENGTH, Token, key_digest
 
-log = logging.getLogger("gateway.auth")
+log = logging.getLogger("gateway.auth.authenticator")
 SCHEME = "flespitoken"
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import FieldProblem
+from gateway.errors import FieldProblem
 
 DEVICES = "gw/devices"
 SUPPORT_DAYS = 7

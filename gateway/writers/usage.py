@@ -22,15 +22,15 @@ from typing import Any
 
 import orjson
 
-from .accounts import AccountDirectory, Limits
-from .aio import every
-from .config import UsageSettings
-from .errors import Denied, StoreUnavailable
-from .logs import LogWriter
-from .store import RedisStore
-from .tokens import Token
+from gateway.store.accounts import AccountDirectory, Limits
+from gateway.aio import every
+from gateway.config import UsageSettings
+from gateway.errors import Denied, StoreUnavailable
+from gateway.writers.logs import LogWriter
+from gateway.store.tokens import RedisStore
+from gateway.tokens import Token
 
-log = logging.getLogger("gateway.usage")
+log = logging.getLogger("gateway.writers.usage")
 EVENT_BLOCKED, EVENT_UNBLOCKED = 20, 21
 
 

@@ -18,7 +18,7 @@ from ipaddress import IPv4Network, IPv6Network
 
 from multidict import MultiMapping
 
-from gateway.ipmask import IpAddress, Network, in_networks, network_key, parse_ip
+from gateway.policy.ipmask import IpAddress, Network, in_networks, network_key, parse_ip
 
 _FORWARDED_FOR = "X-Forwarded-For"
 _IPV4_MAPPED = IPv6Network("::ffff:0:0/96")

@@ -5,8 +5,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import FieldProblem
-from .tokens import TokenType
+from gateway.errors import FieldProblem
+from gateway.tokens import TokenType
 
 WRITABLE = frozenset({"info", "enabled", "access", "expire", "ttl", "ips", "origins", "metadata"})
 READ_ONLY = frozenset({"id", "key", "created", "accessed", "cid"})

@@ -12,10 +12,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from .aio import wait_event
-from .config import LogSettings
+from gateway.aio import wait_event
+from gateway.config import LogSettings
 
-log = logging.getLogger("gateway.logs")
+log = logging.getLogger("gateway.writers.logs")
 # Records serialized and handed to the sinks per step; the writer yields to requests in between,
 # so a second's worth of lines (tens of thousands) never holds the event loop for long.
 SLICE = 256

@@ -23,8 +23,8 @@ from aiohttp import hdrs, web
 from aiohttp_cors.abc import AbstractRouterAdapter
 from multidict import CIMultiDict
 
-from .config import CorsSettings
-from .errors import Denied
+from gateway.config import CorsSettings
+from gateway.errors import Denied
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PREFLIGHT_REFUSED = "CORS preflight request failed"

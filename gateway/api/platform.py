@@ -21,14 +21,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .accounts import ROOT_ACCOUNT, AccountDirectory, AccountStore
-from .errors import Denied, FieldProblem, InvalidInput
-from .logs import LogWriter
-from .store import TokenStore
-from .templates import expand_template
-from .tokenlogs import RedisLogSink, select
-from .tokens import PUBLIC_FIELDS, Token, TokenType, key_digest, new_key
-from .validation import DEFAULTS, TokenValidator, account_problems, validity_problems
+from gateway.store.accounts import ROOT_ACCOUNT, AccountDirectory, AccountStore
+from gateway.errors import Denied, FieldProblem, InvalidInput
+from gateway.writers.logs import LogWriter
+from gateway.store.tokens import TokenStore
+from gateway.api.templates import expand_template
+from gateway.writers.tokenlogs import RedisLogSink, select
+from gateway.tokens import PUBLIC_FIELDS, Token, TokenType, key_digest, new_key
+from gateway.api.validation import DEFAULTS, TokenValidator, account_problems, validity_problems
 
 PLATFORM = "/platform/"
 AUTH_INFO = "/auth/info"

@@ -28,10 +28,10 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .config import RedisSettings
-from .errors import StoreUnavailable
-from .resp import RespClient, reply_error, script_sha
-from .tokens import records_from_replies
+from gateway.config import RedisSettings
+from gateway.errors import StoreUnavailable
+from gateway.store.resp import RespClient, reply_error, script_sha
+from gateway.tokens import records_from_replies
 
 T = TypeVar("T")
 STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
@@ -115,7 +115,7 @@ class RedisStore:
 
     async def batch(self, commands: Sequence[Sequence[Any]], urgent: bool = False) -> list[Any]:
         """Commands sent together, their replies in order (raw: bytes, ints, lists), the first
-        error reply raised; the lean client when there is one (`resp.py`), else a pipeline.
+        error reply raised; the lean client when there is one (`store/resp.py`), else a pipeline.
         `urgent`: a request is waiting for the replies (the loads' own connection)."""
         lean = self.lean_loads if urgent and self.lean_loads is not None else self.lean
         if lean is not None:
