@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.config import ConfigError, Settings, load_settings
 from gateway.cli_tokens import add_commands, create_token, master_key_from
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.tokens import new_key
 
 
@@ -22,7 +22,8 @@ def default_config() -> str | None:
 
 def parser() -> argparse.ArgumentParser:
     parse = argparse.ArgumentParser(prog="gateway", description="Token authorization gateway (flespi token model).")
-    parse.add_argument("--config", "-c", default=None, help="YAML config file (default: $GATEWAY_CONFIG or ./config.yaml)")
+    parse.add_argument("--config", "-c", default=None,
+                       help="YAML config file (default: $GATEWAY_CONFIG or ./config.yaml)")
     parse.add_argument("--check-config", "-t", action="store_true", help="only check the configuration, then exit")
     parse.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), help="Python logging level")
     commands = parse.add_subparsers(dest="command")

@@ -33,7 +33,8 @@ def add_commands(commands: Any) -> None:
     create.add_argument("--ttl", type=duration, help="sliding validity, e.g. 7d")
     create.add_argument("--expire", type=int, help="UNIX time until which the token is valid")
     create.add_argument("--info", default="", help="description")
-    create.add_argument("--type", type=int, choices=(0, 1, 3), default=0, help="without a template: 0 standard, 1 master, 3 NOAPI")
+    create.add_argument("--type", type=int, choices=(0, 1, 3), default=0,
+                        help="without a template: 0 standard, 1 master, 3 NOAPI")
     create.add_argument("--url", help="the gateway (default: from the config's listen section)")
     create.add_argument("--cid", type=int, help="create it for this subaccount (x-flespi-cid)")
 
@@ -64,7 +65,8 @@ def create_token(args: argparse.Namespace, base_url: str, master_key: str | None
                                      headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            sys.stdout.write(orjson.dumps(orjson.loads(response.read())["result"][0], option=orjson.OPT_INDENT_2).decode() + "\n")
+            created = orjson.loads(response.read())["result"][0]
+            sys.stdout.write(orjson.dumps(created, option=orjson.OPT_INDENT_2).decode() + "\n")
             return 0
     except urllib.error.HTTPError as exc:
         print(f"gateway: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)

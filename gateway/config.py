@@ -375,7 +375,7 @@ def _cast(key: str, value: Any, default: Any) -> Any:
 
 
 def _typed(key: str, value: Any, kind: type[Any]) -> Any:
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise ConfigError(f"{key}: must be of type {kind.__name__}")
     return value
 
@@ -464,7 +464,8 @@ def _validate(settings: Settings) -> None:
     if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
         raise ConfigError("redis.url: must start with memory://, redis://, rediss:// or unix://")
     if settings.redis.embedded and settings.workers > 1:
-        raise ConfigError("workers: the embedded store (redis.url memory://) serves one process; set redis.url to share")
+        raise ConfigError("workers: the embedded store (redis.url memory://) serves one process; "
+                          "set redis.url to share")
     cache = settings.cache
     if cache.max_age <= 0:
         raise ConfigError("cache.max_age: must be positive")

@@ -21,14 +21,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.store.accounts import ROOT_ACCOUNT, AccountDirectory, AccountStore
-from gateway.errors import Denied, FieldProblem, InvalidInput
-from gateway.writers.logs import LogWriter
-from gateway.store.tokens import TokenStore
 from gateway.api.templates import expand_template
-from gateway.writers.tokenlogs import RedisLogSink, select
-from gateway.tokens import PUBLIC_FIELDS, Token, TokenType, key_digest, new_key
 from gateway.api.validation import DEFAULTS, TokenValidator, account_problems, validity_problems
+from gateway.errors import Denied, FieldProblem, InvalidInput
+from gateway.store.accounts import ROOT_ACCOUNT, AccountDirectory, AccountStore
+from gateway.store.tokens import TokenStore
+from gateway.tokens import PUBLIC_FIELDS, Token, TokenType, key_digest, new_key
+from gateway.writers.logs import LogWriter
+from gateway.writers.tokenlogs import RedisLogSink, select
 
 PLATFORM = "/platform/"
 AUTH_INFO = "/auth/info"
@@ -65,7 +65,8 @@ def parse_selector(selector: str | None, what: str = "token") -> list[int] | Non
     ids: list[int] = []
     for part in selector.split(","):
         if not part.isdigit() or not part.isascii() or int(part) < 1:
-            raise InvalidInput([FieldProblem("selector", f"invalid {what} selector '{selector}': use all or ids like 1,2")])
+            problem = f"invalid {what} selector '{selector}': use all or ids like 1,2"
+            raise InvalidInput([FieldProblem("selector", problem)])
         ids.append(int(part))
     return ids
 
@@ -177,7 +178,7 @@ class PlatformApi:
         parts = path[len(PLATFORM):].rstrip("/").split("/")
         call = Call(request, token, cid, parts)
         if parts[0] == "recycle-bin" and (len(parts) < 2 or parts[1] != "tokens"
-                                          or len(parts) == 4 and parts[3] != "restore"):
+                                          or (len(parts) == 4 and parts[3] != "restore")):
             raise Denied(404, f"unknown path {path}")
         if parts[0] == "tokens" and len(parts) == 3 and parts[2] != "logs":
             raise Denied(404, f"unknown path {path}")
@@ -214,7 +215,7 @@ class PlatformApi:
         items = items_of(body)
         now = int(time.time())
         created = []
-        for token_id, item in zip(await self._tokens.allocate_ids(len(items)), items):
+        for token_id, item in zip(await self._tokens.allocate_ids(len(items)), items, strict=True):
             key = new_key()
             created.append((key, {**DEFAULTS, **item, "id": token_id, "digest": key_digest(key), "created": now,
                                   "accessed": 0, "cid": call.cid}))
@@ -286,7 +287,7 @@ class PlatformApi:
         return [record for record in await self._tokens.binned(ids) if record.get("cid", 0) == call.cid]
 
     async def list_bin(self, call: Call) -> list[dict[str, Any]]:
-        fields = parse_fields(call.request, PUBLIC_FIELDS + ("deleted",))
+        fields = parse_fields(call.request, (*PUBLIC_FIELDS, "deleted"))
         return [public(record, fields) for record in await self._select_binned(call)]
 
     async def purge_bin(self, call: Call) -> list[dict[str, Any]]:
@@ -327,7 +328,7 @@ class PlatformApi:
         now = int(time.time())
         ids = await self._accounts.allocate_ids(len(items))
         records = [{"limits": {}, "metadata": {}, **item, "id": account_id, "cid": call.cid, "created": now}
-                   for account_id, item in zip(ids, items)]
+                   for account_id, item in zip(ids, items, strict=True)]
         await self._accounts.save(records)
         await self._directory.reload()  # usable as x-flespi-cid by the very next request here
         return [public(record, ACCOUNT_FIELDS) for record in records]

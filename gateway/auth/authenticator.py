@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from gateway.writers.accessed import AccessedWriter
-from gateway.store.cache import Outcome, TokenCache
 from gateway.auth.checks import Check, RequestFacts
 from gateway.errors import INTERNAL_ERROR, INVALID_TOKEN, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
+from gateway.store.cache import Outcome, TokenCache
 from gateway.tokens import KEY_LENGTH, Token, key_digest
+from gateway.writers.accessed import AccessedWriter
 
 log = logging.getLogger("gateway.auth.authenticator")
 SCHEME = "flespitoken"

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from gateway.store.accounts import AccountDirectory, check_acting_account
 from gateway.errors import TOKEN_DISABLED, UNAUTHORIZED_LOCATION, UNAUTHORIZED_ORIGIN, Denied
 from gateway.policy.paths import checked_path, forwarded_path
+from gateway.store.accounts import AccountDirectory, check_acting_account
 from gateway.tokens import Token, TokenType
 from gateway.writers.usage import UsageMeter
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from gateway.errors import Denied
 from gateway.policy.acl_validation import (
     ALL_IDS,
     GROUP_URI,
@@ -41,7 +42,6 @@ from gateway.policy.acl_validation import (
     is_platform_path,
     uri_problem,
 )
-from gateway.errors import Denied
 
 __all__ = [
     "CompiledAcl",

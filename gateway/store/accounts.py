@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from redis.typing import EncodableT, FieldT
 
 from gateway.aio import wait_event
 from gateway.errors import Denied, StoreUnavailable
@@ -77,7 +78,7 @@ class AccountStore(RedisStore):
         return list(range(last - count + 1, last + 1))
 
     async def save(self, records: list[dict[str, Any]]) -> None:
-        mapping = {str(record["id"]): orjson.dumps(record) for record in records}
+        mapping: dict[FieldT, EncodableT] = {str(record["id"]): orjson.dumps(record) for record in records}
         await self.call(lambda: self.client.hset(self._accounts, mapping=mapping))
         await self.publish([CHANGED_MESSAGE])
         await self.changed()

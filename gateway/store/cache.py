@@ -240,7 +240,7 @@ class TokenCache:
                   epoch: int, started: float) -> None:
         """Every record of the batch remembered (unless dropped meanwhile) and told to its waiters."""
         tokens = iter(compiled)
-        for digest, record in zip(digests, records):
+        for digest, record in zip(digests, records, strict=True):
             outcome: Token | Exception | None = next(tokens) if record is not None else None
             if not isinstance(outcome, Exception) and digest not in self._dropped:
                 self._remember(digest, Unknown(started, epoch) if outcome is None else outcome, started, epoch)

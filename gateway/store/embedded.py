@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fakeredis
 import orjson
@@ -18,8 +18,20 @@ import orjson
 log = logging.getLogger("gateway.store.embedded")
 
 
-def _text(value: bytes) -> str:
+def _text(value: object) -> str:
+    # The client is created without decode_responses, so Redis values arrive as bytes.
+    if not isinstance(value, bytes):
+        raise TypeError(f"embedded store: expected bytes from the client, got {type(value).__name__}")
     return value.decode("latin-1")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file, flush it to disk, then rename it over `path`."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def _bytes(value: str) -> bytes:
@@ -47,20 +59,18 @@ class Snapshotter:
         async with self._lock:
             self.dirty = False
             data = {_text(key): await self._dump(key) async for key in self.client.scan_iter(count=1000)}
-            temporary = self.path.with_name(self.path.name + ".tmp")
-            temporary.write_bytes(orjson.dumps(data))
-            with open(temporary, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
+            # In a thread: fsync can take milliseconds, which the event loop would stand still for.
+            await asyncio.to_thread(_write_atomically, self.path, orjson.dumps(data))
 
     async def _dump(self, key: bytes) -> tuple[str, Any]:
-        kind = (await self.client.type(key)).decode()
+        kind = _text(await self.client.type(key))
         if kind == "string":
             return kind, _text(await self.client.get(key))
         if kind == "hash":
             return kind, {_text(k): _text(v) for k, v in (await self.client.hgetall(key)).items()}
         if kind == "zset":
-            return kind, [[_text(m), s] for m, s in await self.client.zrange(key, 0, -1, withscores=True)]
+            scored = cast("list[tuple[bytes, float]]", await self.client.zrange(key, 0, -1, withscores=True))
+            return kind, [[_text(m), s] for m, s in scored]
         if kind == "set":
             return kind, sorted(_text(m) for m in await self.client.smembers(key))
         if kind == "list":

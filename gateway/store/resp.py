@@ -12,8 +12,8 @@ One connection, opened on first use and again after any failure; requests are pi
 answered in order. A request not answered within `timeout` fails, and so does the connection
 (its later replies could no longer be matched), as redis-py does. Failures are raised as redis-py
 exceptions (`ConnectionError`, `TimeoutError`, `ResponseError` for an error reply, `NoScriptError`
-for NOSCRIPT), so callers map them as they map redis-py's. `redis://` (with user, password and database) and `unix://` URLs;
-`rediss://` stays on redis-py (`lean_client` returns None).
+for NOSCRIPT), so callers map them as they map redis-py's. `redis://` (with user, password and
+database) and `unix://` URLs; `rediss://` stays on redis-py (`lean_client` returns None).
 """
 from __future__ import annotations
 

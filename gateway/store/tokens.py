@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from contextlib import asynccontextmanager, suppress
+from typing import Any, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -166,10 +166,8 @@ class RedisStore:
             await self.call(lambda: pubsub.subscribe(self.channel))
             yield pubsub
         finally:
-            try:
+            with suppress(*STORE_ERRORS):
                 await pubsub.aclose()
-            except STORE_ERRORS:
-                pass
 
 
 class TokenStore(RedisStore):
@@ -334,7 +332,7 @@ class TokenStore(RedisStore):
         if not wanted:
             return []
         digests = await self.call(lambda: self.client.hmget(self._ids, wanted))
-        found = [digest.decode() for digest in digests if digest is not None]
+        found = [cast(bytes, digest).decode() for digest in digests if digest is not None]  # no decode_responses
         return [record for record in await self.load_many(found) if record is not None]
 
     async def replace(self, record: dict[str, Any]) -> None:
@@ -373,7 +371,7 @@ class TokenStore(RedisStore):
 
     async def expiry_candidates(self, before: float, limit: int) -> list[int]:
         ids = await self.call(lambda: self.client.zrangebyscore(self.expiry_key, "-inf", before, start=0, num=limit))
-        return [int(value) for value in ids]
+        return [int(cast(bytes, value)) for value in ids]  # members only: no scores asked
 
     async def set_expiry(self, expiries: dict[int, int]) -> None:
         """Move tokens in the expiry index (token id -> when it stops being valid)."""
@@ -398,6 +396,7 @@ class TokenStore(RedisStore):
             restored, lambda pipe: pipe.hdel(self._bin, token_id).zrem(self._bin_times, token_id))
 
     async def purge_bin(self, older_than: float, ids: Iterable[int] | None = None) -> int:
+        victims: Sequence[Any]
         if ids is None:
             victims = await self.call(lambda: self.client.zrangebyscore(self._bin_times, "-inf", older_than))
         else:
@@ -407,7 +406,8 @@ class TokenStore(RedisStore):
 
         async def run() -> None:
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.hdel(self._bin, *victims).zrem(self._bin_times, *victims)
+                pipe.hdel(self._bin, *victims)
+                pipe.zrem(self._bin_times, *victims)
                 await pipe.execute()
         await self.call(run)
         await self.changed()

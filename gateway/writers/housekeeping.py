@@ -17,9 +17,9 @@ import time
 
 from gateway.aio import every
 from gateway.config import HousekeepingSettings
-from gateway.writers.logs import LogWriter
 from gateway.store.tokens import TokenStore, expires_at
 from gateway.tokens import is_valid_at
+from gateway.writers.logs import LogWriter
 
 log = logging.getLogger("gateway.writers.housekeeping")
 EVENT_EXPIRED = 600

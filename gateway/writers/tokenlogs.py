@@ -132,7 +132,7 @@ class RedisLogSink:
             async with self._store.client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.lrange(key, 0, -1)
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
         records = [orjson.loads(line) for lines in await self._store.call(run) for line in lines]
         records.sort(key=lambda record: record.get("timestamp", 0))
         return records

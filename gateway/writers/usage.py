@@ -22,13 +22,13 @@ from typing import Any
 
 import orjson
 
-from gateway.store.accounts import AccountDirectory, Limits
 from gateway.aio import every
 from gateway.config import UsageSettings
 from gateway.errors import Denied, StoreUnavailable
-from gateway.writers.logs import LogWriter
+from gateway.store.accounts import AccountDirectory, Limits
 from gateway.store.tokens import RedisStore
 from gateway.tokens import Token
+from gateway.writers.logs import LogWriter
 
 log = logging.getLogger("gateway.writers.usage")
 EVENT_BLOCKED, EVENT_UNBLOCKED = 20, 21
@@ -245,7 +245,7 @@ class UsageMeter:
                 pipe.hgetall(f"{self._prefix}blocked:{window}")
                 return await pipe.execute()
         replies = await self._store.call(run)
-        return dict(zip(accounts, replies[:-1])), replies[-1]
+        return dict(zip(accounts, replies[:-1], strict=True)), replies[-1]
 
     async def _block_over_limit(self, window: int, totals: dict[int, dict[bytes, bytes]],
                                 blocked: dict[int, dict[str, Any]], now: float) -> None:
@@ -254,7 +254,8 @@ class UsageMeter:
             usage = parse_usage(raw)
             calls, traffic = self.limits_for(cid)
             already = {token_id for token_id in usage if token_id in blocked}
-            decisions.extend((cid, token_id, reason) for token_id, reason in choose_blocked(usage, already, calls, traffic))
+            chosen = choose_blocked(usage, already, calls, traffic)
+            decisions.extend((cid, token_id, reason) for token_id, reason in chosen)
         if not decisions:
             return
         key = f"{self._prefix}blocked:{window}"
@@ -267,7 +268,7 @@ class UsageMeter:
                 return await pipe.execute()
         replies = await self._store.call(run)
         until = (window + 1) * self._settings.window
-        for (cid, token_id, reason), first in zip(decisions, replies):
+        for (cid, token_id, reason), first in zip(decisions, replies[:-1], strict=True):  # last: expire
             blocked[token_id] = {"cid": cid, "reason": reason}
             if first:
                 self._logs.emit({"timestamp": now, "event_code": EVENT_BLOCKED, "token_id": token_id, "cid": cid,
@@ -286,7 +287,7 @@ class UsageMeter:
                     pipe.expire(key, self._settings.window * 3)
                 return await pipe.execute()
         replies = await self._store.call(run)
-        for (token_id, block), first in zip(ended, replies[::2]):
+        for (token_id, block), first in zip(ended, replies[::2], strict=True):  # hsetnx, expire, ...
             del self.blocked[token_id]
             if first:
                 self._logs.emit({"timestamp": now, "event_code": EVENT_UNBLOCKED, "token_id": token_id,
