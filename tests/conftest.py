@@ -1,83 +1,22 @@
-"""Shared fixtures: a real Redis, a recording upstream and gateways, all on loopback."""
+"""Fixtures only (a real Redis, the recording upstream, gateways, all on loopback); the helpers the
+test modules import live in tests/support/."""
 from __future__ import annotations
 
 import asyncio
-import gzip
 import os
-import shutil
-import socket
-import ssl
-import subprocess
-import sys
-import tempfile
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from gateway.app import GATEWAY
+from gateway.config import build_settings
 from gateway.server import GatewayServer
-from gateway.config import Settings, build_settings
 
-ROOT = Path(__file__).resolve().parent.parent
-from support.keys import MASTER_KEY
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisProcess:
-    """A redis-server of our own, on a free loopback port, that a test may stop and restart."""
-
-    def __init__(self, persistent: bool = False, extra: list[str] | None = None) -> None:
-        self.persistent = persistent
-        self.extra = extra or []  # more redis-server options, e.g. --requirepass
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="gw-redis-")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (.ci/run installs it)")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
-             "--dir", self.dir, *self.extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+from support.gateways import GatewayFactory, GatewayHandle, base_config, wait_for_master
+from support.servers import RedisProcess, Upstream, running_upstream
 
 
 @pytest.fixture(scope="session")
@@ -114,194 +53,14 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-# -- the recording upstream ---------------------------------------------------------------------
-
-@dataclass
-class Recorded:
-    method: str
-    raw_path: str
-    headers: dict[str, list[str]]
-    body: bytes
-    peer_port: int
-
-
-@dataclass
-class Upstream:
-    url: str
-    requests: list[Recorded] = field(default_factory=list)
-
-    @property
-    def last(self) -> Recorded:
-        return self.requests[-1]
-
-
-def build_upstream(record: list[Recorded]) -> web.Application:
-    async def remember(request: web.Request, body: bytes) -> None:
-        headers: dict[str, list[str]] = {}
-        for name, value in request.headers.items():
-            headers.setdefault(name.lower(), []).append(value)
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        record.append(Recorded(request.method, request.raw_path, headers, body, peer[1] if peer else 0))
-
-    async def echo(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        await remember(request, body)
-        return web.json_response({"method": request.method, "path": request.raw_path, "size": len(body)},
-                                 headers={"X-Upstream": "yes"})
-
-    async def status(request: web.Request) -> web.StreamResponse:
-        await remember(request, b"")
-        code = int(request.match_info["code"])
-        if code in (204, 304):
-            return web.Response(status=code, headers={"X-Status": str(code)})
-        return web.Response(status=code, text=f"status {code}", headers={"X-Status": str(code)})
-
-    async def big(request: web.Request) -> web.StreamResponse:
-        await remember(request, b"")
-        size = int(request.match_info["size"])
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.content_length = size
-        await response.prepare(request)
-        block = b"x" * 65536
-        sent = size if request.method == "HEAD" else 0
-        while sent < size:
-            part = block[: min(len(block), size - sent)]
-            await response.write(part)
-            sent += len(part)
-        await response.write_eof()
-        return response
-
-    async def upload(request: web.Request) -> web.StreamResponse:
-        total = 0
-        async for chunk in request.content.iter_any():
-            total += len(chunk)
-        await remember(request, b"")
-        return web.json_response({"received": total})
-
-    async def slow(request: web.Request) -> web.StreamResponse:
-        await remember(request, b"")
-        await asyncio.sleep(float(request.match_info["seconds"]))
-        return web.json_response({"slow": True})
-
-    async def gzipped(request: web.Request) -> web.StreamResponse:
-        await remember(request, b"")
-        return web.Response(body=gzip.compress(b'{"zipped": true}'),
-                            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
-
-    async def hop(request: web.Request) -> web.StreamResponse:
-        await remember(request, b"")
-        return web.Response(text="hop", headers={"Connection": "X-Private", "X-Private": "secret",
-                                                 "Keep-Alive": "timeout=5", "X-Public": "ok"})
-
-    async def chunked(request: web.Request) -> web.StreamResponse:
-        await remember(request, b"")
-        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        for part in (b"one,", b"two,", b"three"):
-            await response.write(part)
-        await response.write_eof()
-        return response
-
-    async def websocket(request: web.Request) -> web.StreamResponse:
-        await remember(request, b"")
-        ws = web.WebSocketResponse(protocols=("echo",))
-        await ws.prepare(request)
-        async for message in ws:
-            if message.type is aiohttp.WSMsgType.TEXT:
-                await ws.send_str("echo:" + message.data)
-            elif message.type is aiohttp.WSMsgType.BINARY:
-                await ws.send_bytes(message.data[::-1])
-        return ws
-
-    async def cors(request: web.Request) -> web.StreamResponse:
-        # An upstream with CORS opinions of its own, which the gateway must not pass on.
-        await remember(request, b"")
-        return web.json_response({"cors": True}, headers={
-            "Access-Control-Allow-Origin": "*", "Access-Control-Allow-Credentials": "true",
-            "Access-Control-Expose-Headers": "X-Secret", "Vary": "Accept-Encoding"})
-
-    app = web.Application(client_max_size=1 << 34)
-    app.router.add_route("*", "/status/{code}", status)
-    app.router.add_get("/big/{size}", big)
-    app.router.add_route("*", "/upload", upload)
-    app.router.add_get("/slow/{seconds}", slow)
-    app.router.add_get("/gzip", gzipped)
-    app.router.add_get("/hop", hop)
-    app.router.add_get("/chunked", chunked)
-    app.router.add_get("/ws", websocket)
-    app.router.add_get("/cors", cors)
-    app.router.add_route("*", "/{tail:.*}", echo)
-    return app
-
-
-@asynccontextmanager
-async def running_upstream(tls: ssl.SSLContext | None = None, name: str = "127.0.0.1") -> AsyncIterator[Upstream]:
-    """The recording upstream on a free loopback port; with `tls` it serves https, its URL naming `name`."""
-    recorded: list[Recorded] = []
-    server = TestServer(build_upstream(recorded), host="127.0.0.1", port=free_port())
-    await server.start_server(ssl=tls)
-    try:
-        yield Upstream(f"{'https' if tls else 'http'}://{name}:{server.port}", recorded)
-    finally:
-        await server.close()
-
-
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     async with running_upstream() as server:
         yield server
 
 
+
 # -- gateways -----------------------------------------------------------------------------------
-
-@dataclass
-class GatewayHandle:
-    url: str
-    settings: Settings
-    server: GatewayServer
-    session: aiohttp.ClientSession
-
-    @property
-    def gateway(self) -> Any:
-        return self.server.app[GATEWAY]
-
-    def request(self, method: str, path: str, key: str | None = MASTER_KEY, **kwargs: Any) -> Any:
-        headers = dict(kwargs.pop("headers", {}) or {})
-        if key is not None:
-            headers.setdefault("Authorization", f"FlespiToken {key}")
-        return self.session.request(method, self.url + path, headers=headers, allow_redirects=False, **kwargs)
-
-    async def call(self, method: str, path: str, key: str | None = MASTER_KEY, **kwargs: Any) -> tuple[int, Any]:
-        async with self.request(method, path, key, **kwargs) as response:
-            return response.status, await response.json(content_type=None)
-
-    async def create_token(self, **fields: Any) -> dict[str, Any]:
-        fields.setdefault("ttl", 3600)
-        status, body = await self.call("POST", "/platform/tokens", json=[fields])
-        assert status == 200, body
-        token: dict[str, Any] = body["result"][0]
-        return token
-
-
-GatewayFactory = Callable[..., Awaitable[GatewayHandle]]
-
-
-def base_config(upstream_url: str, redis_url: str, prefix: str, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": 0},
-        "upstream": upstream_url,
-        "redis": {"url": redis_url, "key_prefix": prefix},
-        "bootstrap_master_token": MASTER_KEY,
-        "log": {"path": "off"},
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    return config
-
 
 @pytest.fixture
 async def make_gateway(upstream: Upstream, redis_url: str, key_prefix: str) -> AsyncIterator[GatewayFactory]:
@@ -324,53 +83,6 @@ async def make_gateway(upstream: Upstream, redis_url: str, key_prefix: str) -> A
             await handle.server.close()
 
 
-async def wait_for_master(handle: GatewayHandle, timeout: float = 10.0) -> None:
-    if handle.settings.bootstrap_master_token is None:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        async with handle.request("GET", "/auth/info") as response:
-            if response.status == 200:
-                return
-        await asyncio.sleep(0.05)
-    raise AssertionError("bootstrap master token never became usable")
-
-
 @pytest.fixture
 async def gw(make_gateway: GatewayFactory) -> GatewayHandle:
     return await make_gateway()
-
-
-async def logged_hosts(gw: GatewayHandle, token_id: int, count: int, timeout: float = 5.0) -> list[str]:
-    """The `host` of a token's request log records, oldest first, read back through the logs API."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status, body = await gw.call("GET", f"/platform/tokens/{token_id}/logs")
-        assert status == 200, body
-        hosts = [record["host"] for record in body["result"] if record.get("event_code") == 1000]
-        if len(hosts) >= count or time.monotonic() > deadline:
-            return hosts
-        await asyncio.sleep(0.05)
-
-
-def error(status: int, reason: str) -> dict[str, Any]:
-    return {"errors": [{"code": status, "reason": reason}]}
-
-
-def run_gateway_process(config_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(config_path)], cwd=ROOT,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
-
-
-__all__ = ["replace"]

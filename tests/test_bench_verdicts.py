@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from run import scaling_verdict  # noqa: E402
+from run import scaling_verdict
 
 
 @pytest.mark.parametrize(("scale", "per_core", "saturated", "cores", "expected"), [

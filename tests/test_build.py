@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import GatewayHandle
 
 from gateway.build import COMPILED, check_fresh, fast_path_compiled, source_of
+
+from support.gateways import GatewayHandle
 
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 

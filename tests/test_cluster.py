@@ -7,7 +7,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from conftest import GatewayFactory, GatewayHandle, RedisProcess, error
+from support.gateways import GatewayFactory, GatewayHandle, error
+from support.servers import RedisProcess
 
 
 async def until(predicate: Any, timeout: float, step: float = 0.02) -> float:

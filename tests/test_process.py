@@ -15,7 +15,8 @@ import orjson
 import pytest
 import yaml
 
-from conftest import MASTER_KEY, ROOT, Upstream, free_port, run_gateway_process, wait_for_port
+from support.keys import MASTER_KEY
+from support.servers import ROOT, Upstream, free_port, run_gateway_process, wait_for_port
 
 AUTH = {"Authorization": f"FlespiToken {MASTER_KEY}"}
 

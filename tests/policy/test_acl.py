@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from gateway.errors import Denied
 from gateway.policy.acl import (
     CompiledAcl,
     UriPattern,
@@ -24,7 +25,6 @@ from gateway.policy.acl import (
     load_group_members,
     parse_uri_patterns,
 )
-from gateway.errors import Denied
 from gateway.policy.paths import checked_path, forwarded_path
 
 # --- validation -------------------------------------------------------------------------------

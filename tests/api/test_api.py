@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from conftest import GatewayHandle, error
+from support.gateways import GatewayHandle, error
 
 
 async def test_create_returns_key_once_and_get_never(gw: GatewayHandle) -> None:
@@ -124,4 +124,5 @@ async def test_method_not_allowed(gw: GatewayHandle) -> None:
 
 
 async def test_error_shape(gw: GatewayHandle) -> None:
-    assert await gw.call("POST", "/platform/tokens/1") == (405, error(405, "method POST is not allowed on /platform/tokens/1"))
+    refused = error(405, "method POST is not allowed on /platform/tokens/1")
+    assert await gw.call("POST", "/platform/tokens/1") == (405, refused)

@@ -1,8 +1,9 @@
-"""The fast path (`gateway/proxy/listener.py`, `gateway/proxy/upstream.py`) and its hand-over to aiohttp, on real sockets.
+"""The fast path (`gateway/proxy/listener.py`, `gateway/proxy/upstream.py`) and its hand-over to aiohttp,
+on real sockets.
 
 Clients are raw `asyncio.open_connection` sockets where aiohttp's client cannot say what is needed
 (pipelining, half-written bodies, malformed bytes, disconnects). Upstreams are the recording one of
-`conftest.py` or, where an upstream must misbehave, a `ScriptedUpstream` below: a plain asyncio
+`tests/support/servers.py` or, where an upstream must misbehave, a `ScriptedUpstream` below: a plain asyncio
 server whose handler plays each connection. Timeouts here are hang guards only.
 """
 from __future__ import annotations
@@ -11,24 +12,23 @@ import asyncio
 import hashlib
 import json
 import re
-import socket
-import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from conftest import MASTER_KEY, GatewayFactory, GatewayHandle, Upstream, error, free_port
 
 from gateway.proxy.listener import FastLane
 from gateway.server import GatewayServer
 from gateway.tokens import key_digest
 
-from support.rawhttp import GUARD, Client, Reply, chunked, eventually, http, read_chunked, read_reply, reset
+from support.gateways import GatewayFactory, GatewayHandle, error
+from support.keys import MASTER_KEY
+from support.rawhttp import GUARD, Client, Reply, chunked, eventually, http, read_chunked, reset
+from support.servers import Upstream, free_port
 
 BAD_KEY = "B" * 64
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import GatewayFactory, GatewayHandle, Upstream, error, free_port
 from multidict import CIMultiDictProxy
 from yarl import URL
 
 from gateway.config import ConfigError, build_settings
+
+from support.gateways import GatewayFactory, GatewayHandle, error
+from support.servers import Upstream, free_port
 
 APP = "http://app.gw.example:8000"
 OTHER = "http://evil.example:8000"

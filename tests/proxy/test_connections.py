@@ -16,8 +16,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import GatewayFactory, GatewayHandle, Upstream, error, free_port
+
+from support.gateways import GatewayFactory, GatewayHandle, error
 from support.rawhttp import GUARD, Client, chunked, eventually, http, reset
+from support.servers import Upstream, free_port
 
 BAD_KEY = "B" * 64
 
@@ -104,9 +106,8 @@ async def one_of_each(gw: GatewayHandle, connect: Callable[[], Awaitable[Client]
         reset(client)
 
     # A WebSocket through the aiohttp relay.
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(gw.url + "/ws", headers={"Authorization": f"FlespiToken {key}"},
-                                      protocols=("echo",)) as ws:
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            gw.url + "/ws", headers={"Authorization": f"FlespiToken {key}"}, protocols=("echo",)) as ws:
             await ws.send_str("hi")
             assert (await ws.receive(timeout=GUARD)).data == "echo:hi"
 

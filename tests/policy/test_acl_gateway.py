@@ -1,4 +1,4 @@
-"""Issue 3 through the real gateway: what the recording upstream receives is the oracle."""
+"""ACLs through the real gateway: what the recording upstream receives is the oracle."""
 from __future__ import annotations
 
 import asyncio
@@ -11,14 +11,18 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from yarl import URL
 
-from conftest import MASTER_KEY, ROOT, GatewayFactory, GatewayHandle, Upstream
+from support.gateways import GatewayFactory, GatewayHandle
+from support.keys import MASTER_KEY
+from support.servers import ROOT, Upstream
 
 DEVICES_ACL = [
     {"uri": "gw/devices", "methods": ["GET", "PUT"], "ids": [12, 777],
-     "submodules": [{"name": "messages", "methods": ["GET"]}, {"name": "settings", "methods": ["GET", "PUT", "DELETE"]}]},
+     "submodules": [{"name": "messages", "methods": ["GET"]},
+                    {"name": "settings", "methods": ["GET", "PUT", "DELETE"]}]},
     {"uri": "gw/channels", "methods": ["GET", "POST"], "ids": "all"},
     {"uri": "gw/calcs", "methods": ["GET"], "ids": [5]},
     {"uri": "gw/calcs", "methods": ["DELETE"], "ids": [6]},
@@ -169,14 +173,14 @@ def encodings(segment: str) -> st.SearchStrategy[str]:
             if how == 0:
                 out.append(char)
             elif how == 1:
-                out.append("%%%02X" % ord(char))
+                out.append(f"%{ord(char):02X}")
             elif how == 2:
-                out.append("%%%02x" % ord(char))
+                out.append(f"%{ord(char):02x}")
             else:
-                out.append("%%25%02X" % ord(char))
+                out.append(f"%25{ord(char):02X}")
         return "".join(out)
     return st.lists(st.sampled_from(range(4)), min_size=len(segment), max_size=len(segment)).map(
-        lambda hows: encode(list(zip(segment, hows))))
+        lambda hows: encode(list(zip(segment, hows, strict=True))))
 
 
 SHARED: dict[int, tuple[GatewayHandle, dict[str, Any]]] = {}
@@ -192,8 +196,9 @@ async def test_no_encoding_of_an_ungranted_path_gets_through(make_gateway: Gatew
     # One gateway for all examples of this run: hypothesis calls the test many times with one fixture.
     if id(make_gateway) not in SHARED:
         gw = await make_gateway()
-        token = await gw.create_token(access={"type": 2, "acl": [{"uri": "gw/devices", "methods": ["GET"], "ids": [1, 2],
-                                                                  "submodules": [{"name": "messages", "methods": ["GET"]}]}]})
+        acl = [{"uri": "gw/devices", "methods": ["GET"], "ids": [1, 2],
+                "submodules": [{"name": "messages", "methods": ["GET"]}]}]
+        token = await gw.create_token(access={"type": 2, "acl": acl})
         SHARED.clear()
         SHARED[id(make_gateway)] = (gw, token)
     gw, token = SHARED[id(make_gateway)]

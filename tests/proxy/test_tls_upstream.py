@@ -1,8 +1,8 @@
 """https upstreams: `proxy.ca_file` trusted on both proxy paths, host names checked, bad files refused.
 
-A private CA from `trustme` signs the upstream's certificate; the recording upstream of `conftest.py`
-serves https with it (the `upstream` fixture below replaces conftest's for this module, so
-`make_gateway` points at it) and notes the host name each TLS handshake asked for (SNI).
+A private CA from `trustme` signs the upstream's certificate; the recording upstream
+(`tests/support/servers.py`) serves https with it (the `upstream` fixture below replaces conftest's
+for this module, so `make_gateway` points at it) and notes the host name each TLS handshake asked for (SNI).
 """
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
-from conftest import MASTER_KEY, GatewayFactory, GatewayHandle, Upstream, error, free_port, running_upstream
 from test_fastpath import Client, Counts, Reply, chunked
 from test_process import Running, write_config
 
 from gateway.config import ConfigError, build_settings, load_settings
+
+from support.gateways import GatewayFactory, GatewayHandle, error
+from support.keys import MASTER_KEY
+from support.servers import Upstream, free_port, running_upstream
 
 ORIGIN = {"Origin": "https://page.example"}  # a request with Origin is served by the aiohttp path
 

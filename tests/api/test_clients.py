@@ -10,7 +10,8 @@ import asyncio
 
 from flespi.rest import FlespiClient
 
-from conftest import MASTER_KEY, GatewayHandle
+from support.gateways import GatewayHandle
+from support.keys import MASTER_KEY
 
 
 def client_for(gw: GatewayHandle, key: str) -> FlespiClient:

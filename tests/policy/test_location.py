@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import GatewayFactory, GatewayHandle, Upstream, error, logged_hosts
+from support.gateways import GatewayFactory, GatewayHandle, error, logged_hosts
+from support.servers import Upstream
 
 LOCATION = error(401, "using token from unauthorized location")
 SPOOF = {"X-Forwarded-For": "127.0.0.2", "X-Real-IP": "127.0.0.2", "Forwarded": "for=127.0.0.2"}

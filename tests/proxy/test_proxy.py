@@ -7,7 +7,9 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from conftest import MASTER_KEY, GatewayFactory, GatewayHandle, Upstream, error, free_port
+from support.gateways import GatewayFactory, GatewayHandle, error
+from support.keys import MASTER_KEY
+from support.servers import Upstream, free_port
 
 
 async def test_path_and_query_forwarded_exactly(gw: GatewayHandle, upstream: Upstream) -> None:

@@ -20,7 +20,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from conftest import GatewayHandle, Upstream, free_port
+from support.gateways import GatewayHandle
+from support.servers import Upstream, free_port
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>gateway CORS check</title></head>

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 import hiredis
 import pytest
 import redis.asyncio as aioredis
-from conftest import RedisProcess, free_port
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -18,6 +17,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.errors import StoreUnavailable
 from gateway.store.resp import RespClient, lean_client, pack
 from gateway.store.tokens import TokenStore
+
+from support.servers import RedisProcess, free_port
 
 
 @pytest.fixture
@@ -253,7 +254,8 @@ async def test_batched_writes_in_many_commands_lose_nothing(redis_url: str, key_
         assert await client.lrange(busy.token_key(7), 0, -1) == lines[100:]
         busy.add([{"token_id": 7, "cid": 1}] * 10, [b'{"m":%d}' % n for n in range(1100, 1110)])
         await busy.flush()
-        assert await client.lrange(busy.token_key(7), 0, -1) == lines[110:] + [b'{"m":%d}' % n for n in range(1100, 1110)]
+        added = [b'{"m":%d}' % n for n in range(1100, 1110)]
+        assert await client.lrange(busy.token_key(7), 0, -1) == lines[110:] + added
         assert await client.llen(busy.account_key(1)) == 1110
     finally:
         await lean.close()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import redis.asyncio as aioredis
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from gateway.store.accounts import AccountDirectory, AccountStore, AccountTree, Limits
 from gateway.config import LogSettings, RedisSettings, UsageSettings
-from gateway.writers.logs import LogWriter
+from gateway.store.accounts import AccountDirectory, AccountStore, AccountTree, Limits
 from gateway.store.tokens import RedisStore, connect_redis
 from gateway.tokens import Token, TokenType
+from gateway.writers.logs import LogWriter
 from gateway.writers.usage import UsageMeter, choose_blocked, parse_usage
 
 

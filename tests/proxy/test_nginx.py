@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import GatewayFactory, GatewayHandle, Upstream, error, free_port, logged_hosts, wait_for_port
+from support.gateways import GatewayFactory, GatewayHandle, error, logged_hosts
+from support.servers import Upstream, free_port, wait_for_port
 
 LOCATION = error(401, "using token from unauthorized location")
 

@@ -6,7 +6,9 @@ import time
 
 import pytest
 
-from conftest import MASTER_KEY, GatewayHandle, Upstream, error
+from support.gateways import GatewayHandle, error
+from support.keys import MASTER_KEY
+from support.servers import Upstream
 
 INVALID = error(401, "invalid or expired access token")
 CHALLENGE = 'FlespiToken realm="gateway"'

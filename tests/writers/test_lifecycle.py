@@ -1,4 +1,4 @@
-"""Issue 5: subaccounts, usage blocking, expiry, recycle bin and token logs, on two instances."""
+"""Subaccounts, usage blocking, expiry, recycle bin and token logs, on two instances."""
 from __future__ import annotations
 
 import asyncio
@@ -7,9 +7,10 @@ from typing import Any
 
 import orjson
 
-from conftest import GatewayFactory, GatewayHandle, Upstream, error
-
 from gateway.writers.usage import parse_usage
+
+from support.gateways import GatewayFactory, GatewayHandle, error
+from support.servers import Upstream
 
 
 async def until(predicate: Any, timeout: float, step: float = 0.05) -> None:
@@ -50,7 +51,8 @@ async def test_subaccount_tree_and_acting_account(gw: GatewayHandle, upstream: U
                                                   headers={"x-flespi-cid": str(child["id"])}))[1]["result"]]
     assert child_ids == [child_master["id"]]
     # the child's token may act as its descendant, and the upstream learns the effective account
-    status, _ = await gw.call("GET", "/things", key=child_master["key"], headers={"x-flespi-cid": str(grandchild["id"])})
+    status, _ = await gw.call("GET", "/things", key=child_master["key"],
+                              headers={"x-flespi-cid": str(grandchild["id"])})
     assert status == 200
     assert upstream.last.headers["x-account-id"] == [str(grandchild["id"])]
     assert upstream.last.headers["x-token-id"] == [str(child_master["id"])]

@@ -11,19 +11,20 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from conftest import RedisProcess
 
-from gateway.writers.accessed import AccessedWriter
-from gateway.policy.acl import group_members_key
+from gateway.api.validation import DEFAULTS
 from gateway.auth.authenticator import Authenticator
-from gateway.store.cache import MAX_BATCH, TokenCache
 from gateway.auth.checks import RequestFacts
 from gateway.auth.compiler import TokenCompiler
 from gateway.config import CacheSettings, RedisSettings, Settings
 from gateway.errors import Denied, StoreUnavailable
+from gateway.policy.acl import group_members_key
+from gateway.store.cache import MAX_BATCH, TokenCache
 from gateway.store.tokens import TokenStore, connect_redis
 from gateway.tokens import Token, TokenType, key_digest, new_key
-from gateway.api.validation import DEFAULTS
+from gateway.writers.accessed import AccessedWriter
+
+from support.servers import RedisProcess
 
 
 class Clock:
@@ -106,12 +107,12 @@ async def test_concurrent_misses_share_one_round_trip(env: Env) -> None:
     # the sorted set earlier builds kept them in, nothing else
     assert await env.commands_since(before) == {"mget": 1, "hmget": 1, "zmscore": 1}
     assert env.cache.batches == 1
-    for digest, token in zip(asked, found):
+    for digest, token in zip(asked, found, strict=True):
         if digest in expected:
             assert isinstance(token, Token) and token.id == expected[digest] and token.digest == digest
         else:
             assert token is None
-    first = [token for digest, token in zip(asked, found) if digest == key_digest(present[0][0])]
+    first = [token for digest, token in zip(asked, found, strict=True) if digest == key_digest(present[0][0])]
     assert len(first) == 4 and all(token is first[0] for token in first)
     assert len(env.cache) == 200  # unknown keys are remembered as unknown too
 
@@ -119,7 +120,7 @@ async def test_concurrent_misses_share_one_round_trip(env: Env) -> None:
     before = await env.commands()
     again = await lookup_all(env.cache, asked)
     assert await env.commands_since(before) == {}
-    assert all(a is b for a, b in zip(found, again))
+    assert all(a is b for a, b in zip(found, again, strict=True))
 
 
 async def test_more_misses_than_a_batch_holds(env: Env) -> None:
@@ -154,7 +155,7 @@ async def test_accessed_kept_by_earlier_builds_is_read_then_folded(env: Env) -> 
     deleted token leaves neither behind."""
     from gateway.store.tokens import FOLD_CHUNK
 
-    (key_a, a), (key_b, b), (key_c, c) = await env.add(3)
+    (_, a), (_, b), (_, c) = await env.add(3)
     used, legacy = f"{env.prefix}used", f"{env.prefix}accessed"
     await env.client.zadd(legacy, {a["digest"]: 1_900_000_000, b["digest"]: 1_800_000_000, c["digest"]: 2_000_000_000})
     await env.client.hset(used, mapping={b["digest"]: 1_950_000_000, c["digest"]: 1_700_000_000})
@@ -250,11 +251,12 @@ async def test_stale_tokens_refresh_in_one_batch_in_background(env: Env) -> None
     env.clock.now += CacheSettings().refresh_interval + 1  # stale, still inside max_age
     batches = env.cache.batches
     served = await lookup_all(env.cache, digests)
-    assert all(a is b for a, b in zip(old, served))  # served at once, from memory
+    assert all(a is b for a, b in zip(old, served, strict=True))  # served at once, from memory
     for _ in range(500):
-        if env.cache.batches == batches + 1 and all(
-                token is not old_token for token, old_token in zip(await lookup_all(env.cache, digests), old)):
-            break
+        if env.cache.batches == batches + 1:  # only then look: a lookup could start a batch of its own
+            fresh = await lookup_all(env.cache, digests)
+            if all(token is not old_token for token, old_token in zip(fresh, old, strict=True)):
+                break
         await asyncio.sleep(0.01)
     fresh = await lookup_all(env.cache, digests)
     assert env.cache.batches == batches + 1  # the 20 refreshes went out together
