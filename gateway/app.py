@@ -34,6 +34,7 @@ from .errors import (STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable
                      invalid_input_response)
 from .expiry import Housekeeper
 from .logs import FileSink, LogWriter, RequestIds, request_record
+from .panel import install as install_panel
 from .paths import pick_route
 from .proxy import Proxy, upstream_url
 from .resp import RespClient, lean_client
@@ -317,6 +318,7 @@ def create_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(context)
     app.router.add_get(settings.internal_prefix + "health", health)
+    install_panel(app, settings)  # the token panel's static files, <internal_prefix>panel/
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)
     app[CORS].install(app, app.router.add_route("*", "/{tail:.*}", handle))

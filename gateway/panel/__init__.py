@@ -1,0 +1,68 @@
+"""The token management panel: static files served at `<internal_prefix>panel/`.
+
+The panel holds no state and no privilege of its own: the page logs in with a token and calls the
+same platform API as any client, with that token. This module only hands out its files, read
+once at start into memory (so a request can only ever name one of them), each with headers that
+keep the page from running anything but its own scripts (`SECURITY_HEADERS`).
+"""
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+
+from aiohttp import web
+
+from ..config import Settings
+from ..errors import error_body
+
+STATIC = Path(__file__).resolve().parent / "static"
+# No inline script or style, nothing from another origin, never framed, no form posts anywhere
+# (the forms are handled by the scripts, so a key typed into one never lands in a URL).
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "font-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cache-Control": "no-cache",
+}
+TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml"}
+FILES = web.AppKey("panel_files", dict)
+
+
+def load_files(root: Path = STATIC) -> dict[str, tuple[bytes, str]]:
+    """Every file under `root` by its path relative to it: contents and content type."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            kind = TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            files[path.relative_to(root).as_posix()] = (path.read_bytes(), kind)
+    return files
+
+
+async def serve(request: web.Request) -> web.StreamResponse:
+    found = request.app[FILES].get(request.match_info.get("name") or "index.html")
+    if found is None:
+        return web.Response(status=404, body=error_body(404, f"unknown path {request.path}"),
+                            content_type="application/json", headers={"X-Content-Type-Options": "nosniff"})
+    body, kind = found
+    charset = "utf-8" if kind.startswith("text/") or kind.endswith("+xml") else None
+    return web.Response(body=body, content_type=kind, charset=charset, headers=SECURITY_HEADERS)
+
+
+async def to_slash(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPPermanentRedirect(request.path + "/")
+
+
+def install(app: web.Application, settings: Settings) -> None:
+    """Add the panel's routes (before the catch-all route, so they are matched first)."""
+    if not settings.panel.enabled:
+        return
+    base = settings.internal_prefix + "panel"
+    app[FILES] = load_files()
+    app.router.add_get(base, to_slash)
+    app.router.add_get(base + "/", serve)
+    app.router.add_get(base + "/{name:.+}", serve)

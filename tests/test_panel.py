@@ -1,0 +1,273 @@
+"""The token panel (`/_gateway/panel/`) in a real browser: headless Chromium driven by Selenium.
+
+The gateway and the recording upstream run in a thread of their own (their own event loop), so
+the blocking WebDriver calls of a test never stall them. Every test starts with empty browser
+storage. With PANEL_SCREENSHOTS=<dir> the tests also save screenshots of the main screens there
+(the README shows the ones in docs/panel/).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException, TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from conftest import MASTER_KEY, Upstream, base_config, running_upstream
+from gateway.config import build_settings
+from gateway.panel import CSP, STATIC
+from gateway.server import GatewayServer
+
+PANEL = "/_gateway/panel/"
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+         "--window-size=1280,900")
+XSS = "<img src=x onerror=window.__pwned=1>"
+
+
+class Site:
+    """A gateway in front of the recording upstream, both served from a background thread."""
+
+    def __init__(self, redis_url: str, **overrides: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="panel-site", daemon=True)
+        self.stack = AsyncExitStack()
+        self.prefix = "{gwpanel-" + uuid.uuid4().hex[:12] + "}:"
+        self.redis_url = redis_url
+        self.overrides = overrides
+        self.url = ""
+        self.upstream: Upstream | None = None
+
+    def run(self, job: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(job, self.loop).result(60)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.run(self._start())
+        self.wait_for_master()
+
+    async def _start(self) -> None:
+        self.upstream = await self.stack.enter_async_context(running_upstream())
+        settings = build_settings(base_config(self.upstream.url, self.redis_url, self.prefix, **self.overrides))
+        server = GatewayServer(settings)
+        await server.start("127.0.0.1", 0)
+        self.stack.push_async_callback(server.close)
+        self.url = f"http://127.0.0.1:{server.port}"
+
+    def stop(self) -> None:
+        self.run(self.stack.aclose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def wait_for_master(self) -> None:
+        deadline = time.monotonic() + 10
+        while self.call("GET", "/auth/info")[0] != 200:
+            assert time.monotonic() < deadline, "the bootstrap master token never became usable"
+            time.sleep(0.05)
+
+    def call(self, method: str, path: str, key: str | None = MASTER_KEY, body: Any = None,
+             headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+        """One request from the test itself (not the browser): status, JSON body (or text), headers."""
+        sent = dict(headers or {})
+        if key is not None:
+            sent["Authorization"] = f"FlespiToken {key}"
+        data = None if body is None else json.dumps(body).encode()
+        if data is not None:
+            sent["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=sent)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, raw, got = response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as refused:
+            status, raw, got = refused.code, refused.read(), dict(refused.headers)
+        try:
+            return status, json.loads(raw), got
+        except ValueError:
+            return status, raw.decode("utf-8", "replace"), got
+
+    def create(self, **fields: Any) -> dict[str, Any]:
+        fields.setdefault("ttl", 3600)
+        status, body, _ = self.call("POST", "/platform/tokens", body=[fields])
+        assert status == 200, body
+        token: dict[str, Any] = body["result"][0]
+        return token
+
+    def token(self, token_id: int) -> dict[str, Any] | None:
+        status, body, _ = self.call("GET", f"/platform/tokens/{token_id}")
+        assert status == 200, body
+        return body["result"][0] if body["result"] else None
+
+
+@pytest.fixture(scope="module")
+def site(redis_url: str) -> Iterator[Site]:
+    served = Site(redis_url)
+    served.start()
+    yield served
+    served.stop()
+
+
+def found_binary(*names: str) -> str:
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail(f"{names[0]} is not installed (.ci/run installs it)")  # never a skip: CI must run this
+
+
+@pytest.fixture(scope="module")
+def chrome() -> Iterator[WebDriver]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = found_binary("chromium", "chromium-browser")
+    with tempfile.TemporaryDirectory(prefix="gw-panel-chromium-") as profile:
+        for flag in (*FLAGS, f"--user-data-dir={profile}"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(options=options, service=Service(executable_path=found_binary("chromedriver")))
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+@pytest.fixture
+def browser(chrome: WebDriver, site: Site) -> WebDriver:
+    """The shared browser with this site's storage emptied: every test starts logged out."""
+    chrome.get(site.url + PANEL)
+    chrome.execute_script("sessionStorage.clear(); localStorage.clear();")
+    chrome.get("about:blank")
+    return chrome
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def until(driver: WebDriver, condition: Callable[[WebDriver], Any], what: str, timeout: float = 15) -> Any:
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    except TimeoutException:
+        messages = [text(driver, "#notice"), text(driver, "#problem")]
+        raise AssertionError(f"timed out waiting for {what}; messages: {messages}") from None
+
+
+def text(driver: WebDriver, selector: str) -> str:
+    found = driver.find_elements(By.CSS_SELECTOR, selector)
+    return found[0].text if found else ""
+
+
+def element(driver: WebDriver, selector: str) -> WebElement:
+    return until(driver, lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, selector) if e.is_displayed()),
+                                        None), selector)
+
+
+def click(driver: WebDriver, selector: str) -> None:
+    element(driver, selector).click()
+
+
+def button(driver: WebDriver, label: str, within: WebElement | None = None) -> WebElement:
+    """A visible button or button-styled link by its visible text."""
+    def find(d: WebDriver) -> WebElement | None:
+        scope = within or d
+        candidates = scope.find_elements(By.CSS_SELECTOR, "button, a.button, a")
+        return next((c for c in candidates if c.is_displayed() and c.text.strip() == label), None)
+    found: WebElement = until(driver, find, f"button {label!r}")
+    return found
+
+
+def typed(field: WebElement, value: str) -> None:
+    field.clear()
+    field.send_keys(value)
+
+
+def labelled(driver: WebDriver, label: str, within: WebElement | None = None) -> WebElement:
+    """The control a visible <label for> with this text names: how a screen reader finds it."""
+    def find(d: WebDriver) -> WebElement | None:
+        for candidate in (within or d).find_elements(By.CSS_SELECTOR, "label[for]"):
+            if candidate.is_displayed() and candidate.text.strip() == label:
+                return d.find_element(By.ID, candidate.get_attribute("for"))
+        return None
+    found: WebElement = until(driver, find, f"control labelled {label!r}")
+    return found
+
+
+def notice(driver: WebDriver, words: str) -> str:
+    return str(until(driver, lambda d: words in text(d, "#notice") and text(d, "#notice"), f"notice {words!r}"))
+
+
+def problem(driver: WebDriver, words: str) -> str:
+    return str(until(driver, lambda d: words in text(d, "#problem") and text(d, "#problem"), f"problem {words!r}"))
+
+
+def log_in(driver: WebDriver, site: Site, key: str = MASTER_KEY) -> None:
+    driver.get(site.url + PANEL)
+    typed(element(driver, "#login-key"), key)
+    click(driver, "form.login button[type=submit]")
+    until(driver, lambda d: d.find_element(By.ID, "session").is_displayed(), "the session header")
+
+
+def token_rows(driver: WebDriver) -> dict[int, list[str]]:
+    rows = driver.find_elements(By.CSS_SELECTOR, "#token-list tbody tr[data-id]")
+    return {int(row.get_attribute("data-id")): [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+            for row in rows}
+
+
+def shot(driver: WebDriver, name: str) -> None:
+    """Save a screenshot when PANEL_SCREENSHOTS names a directory (the README's come from here)."""
+    folder = os.environ.get("PANEL_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(folder) / f"{name}.png"))
+
+
+def storage(driver: WebDriver) -> dict[str, Any]:
+    found: dict[str, Any] = driver.execute_script(
+        "return {session: Object.assign({}, sessionStorage), local: Object.assign({}, localStorage)};")
+    return found
+
+
+def upstream_paths(site: Site) -> list[tuple[str, str]]:
+    assert site.upstream is not None
+    return [(r.method, r.raw_path) for r in site.upstream.requests]
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+def test_login_form_lists_tokens_and_searches(browser: WebDriver, site: Site) -> None:
+    mine = site.create(info=f"search me {uuid.uuid4().hex[:6]}", ttl=7200)
+    browser.get(site.url + PANEL)
+    shot(browser, "login")
+    typed(labelled(browser, "Token key"), MASTER_KEY)
+    labelled(browser, "Token key").send_keys(Keys.ENTER)  # the keyboard submits the form
+    until(browser, lambda d: mine["id"] in token_rows(d), "the token list")
+    assert MASTER_KEY not in browser.current_url
+    assert browser.current_url.endswith(PANEL + "#/tokens")
+    kept = storage(browser)
+    assert MASTER_KEY in kept["session"].values() and MASTER_KEY not in json.dumps(kept["local"])
+    rows = token_rows(browser)
+    assert rows[1][:3] == ["1", "bootstrap master token", "Master"]
+    assert rows[mine["id"]][1:6] == [mine["info"], "Standard", "TTL 2 hours", "never", ""]
+    shot(browser, "tokens")
+
+    typed(labelled(browser, "Search"), mine["info"].split()[-1])
+    until(browser, lambda d: list(token_rows(d)) == [mine["id"]], "the search to keep one token")
+    assert text(browser, "#token-count") == f"1 of {len(rows)} tokens"
+    typed(labelled(browser, "Search"), "no such token anywhere")
+    until(browser, lambda d: not token_rows(d), "the search to keep none")
+    assert "No token matches." in text(browser, "#token-list")
