@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException, TimeoutException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -161,7 +161,9 @@ def browser(chrome: WebDriver, site: Site) -> WebDriver:
 
 def until(driver: WebDriver, condition: Callable[[WebDriver], Any], what: str, timeout: float = 15) -> Any:
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+        # Stale elements: a view re-rendered between finding an element and reading it; ask again.
+        return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(condition)
     except TimeoutException:
         messages = [text(driver, "#notice"), text(driver, "#problem")]
         raise AssertionError(f"timed out waiting for {what}; messages: {messages}") from None
@@ -228,12 +230,21 @@ def token_rows(driver: WebDriver) -> dict[int, list[str]]:
             for row in rows}
 
 
-def shot(driver: WebDriver, name: str) -> None:
-    """Save a screenshot when PANEL_SCREENSHOTS names a directory (the README's come from here)."""
+def shot(driver: WebDriver, name: str, full: bool = False) -> None:
+    """Save a screenshot when PANEL_SCREENSHOTS names a directory (the README's come from here);
+    `full`: the whole page, the window stretched to its height for the picture."""
     folder = os.environ.get("PANEL_SCREENSHOTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(Path(folder) / f"{name}.png"))
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    size = driver.get_window_size()
+    if full:
+        height = driver.execute_script("return document.documentElement.scrollHeight;")
+        driver.set_window_size(size["width"], min(int(height) + 140, 4000))
+    driver.execute_script("window.scrollTo(0, 0);")
+    driver.save_screenshot(str(Path(folder) / f"{name}.png"))
+    if full:
+        driver.set_window_size(size["width"], size["height"])
 
 
 def storage(driver: WebDriver) -> dict[str, Any]:
@@ -271,3 +282,82 @@ def test_login_form_lists_tokens_and_searches(browser: WebDriver, site: Site) ->
     typed(labelled(browser, "Search"), "no such token anywhere")
     until(browser, lambda d: not token_rows(d), "the search to keep none")
     assert "No token matches." in text(browser, "#token-list")
+
+
+def test_template_token_acl_proxy_logs_delete_and_restore(browser: WebDriver, site: Site) -> None:
+    log_in(browser, site)
+    button(browser, "New token").click()
+    until(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "button.template")) == 5, "the templates")
+    assert [b.text for b in browser.find_elements(By.CSS_SELECTOR, "button.template")] == [
+        "toolbox", "setbox", "trackit", "support", "mqtt-messages"]
+    shot(browser, "templates")
+    click(browser, "button[data-template=trackit]")
+    typed(labelled(browser, "Device id"), "7")
+    typed(labelled(browser, "Info"), "tracker for 7")
+    button(browser, "Create token").click()
+
+    # The key, shown this once, and copied with the button.
+    key_field = element(browser, "#new-key")
+    key = key_field.get_attribute("value")
+    assert len(key) == 64 and key.isalnum()
+    token_id = int(text(browser, "#created-title").split()[1])
+    assert site.token(token_id)["access"]["acl"][0]["ids"] == [7]
+    browser.execute_cdp_cmd("Browser.grantPermissions", {"origin": site.url,
+                                                         "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    click(browser, "#copy-key")
+    until(browser, lambda d: text(d, "#copy-state") == "Copied.", "the copy confirmation")
+    assert browser.execute_async_script("navigator.clipboard.readText().then(arguments[0]);") == key
+    shot(browser, "key-once")
+    assert key not in browser.current_url
+
+    # Open it: the ACL the template made, edited to allow the settings submodule (GET, PUT).
+    click(browser, "#open-token")
+    entry = element(browser, "fieldset.acl-entry")
+    assert entry.find_element(By.CSS_SELECTOR, "input.acl-uri").get_attribute("value") == "gw/devices"
+    assert entry.find_element(By.CSS_SELECTOR, "input.acl-ids").get_attribute("value") == "7"
+    assert [i.get_attribute("value") for i in entry.find_elements(By.CSS_SELECTOR, "input.sub-name")] == [
+        "messages", "telemetry"]
+    assert key not in browser.page_source  # the key left the page with the key screen
+    button(browser, "Add submodule", entry).click()
+    third = entry.find_elements(By.CSS_SELECTOR, "fieldset.submodule")[2]
+    typed(labelled(browser, "Name", third), "settings")
+    labelled(browser, "PUT", third).click()
+    shot(browser, "edit-acl", full=True)
+    click(browser, "#save-token")
+    notice(browser, f"Token {token_id} saved.")
+    [entry_saved] = site.token(token_id)["access"]["acl"]
+    assert entry_saved["submodules"][2] == {"name": "settings", "methods": ["GET", "PUT"]}
+
+    # The new key through the proxy: what the ACL allows reaches the upstream, the rest does not.
+    assert site.call("PUT", "/gw/devices/7/settings", key, body={"x": 1})[0] == 200
+    assert site.call("GET", "/gw/devices/8", key)[0] == 403
+    assert ("PUT", "/gw/devices/7/settings") in upstream_paths(site)
+    assert ("GET", "/gw/devices/8") not in upstream_paths(site)
+
+    # The Logs tab: both requests, and a later one appears by itself (the tab refreshes).
+    click(browser, "#tab-logs")
+    logs = lambda d: d.execute_script(  # noqa: E731  (read in one go: the table is redrawn as it refreshes)
+        "return [...document.querySelectorAll('#token-logs tbody tr')].map((row) => [...row.cells].map((cell) => cell.textContent).join(' | '));")
+    until(browser, lambda d: any("PUT /gw/devices/7/settings | 200 |" in row for row in logs(d)), "the PUT in the logs")
+    assert any("GET /gw/devices/8 | 403 |" in row for row in logs(browser))
+    assert site.call("GET", "/gw/devices/7/messages", key)[0] == 200
+    until(browser, lambda d: "GET /gw/devices/7/messages | 200 |" in logs(d)[-1], "the newest request, last")
+    shot(browser, "logs")
+
+    # Delete it (with a confirmation), see it refused, find it in the recycle bin, restore it.
+    click(browser, "#tab-settings")
+    click(browser, "#delete-token")
+    click(browser, "#confirm-delete")
+    notice(browser, f"Token {token_id} deleted")
+    until(browser, lambda d: token_rows(d) and token_id not in token_rows(d), "the list without the token")
+    assert site.call("GET", "/gw/devices/7", key)[0] == 401
+    button(browser, "Recycle bin").click()
+    restore = element(browser, f"#bin-list tr[data-id='{token_id}'] button.restore")
+    assert "tracker for 7" in text(browser, f"#bin-list tr[data-id='{token_id}']")
+    shot(browser, "recycle-bin")
+    restore.click()
+    notice(browser, f"Token {token_id} restored.")
+    assert not browser.find_elements(By.CSS_SELECTOR, f"#bin-list tr[data-id='{token_id}']")
+    assert site.call("GET", "/gw/devices/7", key)[0] == 200  # same id, same key
+    button(browser, "Tokens").click()
+    until(browser, lambda d: token_id in token_rows(d), "the restored token in the list")

@@ -3,7 +3,7 @@ import {call} from "./api.js";
 import {button, field, fill, h, uid} from "./dom.js";
 import {when} from "./format.js";
 import {session} from "./session.js";
-import {accountName, deniedBox, fail, say, state} from "./ui.js";
+import {accountName, deniedBox, fail, go, say, state} from "./ui.js";
 
 function limitsText(limits) {
   const parts = Object.entries(limits || {}).filter(([, value]) => value).map(([name, value]) => `${name} ${value}`);
@@ -38,8 +38,7 @@ export async function accountsView(root) {
 function switchTo(cid) {
   session.actAs(cid === state.me?.cid ? null : cid);
   document.getElementById("acting").value = session.acting() === null ? "" : String(session.acting());
-  say(`Acting as ${accountName(session.acting())}.`);
-  location.hash = "#/tokens";
+  go("#/tokens", `Acting as ${accountName(session.acting())}.`);
 }
 
 function row(root, account) {

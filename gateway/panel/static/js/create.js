@@ -4,7 +4,7 @@ import {call} from "./api.js";
 import {button, checkbox, field, fill, h, uid} from "./dom.js";
 import {tokenFields} from "./form.js";
 import {prefs, session} from "./session.js";
-import {accountName, fail, isMaster, say, state} from "./ui.js";
+import {accountName, fail, go, isMaster, say, state} from "./ui.js";
 
 // The gateway's templates (gateway/templates.py), described for people.
 const TEMPLATES = [
@@ -135,7 +135,7 @@ function showKey(root, created, cid) {
     : button(`Act as ${accountName(cid)} and open token ${created.id}`, () => {
       session.actAs(cid === state.me.cid ? null : cid);
       document.getElementById("acting").value = session.acting() === null ? "" : String(session.acting());
-      location.hash = `#/tokens/${created.id}`;
+      go(`#/tokens/${created.id}`, `Acting as ${accountName(session.acting())}.`);
     }, {id: "open-token"});
   fill(root, h("section", {class: "card created", "aria-labelledby": "created-title"},
     h("h1", {id: "created-title"}, `Token ${created.id} created`),

@@ -3,7 +3,7 @@ import {call} from "./api.js";
 import {fill, h} from "./dom.js";
 import {typeName} from "./format.js";
 import {session} from "./session.js";
-import {accountName, clearMessages, fail, isMaster, say, state} from "./ui.js";
+import {accountName, clearMessages, fail, go, isMaster, say, state} from "./ui.js";
 import {loginView} from "./login.js";
 import {tokensView} from "./tokens.js";
 import {newTokenView} from "./create.js";
@@ -62,6 +62,8 @@ async function route() {
     const found = pattern.exec(hash);
     if (found) {
       cleanup = (await render(root, ...found.slice(1))) || null;
+      if (state.pending) say(state.pending);
+      state.pending = null;
       return;
     }
   }
@@ -108,6 +110,7 @@ function renderActing() {
 }
 
 state.refreshAccounts = loadAccounts;
+state.route = route;
 
 function showSession(on) {
   document.getElementById("session").hidden = !on;
@@ -140,15 +143,9 @@ document.getElementById("logout").addEventListener("click", () => logOut());
 document.getElementById("acting").addEventListener("change", (event) => {
   const value = event.target.value;
   session.actAs(value === "" ? null : Number(value));
-  say(`Acting as ${accountName(session.acting())}.`);
-  clearAfterSwitch();
+  // A token page of another account would find nothing: go back to the list.
+  go(/^#\/tokens\/\d+/.test(location.hash) ? "#/tokens" : location.hash, `Acting as ${accountName(session.acting())}.`);
 });
-
-function clearAfterSwitch() {
-  // A token page of another account would answer 404: go back to the list.
-  if (/^#\/tokens\/\d+/.test(location.hash)) location.hash = "#/tokens";
-  else route();
-}
 
 window.addEventListener("hashchange", () => {
   clearMessages();

@@ -3,7 +3,7 @@ import {call, withData} from "./api.js";
 import {button, fill, h} from "./dom.js";
 import {EVENTS, lifetime, typeName, when} from "./format.js";
 import {tokenFields} from "./form.js";
-import {deniedBox, fail, say} from "./ui.js";
+import {deniedBox, fail, go, say} from "./ui.js";
 
 const REFRESH_MS = 3000;
 const LOG_COUNT = 200;
@@ -77,13 +77,12 @@ async function remove(id) {
     fail(error);
     return;
   }
-  location.hash = "#/tokens";
-  say(`Token ${id} deleted: it is in the recycle bin.`);
+  go("#/tokens", `Token ${id} deleted: it is in the recycle bin.`);
 }
 
 function logRow(record) {
   const request = record.event_code === 1000;
-  const what = request ? `${record.method} ${record.uri}` : EVENTS[record.event_code] || `event ${record.event_code}`;
+  const what = request ? `${record.method} ${record.uri}` : "";
   return h("tr", {},
     h("td", {}, when(Math.floor(record.timestamp || 0))),
     h("td", {}, `${record.event_code} ${EVENTS[record.event_code] || ""}`.trim()),

@@ -7,6 +7,8 @@ export const state = {
   accounts: [],      // subaccounts it may act as (master tokens only)
   onSessionLost: null,  // set by main.js: a refused key ends the session
   refreshAccounts: null,  // set by main.js: reload `accounts` after a subaccount changed
+  route: null,  // set by main.js: render the current address again
+  pending: null,  // a message to show once the next view is drawn
 };
 
 const notice = () => document.getElementById("notice");
@@ -21,6 +23,13 @@ export function say(text) {
 export function clearMessages() {
   problem().textContent = "";
   notice().textContent = "";
+}
+
+/** Move to another view and say `message` once it is drawn (moving clears the messages). */
+export function go(hash, message) {
+  state.pending = message || null;
+  if (location.hash === hash) state.route();
+  else location.hash = hash;
 }
 
 /** Why a call failed, in words a user can act on. */
