@@ -141,6 +141,7 @@ def chrome() -> Iterator[WebDriver]:
     with tempfile.TemporaryDirectory(prefix="gw-panel-chromium-") as profile:
         for flag in (*FLAGS, f"--user-data-dir={profile}"):
             options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors, CSP violations
         driver = webdriver.Chrome(options=options, service=Service(executable_path=found_binary("chromedriver")))
         try:
             yield driver
@@ -253,6 +254,29 @@ def storage(driver: WebDriver) -> dict[str, Any]:
     return found
 
 
+def console_errors(driver: WebDriver) -> list[str]:
+    """Console errors since the last call, but the failed fetches a test provoked on purpose (4xx)."""
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"
+            and "the server responded with a status of 4" not in entry["message"]]
+
+
+UNLABELLED = """
+const named = (el) => (el.labels && el.labels.length && [...el.labels].some((l) => l.textContent.trim()))
+  || (el.getAttribute('aria-label') || '').trim() || (el.getAttribute('aria-labelledby') || '').trim();
+const shown = (el) => el.getClientRects().length > 0;
+const controls = [...document.querySelectorAll('input, select, textarea')].filter(shown).filter((el) => !named(el));
+const buttons = [...document.querySelectorAll('button, a[href]')].filter(shown)
+  .filter((el) => !el.textContent.trim() && !(el.getAttribute('aria-label') || '').trim());
+return [...controls, ...buttons].map((el) => el.outerHTML.slice(0, 120));
+"""
+
+
+def unlabelled(driver: WebDriver) -> list[str]:
+    """Visible controls a screen reader could not name (no <label for>, no aria-label, no text)."""
+    found: list[str] = driver.execute_script(UNLABELLED)
+    return found
+
+
 def upstream_paths(site: Site) -> list[tuple[str, str]]:
     assert site.upstream is not None
     return [(r.method, r.raw_path) for r in site.upstream.requests]
@@ -361,3 +385,232 @@ def test_template_token_acl_proxy_logs_delete_and_restore(browser: WebDriver, si
     assert site.call("GET", "/gw/devices/7", key)[0] == 200  # same id, same key
     button(browser, "Tokens").click()
     until(browser, lambda d: token_id in token_rows(d), "the restored token in the list")
+
+
+def test_info_with_markup_stays_text(browser: WebDriver, site: Site) -> None:
+    token = site.create(info=XSS)
+    status, body, _ = site.call("POST", "/platform/subaccounts", body=[{"name": XSS}])
+    assert status == 200, body
+    log_in(browser, site)
+    until(browser, lambda d: token["id"] in token_rows(d), "the token list")
+    assert token_rows(browser)[token["id"]][1] == XSS
+    assert XSS in [o.text for o in Select(element(browser, "#acting")).options][-1]
+    click(browser, f"a[href='#/tokens/{token['id']}']")
+    assert element(browser, "input.info").get_attribute("value") == XSS
+    button(browser, "Subaccounts").click()
+    until(browser, lambda d: XSS in text(d, "#account-list"), "the subaccount list")
+    assert browser.find_elements(By.CSS_SELECTOR, "main img, header img") == []
+    assert browser.execute_script("return window.__pwned;") is None
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text  # noqa: B018  (reading it is the check)
+    assert console_errors(browser) == []
+
+
+def test_panel_scripts_never_write_markup() -> None:
+    """Data reaches the page only as text nodes and properties: no HTML-parsing sink is used at all."""
+    sinks = ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
+             "setAttribute(\"on", "style=")
+    for path in sorted(STATIC.rglob("*.js")) + [STATIC / "index.html"]:
+        source = path.read_text()
+        assert [sink for sink in sinks if sink in source] == [], path
+    html = (STATIC / "index.html").read_text()
+    assert "<script>" not in html and "<style" not in html and " style=" not in html  # CSP: nothing inline
+
+
+def test_standard_and_acl_tokens_see_what_they_may(browser: WebDriver, site: Site) -> None:
+    reader = site.create(info="a reader", access={"type": 0})
+    log_in(browser, site, reader["key"])
+    until(browser, lambda d: "a reader" in text(d, "dl.record"), "the token's own record")
+    assert browser.current_url.endswith("#/me")
+    assert "This is a standard token" in text(browser, "main")
+    shot(browser, "standard-token")
+    for section, path in (("Tokens", "platform/tokens"), ("Recycle bin", "platform/recycle-bin/tokens"),
+                          ("Subaccounts", "platform/subaccounts")):
+        button(browser, section).click()
+        until(browser, lambda d: f"access to {path} (GET) is denied for standard token" in text(d, ".denied"),
+              f"the 403 of {section}")
+        assert text(browser, ".denied").startswith("Not allowed for this token:")
+        assert "need a master token" in text(browser, ".denied")
+    assert element(browser, "#session").is_displayed()  # a 403 does not end the session
+    button(browser, "Log out").click()
+    notice(browser, "Logged out.")
+
+    acl = site.create(info="an acl one", access={"type": 2, "acl": [{"uri": "gw/devices", "methods": ["GET"]}]})
+    log_in(browser, site, acl["key"])
+    until(browser, lambda d: '"uri": "gw/devices"' in text(d, "pre.json"), "the token's ACL")
+    button(browser, "Tokens").click()
+    until(browser, lambda d: "access to platform/tokens (GET) is denied by token ACL" in text(d, ".denied"),
+          "the 403 of the token list")
+
+    noapi = site.create(info="no api", access={"type": 3})
+    browser.get(site.url + PANEL)
+    button(browser, "Log out").click()
+    typed(element(browser, "#login-key"), noapi["key"])
+    click(browser, "form.login button[type=submit]")
+    problem(browser, "NOAPI token cannot be used for API requests")
+    assert element(browser, "#login-key").is_displayed()
+    assert console_errors(browser) == []
+
+
+def test_login_with_a_link_takes_the_key_out_of_the_address(browser: WebDriver, site: Site) -> None:
+    token = site.create(info="linked", access={"type": 1})
+    browser.get(f"{site.url}{PANEL}#/token/{token['key']}")
+    until(browser, lambda d: d.find_element(By.ID, "session").is_displayed(), "the session")
+    assert token["key"] not in browser.current_url
+    assert browser.current_url == f"{site.url}{PANEL}#/tokens"
+    assert f"Token {token['id']}" in text(browser, "#who")
+    assert token["key"] in storage(browser)["session"].values()
+    assert token["key"] not in json.dumps(storage(browser)["local"])
+    assert token["key"] not in browser.page_source
+    button(browser, "Log out").click()
+    assert token["key"] not in storage(browser)["session"].values()
+
+    unknown = "Z" * 64
+    browser.get(f"{site.url}{PANEL}#/token/{unknown}")
+    problem(browser, "Login failed, the link's token was refused: invalid or expired access token")
+    assert unknown not in browser.current_url and unknown not in json.dumps(storage(browser))
+    assert element(browser, "#login-key").is_displayed()
+
+
+def test_origin_of_the_panel_and_a_token_restricted_elsewhere(browser: WebDriver, site: Site) -> None:
+    """Changes (POST, PUT, DELETE) carry Origin; the logged-in token must allow the panel's origin."""
+    elsewhere = site.create(info="flespi only", access={"type": 1}, origins=[{"preset": "flespi"}])
+    log_in(browser, site, elsewhere["key"])
+    until(browser, lambda d: elsewhere["id"] in token_rows(d), "the list (a GET carries no Origin)")
+    box = element(browser, f"#token-list tr[data-id='{elsewhere['id']}'] input.enabled")
+    box.click()
+    problem(browser, f"does not allow this panel's origin ({site.url})")
+    assert "using token from unauthorized origin" in text(browser, "#problem")
+    assert box.is_selected()  # put back: nothing changed
+    assert site.token(elsewhere["id"])["enabled"] is True
+    assert element(browser, "#session").is_displayed()  # not logged out: the key itself is fine
+
+    # The panel's own origin in the token's origins: the same change goes through.
+    assert site.call("PUT", f"/platform/tokens/{elsewhere['id']}", body={"origins": [site.url, {"preset": "flespi"}]})[0] == 200
+    target = site.create(info="switch me")
+    browser.refresh()
+    box = element(browser, f"#token-list tr[data-id='{target['id']}'] input.enabled")
+    box.click()
+    notice(browser, f"Token {target['id']} disabled.")
+    assert site.token(target["id"])["enabled"] is False
+
+
+def test_subaccounts_create_for_one_and_act_as_it(browser: WebDriver, site: Site) -> None:
+    log_in(browser, site)
+    button(browser, "Subaccounts").click()
+    name = f"fleet {uuid.uuid4().hex[:6]}"
+    typed(labelled(browser, "Name"), name)
+    typed(labelled(browser, "API calls per window (empty: default)"), "5000")
+    button(browser, "Create subaccount").click()
+    created = notice(browser, f"({name}) created")
+    sub = int(created.split()[1])
+    assert f"api_calls 5000" in text(browser, f"#account-list tr[data-id='{sub}']")
+    shot(browser, "subaccounts")
+
+    # A token for the subaccount, from the acting (own) account: "Create for subaccount".
+    button(browser, "Tokens").click()
+    button(browser, "New token").click()
+    click(browser, "#custom-token")
+    typed(labelled(browser, "Info"), "for the fleet")
+    Select(labelled(browser, "Create for subaccount")).select_by_visible_text(f"subaccount {sub} ({name})")
+    button(browser, "Create token").click()
+    element(browser, "#new-key")
+    token_id = int(text(browser, "#created-title").split()[1])
+    assert f"In subaccount {sub} ({name})." in text(browser, "section.created")
+    assert site.token(token_id) is None  # not in the root account...
+    status, body, _ = site.call("GET", f"/platform/tokens/{token_id}", headers={"x-flespi-cid": str(sub)})
+    assert status == 200 and body["result"][0]["cid"] == sub  # ...but in the subaccount
+
+    # Act as it: the panel's calls carry x-flespi-cid, so its token list is the subaccount's.
+    click(browser, "#open-token")
+    notice(browser, f"Acting as subaccount {sub} ({name}).")
+    until(browser, lambda d: element(d, "input.info").get_attribute("value") == "for the fleet", "its token page")
+    button(browser, "Tokens").click()
+    until(browser, lambda d: list(token_rows(d)) == [token_id], "the subaccount's token list")
+    Select(element(browser, "#acting")).select_by_value("")
+    notice(browser, "Acting as own account (0).")
+    until(browser, lambda d: 1 in token_rows(d) and token_id not in token_rows(d), "the own account's list")
+    assert console_errors(browser) == []
+
+
+def test_keyboard_only_and_every_control_named(browser: WebDriver, site: Site) -> None:
+    browser.get(site.url + PANEL)
+    assert unlabelled(browser) == []
+    active = browser.switch_to.active_element
+    assert active.get_attribute("id") == "login-key"  # focus starts in the key field
+    active.send_keys(MASTER_KEY, Keys.ENTER)
+    until(browser, lambda d: 1 in token_rows(d), "the token list")
+    assert unlabelled(browser) == []
+    element(browser, "#token-search").send_keys(Keys.SHIFT, Keys.TAB)  # back from the search to "New token"
+    assert browser.switch_to.active_element.text == "New token"
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    until(browser, lambda d: d.switch_to.active_element.get_attribute("data-template") == "toolbox",
+          "focus on the first template")
+    assert unlabelled(browser) == []
+    browser.switch_to.active_element.send_keys(Keys.TAB)  # toolbox -> setbox
+    assert browser.switch_to.active_element.get_attribute("data-template") == "setbox"
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    until(browser, lambda d: "template-item" in (d.switch_to.active_element.get_attribute("class") or ""),
+          "focus on the device id")
+    assert unlabelled(browser) == []
+    browser.switch_to.active_element.send_keys("42", Keys.ENTER)
+    until(browser, lambda d: d.switch_to.active_element.get_attribute("id") == "copy-key", "focus on Copy key")
+    token_id = int(text(browser, "#created-title").split()[1])
+    assert site.token(token_id)["info"] == "setbox for device 42"
+
+    # The full form, with an ACL entry of each kind, is named throughout too.
+    browser.get(f"{site.url}{PANEL}#/tokens/{token_id}")
+    button(browser, "Add ACL entry").click()
+    kind = Select(browser.switch_to.active_element)  # focus moved to the new entry's first control
+    kind.select_by_value("mqtt")
+    labelled(browser, "only these", element(browser, "fieldset.acl-entry")).click()
+    click(browser, "input.origins-list")
+    button(browser, "Add preset").click()
+    assert unlabelled(browser) == []
+    assert console_errors(browser) == []
+
+
+def test_panel_files_carry_a_strict_policy(site: Site) -> None:
+    status, page, headers = site.call("GET", PANEL, key=None)
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert '<script type="module" src="js/main.js">' in page
+    policy = headers["Content-Security-Policy"]
+    assert policy == CSP
+    directives = dict(part.strip().split(" ", 1) for part in policy.split(";"))
+    assert directives["default-src"] == "'self'" and directives["frame-ancestors"] == "'none'"
+    assert directives["script-src"] == "'self'" and directives["style-src"] == "'self'"  # nothing inline
+    assert directives["form-action"] == "'none'" and directives["object-src"] == "'none'"
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["X-Frame-Options"] == "DENY"
+    assert headers["Referrer-Policy"] == "no-referrer"
+    for name, kind in (("js/main.js", "text/javascript"), ("panel.css", "text/css"), ("icon.svg", "image/svg+xml")):
+        status, _, headers = site.call("GET", PANEL + name, key=None)
+        assert status == 200 and headers["Content-Type"].startswith(kind), name
+        assert headers["Content-Security-Policy"] == CSP and headers["X-Content-Type-Options"] == "nosniff"
+    # Only the panel's own files: anything else under it is a 404, with no token asked or forwarded.
+    before = len(upstream_paths(site))
+    for missing in ("js/nope.js", "..%2Fconfig.py", "static/index.html", "js/"):
+        status, body, _ = site.call("GET", PANEL + missing, key=None)
+        assert status in (400, 404), (missing, status, body)
+        assert "errors" in body
+    assert len(upstream_paths(site)) == before
+    request = urllib.request.Request(site.url + PANEL.rstrip("/"), method="GET")
+    opener = urllib.request.build_opener(NoRedirect())
+    with pytest.raises(urllib.error.HTTPError) as redirected:
+        opener.open(request, timeout=10)
+    assert redirected.value.code == 308 and redirected.value.headers["Location"] == PANEL
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+async def test_panel_can_be_turned_off(make_gateway: Any, upstream: Upstream) -> None:
+    gw = await make_gateway(panel={"enabled": False})
+    status, body = await gw.call("GET", PANEL, key=None)
+    assert status == 401  # an ordinary path now: it needs a token...
+    status, body = await gw.call("GET", PANEL)
+    assert status == 200 and body == {"method": "GET", "path": PANEL, "size": 0}  # ...and goes upstream
+    on = await make_gateway()
+    async with on.request("GET", PANEL, key=None) as response:
+        assert response.status == 200 and "Gateway tokens" in await response.text()

@@ -1,5 +1,5 @@
 // Building the page: every piece of data becomes a text node or a property, never markup.
-// (No innerHTML anywhere in the panel: a token's `info` of "<img onerror=...>" stays text.)
+// (Nothing in the panel parses strings as HTML: a token's `info` of "<img onerror=...>" stays text.)
 
 let counter = 0;
 

@@ -41,7 +41,11 @@ export function explain(error) {
       + `(${location.origin}), which the browser sends with every change. Add ${location.origin} `
       + `(or an origin preset listing it) to that token's origins, or allow any origin ("*").`];
   }
-  if (error.status === 403) return reasons.map((reason) => `Not allowed for this token: ${reason}`);
+  if (error.status === 403) {
+    const lines = reasons.map((reason) => `Not allowed for this token: ${reason}.`);
+    if (state.me && !isMaster()) lines.push("The tokens API, the recycle bin and subaccounts need a master token.");
+    return lines;
+  }
   if (error.status === 400) return ["The gateway refused the input:", ...reasons];
   return reasons;
 }
