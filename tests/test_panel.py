@@ -346,11 +346,21 @@ def test_template_token_acl_proxy_logs_delete_and_restore(browser: WebDriver, si
     third = entry.find_elements(By.CSS_SELECTOR, "fieldset.submodule")[2]
     typed(labelled(browser, "Name", third), "settings")
     labelled(browser, "PUT", third).click()
+    # The other writable fields on the way: where from (IP, origins with a preset), metadata.
+    typed(labelled(browser, "IP masks"), "127.0.0.1")
+    labelled(browser, "Only these origins").click()
+    button(browser, "Add preset").click()
+    button(browser, f"Add this panel's origin ({site.url})").click()
+    typed(labelled(browser, "Metadata (JSON object of strings)"), '{"owner": "ops"}')
     shot(browser, "edit-acl", full=True)
     click(browser, "#save-token")
     notice(browser, f"Token {token_id} saved.")
-    [entry_saved] = site.token(token_id)["access"]["acl"]
+    saved = site.token(token_id)
+    [entry_saved] = saved["access"]["acl"]
     assert entry_saved["submodules"][2] == {"name": "settings", "methods": ["GET", "PUT"]}
+    assert (saved["ips"], saved["origins"], saved["metadata"]) == ("127.0.0.1", [{"preset": "flespi"}, site.url],
+                                                                   {"owner": "ops"})
+    assert (saved["info"], saved["ttl"], saved["enabled"]) == ("tracker for 7", 7 * 86400, True)  # as they were
 
     # The new key through the proxy: what the ACL allows reaches the upstream, the rest does not.
     assert site.call("PUT", "/gw/devices/7/settings", key, body={"x": 1})[0] == 200
@@ -423,7 +433,7 @@ def test_standard_and_acl_tokens_see_what_they_may(browser: WebDriver, site: Sit
     until(browser, lambda d: "a reader" in text(d, "dl.record"), "the token's own record")
     assert browser.current_url.endswith("#/me")
     assert "This is a standard token" in text(browser, "main")
-    shot(browser, "standard-token")
+    assert not browser.find_element(By.ID, "acting").is_displayed()  # no account to choose
     for section, path in (("Tokens", "platform/tokens"), ("Recycle bin", "platform/recycle-bin/tokens"),
                           ("Subaccounts", "platform/subaccounts")):
         button(browser, section).click()
@@ -431,6 +441,8 @@ def test_standard_and_acl_tokens_see_what_they_may(browser: WebDriver, site: Sit
               f"the 403 of {section}")
         assert text(browser, ".denied").startswith("Not allowed for this token:")
         assert "need a master token" in text(browser, ".denied")
+        if section == "Tokens":
+            shot(browser, "standard-token")
     assert element(browser, "#session").is_displayed()  # a 403 does not end the session
     button(browser, "Log out").click()
     notice(browser, "Logged out.")
@@ -512,6 +524,11 @@ def test_subaccounts_create_for_one_and_act_as_it(browser: WebDriver, site: Site
     button(browser, "New token").click()
     click(browser, "#custom-token")
     typed(labelled(browser, "Info"), "for the fleet")
+    # A fixed end as well as the TTL; the date-time control is set as a script would (typing into
+    # it depends on the browser's locale), then read by the form like any other value.
+    expire_field = labelled(browser, "Expires at (local time; empty: no fixed end)")
+    browser.execute_script("arguments[0].value = '2030-01-02T03:04:05';", expire_field)
+    expire = browser.execute_script("return new Date('2030-01-02T03:04:05').getTime() / 1000;")
     Select(labelled(browser, "Create for subaccount")).select_by_visible_text(f"subaccount {sub} ({name})")
     button(browser, "Create token").click()
     element(browser, "#new-key")
@@ -520,6 +537,7 @@ def test_subaccounts_create_for_one_and_act_as_it(browser: WebDriver, site: Site
     assert site.token(token_id) is None  # not in the root account...
     status, body, _ = site.call("GET", f"/platform/tokens/{token_id}", headers={"x-flespi-cid": str(sub)})
     assert status == 200 and body["result"][0]["cid"] == sub  # ...but in the subaccount
+    assert (body["result"][0]["expire"], body["result"][0]["ttl"]) == (expire, 30 * 86400)
 
     # Act as it: the panel's calls carry x-flespi-cid, so its token list is the subaccount's.
     click(browser, "#open-token")

@@ -106,7 +106,8 @@ function renderActing() {
   fill(select, h("option", {value: "", selected: acting === null}, accountName(null)),
     state.accounts.map((account) => h("option", {value: String(account.id), selected: acting === account.id},
       accountName(account.id))));
-  select.disabled = state.accounts.length === 0;
+  // Only a master token with subaccounts has a choice to make.
+  document.getElementById("acting-box").hidden = state.accounts.length === 0 && acting === null;
 }
 
 state.refreshAccounts = loadAccounts;
