@@ -370,8 +370,13 @@ def test_template_token_acl_proxy_logs_delete_and_restore(browser: WebDriver, si
 
     # The Logs tab: both requests, and a later one appears by itself (the tab refreshes).
     click(browser, "#tab-logs")
-    logs = lambda d: d.execute_script(  # noqa: E731  (read in one go: the table is redrawn as it refreshes)
-        "return [...document.querySelectorAll('#token-logs tbody tr')].map((row) => [...row.cells].map((cell) => cell.textContent).join(' | '));")
+
+    def logs(driver: WebDriver) -> list[str]:  # read in one go: the table is redrawn as it refreshes
+        rows: list[str] = driver.execute_script(
+            "return [...document.querySelectorAll('#token-logs tbody tr')]"
+            ".map((row) => [...row.cells].map((cell) => cell.textContent).join(' | '));")
+        return rows
+
     until(browser, lambda d: any("PUT /gw/devices/7/settings | 200 |" in row for row in logs(d)), "the PUT in the logs")
     assert any("GET /gw/devices/8 | 403 |" in row for row in logs(browser))
     assert site.call("GET", "/gw/devices/7/messages", key)[0] == 200
@@ -437,8 +442,8 @@ def test_standard_and_acl_tokens_see_what_they_may(browser: WebDriver, site: Sit
     for section, path in (("Tokens", "platform/tokens"), ("Recycle bin", "platform/recycle-bin/tokens"),
                           ("Subaccounts", "platform/subaccounts")):
         button(browser, section).click()
-        until(browser, lambda d: f"access to {path} (GET) is denied for standard token" in text(d, ".denied"),
-              f"the 403 of {section}")
+        refusal = f"access to {path} (GET) is denied for standard token"
+        until(browser, lambda d, refusal=refusal: refusal in text(d, ".denied"), f"the 403 of {section}")
         assert text(browser, ".denied").startswith("Not allowed for this token:")
         assert "need a master token" in text(browser, ".denied")
         if section == "Tokens":
@@ -516,7 +521,7 @@ def test_subaccounts_create_for_one_and_act_as_it(browser: WebDriver, site: Site
     button(browser, "Create subaccount").click()
     created = notice(browser, f"({name}) created")
     sub = int(created.split()[1])
-    assert f"api_calls 5000" in text(browser, f"#account-list tr[data-id='{sub}']")
+    assert "api_calls 5000" in text(browser, f"#account-list tr[data-id='{sub}']")
     shot(browser, "subaccounts")
 
     # A token for the subaccount, from the acting (own) account: "Create for subaccount".
@@ -632,3 +637,84 @@ async def test_panel_can_be_turned_off(make_gateway: Any, upstream: Upstream) ->
     on = await make_gateway()
     async with on.request("GET", PANEL, key=None) as response:
         assert response.status == 200 and "Gateway tokens" in await response.text()
+
+
+def test_custom_acl_token_every_field_errors_and_purge(browser: WebDriver, site: Site) -> None:
+    log_in(browser, site)
+    button(browser, "New token").click()
+    skip = labelled(browser, "Don't auto-offer templates anymore")
+    skip.click()
+    notice(browser, "Templates will not be offered first anymore")
+    assert storage(browser)["local"] == {"gw-panel.skip-templates": "1"}
+    button(browser, "Cancel").click()
+    button(browser, "New token").click()  # straight to the full form now, templates one click away
+    form = element(browser, "form.token-form")
+    assert browser.find_elements(By.CSS_SELECTOR, "button.template") == []
+    button(browser, "Start from a template")  # present, for when one is wanted after all
+
+    typed(labelled(browser, "Info"), "hand made")
+    labelled(browser, "Enabled").click()
+    Select(labelled(browser, "Access type")).select_by_value("2")
+    button(browser, "Add ACL entry").click()
+    first = form.find_elements(By.CSS_SELECTOR, "fieldset.acl-entry")[0]
+    typed(labelled(browser, "URI", first), "gw/devices")
+    labelled(browser, "DELETE", first).click()
+    labelled(browser, "only these ids", first).click()
+    typed(labelled(browser, "Item ids", first), "3, 4")
+    labelled(browser, "none", first).click()
+    button(browser, "Add ACL entry").click()
+    second = form.find_elements(By.CSS_SELECTOR, "fieldset.acl-entry")[1]
+    Select(labelled(browser, "Kind", second)).select_by_value("mqtt")
+    typed(labelled(browser, "Topic", second), "message/gw/devices/3")
+    labelled(browser, "publish", second).click()
+    typed(labelled(browser, "TTL (after last use; empty: none)"), "2")
+    Select(labelled(browser, "TTL unit")).select_by_visible_text("hours")
+    typed(labelled(browser, "IP masks"), "010.0.0.1")  # refused by the gateway: reads two ways
+    button(browser, "Create token").click()
+    refused = problem(browser, "The gateway refused the input:")
+    assert "ips:" in refused
+    typed(labelled(browser, "IP masks"), "10.0.0.0/8, 127.0.0.1")
+    button(browser, "Create token").click()
+    element(browser, "#new-key")
+    token_id = int(text(browser, "#created-title").split()[1])
+    made = site.token(token_id)
+    assert made["access"] == {"type": 2, "acl": [
+        {"uri": "gw/devices", "methods": ["GET", "DELETE"], "ids": [3, 4], "submodules": []},
+        {"uri": "mqtt", "topic": "message/gw/devices/3", "actions": ["publish", "subscribe"]}]}
+    assert (made["info"], made["enabled"], made["ttl"], made["expire"], made["ips"], made["origins"]) == (
+        "hand made", False, 7200, 0, "10.0.0.0/8, 127.0.0.1", "*")
+
+    # Edit it back into a standard token: the ACL goes, the other fields stay.
+    click(browser, "#open-token")
+    Select(element(browser, "select.access-type")).select_by_value("0")
+    assert not element(browser, "form.token-form").find_element(By.ID, "acl-editor").is_displayed()
+    labelled(browser, "Enabled").click()
+    click(browser, "#save-token")
+    notice(browser, f"Token {token_id} saved.")
+    changed = site.token(token_id)
+    assert (changed["access"], changed["enabled"], changed["ttl"], changed["info"]) == ({"type": 0}, True, 7200,
+                                                                                      "hand made")
+
+    # Deleted, then purged from the recycle bin for good.
+    assert site.call("DELETE", f"/platform/tokens/{token_id}")[0] == 200
+    button(browser, "Recycle bin").click()
+    button(browser, "Purge", element(browser, f"#bin-list tr[data-id='{token_id}']")).click()
+    browser.switch_to.active_element.click()  # focus moved to the confirmation
+    notice(browser, f"Token {token_id} purged.")
+    status, body, _ = site.call("GET", f"/platform/recycle-bin/tokens/{token_id}")
+    assert status == 200 and body["result"] == []
+    entries = json.dumps(browser.get_log("browser"))
+    assert MASTER_KEY not in entries and "FlespiToken" not in entries  # the key is never logged
+
+
+def test_package_data_ships_every_panel_file() -> None:
+    """pyproject's package-data globs (one directory level each) must cover every static file."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((STATIC.parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["gateway.panel"]
+    for path in STATIC.rglob("*"):
+        if path.is_file():
+            relative = path.relative_to(STATIC.parent).as_posix()
+            assert any(fnmatch.fnmatch(relative, p) and relative.count("/") == p.count("/") for p in patterns), relative
