@@ -718,3 +718,14 @@ def test_package_data_ships_every_panel_file() -> None:
         if path.is_file():
             relative = path.relative_to(STATIC.parent).as_posix()
             assert any(fnmatch.fnmatch(relative, p) and relative.count("/") == p.count("/") for p in patterns), relative
+
+
+def test_a_token_refused_mid_session_logs_out(browser: WebDriver, site: Site) -> None:
+    token = site.create(info="soon disabled", access={"type": 1})
+    log_in(browser, site, token["key"])
+    until(browser, lambda d: token["id"] in token_rows(d), "the list")
+    assert site.call("PUT", f"/platform/tokens/{token['id']}", body={"enabled": False})[0] == 200
+    button(browser, "Recycle bin").click()
+    problem(browser, "Logged out: the token was refused (token is disabled).")
+    assert element(browser, "#login-key").is_displayed() and not browser.find_element(By.ID, "session").is_displayed()
+    assert token["key"] not in json.dumps(storage(browser))

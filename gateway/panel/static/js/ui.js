@@ -50,19 +50,26 @@ export function explain(error) {
   return reasons;
 }
 
+/** The key itself was refused (unknown, expired, disabled, wrong address): the session is over. */
+function sessionLost(error) {
+  if (error instanceof ApiError && error.status === 401 && !error.errors.some((e) => e.reason === ORIGIN_REFUSED)
+      && state.onSessionLost) {
+    state.onSessionLost(error);
+    return true;
+  }
+  return false;
+}
+
 /** Show a failed call (role=alert); a token that stopped working ends the session. */
 export function fail(error) {
-  if (error instanceof ApiError && error.status === 401
-      && !error.errors.some((e) => e.reason === ORIGIN_REFUSED) && state.onSessionLost) {
-    state.onSessionLost(error);
-    return;
-  }
+  if (sessionLost(error)) return;
   notice().textContent = "";
   problem().textContent = explain(error).join(" ");
 }
 
 /** A denied or failed load, shown in place of the view's content. */
 export function deniedBox(error) {
+  if (sessionLost(error)) return null;
   return h("div", {class: "denied"}, explain(error).map((line) => h("p", {}, line)));
 }
 
