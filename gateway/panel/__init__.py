@@ -7,7 +7,9 @@ keep the page from running anything but its own scripts (`SECURITY_HEADERS`).
 """
 from __future__ import annotations
 
+import hashlib
 import mimetypes
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -27,19 +29,29 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
-    "Cache-Control": "no-cache",
+    "Cache-Control": "no-cache",  # always revalidated (ETag): an upgraded gateway serves its own panel
 }
 TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml"}
-FILES = web.AppKey("panel_files", dict)
 
 
-def load_files(root: Path = STATIC) -> dict[str, tuple[bytes, str]]:
-    """Every file under `root` by its path relative to it: contents and content type."""
+@dataclass(frozen=True, slots=True)
+class PanelFile:
+    body: bytes
+    content_type: str
+    etag: str
+
+
+FILES = web.AppKey("panel_files", dict[str, PanelFile])
+
+
+def load_files(root: Path = STATIC) -> dict[str, PanelFile]:
+    """Every file under `root` by its path relative to it."""
     files = {}
     for path in sorted(root.rglob("*")):
         if path.is_file():
+            body = path.read_bytes()
             kind = TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            files[path.relative_to(root).as_posix()] = (path.read_bytes(), kind)
+            files[path.relative_to(root).as_posix()] = PanelFile(body, kind, f'"{hashlib.sha256(body).hexdigest()[:20]}"')
     return files
 
 
@@ -48,9 +60,11 @@ async def serve(request: web.Request) -> web.StreamResponse:
     if found is None:
         return web.Response(status=404, body=error_body(404, f"unknown path {request.path}"),
                             content_type="application/json", headers={"X-Content-Type-Options": "nosniff"})
-    body, kind = found
-    charset = "utf-8" if kind.startswith("text/") or kind.endswith("+xml") else None
-    return web.Response(body=body, content_type=kind, charset=charset, headers=SECURITY_HEADERS)
+    headers = {**SECURITY_HEADERS, "ETag": found.etag}
+    if request.headers.get("If-None-Match") == found.etag:
+        return web.Response(status=304, headers=headers)
+    charset = "utf-8" if found.content_type.startswith("text/") or found.content_type.endswith("+xml") else None
+    return web.Response(body=found.body, content_type=found.content_type, charset=charset, headers=headers)
 
 
 async def to_slash(request: web.Request) -> web.StreamResponse:

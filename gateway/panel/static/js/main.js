@@ -36,7 +36,11 @@ function takeLinkKey() {
   const found = LINK_LOGIN.exec(location.hash);
   if (!found) return null;
   history.replaceState(null, "", `${location.pathname}${location.search}`);
-  return decodeURIComponent(found[1]);
+  try {
+    return decodeURIComponent(found[1]);
+  } catch {
+    return found[1];  // a stray % sign: the key as written (the gateway will refuse it)
+  }
 }
 
 async function route() {
@@ -153,27 +157,21 @@ window.addEventListener("hashchange", () => {
   route();
 });
 
+/** A reload keeps the tab's session: the key is checked again before anything is shown. */
 async function boot() {
-  if (takeLinkKeyFirst()) return;
-  if (session.key()) {
+  if (session.key() && !LINK_LOGIN.test(location.hash)) {
     try {
       [state.me] = await call("GET", "/auth/info", {cid: null});
       await loadAccounts();
     } catch (error) {
-      session.end();
       state.me = null;
+      if (error.status === 401 || error.status === 403) session.end();  // else (unreachable) a reload retries
       await route();
-      fail(new Error(`Logged out: the token was refused (${error.message}).`));
+      fail(new Error(error.status === 401 ? `Logged out: the token was refused (${error.message}).` : error.message));
       return;
     }
   }
   await route();
-}
-
-function takeLinkKeyFirst() {
-  if (!LINK_LOGIN.test(location.hash)) return false;
-  route();
-  return true;
 }
 
 boot();
