@@ -552,8 +552,14 @@ def test_subaccounts_create_for_one_and_act_as_it(browser: WebDriver, site: Site
     until(browser, lambda d: element(d, "input.info").get_attribute("value") == "for the fleet", "its token page")
     button(browser, "Tokens").click()
     until(browser, lambda d: list(token_rows(d)) == [token_id], "the subaccount's token list")
+    button(browser, "New token").click()
+    click(browser, "#custom-token")
+    choices = [option.text for option in Select(labelled(browser, "Create for subaccount")).options]
+    assert choices[:2] == [f"subaccount {sub} ({name}) (acting now)", "own account (0)"]
     Select(element(browser, "#acting")).select_by_value("")
     notice(browser, "Acting as own account (0).")
+    element(browser, "button.template")  # the new-token view drawn again, for the account now acting
+    button(browser, "Tokens").click()
     until(browser, lambda d: 1 in token_rows(d) and token_id not in token_rows(d), "the own account's list")
     assert console_errors(browser) == []
 

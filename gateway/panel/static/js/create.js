@@ -42,12 +42,14 @@ function offerTemplates(root) {
   root.querySelector("button.template").focus();
 }
 
-/** "Create for subaccount": the account the new token goes to. */
+/** "Create for subaccount": the account the new token goes to (any the logged-in token may act as). */
 function accountChoice() {
+  const acting = session.acting();
+  const others = [...(acting === null ? [] : [state.me.cid]), ...state.accounts.map((account) => account.id)]
+    .filter((cid) => cid !== acting);
   const select = h("select", {id: uid("account"), class: "create-account"},
-    h("option", {value: "", selected: true}, `${accountName(session.acting())} (acting now)`),
-    state.accounts.filter((account) => account.id !== session.acting()).map((account) =>
-      h("option", {value: String(account.id)}, accountName(account.id))));
+    h("option", {value: "", selected: true}, `${accountName(acting)} (acting now)`),
+    others.map((cid) => h("option", {value: String(cid)}, accountName(cid))));
   const element = state.accounts.length ? field("Create for subaccount", select,
     "The token belongs to the account chosen here.") : null;
   return {element, cid: () => (select.value === "" ? undefined : Number(select.value))};
