@@ -173,6 +173,13 @@ class CorsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PanelSettings:
+    """The token management web panel at `<internal_prefix>panel/` (static files; no state of its own)."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     routes: tuple[Route, ...]
     listen: ListenSettings = field(default_factory=ListenSettings)
@@ -186,6 +193,7 @@ class Settings:
     token_logs: TokenLogSettings = field(default_factory=TokenLogSettings)
     acl: AclSettings = field(default_factory=AclSettings)
     cors: CorsSettings = field(default_factory=CorsSettings)
+    panel: PanelSettings = field(default_factory=PanelSettings)
     origin_presets: tuple[tuple[str, tuple[str, ...]], ...] = (("flespi", FLESPI_ORIGINS),)
     bootstrap_master_token: str | None = None
     platform_prefixes: tuple[str, ...] = ("/platform/", "/auth/")
@@ -246,6 +254,7 @@ KNOWN_TOP = {
     "listen", "upstream", "routes", "redis", "cache", "proxy", "log", "bootstrap_master_token",
     "platform_prefixes", "internal_prefix", "trusted_proxies", "realm", "workers",
     "accessed_flush_interval", "usage", "housekeeping", "token_logs", "acl", "origin_presets", "cors", "limits",
+    "panel",
 }
 
 
@@ -266,6 +275,7 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
         token_logs=_section(TokenLogSettings, raw, "token_logs"),
         acl=_acl(raw.get("acl")),
         cors=_cors(raw.get("cors")),
+        panel=_section(PanelSettings, raw, "panel"),
         origin_presets=_presets(raw.get("origin_presets")),
         bootstrap_master_token=_master_token(raw.get("bootstrap_master_token")),
         platform_prefixes=_prefixes(raw.get("platform_prefixes", ["/platform/", "/auth/"])),
