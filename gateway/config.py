@@ -8,7 +8,7 @@ into a silent default.
 Environment overrides: `GATEWAY_<SECTION>__<KEY>=value` sets `section.key` (double underscore
 between levels, case-insensitive), e.g. `GATEWAY_LISTEN__PORT=9000`, `GATEWAY_REDIS__URL=redis://h:6379/0`,
 `GATEWAY_UPSTREAM=http://127.0.0.1:3000`. Values are parsed as YAML scalars (so `true`, `5`, `1.5`
-keep their types). `GATEWAY_MASTER_TOKEN` is an alias of `bootstrap_master_token`; `GATEWAY_CONFIG`
+keep their types; lists and mappings in flow style, `[a, b]`). `GATEWAY_MASTER_TOKEN` is an alias of `bootstrap_master_token`; `GATEWAY_CONFIG`
 and `GATEWAY_LOG_LEVEL` belong to the command line. A message about a value that came from the
 environment starts with the variable's name.
 """
@@ -19,15 +19,16 @@ import math
 import os
 import re
 import ssl
+import stat
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from http import HTTPMethod
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
-from redis.connection import parse_url as parse_redis_url
+import redis.asyncio as aioredis
 from yarl import URL
 
 from .clientaddr import TrustedProxies
@@ -93,19 +94,19 @@ def text(key: str, value: Any, *, empty: bool = True) -> str:
     return value
 
 
-def one_of(key: str, value: Any, choices: Collection[str]) -> str:
+def one_of(key: str, value: Any, choices: Collection[str], what: str) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(key, f"{value!r} is not {what} ({', '.join(choices)})")
     return value
 
 
-def string_list(key: str, value: Any, what: str) -> tuple[str, ...]:
+def string_list(key: str, value: Any, plural: str, singular: str) -> tuple[str, ...]:
     """A YAML list of strings (one string alone is refused: it is a common slip for a list of one)."""
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise ConfigError(key, f"must be a list of {what}")
+        raise ConfigError(key, f"must be a list of {plural}")
     for item in value:
         if not isinstance(item, str):
-            raise ConfigError(key, f"{item!r} is not a valid {what[:-1] if what.endswith('s') else what}")
+            raise ConfigError(key, f"{item!r} is not a valid {singular}")
     return tuple(value)
 
 
@@ -139,7 +140,7 @@ _IDENTITY_HEADER = re.compile(r"[A-Za-z0-9-]+")
 
 def header_names(key: str, value: Any) -> tuple[str, ...]:
     """Header names (RFC 9110 tokens); `*` alone stands for any."""
-    names = string_list(key, value, "names")
+    names = string_list(key, value, "names", "name")
     for item in names:
         if not _HEADER_NAME.fullmatch(item):
             raise ConfigError(key, f"{item!r} is not a valid name")
@@ -148,11 +149,24 @@ def header_names(key: str, value: Any) -> tuple[str, ...]:
     return names
 
 
-def readable_file(key: str, path: str) -> None:
-    if not Path(path).is_file():
-        raise ConfigError(key, f"{path!r} is not a file")
+def _kind(key: str, path: Path) -> str:
+    """"file", "directory", "other" or "missing"; a path the user may not even look at is refused."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as exc:
+        raise ConfigError(key, f"{str(path)!r} cannot be reached ({exc.strerror})") from exc
+    return "file" if stat.S_ISREG(mode) else "directory" if stat.S_ISDIR(mode) else "other"
+
+
+def readable_file(key: str, path: str, what: str = "") -> None:
+    """`what` names the file in the message when the key alone does not (a URL's option)."""
+    label = f"{what} {path!r}" if what else repr(path)
+    if _kind(key, Path(path)) != "file":
+        raise ConfigError(key, f"{label} is not a file")
     if not os.access(path, os.R_OK):
-        raise ConfigError(key, f"{path!r} is not readable")
+        raise ConfigError(key, f"{label} is not readable")
 
 
 # os.access, unlike a trial open, changes nothing and blocks on nothing (a FIFO), and it reports
@@ -160,11 +174,11 @@ def readable_file(key: str, path: str) -> None:
 
 def writable_file(key: str, path: str) -> None:
     """The file can be opened for appending, or created."""
-    target = Path(path)
-    if target.is_dir():
+    kind = _kind(key, Path(path))
+    if kind == "directory":
         raise ConfigError(key, f"{path!r} is a directory")
-    if target.exists():
-        if not os.access(target, os.W_OK):
+    if kind != "missing":
+        if not os.access(path, os.W_OK):
             raise ConfigError(key, f"{path!r} is not writable")
         return
     writable_directory(key, path)
@@ -173,20 +187,21 @@ def writable_file(key: str, path: str) -> None:
 def writable_directory(key: str, path: str) -> None:
     """Files can be created beside `path`."""
     parent = Path(path).parent
-    if not parent.is_dir():
+    if _kind(key, parent) != "directory":
         raise ConfigError(key, f"{path!r}: directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(key, f"{path!r}: directory {str(parent)!r} is not writable")
 
 
-def ca_certificates(key: str, path: str) -> ssl.SSLContext:
+def ca_certificates(key: str, path: str, what: str = "") -> ssl.SSLContext:
     """Load a PEM CA file now: a bad one stops the start instead of failing every TLS connection."""
-    readable_file(key, path)
+    readable_file(key, path, what)
     try:
         return ssl.create_default_context(cafile=path)
     except (ssl.SSLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
-        raise ConfigError(key, f"{path!r} holds no usable PEM CA certificates ({reason})") from exc
+        label = f"{what} {path!r}" if what else repr(path)
+        raise ConfigError(key, f"{label} holds no usable PEM CA certificates ({reason})") from exc
 
 
 class Table:
@@ -325,7 +340,7 @@ class RedisSettings:
         if settings.embedded:
             # Loaded at start and rewritten (through a temporary file beside it) after every change.
             data_key = table.name("data_file")
-            if Path(settings.data_file).exists():
+            if _kind(data_key, Path(settings.data_file)) != "missing":
                 readable_file(data_key, settings.data_file)
             writable_directory(data_key, settings.data_file)
         else:
@@ -335,25 +350,36 @@ class RedisSettings:
 
 def _check_redis_url(key: str, url: str) -> None:
     """What redis-py would refuse when the gateway starts; messages never repeat the URL (a password)."""
-    try:
-        parse_redis_url(url)  # type: ignore[no-untyped-call]
-    except ValueError as exc:
+    parts = urlsplit(url)
+    if parts.scheme != "unix" and parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise ConfigError(key, "the path must be a database number (redis://host:6379/0)")
+    try:  # builds a connection object as the first command will; it opens nothing yet
+        aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    except (TypeError, ValueError) as exc:  # a bad port, or a query option redis-py does not take
         raise ConfigError(key, f"not a valid Redis URL ({exc})".replace(url, "...")) from exc
     if not url.startswith("rediss://"):
         return
-    options = {name: values[-1] for name, values in parse_qs(urlsplit(url).query).items()}
+    options = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    try:
+        _check_redis_tls_files(options)
+    except ConfigError as exc:
+        raise ConfigError(key, exc.problem) from exc
+
+
+def _check_redis_tls_files(options: Mapping[str, str]) -> None:
+    """The files a rediss:// URL's query names (`?ssl_ca_certs=/etc/ca.pem`), loaded as redis-py will."""
     for name in REDIS_TLS_FILES:
         if name in options:
-            readable_file(f"{key} {name}", options[name])
+            readable_file(name, options[name], name)
     if "ssl_ca_certs" in options:
-        ca_certificates(f"{key} ssl_ca_certs", options["ssl_ca_certs"])
+        ca_certificates("ssl_ca_certs", options["ssl_ca_certs"], "ssl_ca_certs")
     if "ssl_ca_path" in options and not Path(options["ssl_ca_path"]).is_dir():
-        raise ConfigError(f"{key} ssl_ca_path", f"{options['ssl_ca_path']!r} is not a directory")
+        raise ConfigError("ssl_ca_path", f"ssl_ca_path {options['ssl_ca_path']!r} is not a directory")
     if "ssl_certfile" in options:
         try:
             ssl.create_default_context().load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"{key} ssl_certfile", "no usable PEM certificate and private key "
+            raise ConfigError("ssl_certfile", "ssl_certfile holds no usable PEM certificate and private key "
                               f"({getattr(exc, 'reason', None) or exc})") from exc
 
 
@@ -415,8 +441,9 @@ class ProxySettings:
             if not _IDENTITY_HEADER.fullmatch(name):
                 raise ConfigError(table.name(item), "must be a header name (letters, digits and -)")
             for other, taken in headers.items():
-                if taken.lower() == name.lower():
-                    raise ConfigError(table.name(item), f"must differ from {table.name(other)}")
+                if taken.lower() == name.lower():  # blame the one written, when only one was
+                    blamed, kept = (other, item) if table.get(item) is None else (item, other)
+                    raise ConfigError(table.name(blamed), f"must differ from {table.name(kept)}")
             headers[item] = name
         ca_file = table.get("ca_file")
         if ca_file is not None:
@@ -540,8 +567,8 @@ class CorsSettings:
         key = table.name("allow_methods")
         methods = tuple(item.upper() for item in header_names(key, table.get("allow_methods", defaults.allow_methods)))
         for method in methods:
-            if method != "*" and method not in HTTP_METHODS:
-                raise ConfigError(key, f"{method!r} is not an HTTP method ({', '.join(HTTP_METHODS)})")
+            if method != "*":
+                one_of(key, method, HTTP_METHODS, "an HTTP method")
         return cls(
             enabled=table.flag("enabled", defaults.enabled),
             allow_methods=methods,
@@ -574,7 +601,7 @@ def master_token(value: Any) -> str | None:
 
 
 def trusted_proxies(value: Any) -> tuple[str, ...]:
-    items = string_list("trusted_proxies", value, "addresses or CIDR networks")
+    items = string_list("trusted_proxies", value, "addresses or CIDR networks", "address or CIDR network")
     try:
         TrustedProxies.parse(items)
     except ValueError as exc:
@@ -614,7 +641,7 @@ class Settings:
         defaults = cls(routes=())
         platform = top.get("platform_prefixes", list(defaults.platform_prefixes))
         platform_prefixes = tuple(path_prefix("platform_prefixes", item)
-                                  for item in string_list("platform_prefixes", platform, "path prefixes"))
+                                  for item in string_list("platform_prefixes", platform, "path prefixes", "path prefix"))
         internal_prefix = path_prefix("internal_prefix", top.get("internal_prefix", defaults.internal_prefix))
         if internal_prefix == "/":
             raise ConfigError("internal_prefix", "must not be / (it would take every path)")
@@ -650,7 +677,7 @@ class Settings:
         return settings
 
 
-SECTIONS = ("listen", "redis", "cache", "proxy", "log", "usage", "housekeeping", "token_logs", "acl", "cors")
+SECTIONS = tuple(each.name for each in fields(Settings) if each.default_factory is not MISSING)
 TOP_LEVEL_KEYS = frozenset(settable(Settings)) - {"routes"} | {"upstream", "routes"}
 
 
@@ -661,8 +688,15 @@ def build_settings(raw: Any) -> Settings:
 
 # -- reading the file and the environment -----------------------------------------------------------
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"line {line}: duplicate key {key!r}")
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys; a repeated section would silently drop the first."""
+    """YAML as a configuration wants it: a repeated key is an error (PyYAML keeps the last one, so
+    a second `proxy:` would silently drop the first), and only true/false are booleans (YAML 1.1
+    also reads `off`, `no`, `y` as false or true: `log.path: off` must stay the string)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -675,9 +709,21 @@ class _StrictLoader(yaml.SafeLoader):
             except TypeError:  # unhashable: PyYAML's own check reports it
                 continue
             if repeated:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise DuplicateKey(key, key_node.start_mark.line + 1)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(content: str) -> Any:
+    return yaml.load(content, Loader=_StrictLoader)
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -688,9 +734,15 @@ def read_file(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}", f"cannot be read ({getattr(exc, 'strerror', None) or exc})") from exc
     try:
-        loaded = yaml.load(content, Loader=_StrictLoader)
+        loaded = parse_yaml(content)
+    except DuplicateKey as exc:
+        raise ConfigError(f"config file {path}", str(exc)) from exc
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(f"config file {path}", f"{where}not valid YAML ({exc.problem})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}", f"not valid YAML: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"config file {path}", f"not valid YAML ({exc})") from exc
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {path}", "the top level must be a mapping")
     return loaded or {}
@@ -708,8 +760,8 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
         variable = source_of(exc.key, sources)
         if variable is None:
             raise
-        problem = exc.problem + _spelling_hint(variable, exc.problem)
-        raise ConfigError(exc.key, problem, variable) from exc
+        hint = _spelling_hint(variable, exc.problem)
+        raise ConfigError(exc.key, f"unknown key{hint}" if hint else exc.problem, variable) from exc
 
 
 def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
@@ -769,7 +821,12 @@ def _spelling_hint(variable: str, problem: str) -> str:
 
 
 def _scalar(value: str) -> Any:
+    """`5`, `1.5`, `true`, `null` keep their YAML types; lists and mappings only in flow style
+    (`[a, b]`, `{k: v}`), so that `GATEWAY_REDIS__KEY_PREFIX=app:` stays the string it reads as."""
     try:
-        return yaml.safe_load(value) if value.strip() else value
+        parsed = parse_yaml(value) if value.strip() else value
     except yaml.YAMLError:
         return value
+    if isinstance(parsed, (dict, list)) and not value.lstrip().startswith(("{", "[")):
+        return value
+    return parsed
