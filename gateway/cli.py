@@ -38,7 +38,8 @@ def package_version() -> str:
 def parser() -> argparse.ArgumentParser:
     parse = argparse.ArgumentParser(prog="gateway", description="Token authorization gateway (flespi token model).")
     parse.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    parse.add_argument("--config", "-c", default=None, help="YAML config file (default: $GATEWAY_CONFIG or ./config.yaml)")
+    parse.add_argument("--config", "-c", default=None,
+                       help="YAML config file (default: $GATEWAY_CONFIG or ./config.yaml)")
     parse.add_argument("--check-config", "-t", action="store_true",
                        help="check the configuration as a start would (files, the listen address), then exit")
     parse.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), help="Python logging level")

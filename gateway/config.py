@@ -8,9 +8,9 @@ into a silent default.
 Environment overrides: `GATEWAY_<SECTION>__<KEY>=value` sets `section.key` (double underscore
 between levels, case-insensitive), e.g. `GATEWAY_LISTEN__PORT=9000`, `GATEWAY_REDIS__URL=redis://h:6379/0`,
 `GATEWAY_UPSTREAM=http://127.0.0.1:3000`. Values are parsed as YAML scalars (so `true`, `5`, `1.5`
-keep their types; lists and mappings in flow style, `[a, b]`). `GATEWAY_MASTER_TOKEN` is an alias of `bootstrap_master_token`; `GATEWAY_CONFIG`
-and `GATEWAY_LOG_LEVEL` belong to the command line. A message about a value that came from the
-environment starts with the variable's name.
+keep their types; lists and mappings in flow style, `[a, b]`). `GATEWAY_MASTER_TOKEN` is an alias of
+`bootstrap_master_token`; `GATEWAY_CONFIG` and `GATEWAY_LOG_LEVEL` belong to the command line. A
+message about a value that came from the environment starts with the variable's name.
 """
 from __future__ import annotations
 
@@ -489,7 +489,8 @@ class UsageSettings:
         window = table.integer("window", defaults.window, at_least=1)
         flush_interval = table.number("flush_interval", defaults.flush_interval, above=0)
         if flush_interval > window:  # counts would be exchanged less than once a window: nothing blocks
-            raise ConfigError(table.name("flush_interval"), f"must not be longer than {table.name('window')} ({window})")
+            raise ConfigError(table.name("flush_interval"),
+                              f"must not be longer than {table.name('window')} ({window})")
         return cls(window=window, flush_interval=flush_interval,
                    api_calls=table.integer("api_calls", defaults.api_calls, at_least=0),
                    traffic=table.integer("traffic", defaults.traffic, at_least=0))
@@ -640,8 +641,9 @@ class Settings:
         top = Table("", raw, TOP_LEVEL_KEYS)
         defaults = cls(routes=())
         platform = top.get("platform_prefixes", list(defaults.platform_prefixes))
-        platform_prefixes = tuple(path_prefix("platform_prefixes", item)
-                                  for item in string_list("platform_prefixes", platform, "path prefixes", "path prefix"))
+        platform_prefixes = tuple(
+            path_prefix("platform_prefixes", item)
+            for item in string_list("platform_prefixes", platform, "path prefixes", "path prefix"))
         internal_prefix = path_prefix("internal_prefix", top.get("internal_prefix", defaults.internal_prefix))
         if internal_prefix == "/":
             raise ConfigError("internal_prefix", "must not be / (it would take every path)")

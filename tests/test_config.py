@@ -149,7 +149,8 @@ KEYS = [
         (12345, "must be 64 characters [A-Za-z0-9]"),
     ]),
     Key("platform_prefixes", ("/platform/", "/auth/"), ["/admin/"], ("/admin/",), [
-        ("/platform/", "must be a list of path prefixes"), (["platform/"], "must be a path that starts and ends with /"),
+        ("/platform/", "must be a list of path prefixes"),
+        (["platform/"], "must be a path that starts and ends with /"),
         (["/platform"], "must be a path that starts and ends with /"), (None, "must be a list of path prefixes"),
     ]),
     Key("internal_prefix", "/_gateway/", "/_gw/", "/_gw/", [
@@ -162,7 +163,8 @@ KEYS = [
         ([1], "1 is not a valid address or CIDR network"),
     ]),
     Key("realm", "gateway", "my api", "my api", [
-        ('a"b', 'must be printable ASCII without " or \\'), ("a\r\nX-Injected: 1", 'must be printable ASCII without " or \\'),
+        ('a"b', 'must be printable ASCII without " or \\'),
+        ("a\r\nX-Injected: 1", 'must be printable ASCII without " or \\'),
         ("é", 'must be printable ASCII without " or \\'), (1, STRING),
     ]),
     Key("workers", 1, 1, 1, COUNT + [(2, "the embedded store (redis.url memory://) serves one process; set redis.url "
@@ -564,7 +566,8 @@ def test_check_config_missing_files(tmp_path: Path) -> None:
 def test_check_config_unwritable_log_path(tmp_path: Path) -> None:
     (tmp_path / "logs").mkdir()
     path = write_config(tmp_path / "c.yaml", log={"path": str(tmp_path / "logs")})
-    assert_refused(gateway_command("-t", "-c", str(path), cwd=tmp_path), f"log.path: '{tmp_path / 'logs'}' is a directory")
+    assert_refused(gateway_command("-t", "-c", str(path), cwd=tmp_path),
+                   f"log.path: '{tmp_path / 'logs'}' is a directory")
     path = write_config(tmp_path / "c.yaml", log={"path": "gone/requests.log"})
     assert_refused(gateway_command("-t", "-c", str(path), cwd=tmp_path),
                    "log.path: 'gone/requests.log': directory 'gone' does not exist")
@@ -630,7 +633,8 @@ def test_files_without_permission(shared_directory: Path, tmp_path: Path) -> Non
          f"log.path: '{locked / 'new.log'}': directory '{locked}' is not writable"),
         (with_key("redis.data_file", str(locked / "store.json")),
          f"redis.data_file: '{locked / 'store.json'}': directory '{locked}' is not writable"),
-        (with_key("proxy.ca_file", str(locked / "ca.pem"), remote), f"proxy.ca_file: '{locked / 'ca.pem'}' is not readable"),
+        (with_key("proxy.ca_file", str(locked / "ca.pem"), remote),
+         f"proxy.ca_file: '{locked / 'ca.pem'}' is not readable"),
     ]
     if os.geteuid() == 0:  # only another user's view has pytest's private directory out of reach
         cases.append((with_key("log.path", str(private / "x.log"), remote),
@@ -707,7 +711,8 @@ def test_check_config_address_not_on_this_machine(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"upstream": UPSTREAM, "listen": {"host": "no-such-host.invalid"}}))
     result = gateway_command("-t", "-c", str(path), cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.startswith("gateway: configuration error: listen.host: 'no-such-host.invalid' does not resolve")
+    assert result.stderr.startswith(
+        "gateway: configuration error: listen.host: 'no-such-host.invalid' does not resolve")
 
 
 def test_check_config_unreadable_snapshot(tmp_path: Path) -> None:
