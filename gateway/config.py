@@ -425,6 +425,8 @@ class ProxySettings:
     account_id_header: str = "X-Account-Id"
     request_id_header: str = "X-Request-ID"
     ca_file: str | None = None  # PEM CA certificates for https upstreams; None: the system trust store
+    # Seconds a request waits for a free upstream connection when `pool_size` caps them (then 503).
+    pool_timeout: float = 10.0
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client context for https upstreams: `ca_file`'s CAs or the system's, host names checked."""
@@ -452,9 +454,49 @@ class ProxySettings:
             connect_timeout=table.number("connect_timeout", defaults.connect_timeout, above=0),
             read_timeout=table.number("read_timeout", defaults.read_timeout, above=0),
             pool_size=table.integer("pool_size", defaults.pool_size, at_least=0),
+            pool_timeout=table.number("pool_timeout", defaults.pool_timeout, above=0),
             preserve_host=table.flag("preserve_host", defaults.preserve_host),
             forward_authorization=table.flag("forward_authorization", defaults.forward_authorization),
             ca_file=ca_file, **headers,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    """What one client connection may hold, per worker; the defaults follow nginx's.
+
+    Sizes in bytes, times in seconds. Each limit is answered with a JSON error, then a close.
+    """
+
+    max_request_line: int = 8190  # the request target (414); nginx: large_client_header_buffers 8k
+    max_header_size: int = 16384  # one header field (431)
+    max_head_size: int = 65536  # the whole head, request line included (431)
+    max_headers: int = 256  # header fields in one request (431)
+    max_body_size: int = 0  # a proxied request's body (413); 0: unlimited, the upstream decides
+    api_body_size: int = 1_048_576  # a platform API request's body (413); nginx: client_max_body_size 1m
+    header_timeout: float = 60.0  # from a head's first byte to its end (408); nginx: client_header_timeout
+    keepalive_timeout: float = 75.0  # an idle connection between requests is closed; nginx: keepalive_timeout
+    send_timeout: float = 60.0  # a client that takes nothing of its reply this long is dropped; nginx: send_timeout
+    max_connections: int = 10_000  # open client connections per worker; beyond, new ones get 503 and a close
+
+    @classmethod
+    def parse(cls, table: Table) -> LimitsSettings:
+        defaults = cls()
+        sizes = {name: table.integer(name, getattr(defaults, name), at_least=1)
+                 for name in ("max_request_line", "max_header_size", "max_head_size", "max_headers", "api_body_size",
+                              "max_connections")}
+        if sizes["max_head_size"] < sizes["max_header_size"]:  # one field alone would overflow the head
+            if table.get("max_head_size") is None:  # blame the one written, when only one was
+                raise ConfigError(table.name("max_header_size"), f"must be at most {table.name('max_head_size')} "
+                                                                 f"({sizes['max_head_size']})")
+            raise ConfigError(table.name("max_head_size"), f"must be at least {table.name('max_header_size')} "
+                                                           f"({sizes['max_header_size']})")
+        return cls(
+            max_body_size=table.integer("max_body_size", defaults.max_body_size, at_least=0),
+            header_timeout=table.number("header_timeout", defaults.header_timeout, above=0),
+            keepalive_timeout=table.number("keepalive_timeout", defaults.keepalive_timeout, above=0),
+            send_timeout=table.number("send_timeout", defaults.send_timeout, above=0),
+            **sizes,
         )
 
 
@@ -621,6 +663,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
     housekeeping: HousekeepingSettings = field(default_factory=HousekeepingSettings)
@@ -658,6 +701,7 @@ class Settings:
             redis=RedisSettings.parse(top.section("redis", RedisSettings)),
             cache=CacheSettings.parse(top.section("cache", CacheSettings)),
             proxy=ProxySettings.parse(top.section("proxy", ProxySettings)),
+            limits=LimitsSettings.parse(top.section("limits", LimitsSettings)),
             log=LogSettings.parse(top.section("log", LogSettings)),
             usage=UsageSettings.parse(top.section("usage", UsageSettings)),
             housekeeping=HousekeepingSettings.parse(top.section("housekeeping", HousekeepingSettings)),
