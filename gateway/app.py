@@ -34,6 +34,7 @@ from gateway.errors import (STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnav
                      invalid_input_response)
 from gateway.writers.housekeeping import Housekeeper
 from gateway.writers.logs import FileSink, LogWriter, RequestIds, request_record
+from gateway.panel import install as install_panel
 from gateway.policy.paths import pick_route
 from gateway.proxy.relay import Proxy, upstream_url
 from gateway.store.resp import RespClient, lean_client
@@ -327,6 +328,7 @@ def create_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(context)
     app.router.add_get(settings.internal_prefix + "health", health)
+    install_panel(app, settings)  # the token panel's static files, <internal_prefix>panel/
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)
     app[CORS].install(app, app.router.add_route("*", "/{tail:.*}", handle))
