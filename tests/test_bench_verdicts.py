@@ -1,4 +1,4 @@
-"""bench/run.py's scaling verdict (the benchmark itself is never run by the tests)."""
+"""The load benchmark's scaling verdict (the benchmark itself is never run by the tests)."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from run import scaling_verdict  # noqa: E402
+from harness.report import scaling_verdict  # noqa: E402
 
 
 @pytest.mark.parametrize(("scale", "per_core", "saturated", "cores", "expected"), [
