@@ -27,6 +27,7 @@ from harness.misses import cache_misses, write_tokens
 from harness.procs import others_percent
 from harness.profile import profile_gateway
 from harness.report import Report
+from harness.results import with_run_report
 from harness.revocation import revocation
 from harness.session import Session, interrupt_on_termination, run_async
 from harness.throughput import start_contenders, throughput_rounds
@@ -124,7 +125,7 @@ def main() -> int:
         print()
         print(report.console())
         options.results.parent.mkdir(parents=True, exist_ok=True)
-        options.results.write_text(report.markdown())
+        options.results.write_text(with_run_report(options.results, report.markdown()))
         print(f"\nwritten: {options.results}")
         return 0
     except KeyboardInterrupt:

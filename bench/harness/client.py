@@ -25,8 +25,9 @@ def http(method: str, url: str, key: str | None = None, body: Any = None, timeou
         return exc.code, exc.read()
 
 
-def create_token(gateway_url: str) -> dict[str, Any]:
-    status, body = http("POST", gateway_url + "/platform/tokens", MASTER_KEY, [{"ttl": 3600, "info": "bench"}])
+def create_token(gateway_url: str, master_key: str = MASTER_KEY, ttl: int = 3600) -> dict[str, Any]:
+    """A standard token, made through the tokens API (as a user would)."""
+    status, body = http("POST", gateway_url + "/platform/tokens", master_key, [{"ttl": ttl, "info": "bench"}])
     if status != 200:
         raise RuntimeError(f"token creation failed: {status} {body[:200]!r}")
     return json.loads(body)["result"][0]  # type: ignore[no-any-return]

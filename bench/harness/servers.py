@@ -71,6 +71,15 @@ def start_upstream(procs: Processes, tools: Tools) -> tuple[str, subprocess.Pope
     return f"http://{HOST}:{port}", process, kind
 
 
+def start_aiohttp_upstream(procs: Processes) -> tuple[str, subprocess.Popen[bytes], str]:
+    """bench/upstream.py --aiohttp: WebSocket echo, a big and a slow path (what the soak needs)."""
+    port = free_port()
+    process = procs.start("aiohttp-upstream", [sys.executable, str(BENCH / "upstream.py"), "--port", str(port),
+                                               "--aiohttp"])
+    wait_for_port(port, process)
+    return f"http://{HOST}:{port}", process, "bench/upstream.py --aiohttp (WebSocket echo, /soak/big, /soak/slow)"
+
+
 def start_nginx_proxy(procs: Processes, binary: str, upstream: str) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     body = f"""    upstream backend {{

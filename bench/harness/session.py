@@ -13,7 +13,7 @@ from typing import Any
 
 from . import HOST
 from .procs import Processes
-from .servers import start_redis, start_upstream
+from .servers import start_aiohttp_upstream, start_redis, start_upstream
 from .tools import Tools
 from .wrk import Runner
 
@@ -35,12 +35,14 @@ class Session:
     def say(self, message: str) -> None:
         print(f"[{time.monotonic() - self.began:6.1f}s] {message}", flush=True)
 
-    def start(self) -> None:
-        """The bench's own redis-server and the fast upstream, on free ports."""
+    def start(self, aiohttp_upstream: bool = False) -> None:
+        """The bench's own redis-server and the upstream (the fast one, or the aiohttp one that
+        speaks WebSocket), on free ports."""
         self.say(f"work directory {self.workdir}")
         self.redis_port, _ = start_redis(self.procs, self.tools["redis-server"] or "redis-server")
         self.redis_url = f"redis://{HOST}:{self.redis_port}/0"
-        self.upstream, self.upstream_process, self.upstream_kind = start_upstream(self.procs, self.tools)
+        self.upstream, self.upstream_process, self.upstream_kind = (
+            start_aiohttp_upstream(self.procs) if aiohttp_upstream else start_upstream(self.procs, self.tools))
         self.say(f"redis-server on {self.redis_port}; upstream {self.upstream} ({self.upstream_kind})")
 
     @property
