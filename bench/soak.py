@@ -23,6 +23,7 @@ import datetime as dt
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -103,7 +104,7 @@ class SoakRun:
     health_keys: list[str]
 
 
-async def soak(url: str, key: str, options: Options, say: Any) -> SoakRun:
+async def soak(url: str, key: str, options: Options, say: Callable[[str], None]) -> SoakRun:
     split = urlsplit(url)
     host, port = split.hostname or "127.0.0.1", split.port or 80
     async with Monitor(url) as monitor:
