@@ -35,6 +35,8 @@ def test_least_squares_slope() -> None:
     ("fds", [40, 70, 45, 65, 50], "flat"),                     # connections in flight come and go
     ("fds", [100, 800, 1500, 2200, 2900], "GROWING"),          # one left open per API call
     ("tasks", [900, 700, 500, 300, 100], "falling"),
+    ("RSS MB", [54.8, 57.0, 59.5, 60.3, 60.3, 60.3, 60.3, 60.4], "levels off"),  # warms up, then stays
+    ("RSS MB", [54.8, 57.0, 59.5, 60.3, 60.3, 60.3, 61.5, 62.5], "GROWING"),  # grows again late
 ])
 def test_soak_trend(name: str, values: list[float], expected: str) -> None:
     trend = Trend(name, [(float(minute), value) for minute, value in enumerate(values)], in_flight=32)

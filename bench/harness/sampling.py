@@ -53,10 +53,15 @@ def least_squares_slope(points: list[tuple[float, float]]) -> float:
 
 @dataclass
 class Trend:
+    """A series' least-squares slope over the fit, and over its second half: a leak keeps the
+    same slope to the end, memory that warms up (allocator arenas, buffers at their high-water
+    mark) levels off."""
+
     name: str
     points: list[tuple[float, float]]  # (minutes since the traffic started, value), after the warm-up
     in_flight: int  # connections the client may hold at once
     slope: float = 0.0  # per minute
+    late_slope: float = 0.0  # per minute, over the second half of the fit
     level: float = 0.0  # mean over the points
     allowed: float = 0.0  # the largest change over the fit still called flat
     verdict: str = "n/a"
@@ -66,15 +71,30 @@ class Trend:
             return
         self.slope = least_squares_slope(self.points)
         self.level = sum(y for _, y in self.points) / len(self.points)
-        if self.name == "RSS MB":
-            self.allowed = RSS_SHARE * self.level
-        else:
-            self.allowed = max(COUNT_SHARE * self.level, float(self.in_flight))
+        self.allowed = self.allowance(1.0)
         change = self.slope * self.span
         if abs(change) <= self.allowed:
             self.verdict = "flat"
+            return
+        late = self.late_points
+        self.late_slope = least_squares_slope(late) if len(late) >= 3 else self.slope
+        late_span = late[-1][0] - late[0][0] if len(late) >= 3 else self.span
+        if len(late) >= 3 and abs(self.late_slope * late_span) <= self.allowance(late_span / self.span):
+            self.verdict = "levels off"
         else:
             self.verdict = "GROWING" if change > 0 else "falling"
+
+    def allowance(self, fraction: float) -> float:
+        """The change still called flat over `fraction` of the fit: a share of the level per fit,
+        and for counts never less than the connections in flight (they come and go at any time)."""
+        if self.name == "RSS MB":
+            return RSS_SHARE * self.level * fraction
+        return max(COUNT_SHARE * self.level * fraction, float(self.in_flight))
+
+    @property
+    def late_points(self) -> list[tuple[float, float]]:
+        middle = self.points[0][0] + self.span / 2
+        return [(x, y) for x, y in self.points if x >= middle]
 
     @property
     def span(self) -> float:
@@ -99,7 +119,9 @@ class SoakFigures:
         return (f"a series is flat when its least-squares slope over the samples after the first "
                 f"{self.warmup:.0f} s, times the minutes they span, moves it by at most {RSS_SHARE:.0%} of its "
                 f"mean (RSS) or, for counts, by at most {COUNT_SHARE:.0%} of its mean or the {self.in_flight} "
-                "connections the client may hold at once, whichever is more; GROWING past that")
+                "connections the client may hold at once, whichever is more. Past that, it levels off when the "
+                "slope over the second half of those samples moves it by no more than that allowance for half "
+                "the time (the same share, the same floor for counts), and is GROWING (or falling) otherwise")
 
     def table(self) -> list[list[str]]:
         rows = [["t (s)", *SERIES]]
@@ -109,13 +131,15 @@ class SoakFigures:
         return rows
 
     def trend_rows(self) -> list[list[str]]:
-        rows = [["series", "slope per minute", "mean", "change over the fit", "allowed", "verdict"]]
+        rows = [["series", "slope per minute", "mean", "change over the fit", "allowed", "second half, per minute",
+                 "verdict"]]
         for trend in self.trends:
             if trend.verdict == "n/a":
-                rows.append([trend.name, "n/a", "n/a", "n/a", "n/a", "n/a"])
+                rows.append([trend.name, *["n/a"] * 6])
                 continue
+            late = f"{trend.late_slope:+.3f}" if trend.verdict != "flat" else "-"
             rows.append([trend.name, f"{trend.slope:+.3f}", f"{trend.level:.1f}", f"{trend.slope * trend.span:+.1f}",
-                         f"±{trend.allowed:.1f}", trend.verdict])
+                         f"±{trend.allowed:.1f}", late, trend.verdict])
         return rows
 
 
