@@ -56,15 +56,15 @@ def rss_mb() -> float:
 async def build(redis_url: str) -> tuple[Any, Any, Any, Any, Any]:
     """Store, cache and authenticator built as gateway/app.py services() builds them."""
     from gateway.writers.accessed import AccessedWriter
-    from gateway.store.tokens.accounts import AccountDirectory, AccountStore
-    from gateway.api.platform.platform import AUTH_INFO
-    from gateway.auth.authenticator.authenticator import Authenticator
-    from gateway.store.tokens.cache import TokenCache
-    from gateway.auth.authenticator.checks import build_checks
-    from gateway.auth.authenticator.compiler import TokenCompiler
+    from gateway.store.accounts import AccountDirectory, AccountStore
+    from gateway.api.platform import AUTH_INFO
+    from gateway.auth.authenticator import Authenticator
+    from gateway.store.cache import TokenCache
+    from gateway.auth.checks import build_checks
+    from gateway.auth.compiler import TokenCompiler
     from gateway.config import LogSettings, RedisSettings, Settings, UsageSettings
     from gateway.writers.logs import LogWriter
-    from gateway.store.tokens.tokens import TokenStore, connect_redis
+    from gateway.store.tokens import TokenStore, connect_redis
     from gateway.writers.usage import UsageMeter
 
     settings = Settings(routes=())
@@ -135,7 +135,7 @@ def import_rss() -> tuple[float, float]:
 
 async def miss_cost(redis_url: str, cached: list[str], fresh: list[str],
                     unknown: list[str]) -> dict[str, tuple[float, float, float]]:
-    from gateway.auth.authenticator.checks import RequestFacts
+    from gateway.auth.checks import RequestFacts
 
     client, _, auth, meter, accessed = await build(redis_url)
     try:
