@@ -79,7 +79,7 @@ class Gateway:
         self.usage = services.usage
         self.logs = services.logs
         self.api = PlatformApi(services.store, services.accounts, services.directory, services.compiler.validator(),
-                               services.logs, services.token_logs)
+                               services.logs, services.token_logs, settings.platform_prefixes)
         self.trusted = TrustedProxies.parse(settings.trusted_proxies)
         checks = build_checks(settings.platform_prefixes, frozenset({AUTH_INFO}), services.directory, services.usage)
         self.auth = Authenticator(services.cache, services.accessed, checks)
