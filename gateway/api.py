@@ -139,6 +139,17 @@ def ok(result: list[dict[str, Any]]) -> web.Response:
     return web.Response(body=orjson.dumps({"result": result}), content_type="application/json")
 
 
+SELECTOR_AT = {"tokens": 1, "subaccounts": 1, "recycle-bin": 2}
+
+
+def shape_of(parts: list[str]) -> str:
+    """`tokens/1,2/logs` -> `tokens/{s}/logs`: the path with its selector segment generalised."""
+    at = SELECTOR_AT.get(parts[0])
+    if at is None or len(parts) <= at or not parts[at]:
+        return "/".join(parts)
+    return "/".join(parts[:at] + ["{s}"] + parts[at + 1:])
+
+
 def unknown_path(path: str) -> Denied:
     return Denied(404, f"unknown path {path}")
 
@@ -153,19 +164,22 @@ class PlatformApi:
         self._validator = validator
         self._logs = logs
         self._token_logs = token_logs
-        self._routes: dict[tuple[str, int, str], Handler] = {
-            ("tokens", 1, "GET"): self.list_tokens, ("tokens", 1, "POST"): self.create_tokens,
-            ("tokens", 2, "GET"): self.list_tokens, ("tokens", 2, "PUT"): self.update_tokens,
-            ("tokens", 2, "DELETE"): self.delete_tokens, ("tokens", 3, "GET"): self.token_logs,
-            ("tokens", 3, "POST"): self.rotate_tokens,
-            ("customer", 1, "GET"): self.get_customer, ("customer", 1, "PUT"): self.update_customer,
-            ("logs", 1, "GET"): self.platform_logs,
-            ("recycle-bin", 2, "GET"): self.list_bin, ("recycle-bin", 3, "GET"): self.list_bin,
-            ("recycle-bin", 3, "DELETE"): self.purge_bin, ("recycle-bin", 4, "POST"): self.restore,
-            ("subaccounts", 1, "GET"): self.list_accounts, ("subaccounts", 1, "POST"): self.create_accounts,
-            ("subaccounts", 2, "GET"): self.list_accounts, ("subaccounts", 2, "PUT"): self.update_accounts,
-            ("subaccounts", 2, "DELETE"): self.delete_accounts,
+        # (path shape, method) -> handler; `{s}` is a selector segment (`shape_of`).
+        self._routes: dict[tuple[str, str], Handler] = {
+            ("tokens", "GET"): self.list_tokens, ("tokens", "POST"): self.create_tokens,
+            ("tokens/{s}", "GET"): self.list_tokens, ("tokens/{s}", "PUT"): self.update_tokens,
+            ("tokens/{s}", "DELETE"): self.delete_tokens, ("tokens/{s}/logs", "GET"): self.token_logs,
+            ("tokens/{s}/rotate", "POST"): self.rotate_tokens,
+            ("customer", "GET"): self.get_customer, ("customer", "PUT"): self.update_customer,
+            ("logs", "GET"): self.platform_logs,
+            ("recycle-bin/tokens", "GET"): self.list_bin, ("recycle-bin/tokens/{s}", "GET"): self.list_bin,
+            ("recycle-bin/tokens/{s}", "DELETE"): self.purge_bin,
+            ("recycle-bin/tokens/{s}/restore", "POST"): self.restore,
+            ("subaccounts", "GET"): self.list_accounts, ("subaccounts", "POST"): self.create_accounts,
+            ("subaccounts/{s}", "GET"): self.list_accounts, ("subaccounts/{s}", "PUT"): self.update_accounts,
+            ("subaccounts/{s}", "DELETE"): self.delete_accounts,
         }
+        self._shapes = frozenset(shape for shape, _ in self._routes)
 
         # Every path under these is answered here (unknown ones with 404), never proxied.
         prefixes = tuple(dict.fromkeys((PLATFORM, *platform_prefixes)))
@@ -194,27 +208,13 @@ class PlatformApi:
         if parts[-1] == "" and len(parts) > 1:
             parts.pop()  # one trailing slash is allowed, as before
         call = Call(request, token, cid, parts)
-        if not self._known(parts):
+        shape = shape_of(parts)
+        if shape not in self._shapes:
             raise unknown_path(path)
-        handler = self._routes.get((parts[0], len(parts), call.method))
+        handler = self._routes.get((shape, call.method))
         if handler is None:
-            if any(key[:2] == (parts[0], len(parts)) for key in self._routes):
-                raise Denied(405, f"method {request.method} is not allowed on {path}")
-            raise unknown_path(path)
+            raise Denied(405, f"method {request.method} is not allowed on {path}")
         return ok(await handler(call))
-
-    def _known(self, parts: list[str]) -> bool:
-        """Whether the path's fixed segments name a collection the API serves."""
-        if any(not part for part in parts):
-            return False
-        head, count = parts[0], len(parts)
-        if head == "tokens":
-            return count <= 2 or count == 3 and parts[2] in ("logs", "rotate")
-        if head == "recycle-bin":
-            return 2 <= count <= 4 and parts[1] == "tokens" and (count < 4 or parts[3] == "restore")
-        if head in ("subaccounts",):
-            return count <= 2
-        return head in ("logs", "customer") and count == 1
 
     # -- tokens -------------------------------------------------------------------------------
 
@@ -281,8 +281,6 @@ class PlatformApi:
     async def rotate_tokens(self, call: Call) -> list[dict[str, Any]]:
         """New keys for the selected tokens, same ids, fields and logs; each old key keeps working
         for `grace` seconds (default 0: refused at once), on every instance (`TokenStore.rotate`)."""
-        if call.parts[2] != "rotate":
-            raise unknown_path(call.request.path)
         body = await read_json(call.request)
         body = {} if body is None else body
         problems = grace_problems(body)
@@ -333,8 +331,6 @@ class PlatformApi:
     async def token_logs(self, call: Call) -> list[dict[str, Any]]:
         """Logs of the selected tokens: an id list reads the ids' logs (deleted tokens' too), `all`
         the account's, a field or expression selector those of the live tokens it matches."""
-        if call.parts[2] != "logs":
-            raise unknown_path(call.request.path)
         reader = self._log_reader()
         data = parse_data(call.request, frozenset({"from", "to", "count"}))
         selector = await self._scope(call, parse_selector(call.parts[1], TOKEN_NAMES))
