@@ -19,6 +19,8 @@ import yaml
 from yarl import URL
 
 ENV_PREFIX = "GATEWAY_"
+# Variables of the command line, not configuration keys (`GATEWAY_URL`: where `gateway token` calls).
+NOT_OVERRIDES = frozenset({"GATEWAY_CONFIG", "GATEWAY_URL", "GATEWAY_LOG_LEVEL"})
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9]{64}$")
 
 
@@ -198,7 +200,7 @@ def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None
         if name == "GATEWAY_MASTER_TOKEN":
             raw["bootstrap_master_token"] = value
             continue
-        if not name.startswith(ENV_PREFIX) or name in ("GATEWAY_CONFIG",):
+        if not name.startswith(ENV_PREFIX) or name in NOT_OVERRIDES:
             continue
         path = [part.lower() for part in name[len(ENV_PREFIX):].split("__") if part]
         if not path:

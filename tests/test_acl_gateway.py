@@ -151,11 +151,11 @@ async def test_template_from_cli(gw: GatewayHandle, upstream: Upstream, tmp_path
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"upstream": upstream.url}))
     command = [sys.executable, "-m", "gateway", "--config", str(config), "token", "create", "--template", "trackit",
-               "--item", "12345", "--ttl", "7d", "--url", gw.url]
+               "--item", "12345", "--ttl", "7d", "--url", gw.url, "--json"]
     result = await asyncio.to_thread(subprocess.run, command, cwd=ROOT, capture_output=True, text=True, timeout=30,
                                      env={**os.environ, "GATEWAY_MASTER_TOKEN": MASTER_KEY})
     assert result.returncode == 0, result.stderr
-    token = orjson.loads(result.stdout)
+    [token] = orjson.loads(result.stdout)["result"]
     assert token["ttl"] == 7 * 86400 and len(token["key"]) == 64
     assert (await gw.call("GET", "/gw/devices/12345/messages", key=token["key"]))[0] == 200
     assert (await gw.call("GET", "/gw/devices/12345/settings", key=token["key"]))[0] == 403
