@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from functools import partial
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -185,6 +186,11 @@ class Gateway:
                                              "fast_path": "compiled" if fast_path_compiled() else "interpreted"}]})
 
 
+def openapi_document() -> bytes:
+    """The platform API's OpenAPI 3.1 description, shipped as package data."""
+    return (resources.files(__package__) / "openapi.json").read_bytes()
+
+
 GATEWAY = web.AppKey("gateway", Gateway)
 CORS = web.AppKey("cors", CorsPolicy)
 BOOTSTRAP_EXPIRE = 4102444800  # 2100-01-01: a token must have ttl or expire (SPEC 2)
@@ -315,8 +321,14 @@ def create_app(settings: Settings) -> web.Application:
     async def health(request: web.Request) -> web.StreamResponse:
         return await request.app[GATEWAY].health(request)
 
+    document = openapi_document()
+
+    async def openapi(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=document, content_type="application/json")
+
     app.cleanup_ctx.append(context)
     app.router.add_get(settings.internal_prefix + "health", health)
+    app.router.add_get(settings.internal_prefix + "openapi.json", openapi)
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)
     app[CORS].install(app, app.router.add_route("*", "/{tail:.*}", handle))

@@ -205,3 +205,9 @@ async def test_no_encoding_of_an_ungranted_path_gets_through(make_gateway: Gatew
                               headers={"Authorization": f"FlespiToken {token['key']}"}) as response:
         assert response.status in (400, 403), (path, response.status)
     assert len(upstream.requests) == before, path
+
+
+@pytest.mark.parametrize("name", [{"a": 1}, ["trackit"], 5, None])
+async def test_template_name_of_any_type_is_a_400(gw: GatewayHandle, name: Any) -> None:
+    status, body = await gw.call("POST", "/platform/tokens", json={"ttl": 5, "template": {"name": name, "item": 1}})
+    assert status == 400 and [e["field"] for e in body["errors"]] == ["template.name"]
