@@ -1,4 +1,4 @@
-"""The load benchmark of issue 6: the gateway against nginx proxy_pass and a naive aiohttp proxy.
+"""The load benchmark: the gateway against nginx proxy_pass and a naive aiohttp proxy.
 
     python bench/run.py            # full run, about 5 minutes; writes bench/RESULTS.md
     python bench/run.py --quick    # about a minute; writes bench/out/RESULTS.quick.md

@@ -1,4 +1,4 @@
-"""Token ACLs (SPEC section 4): validation on create/update, compilation on load, matching per request.
+"""Token ACLs (docs/acl.md): validation on create/update, compilation on load, matching per request.
 
 An ACL is a list of entries `{"uri", "methods", "ids", "submodules"}` (HTTP) or
 `{"uri": "mqtt", "topic", "actions"}` (MQTT, never grants an HTTP path). What is not granted is denied.

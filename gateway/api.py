@@ -1,4 +1,4 @@
-"""The platform API (SPEC 7), served by the gateway itself.
+"""The platform API (docs/api.md), served by the gateway itself.
 
 Paths (all under the acting account: the token's own, or `x-flespi-cid` when it names a
 subaccount of it):
@@ -105,17 +105,17 @@ def parse_data(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
     return data
 
 
-async def read_json(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise InvalidInput([FieldProblem("", f"request body larger than {MAX_BODY} bytes")])
+async def read_json(request: web.Request, limit: int = MAX_BODY) -> Any:
+    if request.content_length is not None and request.content_length > limit:
+        raise Denied(413, f"request body larger than {limit} bytes")
     body = b""
-    while len(body) <= MAX_BODY:  # read(n) returns what has arrived so far, not n bytes
-        piece = await request.content.read(MAX_BODY + 1 - len(body))
+    while len(body) <= limit:  # read(n) returns what has arrived so far, not n bytes
+        piece = await request.content.read(limit + 1 - len(body))
         if not piece:
             break
         body += piece
-    if len(body) > MAX_BODY:
-        raise InvalidInput([FieldProblem("", f"request body larger than {MAX_BODY} bytes")])
+    if len(body) > limit:
+        raise Denied(413, f"request body larger than {limit} bytes")
     try:
         return orjson.loads(body or b"null")
     except orjson.JSONDecodeError:
@@ -164,6 +164,7 @@ class PlatformApi:
         self._validator = validator
         self._logs = logs
         self._token_logs = token_logs
+        self.body_limit = MAX_BODY  # bytes of a request body (413 beyond); `limits.api_body_size`
         # (path shape, method) -> handler; `{s}` is a selector segment (`shape_of`).
         self._routes: dict[tuple[str, str], Handler] = {
             ("tokens", "GET"): self.list_tokens, ("tokens", "POST"): self.create_tokens,
@@ -239,7 +240,7 @@ class PlatformApi:
         return [public(record, fields) for record in await self._select_tokens(call)]
 
     async def create_tokens(self, call: Call) -> list[dict[str, Any]]:
-        raw = await read_json(call.request)
+        raw = await read_json(call.request, self.body_limit)
         expanded = [expand_template(item) for item in items_of(raw)]
         body = [item for item, _ in expanded] if isinstance(raw, list) else expanded[0][0]
         problems = indexed(body, lambda item: self._validator.problems(item, partial=False))
@@ -263,7 +264,7 @@ class PlatformApi:
         return [{**public(record), "key": key} for key, record in created]
 
     async def update_tokens(self, call: Call) -> list[dict[str, Any]]:
-        changes = await read_json(call.request)
+        changes = await read_json(call.request, self.body_limit)
         problems = self._validator.problems(changes, partial=True)
         if problems:
             raise InvalidInput(problems)
@@ -281,7 +282,7 @@ class PlatformApi:
     async def rotate_tokens(self, call: Call) -> list[dict[str, Any]]:
         """New keys for the selected tokens, same ids, fields and logs; each old key keeps working
         for `grace` seconds (default 0: refused at once), on every instance (`TokenStore.rotate`)."""
-        body = await read_json(call.request)
+        body = await read_json(call.request, self.body_limit)
         body = {} if body is None else body
         problems = grace_problems(body)
         if problems:
@@ -399,7 +400,7 @@ class PlatformApi:
         return [public(record, fields) for record in await self._select_accounts(call)]
 
     async def create_accounts(self, call: Call) -> list[dict[str, Any]]:
-        body = await read_json(call.request)
+        body = await read_json(call.request, self.body_limit)
         problems = indexed(body, lambda item: account_problems(item, partial=False))
         if problems:
             raise InvalidInput(problems)
@@ -413,7 +414,7 @@ class PlatformApi:
         return [public(record, ACCOUNT_FIELDS) for record in records]
 
     async def update_accounts(self, call: Call) -> list[dict[str, Any]]:
-        changes = await read_json(call.request)
+        changes = await read_json(call.request, self.body_limit)
         problems = account_problems(changes, partial=True)
         if problems:
             raise InvalidInput(problems)
@@ -452,7 +453,7 @@ class PlatformApi:
 
     async def update_customer(self, call: Call) -> list[dict[str, Any]]:
         """`name` and `metadata` of the acting account; its `limits` are set by its parent."""
-        changes = await read_json(call.request)
+        changes = await read_json(call.request, self.body_limit)
         problems = customer_problems(changes)
         if problems:
             raise InvalidInput(problems)

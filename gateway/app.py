@@ -10,7 +10,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -81,12 +81,14 @@ class Gateway:
         self.logs = services.logs
         self.api = PlatformApi(services.store, services.accounts, services.directory, services.compiler.validator(),
                                services.logs, services.token_logs, settings.platform_prefixes)
+        self.api.body_limit = settings.limits.api_body_size
         self.trusted = TrustedProxies.parse(settings.trusted_proxies)
         checks = build_checks(settings.platform_prefixes, frozenset({AUTH_INFO}), services.directory, services.usage)
         self.auth = Authenticator(services.cache, services.accessed, checks)
         self.proxy = Proxy(settings.proxy, services.session)
         self._request_id_header = settings.proxy.request_id_header
         self.request_ids = RequestIds()
+        self.open_connections: Callable[[], int] = lambda: 0  # the listener's count, once it runs
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started, now = time.perf_counter(), time.time()
@@ -183,6 +185,7 @@ class Gateway:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"result": [{"status": "ok", "pid": os.getpid(), "tokens_cached": len(self.cache),
                                              "invalidation": self.cache.subscribed.is_set(),
+                                             "connections": self.open_connections(), "tasks": len(asyncio.all_tasks()),
                                              "fast_path": "compiled" if fast_path_compiled() else "interpreted"}]})
 
 
@@ -193,7 +196,7 @@ def openapi_document() -> bytes:
 
 GATEWAY = web.AppKey("gateway", Gateway)
 CORS = web.AppKey("cors", CorsPolicy)
-BOOTSTRAP_EXPIRE = 4102444800  # 2100-01-01: a token must have ttl or expire (SPEC 2)
+BOOTSTRAP_EXPIRE = 4102444800  # 2100-01-01: a token must have ttl or expire (docs/tokens.md)
 
 
 async def bootstrap_master(store: TokenStore, key: str) -> None:
@@ -222,7 +225,9 @@ async def _keep_bootstrapping(store: TokenStore, key: str) -> None:
 def open_session(settings: Settings, upstream_tls: ssl.SSLContext) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=settings.proxy.pool_size, ttl_dns_cache=60, ssl=upstream_tls),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.proxy.connect_timeout,
+        # `connect` covers the wait for a free pooled connection too (`pool_size`), as on the fast path.
+        timeout=aiohttp.ClientTimeout(total=None, connect=settings.proxy.pool_timeout + settings.proxy.connect_timeout,
+                                      sock_connect=settings.proxy.connect_timeout,
                                       sock_read=settings.proxy.read_timeout),
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
     )
@@ -309,7 +314,12 @@ async def _quietly(job: Coroutine[Any, Any, None]) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     """A pure builder: nothing is opened until the app starts (cleanup_ctx)."""
-    app = web.Application(handler_args={"max_field_size": 16384})
+    limits = settings.limits
+    # The listener's parser applies `limits` to every request before aiohttp sees it; aiohttp's
+    # own bounds sit just above them, so it never refuses first (with a reply of its own).
+    app = web.Application(client_max_size=limits.api_body_size, handler_args={
+        "max_line_size": limits.max_request_line + 64, "max_field_size": limits.max_header_size + 64,
+        "max_headers": limits.max_headers + 1, "keepalive_timeout": limits.keepalive_timeout})
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         async for _ in services(app, settings):

@@ -90,12 +90,33 @@ class ProxySettings:
     account_id_header: str = "X-Account-Id"
     request_id_header: str = "X-Request-ID"
     ca_file: str | None = None  # PEM CA certificates for https upstreams; None: the system trust store
+    # Seconds a request waits for a free upstream connection when `pool_size` caps them (then 503).
+    pool_timeout: float = 10.0
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client context for https upstreams: `ca_file`'s CAs or the system's, host names checked."""
         context = ssl.create_default_context(cafile=self.ca_file)
         context.set_alpn_protocols(["http/1.1"])  # both proxy paths speak HTTP/1.1 only
         return context
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    """What one client connection may hold, per worker; the defaults follow nginx's.
+
+    Sizes in bytes, times in seconds. Each limit is answered with a JSON error, then a close.
+    """
+
+    max_request_line: int = 8190  # the request target (414); nginx: large_client_header_buffers 8k
+    max_header_size: int = 16384  # one header field (431)
+    max_head_size: int = 65536  # the whole head, request line included (431)
+    max_headers: int = 256  # header fields in one request (431)
+    max_body_size: int = 0  # a proxied request's body (413); 0: unlimited, the upstream decides
+    api_body_size: int = 1_048_576  # a platform API request's body (413); nginx: client_max_body_size 1m
+    header_timeout: float = 60.0  # from a head's first byte to its end (408); nginx: client_header_timeout
+    keepalive_timeout: float = 75.0  # an idle connection between requests is closed; nginx: keepalive_timeout
+    send_timeout: float = 60.0  # a client that takes nothing of its reply this long is dropped; nginx: send_timeout
+    max_connections: int = 10_000  # open client connections per worker; beyond, new ones get 503 and a close
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +181,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
     housekeeping: HousekeepingSettings = field(default_factory=HousekeepingSettings)
@@ -225,7 +247,7 @@ def _scalar(value: str) -> Any:
 KNOWN_TOP = {
     "listen", "upstream", "routes", "redis", "cache", "proxy", "log", "bootstrap_master_token",
     "platform_prefixes", "internal_prefix", "trusted_proxies", "realm", "workers",
-    "accessed_flush_interval", "usage", "housekeeping", "token_logs", "acl", "origin_presets", "cors",
+    "accessed_flush_interval", "usage", "housekeeping", "token_logs", "acl", "origin_presets", "cors", "limits",
 }
 
 
@@ -239,6 +261,7 @@ def build_settings(raw: Mapping[str, Any]) -> Settings:
         redis=_section(RedisSettings, raw, "redis"),
         cache=_section(CacheSettings, raw, "cache"),
         proxy=_section(ProxySettings, raw, "proxy"),
+        limits=_section(LimitsSettings, raw, "limits"),
         log=_section(LogSettings, raw, "log"),
         usage=_section(UsageSettings, raw, "usage"),
         housekeeping=_section(HousekeepingSettings, raw, "housekeeping"),
@@ -464,10 +487,27 @@ def _validate(settings: Settings) -> None:
     for header in ("token_id_header", "account_id_header", "request_id_header"):
         if not re.fullmatch(r"[A-Za-z0-9-]+", getattr(settings.proxy, header)):
             raise ConfigError(f"proxy.{header}: must be a header name")
+    _validate_limits(settings.limits)
+    if settings.proxy.pool_timeout <= 0:
+        raise ConfigError("proxy.pool_timeout: must be a positive number of seconds")
     if settings.proxy.ca_file is not None:
         _check_ca_file(settings.proxy, settings.proxy.ca_file)
     if settings.internal_prefix in settings.platform_prefixes:
         raise ConfigError("internal_prefix: must differ from platform_prefixes")
+
+
+def _validate_limits(limits: LimitsSettings) -> None:
+    for name in ("max_request_line", "max_header_size", "max_head_size", "max_headers", "api_body_size",
+                 "max_connections"):
+        if getattr(limits, name) < 1:
+            raise ConfigError(f"limits.{name}: must be at least 1")
+    if limits.max_body_size < 0:
+        raise ConfigError("limits.max_body_size: must be 0 (unlimited) or a size in bytes")
+    for name in ("header_timeout", "keepalive_timeout", "send_timeout"):
+        if getattr(limits, name) <= 0:
+            raise ConfigError(f"limits.{name}: must be a positive number of seconds")
+    if limits.max_head_size < limits.max_header_size:
+        raise ConfigError("limits.max_head_size: must be at least limits.max_header_size")
 
 
 def _check_ca_file(proxy: ProxySettings, path: str) -> None:

@@ -35,7 +35,7 @@ from .auth import Authenticator, extract_key
 from .cache import Outcome
 from .checks import RequestFacts, request_facts
 from .clientaddr import client_address, forwarded_for
-from .config import Route
+from .config import LimitsSettings, Route
 from .errors import (
     INTERNAL_ERROR,
     STORAGE_UNAVAILABLE,
@@ -56,27 +56,40 @@ log = logging.getLogger("gateway.fastpath")
 FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE"})
 # Headers that send a request to aiohttp: pages (CORS), protocol switches, 100-continue.
 SLOW_HEADERS = (b"origin", b"upgrade", b"expect")
-MAX_URL = 8190  # aiohttp's limit on the request line
-MAX_FIELD = 16384  # the gateway's aiohttp `max_field_size`
-MAX_HEAD = 65536
-MAX_HEADERS = 256
 MAX_BUFFERED = 1024 * 1024  # request body held while the token or a connection is awaited
-CLIENT_KEEPALIVE = 75.0  # aiohttp's keepalive_timeout: idle client connections are closed after it
 RESPONSE_DROP = frozenset(name.encode() for name in HOP_BY_HOP) | {b"content-length", b"date"}
 STATUS_LINES = {status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode()) for status in HTTPStatus}
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the reply
 LINGER = 10.0  # aiohttp's lingering_time: how long the unread rest of a request is read and dropped
+REFUSED_LINGER = 1.0  # a connection refused at once (too many open) drains for this long at most
+URI_TOO_LONG = "request URI too long"
+HEAD_TOO_LARGE = "request header too large"
+BODY_TOO_LARGE = "request body too large"
+HEAD_TIMEOUT = "request header timeout"
+TOO_MANY_CONNECTIONS = "too many connections"
 
 
-class HeadTooLarge(Exception):
-    pass
+class RequestTooLarge(Exception):
+    """Raised from a parser callback: the request passed a size limit (`status` says which)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _Spent:
+    """What the parser of a closed connection is bound to (it is never fed)."""
+
+
+SPENT_REQUEST_PARSER = httptools.HttpRequestParser(_Spent())
 
 
 class Incoming:
     """One parsed request; its body pieces wait here until an exchange or the bridge takes them."""
 
     __slots__ = ("url", "headers", "index", "method", "keep_alive", "upgrade", "version", "body", "buffered",
-                 "complete", "chunked", "length", "head_size", "target")
+                 "complete", "chunked", "length", "head_size", "target", "received")
 
     def __init__(self) -> None:
         self.url = b""
@@ -92,6 +105,7 @@ class Incoming:
         self.chunked = False
         self.length: int | None = None
         self.head_size = 0
+        self.received = 0  # body bytes read so far (`limits.max_body_size`)
         # Where the body goes once it is no longer buffered: an Exchange or the Bridge.
         self.target: Any = None
 
@@ -111,6 +125,11 @@ class FastLane:
         self.logs: LogWriter = gateway.logs
         self.request_ids: RequestIds = gateway.request_ids
         self.routes: tuple[Route, ...] = settings.routes
+        limits = settings.limits
+        self.limits: LimitsSettings = limits
+        # The whole head may be buffered by the parser before any callback sees it (a header that
+        # never ends): what a connection may feed it between two heads' ends.
+        self.max_pending_head = limits.max_head_size + limits.max_request_line
         self.loop = asyncio.get_running_loop()
         self.connections: set[FrontProtocol] = set()
         self.closing = False
@@ -144,7 +163,7 @@ class FastLane:
         return FrontProtocol(self)
 
     def start(self) -> None:
-        self._sweeper = asyncio.ensure_future(self._sweep_idle())
+        self._sweeper = asyncio.ensure_future(self._sweep())
 
     def pool(self, route: Route) -> tuple[UpstreamPool, bytes]:
         """The connection pool of a route's upstream, and the Host header it is sent."""
@@ -171,13 +190,15 @@ class FastLane:
             self._date = formatdate(now, usegmt=True).encode()
         return self._date
 
-    async def _sweep_idle(self) -> None:
+    async def _sweep(self) -> None:
+        """Enforce the connection timeouts: one pass over the connections instead of a timer each."""
+        limits = self.limits
+        tick = min(1.0, limits.header_timeout / 4, limits.keepalive_timeout / 4, limits.send_timeout / 4)
         while True:
-            await asyncio.sleep(CLIENT_KEEPALIVE / 5)
-            limit = self.loop.time() - CLIENT_KEEPALIVE
+            await asyncio.sleep(tick)
+            now = self.loop.time()
             for conn in list(self.connections):
-                if conn.idle_since is not None and conn.idle_since < limit:
-                    conn.close()
+                conn.check_timeouts(now, limits)
 
     async def shutdown(self, timeout: float) -> None:
         """Stop keep-alive, let requests in flight finish (up to `timeout`), then close the pools."""
@@ -224,9 +245,20 @@ class FrontProtocol(asyncio.Protocol):
         self._closed = False
         self._closing = False
         self._eof = False
-        # Set by the parser callbacks that refuse an oversized head: the exception they raise
-        # reaches data_received wrapped by httptools, and a flag does not depend on its chaining.
-        self._head_too_large = False
+        # Timeouts, enforced by the lane's sweep (`check_timeouts`): since when a head has been
+        # arriving, the client has taken nothing of what is sent (`pause_writing`), or the
+        # connection has been closing while its unsent bytes wait.
+        self.head_since: float | None = None
+        self.stalled_since: float | None = None
+        self.closing_since: float | None = None
+        # Bytes fed to the parser within the current head (it buffers a header that never ends
+        # before any callback sees it), and how many heads were completed so far.
+        self._pending_head = 0
+        self._heads_done = 0
+        # Set by the parser callbacks that refuse a request over a limit: the exception they
+        # raise reaches data_received wrapped by httptools, and this does not depend on its chaining.
+        self._too_large: RequestTooLarge | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -239,12 +271,19 @@ class FrontProtocol(asyncio.Protocol):
         gateway = self.lane.gateway
         self.trusted_peer = gateway.is_trusted_peer(self.peer)
         self.peer_address = client_address(self.peer, _NO_HEADERS, gateway.trusted)
-        self.lane.connections.add(self)
+        lane = self.lane
+        full = len(lane.connections) >= lane.limits.max_connections
+        lane.connections.add(self)  # counted while it drains, so the sweep bounds its close too
+        if full:
+            self.idle_since = None
+            self.write(render_error(lane, 503, TOO_MANY_CONNECTIONS, {}, b"", close=True))
+            self.linger(REFUSED_LINGER)
 
     def data_received(self, data: bytes) -> None:
         if self.raw:
             self._raw_data(data)
             return
+        heads_done = self._heads_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -254,8 +293,9 @@ class FrontProtocol(asyncio.Protocol):
                 self._raw_data(tail)
             return
         except httptools.HttpParserCallbackError:
-            if self._head_too_large:
-                self._refuse(431, "request header too large")
+            refusal = self._too_large
+            if refusal is not None:
+                self._refuse(refusal.status, refusal.reason)
             else:
                 log.exception("request parsing failed")
                 self._refuse(500, INTERNAL_ERROR)
@@ -263,31 +303,52 @@ class FrontProtocol(asyncio.Protocol):
         except httptools.HttpParserError:
             self._refuse(400, "malformed HTTP request")
             return
-        if self.bridge is not None and self.incoming is None and not self.queue:
-            self.raw = True  # between two messages: aiohttp can read the stream itself from here
+        if self.head_since is not None and self._heads_done == heads_done:
+            # Still in the head this data started in: bound what the parser holds of it. (A head
+            # that began behind one completed in the same data is counted from the next data on.)
+            self._pending_head += len(data)
+            if self._pending_head > self.lane.max_pending_head:
+                self._refuse(431, HEAD_TOO_LARGE)
 
     def eof_received(self) -> bool:
         self._eof = True
-        if self.bridge is not None:
-            self.bridge.handler.eof_received()
-        elif self.exchange is not None and self.exchange.incoming is self.incoming:
+        bridge = self.bridge
+        if bridge is not None:
+            if self.raw or self.incoming is not None:
+                return False  # an upgraded stream, or a request that can never be completed: close
+            handler = bridge.handler
+            handler.eof_received()
+            if bridge.idle():
+                return False  # nothing in progress: close now, as aiohttp's own transport would
+            handler.close()  # answer what was read, then close (a half-closed client may still read)
+            return True
+        if self.exchange is not None and self.exchange.incoming is self.incoming:
             return False  # mid-body: the request can never be completed, so the client is gone
-        if self.exchange is not None or self.bridge is not None:
+        if self.exchange is not None:
             return True  # half-closed: the reply in progress is still sent
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()  # it holds this connection, and so its buffers, until it fires
+            self._linger_timer = None
         self.lane.connections.discard(self)
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.client_gone()
+            exchange.incoming.target = None
         self.queue.clear()
-        if self.bridge is not None:
-            self.bridge.lost(exc)
+        bridge, self.bridge = self.bridge, None
+        if bridge is not None:
+            bridge.lost(exc)
+        # The parser calls back into this object and this object holds the parser: a cycle only
+        # the collector could free, and never once `gc.freeze` has moved it out of its reach.
+        self.parser = SPENT_REQUEST_PARSER
 
     def pause_writing(self) -> None:
         self.paused_writing = True
+        self.stalled_since = self.lane.loop.time()
         if self.bridge is not None:
             self.bridge.handler.pause_writing()
         elif self.exchange is not None:
@@ -295,6 +356,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused_writing = False
+        self.stalled_since = None
         if self.bridge is not None:
             self.bridge.handler.resume_writing()
         elif self.exchange is not None:
@@ -304,29 +366,37 @@ class FrontProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.incoming = Incoming()
+        self.idle_since = None
+        self.head_since = self.lane.loop.time()
+        self._pending_head = 0
 
     def on_url(self, url: bytes) -> None:
         incoming = self.incoming
         assert incoming is not None
         incoming.url += url
-        if len(incoming.url) > MAX_URL:
-            self._head_too_large = True
-            raise HeadTooLarge()
+        if len(incoming.url) > self.lane.limits.max_request_line:
+            self._over_limit(414, URI_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         incoming = self.incoming
         assert incoming is not None
+        limits = self.lane.limits
         size = incoming.head_size = incoming.head_size + len(name) + len(value) + 4
-        if len(value) > MAX_FIELD or size > MAX_HEAD or len(incoming.headers) >= MAX_HEADERS:
-            self._head_too_large = True
-            raise HeadTooLarge()
+        if (len(name) + len(value) > limits.max_header_size or size > limits.max_head_size
+                or len(incoming.headers) >= limits.max_headers):
+            self._over_limit(431, HEAD_TOO_LARGE)
         lower = name.lower()
         incoming.headers.append((lower, name, value))
         incoming.index.setdefault(lower, value)
 
+    def _over_limit(self, status: int, reason: str) -> None:
+        self._too_large = refusal = RequestTooLarge(status, reason)
+        raise refusal
     def on_headers_complete(self) -> None:
         incoming = self.incoming
         assert incoming is not None
+        self.head_since = None
+        self._heads_done += 1
         parser = self.parser
         incoming.method = parser.get_method()
         incoming.version = parser.get_http_version()
@@ -339,6 +409,9 @@ class FrontProtocol(asyncio.Protocol):
             lower == b"transfer-encoding" and b"chunked" in value.lower() for lower, _, value in incoming.headers)
         length = index.get(b"content-length")
         incoming.length = int(length) if length is not None and not incoming.chunked else None
+        max_body = self.lane.limits.max_body_size
+        if max_body and incoming.length is not None and incoming.length > max_body:
+            self._over_limit(413, BODY_TOO_LARGE)
         if self.bridge is not None:
             self.bridge.send_head(incoming)
         elif self.exchange is None and not self.queue:
@@ -351,6 +424,10 @@ class FrontProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         incoming = self.incoming
         assert incoming is not None
+        incoming.received += len(body)
+        max_body = self.lane.limits.max_body_size
+        if max_body and incoming.received > max_body:  # a chunked body, without a length to refuse at once
+            self._over_limit(413, BODY_TOO_LARGE)
         target = incoming.target
         if target is not None:
             target.request_body(body)
@@ -426,11 +503,34 @@ class FrontProtocol(asyncio.Protocol):
 
     def _refuse(self, status: int, reason: str) -> None:
         """The byte stream cannot be read any further: answer if nothing else is, then close."""
-        if self.bridge is not None or self.exchange is not None or self.transport is None:
-            self.close()
+        self.head_since = None
+        exchange = self.exchange
+        if (exchange is not None and exchange.incoming is self.incoming and not exchange.replied
+                and self.bridge is None):
+            exchange.close_after = True
+            exchange.fail(status, reason, {})  # its own request went over a limit mid-body
+            return
+        bridge = self.bridge
+        if (bridge is not None and not bridge.idle()) or exchange is not None or self.transport is None:
+            self.close()  # a reply is on its way: the stream cannot carry another
             return
         self.write(render_error(self.lane, status, reason, {}, b"", close=True))
         self.linger()
+
+    def check_timeouts(self, now: float, limits: LimitsSettings) -> None:
+        """Called by the lane's sweep: drop a connection whose client stalls, idles or dawdles."""
+        if self._closed:
+            return
+        if self.stalled_since is not None and now - self.stalled_since > limits.send_timeout:
+            self.abort()  # it takes nothing of its reply: its upstream connection is given back too
+        elif self.closing_since is not None:
+            if now - self.closing_since > limits.send_timeout:
+                self.abort()  # closed, but what was left to send never leaves
+        elif self.head_since is not None:
+            if now - self.head_since > limits.header_timeout:
+                self._refuse(408, HEAD_TIMEOUT)
+        elif self.idle_since is not None and now - self.idle_since > limits.keepalive_timeout:
+            self.close()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self._closed:
@@ -438,10 +538,17 @@ class FrontProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         self._closing = True
+        if self.closing_since is None:
+            self.closing_since = self.lane.loop.time()
         if self.transport is not None and not self._closed:
             self.transport.close()
 
-    def linger(self) -> None:
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+
+    def linger(self, timeout: float = LINGER) -> None:
         """Close after a reply sent before the request was read whole. Closing at once, with bytes
         unread, makes the kernel reset the connection, and a client still sending loses the reply
         it had not read yet: so the reply is followed by our FIN, what the client still sends is
@@ -455,7 +562,7 @@ class FrontProtocol(asyncio.Protocol):
         self._pauses.clear()
         transport.resume_reading()
         transport.write_eof()
-        self.lane.loop.call_later(LINGER, self.close)
+        self._linger_timer = self.lane.loop.call_later(timeout, self.close)
 
     def pause(self, reason: str) -> None:
         if not self._pauses and self.transport is not None and not self._closed:
@@ -944,6 +1051,14 @@ class Bridge(asyncio.Transport):
         incoming = self.front.incoming
         if incoming is not None and incoming.chunked:
             self.handler.data_received(b"0\r\n\r\n")
+
+    def idle(self) -> bool:
+        """Whether aiohttp waits for a request, with none in progress or queued.
+
+        aiohttp has no public word for it; its handler's `_waiter` is the future it waits on
+        between requests (tests/test_connections.py fails if that ever changes)."""
+        waiter = getattr(self.handler, "_waiter", None)
+        return waiter is not None and not waiter.done() and not getattr(self.handler, "_messages", True)
 
     def lost(self, exc: Exception | None) -> None:
         if not self._lost:

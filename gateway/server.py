@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import logging
 import os
@@ -36,18 +38,43 @@ GC_FREEZE_INTERVAL = 10.0
 GC_YOUNG_THRESHOLD = 20_000
 
 
+# Every this many freezes, one full collection over everything: cycles among objects that were
+# frozen while in use (an aiohttp connection's, say) are freed then, not never.
+GC_FULL_EVERY = 30  # freezes: five minutes
+# Allocations from this size on get their own mapping, given back to the system when freed.
+# glibc raises this threshold by itself after such a free, up to 32 MB, after which a burst of
+# large buffers (request heads, bodies) leaves its memory held by the allocator for good.
+MMAP_THRESHOLD = 256 * 1024
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def fix_mmap_threshold() -> None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its own allocator's policy stands
+        pass
+
+
 async def freeze_long_lived_objects(app: web.Application) -> AsyncIterator[None]:
     """Move what survived so far (mostly cached tokens) out of the cyclic collector's reach.
 
     With 100,000 cached tokens a full collection walked some 360,000 objects and paused the
     worker for about 200 ms every few seconds (bench/ANALYSIS.md); frozen objects are still freed
-    by reference counting, only cycles among them would outlive their use. Young collections
-    are made rarer too (GC_YOUNG_THRESHOLD).
+    by reference counting, only cycles among them would outlive their use, so the request path
+    breaks its own cycles when a connection closes and a full collection runs every
+    GC_FULL_EVERY freezes for the rest. Young collections are made rarer too (GC_YOUNG_THRESHOLD).
     """
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    fix_mmap_threshold()
 
     async def loop() -> None:
+        rounds = 0
         while True:
+            rounds += 1
+            if rounds % GC_FULL_EVERY == 0:
+                gc.unfreeze()
+                gc.collect()
             gc.freeze()  # at once too: modules and startup objects are most of the heap
             await asyncio.sleep(GC_FREEZE_INTERVAL)
 
@@ -80,8 +107,10 @@ class GatewaySite(web.BaseSite):
         await super().start()
         runner = self._runner
         assert isinstance(runner, web.AppRunner) and runner.server is not None
-        self.lane = FastLane(runner.app[GATEWAY], runner.server)
-        self.lane.start()
+        gateway = runner.app[GATEWAY]
+        self.lane = lane = FastLane(gateway, runner.server)
+        gateway.open_connections = lambda: len(lane.connections)
+        lane.start()
         self._server = await asyncio.get_running_loop().create_server(
             self.lane, self._host, self._port, backlog=self._backlog, reuse_address=True,
             reuse_port=self._reuse_port or None)

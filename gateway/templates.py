@@ -1,4 +1,4 @@
-"""Named token templates: the sharing recipes of flespi's token article, as ordinary ACL tokens.
+"""Named token templates: ready-made sharing recipes, as ordinary ACL tokens (docs/api.md, templates).
 
 A token object may carry `"template": {"name": NAME, "item": ID}` instead of `access`; it is
 expanded before validation, so a template can never produce what a hand-written ACL could not.
@@ -8,9 +8,9 @@ expanded before validation, so a template can never produce what a hand-written 
 - `trackit`: follow one device: GET on it, its messages and telemetry only.
 - `support`: device manufacturer support: GET device, messages, logs, telemetry; GET/PUT settings;
   valid for 7 days (`expire`) unless `expire` or `ttl` is given.
-- `mqtt-messages`: MQTT subscription to the device's messages plus GET on its messages. SPEC 4
-  forbids ACL topics under `flespi/`, so the topic is `message/gw/devices/<id>` (a gateway
-  deployment's own broker namespace, not flespi's reserved one).
+- `mqtt-messages`: MQTT subscription to the device's messages plus GET on its messages. ACL
+  topics under `flespi/` are reserved (docs/acl.md, MQTT entries), so the topic is
+  `message/gw/devices/<id>` (a gateway deployment's own broker namespace, not flespi's reserved one).
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def key_digest(key: str) -> str:
 
 
 def is_valid_at(expire: int, ttl: int, created: int, accessed: int, now: float) -> bool:
-    """SPEC 2: valid if either `expire` or the sliding `ttl` still holds."""
+    """Valid if either `expire` or the sliding `ttl` still holds (docs/tokens.md, validity in time)."""
     return (expire > 0 and now < expire) or (ttl > 0 and now < max(created, accessed) + ttl)
 
 

@@ -55,6 +55,13 @@ class UpstreamFailed(Exception):
         self.timeout = timeout
 
 
+class _Spent:
+    """What the parser of a closed connection is bound to (it is never fed)."""
+
+
+SPENT_RESPONSE_PARSER = httptools.HttpResponseParser(_Spent())
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "reused", "_status", "_reason", "_headers", "_informational",
                  "_head_done", "_until_close", "_reusable", "_request_sent", "_last_active", "_timer", "_read_timeout",
@@ -145,6 +152,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._closed = True
         self._cancel_timer()
         self.pool.forget(self)
+        self.parser = SPENT_RESPONSE_PARSER  # no parser <-> connection cycle left for the collector
         sink = self.sink
         if sink is None:
             return
@@ -270,6 +278,7 @@ class UpstreamPool:
         self.loop = loop
         self.read_timeout = settings.read_timeout
         self._connect_timeout = settings.connect_timeout
+        self._pool_timeout = settings.pool_timeout
         self.tls = tls
         # As aiohttp does: a certificate names a host without the root's trailing dot.
         self._server_hostname = host.rstrip(".") if tls is not None else None
@@ -290,6 +299,7 @@ class UpstreamPool:
 
     async def connect(self) -> UpstreamConnection:
         """A new connection, waiting for a free slot first when `pool_size` limits them."""
+        deadline = self.loop.time() + self._pool_timeout
         while self._limit and len(self._open) >= self._limit:
             conn = self.take_idle()
             if conn is not None:
@@ -297,7 +307,12 @@ class UpstreamPool:
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
+                # A bounded wait: with every connection held (by clients that stopped reading,
+                # say), a request is refused after `pool_timeout` instead of waiting forever.
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                raise UpstreamFailed(True) from None
             except BaseException:
                 if waiter.done() and not waiter.cancelled():
                     self._wake()  # woken, then cancelled before it could run: the turn goes to the next

@@ -29,7 +29,7 @@ from gateway.server import GatewayServer
 from gateway.config import Settings, build_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-MASTER_KEY = "M" * 32 + "a" * 32
+from support.keys import MASTER_KEY
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -182,7 +182,7 @@ def test_uri_problems_explain_themselves(uri: str, reason: str) -> None:
     assert [p.reason for p in acl_problems([{**GET, "uri": uri}])] == [reason]
 
 
-def test_flespi_topics_are_refused_with_the_spec_reason() -> None:
+def test_flespi_topics_are_refused_with_the_documented_reason() -> None:
     problems = acl_problems([{"uri": "mqtt", "topic": "flespi/message/#", "actions": ["subscribe"]}])
     assert [(p.field, p.reason) for p in problems] == [("access.acl[0].topic", "topic may not start with flespi/")]
 
@@ -214,7 +214,7 @@ def test_configured_platform_prefixes(uri: str, prefixes: tuple[str, ...], refus
 
 # --- matching ---------------------------------------------------------------------------------
 
-SPEC_ACL: list[dict[str, object]] = [
+EXAMPLE_ACL: list[dict[str, object]] = [
     {
         "uri": "gw/devices",
         "methods": ["GET", "PUT"],
@@ -258,7 +258,7 @@ SPEC_ACL: list[dict[str, object]] = [
     ],
 )
 def test_granted_requests(method: str, path: str, forwarded: str) -> None:
-    assert compile_acl(SPEC_ACL).authorize(method, path) == forwarded
+    assert compile_acl(EXAMPLE_ACL).authorize(method, path) == forwarded
 
 
 @pytest.mark.parametrize(
@@ -298,13 +298,13 @@ def test_granted_requests(method: str, path: str, forwarded: str) -> None:
 )
 def test_denied_requests(method: str, path: str, shown: str) -> None:
     with pytest.raises(Denied) as caught:
-        compile_acl(SPEC_ACL).authorize(method, path)
+        compile_acl(EXAMPLE_ACL).authorize(method, path)
     assert (caught.value.status, caught.value.reason) == (403, f"access to {path[1:]} ({shown}) is denied by token ACL")
 
 
-def test_denial_reason_is_the_spec_example() -> None:
+def test_denial_reason_is_the_documented_example() -> None:
     with pytest.raises(Denied) as caught:
-        compile_acl(SPEC_ACL).authorize("PATCH", "/gw/devices/12/settings")
+        compile_acl(EXAMPLE_ACL).authorize("PATCH", "/gw/devices/12/settings")
     assert caught.value.reason == "access to gw/devices/12/settings (PUT) is denied by token ACL"
 
 

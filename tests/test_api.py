@@ -1,4 +1,4 @@
-"""SPEC 7: the tokens API, with field-level errors that lose nothing."""
+"""The tokens API (docs/api.md), with field-level errors that lose nothing."""
 from __future__ import annotations
 
 import time

@@ -1,4 +1,4 @@
-"""SPEC 2 and 6: who gets in, and the exact error each refusal carries."""
+"""Who gets in, and the exact error each refusal carries (docs/tokens.md, docs/errors.md)."""
 from __future__ import annotations
 
 import asyncio

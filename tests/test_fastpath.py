@@ -28,128 +28,9 @@ from gateway.fastpath import FastLane
 from gateway.server import GatewayServer
 from gateway.tokens import key_digest
 
-GUARD = 30.0  # seconds: only so that a hang fails instead of stalling the run
+from support.rawhttp import GUARD, Client, Reply, chunked, eventually, http, read_chunked, read_reply, reset
+
 BAD_KEY = "B" * 64
-
-
-# -- a raw HTTP/1.1 client ------------------------------------------------------------------------
-
-def http(method: str, path: str, *, key: str | None = MASTER_KEY,
-         headers: Iterable[tuple[str, str]] | dict[str, str] = (), body: bytes | None = None,
-         version: str = "1.1", host: str = "gw.test") -> bytes:
-    """One request as bytes; a body gets a Content-Length unless `headers` frame it otherwise."""
-    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
-    lines = [f"{method} {path} HTTP/{version}", f"Host: {host}"]
-    if key is not None:
-        lines.append(f"Authorization: FlespiToken {key}")
-    lines += [f"{name}: {value}" for name, value in pairs]
-    framed = any(name.lower() in ("content-length", "transfer-encoding") for name, _ in pairs)
-    if body is not None and not framed:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
-
-
-def chunked(*parts: bytes) -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
-
-
-@dataclass
-class Reply:
-    version: str
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-
-    def all(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key.lower() == name.lower()]
-
-    def header(self, name: str) -> str | None:
-        values = self.all(name)
-        assert len(values) <= 1, (name, values)
-        return values[0] if values else None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def parse_head(head: bytes) -> Reply:
-    status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-    version, code, *reason = status_line.split(" ", 2)
-    headers = []
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers.append((name, value.strip()))
-    return Reply(version, int(code), reason[0] if reason else "", headers)
-
-
-async def read_chunked(reader: asyncio.StreamReader) -> bytes:
-    """A chunked body, framing checked strictly."""
-    body = bytearray()
-    while True:
-        size_line = await reader.readuntil(b"\r\n")
-        size = int(size_line.split(b";")[0].strip(), 16)
-        if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                pass
-            return bytes(body)
-        body += await reader.readexactly(size)
-        assert await reader.readexactly(2) == b"\r\n"
-
-
-async def read_reply(reader: asyncio.StreamReader, head_only: bool = False) -> Reply:
-    reply = parse_head(await reader.readuntil(b"\r\n\r\n"))
-    if head_only or reply.status in (204, 304) or reply.status < 200:
-        return reply
-    encoding, length = reply.header("Transfer-Encoding"), reply.header("Content-Length")
-    if encoding is not None:
-        assert encoding.lower() == "chunked" and length is None, reply.headers
-        reply.body = await read_chunked(reader)
-    elif length is not None:
-        reply.body = await reader.readexactly(int(length))
-    else:
-        reply.body = await reader.read()  # close-delimited
-    return reply
-
-
-class Client:
-    """One client connection to a gateway."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def connect(cls, port: int, limit: int = 2 ** 16) -> Client:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=limit)
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        async with asyncio.timeout(GUARD):
-            await self.writer.drain()
-
-    async def reply(self, head_only: bool = False) -> Reply:
-        async with asyncio.timeout(GUARD):
-            return await read_reply(self.reader, head_only)
-
-    async def ask(self, method: str, path: str, **kwargs: Any) -> Reply:
-        await self.send(http(method, path, **kwargs))
-        return await self.reply(head_only=method == "HEAD")
-
-    async def rest(self) -> bytes:
-        """Everything until the gateway closes the connection (a hang guard fails a connection left open)."""
-        async with asyncio.timeout(GUARD):
-            return await self.reader.read()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def reset(client: Client) -> None:
-    """Leave as a crashed client does: the connection is reset (RST), not closed."""
-    sock = client.writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    client.writer.transport.abort()
 
 
 @pytest.fixture
@@ -185,15 +66,6 @@ class Counts:
         change = (fast - self.fast, handed - self.handed)
         self.fast, self.handed = fast, handed
         return change
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(GUARD):
-            while not condition():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"never happened: {what}") from None
 
 
 # -- a scripted upstream --------------------------------------------------------------------------
@@ -948,17 +820,19 @@ async def test_client_leaves_mid_reply(make_gateway: GatewayFactory, scripted: S
 
 # == 7. limits and malformed requests =============================================================
 
-@pytest.mark.parametrize("raw", [
-    http("GET", "/x", headers={"X-Big": "v" * 17000}),
-    http("GET", "/" + "u" * 9000),
-    http("GET", "/x", headers=[(f"X-H{index}", "v") for index in range(300)]),
-    http("GET", "/x", headers=[(f"X-H{index}", "v" * 16000) for index in range(5)]),
+@pytest.mark.parametrize(("raw", "status", "reason"), [
+    (http("GET", "/x", headers={"X-Big": "v" * 17000}), 431, "request header too large"),
+    (http("GET", "/" + "u" * 9000), 414, "request URI too long"),
+    (http("GET", "/x", headers=[(f"X-H{index}", "v") for index in range(300)]), 431, "request header too large"),
+    (http("GET", "/x", headers=[(f"X-H{index}", "v" * 16000) for index in range(5)]), 431,
+     "request header too large"),
 ], ids=["field", "url", "count", "total"])
-async def test_head_too_large(gw: GatewayHandle, clients: ClientFactory, upstream: Upstream, raw: bytes) -> None:
+async def test_head_too_large(gw: GatewayHandle, clients: ClientFactory, upstream: Upstream, raw: bytes,
+                              status: int, reason: str) -> None:
     client = await clients(gw)
     await client.send(raw)
     reply = await client.reply()
-    assert reply.status == 431 and reply.json() == error(431, "request header too large")
+    assert reply.status == status and reply.json() == error(status, reason)
     assert reply.header("Connection") == "close" and reply.header("Content-Type") == "application/json"
     assert await client.rest() == b""
     assert upstream.requests == []
@@ -1007,7 +881,10 @@ async def test_malformed_body_after_the_head_was_forwarded(gw: GatewayHandle, cl
         conn.exchange is not None and conn.exchange.conn is not None for conn in lane_of(gw).connections),
         "request forwarded")
     await client.send(b"zz\r\n")  # not a chunk size: the stream cannot be read any further
-    assert await client.rest() == b""  # the reply had not started: the connection is just closed
+    reply = await client.reply()  # the reply had not started: the client is told, then the connection closes
+    assert reply.status == 400 and reply.json() == error(400, "malformed HTTP request")
+    assert reply.header("Connection") == "close"
+    assert await client.rest() == b""
     assert (await (await clients(gw)).ask("GET", "/next")).status == 200
     assert [r.raw_path for r in upstream.requests] == ["/next"]  # the half request was never completed
 

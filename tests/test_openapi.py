@@ -21,13 +21,13 @@ from conftest import MASTER_KEY, GatewayHandle, RedisProcess, free_port, run_gat
 from gateway.app import BOOTSTRAP_EXPIRE, openapi_document
 from gateway.tokens import key_digest
 
-SPEC: dict[str, Any] = orjson.loads(openapi_document())
-REGISTRY = Registry().with_resource("urn:gateway", Resource.from_contents(SPEC, default_specification=DRAFT202012))
+DOCUMENT: dict[str, Any] = orjson.loads(openapi_document())
+REGISTRY = Registry().with_resource("urn:gateway", Resource.from_contents(DOCUMENT, default_specification=DRAFT202012))
 
 
 def test_document_is_valid_openapi_3_1() -> None:
-    validate(SPEC)
-    assert SPEC["openapi"].startswith("3.1")
+    validate(DOCUMENT)
+    assert DOCUMENT["openapi"].startswith("3.1")
 
 
 async def test_document_is_served(gw: GatewayHandle) -> None:
@@ -38,7 +38,7 @@ async def test_document_is_served(gw: GatewayHandle) -> None:
 
 def reply_validator(path: str, method: str, status: int) -> jsonschema.Draft202012Validator:
     """A validator for the JSON body the document promises for that operation and status."""
-    response = SPEC["paths"][path][method]["responses"][str(status)]
+    response = DOCUMENT["paths"][path][method]["responses"][str(status)]
     pointer = "/paths/" + path.replace("~", "~0").replace("/", "~1") + f"/{method}/responses/{status}"
     if "$ref" in response:
         pointer = response["$ref"][1:]
@@ -48,7 +48,7 @@ def reply_validator(path: str, method: str, status: int) -> jsonschema.Draft2020
 
 def operation_of(path: str) -> str:
     """The documented path template a concrete path falls under."""
-    for template in SPEC["paths"]:
+    for template in DOCUMENT["paths"]:
         pattern = template.split("/")
         parts = path.split("/")
         if len(pattern) == len(parts) and all(p == q or p == "{selector}" for p, q in zip(pattern, parts)):
@@ -150,7 +150,7 @@ def keep_master(client: redis.Redis) -> None:
     time.sleep(0.02)  # the gateway's subscriber drops its cached copy
 
 
-FUZZED = schemathesis.openapi.from_dict(SPEC)
+FUZZED = schemathesis.openapi.from_dict(DOCUMENT)
 CHECKS = [schemathesis.checks.not_a_server_error, schemathesis.checks.status_code_conformance,
           schemathesis.checks.content_type_conformance, schemathesis.checks.response_schema_conformance,
           schemathesis.checks.response_headers_conformance]
@@ -175,7 +175,7 @@ ANSWERED: dict[str, set[int]] = {}
 def test_the_fuzzer_reached_the_gateway(live_gateway: tuple[str, redis.Redis]) -> None:
     """After the fuzzing above: every operation was called, and answered both 200 and 400 where
     it takes input, so the fuzzer's requests got past the token checks into the API."""
-    documented = {f"{method.upper()} {path}" for path, methods in SPEC["paths"].items() for method in methods}
+    documented = {f"{method.upper()} {path}" for path, methods in DOCUMENT["paths"].items() for method in methods}
     assert documented <= set(ANSWERED)  # (it also tries undocumented methods: those must be refused)
     assert all(200 in ANSWERED[name] for name in documented), {n: ANSWERED[n] for n in sorted(documented)}
     assert all(status >= 400 for name, statuses in ANSWERED.items() if name not in documented for status in statuses)

@@ -16,7 +16,7 @@ PRESETS: dict[str, list[str]] = {
     "nothing": [],
     "broken": ["https://x.example/"],
 }
-SPEC_LIST: list[object] = ["http://localhost:1234", "https://*.subdomain.domain", "custom7://te?t.example.com"]
+EXAMPLE_ORIGINS: list[object] = ["http://localhost:1234", "https://*.subdomain.domain", "custom7://te?t.example.com"]
 
 
 def compiled(origins: object) -> OriginMatcher:
@@ -31,7 +31,7 @@ def compiled(origins: object) -> OriginMatcher:
         None,
         "*",
         [],
-        SPEC_LIST,
+        EXAMPLE_ORIGINS,
         ["*"],
         ["https://a.example", "*"],
         [{"preset": "flespi"}],
@@ -137,18 +137,18 @@ def test_an_empty_preset_allows_nothing_rather_than_anything() -> None:
 @pytest.mark.parametrize(
     ("origins", "origin", "expected"),
     [
-        (SPEC_LIST, "http://localhost:1234", True),
-        (SPEC_LIST, "http://localhost:1235", False),
-        (SPEC_LIST, "https://localhost:1234", False),
-        (SPEC_LIST, "http://localhost", False),
-        (SPEC_LIST, "https://a.subdomain.domain", True),
-        (SPEC_LIST, "https://a.b.subdomain.domain", True),
-        (SPEC_LIST, "https://subdomain.domain", False),
-        (SPEC_LIST, "custom7://test.example.com", True),
-        (SPEC_LIST, "custom7://text.example.com", True),
-        (SPEC_LIST, "custom7://tet.example.com", False),
-        (SPEC_LIST, "custom7://te.t.example.com", False),
-        (SPEC_LIST, "custom8://test.example.com", False),
+        (EXAMPLE_ORIGINS, "http://localhost:1234", True),
+        (EXAMPLE_ORIGINS, "http://localhost:1235", False),
+        (EXAMPLE_ORIGINS, "https://localhost:1234", False),
+        (EXAMPLE_ORIGINS, "http://localhost", False),
+        (EXAMPLE_ORIGINS, "https://a.subdomain.domain", True),
+        (EXAMPLE_ORIGINS, "https://a.b.subdomain.domain", True),
+        (EXAMPLE_ORIGINS, "https://subdomain.domain", False),
+        (EXAMPLE_ORIGINS, "custom7://test.example.com", True),
+        (EXAMPLE_ORIGINS, "custom7://text.example.com", True),
+        (EXAMPLE_ORIGINS, "custom7://tet.example.com", False),
+        (EXAMPLE_ORIGINS, "custom7://te.t.example.com", False),
+        (EXAMPLE_ORIGINS, "custom8://test.example.com", False),
         (["https://*.example.com"], "https://a.example.com", True),
         (["https://*.example.com"], "https://a.b.example.com", True),
         (["https://*.example.com"], "https://example.com", False),
@@ -201,7 +201,9 @@ def test_matching(origins: object, origin: str, expected: bool) -> None:
     assert compiled(origins).matches(origin) is expected
 
 
-@pytest.mark.parametrize("origins", [SPEC_LIST, ["https://*.example.com"], [{"preset": "flespi"}], ["http://*.*.*.*"]])
+@pytest.mark.parametrize(
+    "origins", [EXAMPLE_ORIGINS, ["https://*.example.com"], [{"preset": "flespi"}], ["http://*.*.*.*"]]
+)
 def test_null_origin_matches_no_list(origins: object) -> None:
     matcher = compiled(origins)
     assert not matcher.matches("null")
