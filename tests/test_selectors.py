@@ -222,3 +222,10 @@ async def test_customer_is_the_acting_account(gw: GatewayHandle, upstream: Any) 
     assert (await gw.call("GET", "/platform/customer"))[1]["result"][0]["name"] == "operator"
     assert await ids_of(gw, "/platform/subaccounts/all") == [acme]  # the root is no subaccount
     assert len(upstream.requests) == before
+
+
+async def test_huge_acting_account_header_is_a_400(gw: GatewayHandle) -> None:
+    for path in ("/platform/tokens/all", "/gw/devices/1"):  # the API and the proxied fast path
+        status, body = await gw.call("GET", path, headers={"x-flespi-cid": "7" * 5000})
+        assert status == 400, path
+        assert body["errors"][0]["reason"] == "invalid x-flespi-cid header: must be an account id"
