@@ -12,11 +12,22 @@ import os
 import runpy
 import sys
 
+from pathlib import Path
+
 from setuptools import setup
 
 # The list lives in gateway/build.py (run on its own here: importing the package would check
 # the very build being made).
-COMPILED = [f"gateway/{name}.py" for name in runpy.run_path("gateway/build.py")["COMPILED"]]
+BUILD = runpy.run_path("gateway/build.py")
+COMPILED = [f"gateway/{name.replace('.', '/')}.py" for name in BUILD["COMPILED"]]
+
+
+def remove_orphan_builds() -> None:
+    """A checkout keeps the compiled modules of earlier builds; one whose source moved or was
+    removed would otherwise stay importable (gateway/build.py refuses to run beside one)."""
+    for built, source in BUILD["compiled_modules"](Path("gateway")):
+        if not source.exists():
+            built.unlink()
 
 
 def compiled_extensions() -> list[object]:
@@ -41,4 +52,5 @@ def compiled_extensions() -> list[object]:
     return list(extensions)
 
 
+remove_orphan_builds()
 setup(ext_modules=compiled_extensions())

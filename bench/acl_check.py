@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.acl import CompiledAcl, compile_acl
+from gateway.policy.acl import CompiledAcl, compile_acl
 from gateway.errors import Denied
-from gateway.paths import checked_path
+from gateway.policy.paths import checked_path
 
 ITERATIONS = 100_000
 REPEATS = 5

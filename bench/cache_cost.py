@@ -37,7 +37,11 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from run import PREFIX, Processes, fill_tokens, random_keys, run_async, start_redis
+from harness import PREFIX
+from harness.procs import Processes
+from harness.servers import start_redis
+from harness.session import run_async
+from harness.tokens import fill_tokens, random_keys
 
 CONCURRENCY = 50
 
@@ -51,17 +55,17 @@ def rss_mb() -> float:
 
 async def build(redis_url: str) -> tuple[Any, Any, Any, Any, Any]:
     """Store, cache and authenticator built as gateway/app.py services() builds them."""
-    from gateway.accessed import AccessedWriter
-    from gateway.accounts import AccountDirectory, AccountStore
-    from gateway.api import AUTH_INFO
-    from gateway.auth import Authenticator
-    from gateway.cache import TokenCache
-    from gateway.checks import build_checks
-    from gateway.compiler import TokenCompiler
+    from gateway.writers.accessed import AccessedWriter
+    from gateway.store.accounts import AccountDirectory, AccountStore
+    from gateway.api.platform import AUTH_INFO
+    from gateway.auth.authenticator import Authenticator
+    from gateway.store.cache import TokenCache
+    from gateway.auth.checks import build_checks
+    from gateway.auth.compiler import TokenCompiler
     from gateway.config import LogSettings, RedisSettings, Settings, UsageSettings
-    from gateway.logs import LogWriter
-    from gateway.store import TokenStore, connect_redis
-    from gateway.usage import UsageMeter
+    from gateway.writers.logs import LogWriter
+    from gateway.store.tokens import TokenStore, connect_redis
+    from gateway.writers.usage import UsageMeter
 
     settings = Settings(routes=())
     client = connect_redis(RedisSettings(url=redis_url, socket_timeout=30))
@@ -131,7 +135,7 @@ def import_rss() -> tuple[float, float]:
 
 async def miss_cost(redis_url: str, cached: list[str], fresh: list[str],
                     unknown: list[str]) -> dict[str, tuple[float, float, float]]:
-    from gateway.checks import RequestFacts
+    from gateway.auth.checks import RequestFacts
 
     client, _, auth, meter, accessed = await build(redis_url)
     try:

@@ -9,8 +9,8 @@ import timeit
 from collections.abc import Callable
 from functools import partial
 
-from gateway.ipmask import compile_ip_masks
-from gateway.origins import compile_origins
+from gateway.policy.ipmask import compile_ip_masks
+from gateway.policy.origins import compile_origins
 
 IPS = (
     "10.100.15.*, 110.160.56.1?, 182.15.48.5, 192.168.0.0/16, 172.16.*.1, "

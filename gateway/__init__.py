@@ -1,5 +1,5 @@
 """A token authorization gateway: flespi's token model in front of any HTTP API."""
-from .build import check_fresh
+from gateway.build import check_fresh
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from .errors import StoreUnavailable
+from gateway.errors import StoreUnavailable
 
 log = logging.getLogger("gateway")
 

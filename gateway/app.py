@@ -19,32 +19,33 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from .accessed import AccessedWriter
-from .accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
-from .aio import cancel_all
-from .api import AUTH_INFO, PlatformApi
-from .auth import Authenticator, extract_key
-from .build import fast_path_compiled
-from .cache import TokenCache
-from .checks import RequestFacts, build_checks, request_facts
-from .clientaddr import TrustedProxies, client_address, forwarded_for
-from .compiler import TokenCompiler
-from .config import Settings
-from .cors import CorsPolicy
-from .errors import (STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable, error_response,
+from gateway.writers.accessed import AccessedWriter
+from gateway.store.accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
+from gateway.aio import cancel_all
+from gateway.api.platform import AUTH_INFO, PlatformApi
+from gateway.auth.authenticator import Authenticator, extract_key
+from gateway.build import fast_path_compiled
+from gateway.store.cache import TokenCache
+from gateway.auth.checks import RequestFacts, build_checks, request_facts
+from gateway.policy.clientaddr import TrustedProxies, client_address, forwarded_for
+from gateway.auth.compiler import TokenCompiler
+from gateway.config import Settings
+from gateway.proxy.cors import CorsPolicy
+from gateway.errors import (STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable, error_response,
                      invalid_input_response)
-from .expiry import Housekeeper
-from .logs import FileSink, LogWriter, RequestIds, request_record
-from .paths import pick_route
-from .proxy import Proxy, upstream_url
-from .resp import RespClient, lean_client
-from .store import TokenStore, connect_redis
-from .tokenlogs import RedisLogSink
-from .tokens import Token, key_digest
-from .usage import UsageMeter
+from gateway.writers.housekeeping import Housekeeper
+from gateway.writers.logs import FileSink, LogWriter, RequestIds, request_record
+from gateway.panel import install as install_panel
+from gateway.policy.paths import pick_route
+from gateway.proxy.relay import Proxy, upstream_url
+from gateway.store.resp import RespClient, lean_client
+from gateway.store.tokens import TokenStore, connect_redis
+from gateway.writers.tokenlogs import RedisLogSink
+from gateway.tokens import Token, key_digest
+from gateway.writers.usage import UsageMeter
 
 if TYPE_CHECKING:
-    from .embedded import Snapshotter
+    from gateway.store.embedded import Snapshotter
 
 log = logging.getLogger("gateway")
 
@@ -191,7 +192,7 @@ class Gateway:
 
 def openapi_document() -> bytes:
     """The platform API's OpenAPI 3.1 description, shipped as package data."""
-    return (resources.files(__package__) / "openapi.json").read_bytes()
+    return (resources.files("gateway.api") / "openapi.json").read_bytes()
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -238,7 +239,7 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     lean: RespClient | None = None
     lean_loads: RespClient | None = None
     if settings.redis.embedded:
-        from .embedded import open_embedded  # fakeredis: imported only when it is used
+        from gateway.store.embedded import open_embedded  # fakeredis: imported only when it is used
         client, snapshotter = open_embedded(settings.redis.data_file)
         loaded = await snapshotter.load()
         log.info("embedded store: %d keys loaded from %s", loaded, settings.redis.data_file)
@@ -339,6 +340,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(context)
     app.router.add_get(settings.internal_prefix + "health", health)
     app.router.add_get(settings.internal_prefix + "openapi.json", openapi)
+    install_panel(app, settings)  # the token panel's static files, <internal_prefix>panel/
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)
     app[CORS].install(app, app.router.add_route("*", "/{tail:.*}", handle))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .templates import TEMPLATES
+from gateway.api.templates import TEMPLATES
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 TYPE_NAMES = {"standard": 0, "master": 1, "acl": 2, "noapi": 3}

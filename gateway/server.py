@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from .app import GATEWAY, create_app
-from .config import Settings
-from .fastpath import FastLane
+from gateway.app import GATEWAY, create_app
+from gateway.config import Settings
+from gateway.proxy.listener import FastLane
 
 log = logging.getLogger("gateway.server")
 

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from gateway.acl import (
+from gateway.policy.acl import (
     CompiledAcl,
     UriPattern,
     acl_problems,
@@ -25,7 +25,7 @@ from gateway.acl import (
     parse_uri_patterns,
 )
 from gateway.errors import Denied
-from gateway.paths import checked_path, forwarded_path
+from gateway.policy.paths import checked_path, forwarded_path
 
 # --- validation -------------------------------------------------------------------------------
 

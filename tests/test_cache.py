@@ -13,17 +13,17 @@ import pytest
 import redis.asyncio as aioredis
 from conftest import RedisProcess
 
-from gateway.accessed import AccessedWriter
-from gateway.acl import group_members_key
-from gateway.auth import Authenticator
-from gateway.cache import MAX_BATCH, TokenCache
-from gateway.checks import RequestFacts
-from gateway.compiler import TokenCompiler
+from gateway.writers.accessed import AccessedWriter
+from gateway.policy.acl import group_members_key
+from gateway.auth.authenticator import Authenticator
+from gateway.store.cache import MAX_BATCH, TokenCache
+from gateway.auth.checks import RequestFacts
+from gateway.auth.compiler import TokenCompiler
 from gateway.config import CacheSettings, RedisSettings, Settings
 from gateway.errors import Denied, StoreUnavailable
-from gateway.store import TokenStore, connect_redis
+from gateway.store.tokens import TokenStore, connect_redis
 from gateway.tokens import Token, TokenType, key_digest, new_key
-from gateway.validation import DEFAULTS
+from gateway.api.validation import DEFAULTS
 
 
 class Clock:
@@ -152,7 +152,7 @@ async def test_accessed_kept_by_earlier_builds_is_read_then_folded(env: Env) -> 
     """Earlier builds kept `accessed` in a sorted set: loads take the newest of it and the hash,
     the housekeeper's fold moves it into the hash (the newer time winning, in chunks), and a
     deleted token leaves neither behind."""
-    from gateway.store import FOLD_CHUNK
+    from gateway.store.tokens import FOLD_CHUNK
 
     (key_a, a), (key_b, b), (key_c, c) = await env.add(3)
     used, legacy = f"{env.prefix}used", f"{env.prefix}accessed"
@@ -194,7 +194,7 @@ async def test_acl_tokens_in_a_batch_get_their_group_members(env: Env) -> None:
     {"cid": [1]}, {"ttl": None}, {"enabled": {"x": 1}, "created": "yesterday"}, {"origins": 5},
 ])
 async def test_a_malformed_stored_record_fails_alone_in_the_compiled_compiler(env: Env, damage: dict[str, Any]) -> None:
-    """`compiler.py` is compiled: whatever a stored record holds, a bad one raises for its own
+    """`auth/compiler.py` is compiled: whatever a stored record holds, a bad one raises for its own
     requests only (they are denied), and the batch's other records load."""
     good = await env.add(2)
     bad_key = new_key()

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from gateway.clientaddr import TrustedProxies, client_address, forwarded_for
+from gateway.policy.clientaddr import TrustedProxies, client_address, forwarded_for
 
 TRUSTED = TrustedProxies.parse(["10.0.0.0/8", "192.168.0.1", "::1", "2001:db8::/32"])
 

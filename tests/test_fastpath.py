@@ -1,4 +1,4 @@
-"""The fast path (`gateway/fastpath.py`, `gateway/upstream.py`) and its hand-over to aiohttp, on real sockets.
+"""The fast path (`gateway/proxy/listener.py`, `gateway/proxy/upstream.py`) and its hand-over to aiohttp, on real sockets.
 
 Clients are raw `asyncio.open_connection` sockets where aiohttp's client cannot say what is needed
 (pipelining, half-written bodies, malformed bytes, disconnects). Upstreams are the recording one of
@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 from conftest import MASTER_KEY, GatewayFactory, GatewayHandle, Upstream, error, free_port
 
-from gateway.fastpath import FastLane
+from gateway.proxy.listener import FastLane
 from gateway.server import GatewayServer
 from gateway.tokens import key_digest
 

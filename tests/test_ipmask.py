@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
-from gateway.ipmask import compile_ip_masks, ip_mask_problems, parse_ip
+from gateway.policy.ipmask import compile_ip_masks, ip_mask_problems, parse_ip
 
 EXAMPLE_MASKS = "10.100.15.*, 110.160.56.1?, 182.15.48.5"
 

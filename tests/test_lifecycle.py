@@ -9,7 +9,7 @@ import orjson
 
 from conftest import GatewayFactory, GatewayHandle, Upstream, error
 
-from gateway.usage import parse_usage
+from gateway.writers.usage import parse_usage
 
 
 async def until(predicate: Any, timeout: float, step: float = 0.05) -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from gateway.origins import OriginMatcher, compile_origins, origin_problems, pattern_problem, preset_problems
+from gateway.policy.origins import OriginMatcher, compile_origins, origin_problems, pattern_problem, preset_problems
 
 PRESETS: dict[str, list[str]] = {
     "flespi": ["https://flespi.io", "https://*.flespi.io"],

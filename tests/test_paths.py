@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import Denied
-from gateway.paths import INVALID_PATH, checked_path, forwarded_path
+from gateway.policy.paths import INVALID_PATH, checked_path, forwarded_path
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The lean RESP client (gateway/resp.py) against real redis-servers and a server that never answers."""
+"""The lean RESP client (gateway/store/resp.py) against real redis-servers and a server that never answers."""
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +16,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreUnavailable
-from gateway.resp import RespClient, lean_client, pack
-from gateway.store import TokenStore
+from gateway.store.resp import RespClient, lean_client, pack
+from gateway.store.tokens import TokenStore
 
 
 @pytest.fixture
@@ -223,8 +223,8 @@ async def test_batched_writes_in_many_commands_lose_nothing(redis_url: str, key_
     """`accessed` goes in TOUCH calls of TOUCH_CHUNK tokens and log lines in LOG_PUSH calls of
     CALL_KEYS lists: more than one command's worth still lands whole, and the newest time stays."""
     from gateway.config import TokenLogSettings
-    from gateway.store import TOUCH_CHUNK
-    from gateway.tokenlogs import CALL_KEYS, RedisLogSink
+    from gateway.store.tokens import TOUCH_CHUNK
+    from gateway.writers.tokenlogs import CALL_KEYS, RedisLogSink
 
     lean = RespClient(redis_url, timeout=2.0, connect_timeout=2.0)
     client = aioredis.Redis.from_url(redis_url)

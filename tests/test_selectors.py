@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from conftest import GatewayHandle
 from gateway.errors import InvalidInput
-from gateway.selectors import parse_selector
+from gateway.api.selectors import parse_selector
 
 FIELDS = frozenset({"id", "info", "enabled", "ttl", "cid", "access", "metadata"})
 RECORDS: list[dict[str, Any]] = [

@@ -6,12 +6,12 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import given, strategies as st
 
-from gateway.accounts import AccountDirectory, AccountStore, AccountTree, Limits
+from gateway.store.accounts import AccountDirectory, AccountStore, AccountTree, Limits
 from gateway.config import LogSettings, RedisSettings, UsageSettings
-from gateway.logs import LogWriter
-from gateway.store import RedisStore, connect_redis
+from gateway.writers.logs import LogWriter
+from gateway.store.tokens import RedisStore, connect_redis
 from gateway.tokens import Token, TokenType
-from gateway.usage import UsageMeter, choose_blocked, parse_usage
+from gateway.writers.usage import UsageMeter, choose_blocked, parse_usage
 
 
 @pytest.mark.parametrize(("usage", "already", "calls", "traffic", "expected"), [

@@ -1,0 +1,136 @@
+"""The checks a request passes after its token is found and valid in time.
+
+Each check is a small pure function `(token, facts) -> None` that raises `Denied`; the pipeline
+is the ordered list built by `build_checks`, run in one loop by the authenticator.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from gateway.store.accounts import AccountDirectory, check_acting_account
+from gateway.errors import TOKEN_DISABLED, UNAUTHORIZED_LOCATION, UNAUTHORIZED_ORIGIN, Denied
+from gateway.policy.paths import checked_path, forwarded_path
+from gateway.tokens import Token, TokenType
+from gateway.writers.usage import UsageMeter
+
+
+class RequestFacts:
+    """What the checks may know about a request; `forward_path` may be narrowed by the ACL.
+
+    `origin_allowed` is set by the origin check when it passes; it is what lets a reply be shared
+    with the requesting page, so a refusal raised before that check is never readable by the page.
+
+    A plain class, not a dataclass: one is made per request, and compiled, a dataclass is still
+    initialised through its generated Python `__init__`.
+    """
+
+    __slots__ = ("method", "path", "forward_path", "query", "client_ip", "origin", "acting_cid", "now", "token",
+                 "origin_allowed")
+
+    def __init__(self, method: str, path: str, forward_path: str, query: str, client_ip: str, origin: str | None,
+                 acting_cid: int | None, now: float, token: Token | None = None, origin_allowed: bool = False) -> None:
+        self.method = method
+        self.path = path
+        self.forward_path = forward_path
+        self.query = query
+        self.client_ip = client_ip
+        self.origin = origin
+        self.acting_cid = acting_cid
+        self.now = now
+        self.token = token
+        self.origin_allowed = origin_allowed
+
+    def account_of(self, token: Token) -> int:
+        """The account the request acts for: `x-flespi-cid` when given (checked), else the token's."""
+        return self.acting_cid if self.acting_cid is not None else token.cid
+
+
+Check = Callable[[Token, RequestFacts], None]
+
+
+def request_facts(method: str, raw_path: str, query: str, cid_header: str | None, origin: str | None,
+                  client_ip: str, now: float) -> RequestFacts:
+    """What the checks see; refuses an ambiguous path or a malformed x-flespi-cid with 400."""
+    path = checked_path(raw_path)
+    acting_cid = None
+    if cid_header is not None:
+        cid = cid_header.strip()
+        # Thousands of digits would make int() raise (and no account id is that long).
+        if not cid.isdigit() or not cid.isascii() or len(cid) > 15:
+            raise Denied(400, "invalid x-flespi-cid header: must be an account id")
+        acting_cid = int(cid)
+    return RequestFacts(method, path, raw_path, query, client_ip, origin, acting_cid, now)
+
+
+def check_enabled(token: Token, facts: RequestFacts) -> None:
+    if not token.enabled:
+        raise Denied(401, TOKEN_DISABLED)
+
+
+def check_ip(token: Token, facts: RequestFacts) -> None:
+    if token.ips is not None and not token.ips.matches(facts.client_ip):
+        raise Denied(401, UNAUTHORIZED_LOCATION)
+
+
+def check_origin(token: Token, facts: RequestFacts) -> None:
+    if facts.origin is None:
+        return
+    if token.origins is not None and not token.origins.matches(facts.origin):
+        raise Denied(401, UNAUTHORIZED_ORIGIN)
+    facts.origin_allowed = True  # only now may the page at that origin read the reply (CORS)
+
+
+def describe(facts: RequestFacts) -> str:
+    return f"{facts.path.lstrip('/')} ({canonical_method(facts.method)})"
+
+
+def canonical_method(method: str) -> str:
+    return {"HEAD": "GET", "PATCH": "PUT"}.get(method, method)
+
+
+def type_check(platform_prefixes: Sequence[str], open_paths: frozenset[str]) -> Check:
+    """Master may call anything; standard anything but platform paths; NOAPI nothing."""
+    prefixes = tuple(platform_prefixes) + tuple(prefix.rstrip("/") for prefix in platform_prefixes)
+
+    def is_platform(path: str) -> bool:
+        return path.startswith(prefixes[: len(platform_prefixes)]) or path in prefixes[len(platform_prefixes):]
+
+    def check_type(token: Token, facts: RequestFacts) -> None:
+        kind = token.type
+        if kind is TokenType.MASTER:
+            return
+        if kind is TokenType.NOAPI:
+            raise Denied(403, "NOAPI token cannot be used for API requests")
+        if facts.path in open_paths:
+            return
+        if is_platform(facts.path):
+            if kind is TokenType.ACL:
+                raise Denied(403, f"access to {describe(facts)} is denied by token ACL")
+            raise Denied(403, f"access to {describe(facts)} is denied for standard token")
+        if kind is TokenType.ACL:
+            if token.acl is None:
+                raise Denied(403, f"access to {describe(facts)} is denied by token ACL")
+            authorized = token.acl.authorize(facts.method, facts.path, token.group_members)
+            facts.forward_path = forwarded_path(facts.forward_path, facts.path, authorized)
+
+    return check_type
+
+
+def account_check(directory: AccountDirectory) -> Check:
+    """Acting as account N (x-flespi-cid) needs N to be the token's account or below it."""
+    def check_account(token: Token, facts: RequestFacts) -> None:
+        if facts.acting_cid is not None:
+            check_acting_account(directory, token.cid, facts.acting_cid)
+    return check_account
+
+
+def usage_check(meter: UsageMeter) -> Check:
+    def check_usage(token: Token, facts: RequestFacts) -> None:
+        meter.check(token, facts.now)
+    return check_usage
+
+
+def build_checks(platform_prefixes: Sequence[str], open_paths: frozenset[str], directory: AccountDirectory,
+                 meter: UsageMeter) -> list[Check]:
+    return [check_enabled, check_ip, check_origin, account_check(directory),
+            type_check(platform_prefixes, open_paths), usage_check(meter)]

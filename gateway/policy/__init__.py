@@ -1,0 +1,1 @@
+"""Pure rules, no I/O: path safety, ACL matching, IP masks, origins, wildcards, the client address."""

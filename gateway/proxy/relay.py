@@ -1,0 +1,156 @@
+"""Forwarding to the upstream: streamed both ways, keep-alive, hop-by-hop headers removed."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.config import ProxySettings, Route
+from gateway.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied
+from gateway.policy.paths import upstream_target
+
+log = logging.getLogger("gateway.proxy.relay")
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+# Answered or re-created by the gateway itself, so never copied from the client.
+REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded"})
+WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"})
+# The gateway alone decides which pages may read a reply (see cors.py); the upstream cannot know.
+CORS_PREFIX = "access-control-"
+NO_BODY_STATUSES = frozenset({204, 304})
+Finish = Callable[[web.StreamResponse], None]
+CHUNK = 256 * 1024
+
+
+def upstream_url(route: Route, path: str, raw_path: str, query: str) -> URL:
+    return URL(str(route.upstream.origin()) + upstream_target(route, path, raw_path, query), encoded=True)
+
+
+def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    return {item.strip().lower() for value in headers.getall("Connection", ()) for item in value.split(",")}
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    named = connection_tokens(upstream)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower not in HOP_BY_HOP and lower not in named and not lower.startswith(CORS_PREFIX):
+            headers.add(name, value)
+    return headers
+
+
+class Proxy:
+    def __init__(self, settings: ProxySettings, session: aiohttp.ClientSession) -> None:
+        self._settings = settings
+        self._session = session
+        self._drop = REQUEST_DROP | {
+            settings.token_id_header.lower(), settings.account_id_header.lower(), settings.request_id_header.lower(),
+        }
+        if not settings.forward_authorization:
+            self._drop |= {"authorization"}
+        if not settings.preserve_host:
+            self._drop |= {"host"}
+
+    def request_headers(self, incoming: CIMultiDictProxy[str], extra: dict[str, str]) -> CIMultiDict[str]:
+        named = connection_tokens(incoming)
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in incoming.items():
+            lower = name.lower()
+            if lower not in HOP_BY_HOP and lower not in named and lower not in self._drop:
+                headers.add(name, value)
+        headers.update(extra)
+        return headers
+
+    async def forward(self, request: web.Request, url: URL, headers: CIMultiDict[str],
+                      finish: Finish) -> web.StreamResponse:
+        """Relay the upstream's reply; `finish` sets the gateway's own reply headers before it starts."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._forward_websocket(request, url, headers)
+        try:
+            upstream = await self._session.request(
+                request.method, url, headers=headers,
+                data=request.content if request.body_exists else None,
+                allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            )
+        except asyncio.TimeoutError:
+            raise Denied(504, UPSTREAM_TIMEOUT) from None
+        except (aiohttp.ClientError, OSError):
+            raise Denied(502, UPSTREAM_UNAVAILABLE) from None
+        try:
+            return await self._relay(request, upstream, finish)
+        finally:
+            upstream.release()
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                     finish: Finish) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(response_headers(upstream.headers))
+        finish(response)
+        body_allowed = request.method != "HEAD" and upstream.status not in NO_BODY_STATUSES
+        try:
+            first = await upstream.content.readany() if body_allowed else b""
+        except asyncio.TimeoutError:
+            raise Denied(504, UPSTREAM_TIMEOUT) from None
+        except aiohttp.ClientError:
+            raise Denied(502, UPSTREAM_UNAVAILABLE) from None
+        try:
+            await response.prepare(request)
+            chunk = first
+            while chunk:
+                await response.write(chunk)
+                chunk = await upstream.content.readany()
+            await response.write_eof()
+        except ConnectionResetError:
+            # The client went away: drop the upstream connection too, it is half read.
+            upstream.close()
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            # The status is already sent: the only honest signal left is a broken connection.
+            log.warning("upstream failed mid-response (%s); closing client connection", type(exc).__name__)
+            upstream.close()
+            if request.transport is not None:
+                request.transport.close()
+        return response
+
+    async def _forward_websocket(self, request: web.Request, url: URL, headers: CIMultiDict[str]) -> web.StreamResponse:
+        for name in list(headers):
+            if name.lower() in WS_HANDSHAKE:
+                del headers[name]
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        try:
+            upstream = await self._session.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
+        except aiohttp.WSServerHandshakeError as exc:
+            raise Denied(502, UPSTREAM_UNAVAILABLE) from exc
+        except asyncio.TimeoutError:
+            raise Denied(504, UPSTREAM_TIMEOUT) from None
+        except (aiohttp.ClientError, OSError):
+            raise Denied(502, UPSTREAM_UNAVAILABLE) from None
+        client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (), autoping=False)
+        await client.prepare(request)
+        await asyncio.gather(_pump(client, upstream), _pump(upstream, client), return_exceptions=True)
+        return client
+
+
+async def _pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+    try:
+        async for message in source:
+            kind = message.type
+            if kind is aiohttp.WSMsgType.TEXT:
+                await target.send_str(message.data)
+            elif kind is aiohttp.WSMsgType.BINARY:
+                await target.send_bytes(message.data)
+            elif kind is aiohttp.WSMsgType.PING:
+                await target.ping(message.data)
+            elif kind is aiohttp.WSMsgType.PONG:
+                await target.pong(message.data)
+    finally:
+        if not target.closed:
+            await target.close(code=source.close_code or aiohttp.WSCloseCode.OK)

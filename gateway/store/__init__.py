@@ -1,0 +1,1 @@
+"""Storage: Redis I/O and its key layout, the lean RESP client, the embedded store, the token cache, accounts."""

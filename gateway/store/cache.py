@@ -1,0 +1,354 @@
+"""The in-process token cache: hot tokens are checked with no Redis round trip.
+
+An entry is trusted for `max_age` seconds at most. Changes made through any instance arrive by
+pub/sub and drop the entry at once; hot entries are refreshed in the background after
+`refresh_after`, so a busy token never waits for Redis. If the subscription was lost, every entry
+loaded before the loss is revalidated on its next use (messages may have been missed meanwhile),
+and while the store is unreachable entries inside `max_age` keep serving.
+
+Misses are loaded in batches: every key asked for during one event-loop iteration (misses,
+background refreshes, revalidations) is read with one round trip (`TokenStore.load_many`), and a
+key already being loaded is never asked for twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from itertools import islice
+from typing import Any, Protocol
+
+from gateway.aio import cancel_all
+from gateway.config import CacheSettings
+from gateway.errors import StoreUnavailable
+from gateway.store.tokens import TokenStore
+from gateway.tokens import Token
+
+log = logging.getLogger("gateway.store.cache")
+# Keys read by one MGET at most; more misses in the same loop iteration make several batches.
+MAX_BATCH = 256
+
+
+class Compiler(Protocol):
+    async def compile_many(self, records: Sequence[dict[str, Any]]) -> list[Token | Exception]: ...
+
+    def compile_each(self, records: Sequence[dict[str, Any]]) -> tuple[list[Token | Exception], list[int]]: ...
+
+    async def add_group_members(self, compiled: list[Token | Exception], grouped: list[int]) -> None: ...
+
+
+class Unknown:
+    """A key with no token, remembered as such for `negative_ttl`. (A `Token` is its own entry.)"""
+
+    __slots__ = ("loaded", "epoch")
+
+    def __init__(self, loaded: float, epoch: int) -> None:
+        self.loaded = loaded
+        self.epoch = epoch
+
+
+Outcome = Token | None | BaseException
+# What waits for a key being loaded: the future of a coroutine (`lookup`), or a plain callback
+# (`load_then`, the fast path's: no task per cache miss).
+Waiter = asyncio.Future[Token | None] | Callable[[Outcome], None]
+
+
+class TokenCache:
+    def __init__(self, store: TokenStore, settings: CacheSettings, compiler: Compiler,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._settings = settings
+        # Read on every lookup: plain floats here, not properties of the settings object.
+        self._refresh_after = settings.refresh_interval
+        self._max_age = settings.max_age
+        self._negative_ttl = settings.negative_ttl
+        self._compiler = compiler
+        self._clock = clock
+        self._entries: dict[str, Token | Unknown] = {}
+        # Keys being loaded, each with the futures of the requests waiting for it (none for a
+        # background refresh); `_queued` ones go out with the next batch.
+        self._waiters: dict[str, list[Waiter]] = {}
+        self._queued: list[str] = []
+        # Keys invalidated while being loaded: what the load read may predate the change.
+        self._dropped: set[str] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        # Entries with an older epoch were loaded before a pub/sub gap and must be revalidated.
+        self._epoch = 0
+        self.subscribed = asyncio.Event()
+        # Other messages on the channel (e.g. "accounts") and who wants them; also told after a gap.
+        self.listeners: dict[str, Callable[[], None]] = {}
+        self.batches = 0  # store round trips made for misses, refreshes and revalidations
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def lookup(self, digest: str) -> Token | None:
+        """The token for a key digest, or None if no such token; raises StoreUnavailable."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            return await self._load(digest)
+        age = self._clock() - entry.loaded
+        token = entry if isinstance(entry, Token) else None
+        if entry.epoch == self._epoch:
+            if token is None:
+                if age < self._negative_ttl:
+                    return None
+            elif age < self._refresh_after:
+                return token
+            elif age < self._max_age:
+                self._refresh_in_background(digest, token)
+                return token
+        try:
+            return await self._load(digest)
+        except StoreUnavailable:
+            if token is not None and age < self._max_age:
+                return token
+            raise
+
+    def peek(self, digest: str) -> tuple[bool, Token | None]:
+        """`(True, token or None)` when the cache can answer without Redis, else `(False, None)`.
+
+        The synchronous twin of `lookup` for the hot path: it answers exactly when `lookup` would
+        answer from the entry (starting the same background refresh), and declines otherwise.
+        """
+        entry = self._entries.get(digest)
+        if entry is None or entry.epoch != self._epoch:
+            return False, None
+        age = self._clock() - entry.loaded
+        if not isinstance(entry, Token):
+            return (True, None) if age < self._negative_ttl else (False, None)
+        if age < self._refresh_after:
+            return True, entry
+        if age < self._max_age:
+            self._refresh_in_background(digest, entry)
+            return True, entry
+        return False, None
+
+    async def revalidate(self, digest: str) -> Token | None:
+        """Reload a record that looks expired: another instance may have used it since."""
+        entry = self._entries.get(digest)
+        if entry is not None and self._clock() - entry.loaded < self._settings.revalidate_after:
+            return entry if isinstance(entry, Token) else None
+        return await self._load(digest)
+
+    def invalidate(self, digest: str) -> None:
+        self._entries.pop(digest, None)
+        if digest in self._waiters:
+            self._dropped.add(digest)
+
+    def mark_all_stale(self) -> None:
+        self._epoch += 1
+        for listener in self.listeners.values():
+            listener()
+
+    # -- loading: concurrent misses share one round trip -------------------------------------
+
+    def _load(self, digest: str) -> asyncio.Future[Token | None]:
+        """A future for the key's token; a key not already being loaded joins the next batch."""
+        waiter: asyncio.Future[Token | None] = asyncio.get_running_loop().create_future()
+        self._wait(digest, waiter)
+        return waiter
+
+    def load_then(self, digest: str, callback: Callable[[Outcome], None]) -> bool:
+        """For a key with no entry at all: join (or start) its load, and `callback(outcome)` when
+        the batch settles: the token, None for no such token, or the exception. It is called from
+        the batch's own task, so a request waits with no task and no future of its own.
+
+        False, and nothing done, when there is an entry: `lookup` knows what a stale one means.
+        """
+        if digest in self._entries:
+            return False
+        self._wait(digest, callback)
+        return True
+
+    def _wait(self, digest: str, waiter: Waiter) -> None:
+        """The waiter joins the key's load in progress, or the key joins the next batch."""
+        waiters = self._waiters.get(digest)
+        if waiters is None:
+            self._waiters[digest] = [waiter]
+            self._enqueue(digest)
+        else:
+            waiters.append(waiter)
+
+    def _enqueue(self, digest: str) -> None:
+        self._queued.append(digest)
+        if len(self._queued) == 1:
+            self._spawn(self._fetch_queued())
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(job)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _fetch_queued(self) -> None:
+        """Started by the first key queued, it runs at the next loop iteration: by then every
+        request that missed during this one has queued its key. A batch is answered straight from
+        the Redis reply when the store can (`load_many_then`), else by a task of its own."""
+        queued, self._queued = self._queued, []
+        for start in range(0, len(queued), MAX_BATCH):
+            digests = queued[start:start + MAX_BATCH]
+            epoch, started = self._epoch, self._clock()
+            self.batches += 1
+            try:
+                sent = self._store.load_many_then(
+                    digests, lambda loaded, digests=digests, epoch=epoch, started=started:  # type: ignore[misc]
+                    self._loaded_batch(digests, loaded, epoch, started))
+            except Exception as exc:  # the connection broke as the batch was written
+                self._fail_batch(digests, exc)
+                continue
+            if not sent:
+                self._spawn(self._fetch(digests, epoch, started))
+
+    async def _fetch(self, digests: list[str], epoch: int, started: float) -> None:
+        """One round trip for the batch, then every record compiled, remembered and handed out."""
+        try:
+            records = await self._store.load_many(digests)
+            compiled = await self._compiler.compile_many([record for record in records if record is not None])
+            self._hand_out(digests, records, compiled, epoch, started)
+        except BaseException as exc:
+            self._fail_batch(digests, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _loaded_batch(self, digests: list[str], loaded: list[dict[str, Any] | None] | Exception, epoch: int,
+                      started: float) -> None:
+        """The batch's records as the Redis reply brought them (called from the connection)."""
+        if isinstance(loaded, Exception):
+            self._fail_batch(digests, loaded)
+            return
+        try:
+            compiled, grouped = self._compiler.compile_each([record for record in loaded if record is not None])
+            if grouped:  # ACL tokens whose group members must be read first: in a task
+                self._spawn(self._with_groups(digests, loaded, compiled, grouped, epoch, started))
+                return
+            self._hand_out(digests, loaded, compiled, epoch, started)
+        except Exception as exc:
+            self._fail_batch(digests, exc)
+
+    async def _with_groups(self, digests: list[str], records: list[dict[str, Any] | None],
+                           compiled: list[Token | Exception], grouped: list[int], epoch: int, started: float) -> None:
+        try:
+            await self._compiler.add_group_members(compiled, grouped)
+            self._hand_out(digests, records, compiled, epoch, started)
+        except BaseException as exc:
+            self._fail_batch(digests, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _hand_out(self, digests: list[str], records: list[dict[str, Any] | None], compiled: list[Token | Exception],
+                  epoch: int, started: float) -> None:
+        """Every record of the batch remembered (unless dropped meanwhile) and told to its waiters."""
+        tokens = iter(compiled)
+        for digest, record in zip(digests, records):
+            outcome: Token | Exception | None = next(tokens) if record is not None else None
+            if not isinstance(outcome, Exception) and digest not in self._dropped:
+                self._remember(digest, Unknown(started, epoch) if outcome is None else outcome, started, epoch)
+            self._settle(digest, outcome)
+
+    def _fail_batch(self, digests: list[str], exc: BaseException) -> None:
+        for digest in digests:
+            if digest in self._waiters:  # not settled yet
+                self._settle(digest, exc)
+
+    def _settle(self, digest: str, outcome: Outcome) -> None:
+        self._dropped.discard(digest)
+        waiters = self._waiters.pop(digest, ())
+        if not isinstance(outcome, BaseException):
+            for waiter in waiters:
+                if not isinstance(waiter, asyncio.Future):
+                    _tell(waiter, outcome)
+                elif not waiter.done():  # done: its request was cancelled
+                    waiter.set_result(outcome)
+            return
+        entry = self._entries.get(digest)
+        if isinstance(entry, Token):
+            entry.refreshing = False  # a later use may try again
+        told = False
+        for waiter in waiters:
+            if not isinstance(waiter, asyncio.Future):
+                _tell(waiter, outcome)  # it answers its request; the error is logged here, once
+            elif waiter.done():
+                continue
+            elif isinstance(outcome, asyncio.CancelledError):
+                waiter.cancel()
+            else:
+                waiter.set_exception(outcome)
+                told = True
+        if not told and isinstance(outcome, Exception) and not isinstance(outcome, StoreUnavailable):
+            log.error("loading a token record failed", exc_info=outcome)
+
+    def _remember(self, digest: str, entry: Token | Unknown, loaded: float, epoch: int) -> None:
+        entry.loaded, entry.epoch = loaded, epoch
+        previous = self._entries.pop(digest, None)
+        if isinstance(previous, Token) and isinstance(entry, Token):
+            # Keep the newest local use: it may not have reached the store yet.
+            entry.accessed = max(entry.accessed, previous.accessed)
+            entry.accessed_queued = max(entry.accessed_queued, previous.accessed_queued)
+        self._entries[digest] = entry
+        if len(self._entries) > self._settings.max_entries:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest entries, a slice at a time: deleting them one by one from the front of
+        the dict would rescan the holes earlier deletions left there, every time."""
+        limit = self._settings.max_entries
+        for digest in list(islice(self._entries, len(self._entries) - limit + limit // 64)):
+            del self._entries[digest]
+
+    def _refresh_in_background(self, digest: str, token: Token) -> None:
+        if token.refreshing or digest in self._waiters:
+            return
+        token.refreshing = True
+        self._waiters[digest] = []
+        self._enqueue(digest)
+
+    async def run_subscriber(self, retry_delay: float = 0.5) -> None:
+        """Follow the invalidation channel for the life of the app, reconnecting after failures."""
+        connected_before = False
+        while True:
+            try:
+                async with self._store.subscription() as pubsub:
+                    if connected_before:
+                        self.mark_all_stale()
+                    connected_before = True
+                    self.subscribed.set()
+                    await self._follow(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.subscribed.is_set():
+                    log.warning("token invalidation channel lost (%s); retrying", type(exc).__name__)
+                self.subscribed.clear()
+                self.mark_all_stale()
+                await asyncio.sleep(retry_delay)
+
+    async def _follow(self, pubsub: Any) -> None:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None and message.get("type") == "message":
+                data = message["data"]
+                self.receive(data.decode() if isinstance(data, bytes) else str(data))
+
+    def receive(self, text: str) -> None:
+        """One invalidation message: a token digest, or the name of a listener's topic."""
+        listener = self.listeners.get(text)
+        if listener is not None:
+            listener()
+        else:
+            self.invalidate(text)
+
+    async def close(self) -> None:
+        await cancel_all(list(self._background))
+        # A batch cancelled before it started leaves its keys' waiters behind: release them too.
+        self._queued.clear()
+        for digest in list(self._waiters):
+            self._settle(digest, asyncio.CancelledError())
+
+
+def _tell(callback: Callable[[Outcome], None], outcome: Outcome) -> None:
+    """A callback's failure is its own: the other waiters of the batch are still told."""
+    try:
+        callback(outcome)
+    except Exception:
+        log.exception("a token load callback failed")

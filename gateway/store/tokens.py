@@ -1,0 +1,505 @@
+"""Token records in Redis (or the embedded store, which speaks the same protocol).
+
+Key layout (every key carries the configured prefix, `{gw}:` by default, whose hash tag keeps all
+keys in one Redis Cluster slot so that MULTI/EXEC transactions work there too):
+
+- `{gw}:tok:<sha256 of key>`  the record as JSON (never the key itself)
+- `{gw}:ids`                  hash: token id -> key digest
+- `{gw}:cid:<account id>`     set: ids of the account's tokens
+- `{gw}:used`                 hash: key digest -> last `accessed` (`TOUCH` keeps the newest)
+- `{gw}:accessed`             sorted set: the same, as earlier builds kept it; still read on
+                               loads and folded into `used` by the housekeeper (`FOLD_ACCESSED`)
+- `{gw}:expiry`               sorted set: token id -> when it stops being valid (for the sweeper)
+- `{gw}:next_id`              counter for token ids, never reused
+- `{gw}:bin`                  hash: token id -> JSON of a deleted record; `{gw}:bin_times` when
+- `{gw}:invalidate`           pub/sub channel: digests whose cached records must be dropped
+
+A rotated key (`rotate`) with a grace period keeps a copy of the record under its old digest,
+ending at the grace's end (`expire`, and the Redis key's own expiry); the live record lists such
+copies in `graced` (old digest -> end) so that changes and deletion reach them too.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.config import RedisSettings
+from gateway.errors import StoreUnavailable
+from gateway.store.resp import RespClient, reply_error, script_sha
+from gateway.tokens import records_from_replies
+
+T = TypeVar("T")
+STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+NEVER = 2 ** 40
+# Tokens per TOUCH call of the batched `accessed` writes: ~0.5 ms of Redis time (2.3 µs a token in
+# a million-field hash; the sorted set it replaced took 4.7 µs, 7 µs with the machine busy).
+TOUCH_CHUNK = 256
+# Writes each (digest, time) pair of a flat list into the `used` hash unless the time there is
+# newer: a late or slower instance never moves `accessed` back. Answers how many pairs it read.
+KEEP_NEWER = """
+local function keep_newer(hash, flat)
+  for i = 1, #flat, 2 do
+    local old = redis.call('HGET', hash, flat[i])
+    if not old or tonumber(old) < tonumber(flat[i + 1]) then
+      redis.call('HSET', hash, flat[i], flat[i + 1])
+    end
+  end
+  return #flat / 2
+end
+"""
+# KEYS[1]: the `used` hash; ARGV: digest, time, digest, time...
+TOUCH = KEEP_NEWER + "return keep_newer(KEYS[1], ARGV)\n"
+# KEYS[1]: the old `accessed` sorted set, KEYS[2]: the `used` hash; ARGV[1]: how many to move.
+# Pops the oldest members and keeps each one's newer time: atomic, so nothing is lost to an old
+# instance still writing the sorted set meanwhile.
+FOLD_ACCESSED = KEEP_NEWER + "return keep_newer(KEYS[2], redis.call('ZPOPMIN', KEYS[1], ARGV[1]))\n"
+FOLD_CHUNK = 1000
+
+
+def connect_redis(settings: RedisSettings) -> aioredis.Redis:
+    """A client that fails fast: short socket timeouts and a single immediate retry."""
+    return aioredis.Redis.from_url(
+        settings.url,
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.connect_timeout,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=10,
+    )
+
+
+def grace_digests(record: dict[str, Any], now: float | None = None) -> list[str]:
+    """The old digests of a rotated token whose grace has not ended."""
+    graced = record.get("graced") or {}
+    moment = time.time() if now is None else now
+    return [digest for digest, until in graced.items() if until > moment]
+
+
+def grace_copy(record: dict[str, Any], digest: str, until: int) -> dict[str, Any]:
+    """What the old key of a rotated token reads during its grace: the token as it is, ending at
+    `until` at the latest. `expire` carries the end, so every instance refuses the old key from
+    then on, whatever it has cached; a ttl token is valid no longer than it would have been."""
+    ends = min(until, expires_at(record))
+    copy = {name: value for name, value in record.items() if name != "graced"}
+    return {**copy, "digest": digest, "expire": ends, "ttl": 0}
+
+
+def expires_at(record: dict[str, Any]) -> int:
+    """When the token stops being valid, given what the record says now."""
+    expire, ttl = int(record.get("expire", 0)), int(record.get("ttl", 0))
+    ends = expire if expire > 0 else 0
+    if ttl > 0:
+        ends = max(ends, max(int(record.get("created", 0)), int(record.get("accessed", 0))) + ttl)
+    return ends or NEVER
+
+
+class RedisStore:
+    """Shared plumbing: the client, key names, error mapping, change hooks for persistence."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, lean: RespClient | None = None,
+                 lean_loads: RespClient | None = None) -> None:
+        self.client = client
+        self.lean = lean  # for `batch`: the hot, batched traffic
+        # Token loads on a connection of their own: a request waits for them, and on the shared
+        # one they queued behind the batched writes (Redis runs each client's commands in order).
+        self.lean_loads = lean_loads
+        self.prefix = prefix
+        self.channel = f"{prefix}invalidate"
+        # The embedded store persists itself through these; Redis needs neither.
+        self.after_change: Callable[[], Awaitable[None]] | None = None
+        self.after_touch: Callable[[], None] | None = None
+        # This process's own cache hears its changes at once, not a pub/sub round trip later.
+        self.on_publish: Callable[[str], None] | None = None
+
+    async def changed(self) -> None:
+        if self.after_change is not None:
+            await self.after_change()
+
+    def touched(self) -> None:
+        if self.after_touch is not None:
+            self.after_touch()
+
+    async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await operation()
+        except STORE_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    async def batch(self, commands: Sequence[Sequence[Any]], urgent: bool = False) -> list[Any]:
+        """Commands sent together, their replies in order (raw: bytes, ints, lists), the first
+        error reply raised; the lean client when there is one (`store/resp.py`), else a pipeline.
+        `urgent`: a request is waiting for the replies (the loads' own connection)."""
+        lean = self.lean_loads if urgent and self.lean_loads is not None else self.lean
+        if lean is not None:
+            return await lean.execute(commands)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute()
+
+    def script(self, source: str) -> Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]:
+        """A Lua script run with EVALSHA, loaded again if the server lost it (restart, SCRIPT FLUSH).
+
+        Batched writes use scripts rather than pipelines: one command and one reply for hundreds
+        of list pushes or counter increments. Every key a script touches is passed in KEYS and
+        carries the prefix's hash tag, so a script runs on a Redis Cluster too.
+        """
+        sha = script_sha(source)
+
+        async def attempt(keys: Sequence[str], args: Sequence[Any]) -> Any:
+            command = ("EVALSHA", sha, len(keys), *keys, *args)
+            try:
+                return (await self.batch([command]))[0]
+            except redis.exceptions.NoScriptError:
+                pass
+            return (await self.batch([("SCRIPT", "LOAD", source), command]))[1]
+
+        async def run(keys: Sequence[str], args: Sequence[Any]) -> Any:
+            return await self.call(lambda: attempt(keys, args))
+        return run
+
+    async def publish(self, messages: Iterable[str]) -> None:
+        messages = list(messages)
+        if self.on_publish is not None:
+            for message in messages:
+                self.on_publish(message)
+
+        async def run() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for message in messages:
+                    pipe.publish(self.channel, message)
+                await pipe.execute()
+        await self.call(run)
+
+    @asynccontextmanager
+    async def subscription(self) -> AsyncIterator[Any]:
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await self.call(lambda: pubsub.subscribe(self.channel))
+            yield pubsub
+        finally:
+            try:
+                await pubsub.aclose()
+            except STORE_ERRORS:
+                pass
+
+
+class TokenStore(RedisStore):
+    def __init__(self, client: aioredis.Redis, prefix: str, lean: RespClient | None = None,
+                 lean_loads: RespClient | None = None) -> None:
+        super().__init__(client, prefix, lean, lean_loads)
+        self._ids = f"{prefix}ids"
+        self._used = f"{prefix}used"
+        self._legacy_accessed = f"{prefix}accessed"
+        self._touch = self.script(TOUCH)
+        self._fold = self.script(FOLD_ACCESSED)
+        self.expiry_key = f"{prefix}expiry"
+        self._next_id = f"{prefix}next_id"
+        self._bin = f"{prefix}bin"
+        self._bin_times = f"{prefix}bin_times"
+
+    def _tok(self, digest: str) -> str:
+        return f"{self.prefix}tok:{digest}"
+
+    def _account(self, cid: int) -> str:
+        return f"{self.prefix}cid:{cid}"
+
+    # -- hot path (cache misses) and batched writes ---------------------------------------------
+
+    async def load(self, digest: str) -> dict[str, Any] | None:
+        """The record and its accessed time."""
+        [record] = await self.load_many([digest])
+        return record
+
+    async def load_many(self, digests: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Records (or None) in the order asked, in one round trip of three commands however many:
+        MGET of the records, HMGET of their accessed times, and ZMSCORE (Redis 6.2+) of the times
+        an instance of an older version may still be writing to the sorted set (none: no key,
+        next to no Redis time).
+
+        A record's `digest` is the very string object asked for (the cache keeps it as its key).
+        """
+        if not digests:
+            return []
+
+        raws, used, legacy = await self.call(lambda: self.batch(self._load_commands(digests), urgent=True))
+        return records_from_replies(digests, raws, used, legacy)
+
+    def load_many_then(self, digests: Sequence[str],
+                       callback: Callable[[list[dict[str, Any] | None] | Exception], None]) -> bool:
+        """`load_many` without a task: `callback` gets the records, or the exception (a store
+        failure as `StoreUnavailable`), straight from the reply. False, and nothing asked, when
+        that is not possible (no lean client, or its connection not open yet): use `load_many`.
+        A request waiting for its token goes on as soon as the reply is read, not one event-loop
+        turn later."""
+        lean = self.lean_loads
+        if lean is None or not digests:
+            return False
+
+        def answer(replies: list[Any] | BaseException) -> None:
+            # Every failure here is the store's: the connection fails with redis-py's errors only,
+            # and an error reply is one of them (`reply_error`).
+            if isinstance(replies, BaseException):
+                callback(_unavailable(replies))
+                return
+            error = reply_error(replies)
+            if error is not None:
+                callback(_unavailable(error))
+                return
+            loaded: list[dict[str, Any] | None] | Exception
+            try:
+                loaded = records_from_replies(digests, replies[0], replies[1], replies[2])
+            except Exception as exc:
+                loaded = exc
+            callback(loaded)
+        return lean.execute_then(self._load_commands(digests), answer)
+
+    def _load_commands(self, digests: Sequence[str]) -> list[tuple[Any, ...]]:
+        tok = f"{self.prefix}tok:"
+        return [("MGET", *[tok + digest for digest in digests]), ("HMGET", self._used, *digests),
+                ("ZMSCORE", self._legacy_accessed, *digests)]
+
+    async def touch(self, accessed: dict[str, int]) -> None:
+        """Record uses; a time older than the stored one is not written (`TOUCH`).
+
+        In calls of TOUCH_CHUNK tokens, one after the other: a second of cache-miss traffic
+        touches thousands of tokens, and one call for all of them would hold Redis for
+        milliseconds, with every token load queued behind it. A step that fails leaves the later
+        ones unwritten; the caller keeps them all (a repeat is harmless)."""
+        if not accessed:
+            return
+        pairs, step = _pairs(accessed), 2 * TOUCH_CHUNK
+        for start in range(0, len(pairs), step):
+            await self._touch([self._used], pairs[start:start + step])
+        self.touched()
+
+    async def fold_legacy_accessed(self) -> int:
+        """Move what the old `accessed` sorted set holds into the `used` hash; how many moved.
+        Nothing to do (one command) once no instance of an older version writes it any more."""
+        moved = 0
+        while True:
+            count = int(await self._fold([self._legacy_accessed, self._used], [FOLD_CHUNK]))
+            moved += count
+            if count < FOLD_CHUNK:
+                break
+        if moved:
+            self.touched()
+        return moved
+
+    # -- tokens API ---------------------------------------------------------------------------
+
+    async def allocate_ids(self, count: int) -> list[int]:
+        last = int(await self.call(lambda: self.client.incrby(self._next_id, count)))
+        return list(range(last - count + 1, last + 1))
+
+    def _write(self, pipe: Any, record: dict[str, Any]) -> None:
+        pipe.set(self._tok(record["digest"]), orjson.dumps(record))
+        pipe.hset(self._ids, str(record["id"]), record["digest"])
+        pipe.sadd(self._account(int(record.get("cid", 0))), str(record["id"]))
+        pipe.zadd(self.expiry_key, {str(record["id"]): expires_at(record)})
+
+    async def insert(self, records: list[dict[str, Any]]) -> None:
+        async def run() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for record in records:
+                    self._write(pipe, record)
+                await pipe.execute()
+        await self.call(run)
+        await self.changed()
+
+    async def insert_if_absent(self, record: dict[str, Any]) -> bool:
+        """Atomically create a record unless its key exists (bootstrap from several instances)."""
+        return await self._write_if_absent(record)
+
+    async def _write_if_absent(self, record: dict[str, Any], also: Callable[[Any], None] | None = None) -> bool:
+        """Write a record (and `also`'s commands) in one transaction, unless its key is in use."""
+        key = self._tok(record["digest"])
+
+        async def run() -> bool:
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(key)
+                if await pipe.exists(key):
+                    return False
+                pipe.multi()
+                self._write(pipe, record)
+                if also is not None:
+                    also(pipe)
+                await pipe.execute()
+                return True
+        try:
+            written = await self.call(run)
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, redis.exceptions.WatchError):
+                return False
+            raise
+        if written:
+            await self.changed()
+        return written
+
+    async def account_ids(self, cid: int) -> list[int]:
+        ids = await self.call(lambda: self.client.smembers(self._account(cid)))
+        return sorted(int(value) for value in ids)
+
+    async def get_many(self, ids: Iterable[int]) -> list[dict[str, Any]]:
+        """Records for the ids that exist, in the order asked; unknown ids are skipped."""
+        wanted = [str(token_id) for token_id in ids]
+        if not wanted:
+            return []
+        digests = await self.call(lambda: self.client.hmget(self._ids, wanted))
+        found = [digest.decode() for digest in digests if digest is not None]
+        return [record for record in await self.load_many(found) if record is not None]
+
+    async def replace(self, record: dict[str, Any]) -> None:
+        """Write a changed record; the grace copies of its old keys take the change too."""
+        async def run() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self._tok(record["digest"]), orjson.dumps(record))
+                pipe.zadd(self.expiry_key, {str(record["id"]): expires_at(record)})
+                self._write_grace_copies(pipe, record)
+                await pipe.execute()
+        await self.call(run)
+        await self.changed()
+
+    def _write_grace_copies(self, pipe: Any, record: dict[str, Any]) -> None:
+        graced = record.get("graced") or {}
+        for digest in grace_digests(record):
+            until = int(graced[digest])
+            pipe.set(self._tok(digest), orjson.dumps(grace_copy(record, digest, until)), exat=until)
+
+    async def rotate(self, record: dict[str, Any], new_digest: str, grace_until: int | None) -> dict[str, Any] | None:
+        """Move a token to a new key digest, keeping its id, fields, `accessed` and logs (by id).
+
+        Without `grace_until` the old key is gone at once; with it, a copy under the old digest
+        serves until then (`grace_copy`) and Redis drops it afterwards. One transaction, watched:
+        None (nothing written) if the token changed key or was deleted meanwhile; else the record
+        as now stored."""
+        token_id, old = str(record["id"]), record["digest"]
+        now = time.time()
+        graced = {digest: until for digest, until in (record.get("graced") or {}).items() if until > now}
+        if grace_until is not None:
+            graced[old] = grace_until
+        moved = {**record, "digest": new_digest, "graced": graced}
+        if not graced:
+            del moved["graced"]
+
+        async def run() -> bool:
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(self._ids, self._tok(old))
+                current = await pipe.hget(self._ids, token_id)
+                if current is None or current.decode() != old:
+                    return False
+                pipe.multi()
+                pipe.set(self._tok(new_digest), orjson.dumps(moved))
+                pipe.hset(self._ids, token_id, new_digest)
+                pipe.hset(self._used, new_digest, int(record.get("accessed", 0)))
+                if grace_until is None:
+                    pipe.delete(self._tok(old))
+                    pipe.hdel(self._used, old)
+                    pipe.zrem(self._legacy_accessed, old)
+                else:
+                    pipe.set(self._tok(old), orjson.dumps(grace_copy(moved, old, grace_until)), exat=grace_until)
+                await pipe.execute()
+                return True
+        try:
+            written = await self.call(run)
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, redis.exceptions.WatchError):
+                return None
+            raise
+        if not written:
+            return None
+        await self.changed()
+        return moved
+
+    async def remove(self, records: list[dict[str, Any]], *, to_bin: bool) -> None:
+        """Delete records (all in one transaction); with `to_bin` keep them for restoring."""
+        now = int(time.time())
+
+        async def run() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for record in records:
+                    token_id = str(record["id"])
+                    for digest in grace_digests(record):  # a rotated key's grace ends with the token
+                        pipe.delete(self._tok(digest))
+                        pipe.hdel(self._used, digest)
+                    record = {name: value for name, value in record.items() if name != "graced"}
+                    pipe.delete(self._tok(record["digest"]))
+                    pipe.hdel(self._ids, token_id)
+                    pipe.srem(self._account(int(record.get("cid", 0))), token_id)
+                    pipe.hdel(self._used, record["digest"])
+                    pipe.zrem(self._legacy_accessed, record["digest"])
+                    pipe.zrem(self.expiry_key, token_id)
+                    if to_bin:
+                        pipe.hset(self._bin, token_id, orjson.dumps({**record, "deleted": now}))
+                        pipe.zadd(self._bin_times, {token_id: now})
+                await pipe.execute()
+        await self.call(run)
+        await self.changed()
+
+    async def claim_expired(self, token_id: int) -> bool:
+        """Exactly one caller, on any instance, gets True for a given expired token."""
+        return bool(await self.call(lambda: self.client.zrem(self.expiry_key, str(token_id))))
+
+    async def expiry_candidates(self, before: float, limit: int) -> list[int]:
+        ids = await self.call(lambda: self.client.zrangebyscore(self.expiry_key, "-inf", before, start=0, num=limit))
+        return [int(value) for value in ids]
+
+    async def set_expiry(self, expiries: dict[int, int]) -> None:
+        """Move tokens in the expiry index (token id -> when it stops being valid)."""
+        if expiries:
+            await self.call(lambda: self.client.zadd(self.expiry_key, {str(k): v for k, v in expiries.items()}))
+
+    # -- recycle bin --------------------------------------------------------------------------
+
+    async def binned(self, ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        if ids is None:
+            raw = list((await self.call(lambda: self.client.hgetall(self._bin))).values())
+        else:
+            wanted = [str(token_id) for token_id in ids]
+            raw = [value for value in await self.call(lambda: self.client.hmget(self._bin, wanted)) if value]
+        return sorted((orjson.loads(value) for value in raw), key=lambda record: int(record["id"]))
+
+    async def restore(self, record: dict[str, Any]) -> bool:
+        """Put a binned record back under its old id and key; False if the key is in use again."""
+        restored = {key: value for key, value in record.items() if key != "deleted"}
+        token_id = str(record["id"])
+        return await self._write_if_absent(
+            restored, lambda pipe: pipe.hdel(self._bin, token_id).zrem(self._bin_times, token_id))
+
+    async def purge_bin(self, older_than: float, ids: Iterable[int] | None = None) -> int:
+        if ids is None:
+            victims = await self.call(lambda: self.client.zrangebyscore(self._bin_times, "-inf", older_than))
+        else:
+            victims = [str(token_id) for token_id in ids]
+        if not victims:
+            return 0
+
+        async def run() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hdel(self._bin, *victims).zrem(self._bin_times, *victims)
+                await pipe.execute()
+        await self.call(run)
+        await self.changed()
+        return len(victims)
+
+
+def _unavailable(error: BaseException) -> StoreUnavailable:
+    unavailable = StoreUnavailable(f"token store: {type(error).__name__}")
+    unavailable.__cause__ = error
+    return unavailable
+
+
+def _pairs(members: dict[str, int]) -> list[Any]:
+    """TOUCH's member, time, member, time..."""
+    flat: list[Any] = []
+    for member, when in members.items():
+        flat += (member, when)
+    return flat

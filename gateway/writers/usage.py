@@ -1,0 +1,293 @@
+"""Usage blocking: per account and window, count API calls and traffic across every instance.
+
+Requests only bump in-process counters. Every `flush_interval` a Lua script (`USAGE_ADD`, one
+call per 128 tokens) adds them to `{gw}:usage:<window>:<account>` (hash `c:<token>` calls,
+`b:<token>` bytes); then one pipeline reads back the totals of the accounts this instance served,
+and the set of blocked tokens. Counts of an account with no limit are held in process for the
+current window instead, and written only if a limit comes before the window ends. Over a limit,
+the heaviest tokens are blocked until the rest fit (`HSETNX {gw}:blocked:<window>` makes the block,
+and its event 20, happen once whichever instance sees it first); at the next window they work
+again and event 21 is logged once (`HSETNX {gw}:unblocked:<window>`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
+from typing import Any
+
+import orjson
+
+from gateway.store.accounts import AccountDirectory, Limits
+from gateway.aio import every
+from gateway.config import UsageSettings
+from gateway.errors import Denied, StoreUnavailable
+from gateway.writers.logs import LogWriter
+from gateway.store.tokens import RedisStore
+from gateway.tokens import Token
+
+log = logging.getLogger("gateway.writers.usage")
+EVENT_BLOCKED, EVENT_UNBLOCKED = 20, 21
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    until: float
+    reason: str
+    cid: int
+
+
+def choose_blocked(usage: dict[int, tuple[int, int]], already: set[int], calls_limit: int,
+                   traffic_limit: int) -> list[tuple[int, str]]:
+    """Heaviest first, until what is left (not blocked) fits every limit; 0 = no limit."""
+    blocked = set(already)
+    chosen: list[tuple[int, str]] = []
+    for metric, limit, label in ((0, calls_limit, "API calls"), (1, traffic_limit, "bytes of traffic")):
+        if limit <= 0:
+            continue
+        remaining = sum(counts[metric] for token_id, counts in usage.items() if token_id not in blocked)
+        for token_id in sorted(usage, key=lambda tid: (-usage[tid][metric], tid)):
+            if remaining <= limit:
+                break
+            if token_id in blocked:
+                continue
+            blocked.add(token_id)
+            remaining -= usage[token_id][metric]
+            chosen.append((token_id, f"its account is over the limit of {limit} {label}"))
+    return chosen
+
+
+# Tokens whose counts an instance holds for accounts with no limit, at most (~25 MB).
+MAX_HELD = 250_000
+HELD_SHIFT = 40  # no instance makes 2**40 calls with one token in a window
+HELD_CALLS = (1 << HELD_SHIFT) - 1
+# Tokens per USAGE_ADD call: ~0.5 ms of Redis time (512 held it for 2.5 ms, token loads queued behind).
+SCRIPT_TOKENS = 128
+# KEYS: usage hashes; ARGV[1]: seconds to keep them; then, for each key in turn, how many tokens,
+# and for each token its id, calls and bytes (added to the fields c:<id> and b:<id>).
+USAGE_ADD = """
+local keep, at = ARGV[1], 2
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  for _ = 1, tonumber(ARGV[at]) do
+    redis.call('HINCRBY', key, 'c:' .. ARGV[at + 1], ARGV[at + 2])
+    redis.call('HINCRBY', key, 'b:' .. ARGV[at + 1], ARGV[at + 3])
+    at = at + 3
+  end
+  at = at + 1
+  redis.call('EXPIRE', key, keep)
+end
+return #KEYS
+"""
+
+
+def parse_usage(raw: dict[bytes, bytes]) -> dict[int, tuple[int, int]]:
+    usage: dict[int, list[int]] = {}
+    for field, value in raw.items():
+        kind, _, token_id = field.decode().partition(":")
+        counts = usage.setdefault(int(token_id), [0, 0])
+        counts[0 if kind == "c" else 1] += int(value)
+    return {token_id: (counts[0], counts[1]) for token_id, counts in usage.items()}
+
+
+class UsageMeter:
+    def __init__(self, store: RedisStore, settings: UsageSettings, directory: AccountDirectory, logs: LogWriter,
+                 clock: Callable[[], float] = time.time, max_held: int = MAX_HELD) -> None:
+        self._store = store
+        self._settings = settings
+        self._directory = directory
+        self._logs = logs
+        self._clock = clock
+        self._counts: dict[tuple[int, int, int], list[int]] = {}
+        # (window, account) -> token id -> calls + (bytes << HELD_SHIFT), for accounts with no limit
+        # (`_to_send`): a dict of ints only is not tracked by the garbage collector, so a quarter of
+        # a million of them add nothing to its passes, where lists did.
+        self._held: dict[tuple[int, int], dict[int, int]] = {}
+        self._held_tokens = 0
+        self._max_held = max_held
+        self.blocked: dict[int, Block] = {}
+        self._prefix = store.prefix
+        self._add = store.script(USAGE_ADD)
+
+    def window(self, now: float) -> int:
+        return int(now // self._settings.window)
+
+    def record(self, token: Token, cid: int, size: int, now: float) -> None:
+        counts = self._counts.get((self.window(now), cid, token.id))
+        if counts is None:
+            self._counts[(self.window(now), cid, token.id)] = [1, size]
+        else:
+            counts[0] += 1
+            counts[1] += size
+
+    def check(self, token: Token, now: float) -> None:
+        block = self.blocked.get(token.id)
+        if block is not None and now < block.until:
+            retry = max(1, math.ceil(block.until - now))
+            raise Denied(429, f"token is blocked: {block.reason}", {"Retry-After": str(retry)})
+
+    def limits_for(self, cid: int) -> tuple[int, int]:
+        tree = self._directory.tree
+        limits = tree.limits.get(cid, Limits()) if tree is not None else Limits()
+        calls = self._settings.api_calls if limits.api_calls is None else limits.api_calls
+        traffic = self._settings.traffic if limits.traffic is None else limits.traffic
+        return calls, traffic
+
+    async def run(self) -> None:
+        await every(self._settings.flush_interval, self.flush, "usage flush")
+
+    async def flush(self, final: bool = False) -> None:
+        """Exchange counts with Redis; `final` (shutdown) also writes what is held in process."""
+        now = self._clock()
+        window = self.window(now)
+        pending, self._counts = self._counts, {}
+        counts = self._to_send(pending, window, final)
+        limited = {cid for cid in {cid for (win, cid, _) in counts if win == window} if any(self.limits_for(cid))}
+        try:
+            totals, blocked_raw = await self._exchange(counts, window, sorted(limited))
+        except StoreUnavailable:
+            for key, (calls, size) in counts.items():  # keep them for the next flush
+                mine = self._counts.setdefault(key, [0, 0])
+                mine[0] += calls
+                mine[1] += size
+            raise
+        blocked = {int(token_id): orjson.loads(value) for token_id, value in blocked_raw.items()}
+        await self._block_over_limit(window, totals, blocked, now)
+        until = (window + 1) * self._settings.window
+        await self._unblock_expired(now)
+        for token_id, info in blocked.items():
+            self.blocked[token_id] = Block(until, info["reason"], int(info["cid"]))
+
+    def _to_send(self, pending: dict[tuple[int, int, int], list[int]], window: int,
+                 final: bool) -> dict[tuple[int, int, int], list[int]]:
+        """What goes to Redis: the counts of accounts with a limit, joined by what was held for
+        them while they had none (a limit set during a window still counts the whole window).
+
+        The counts of an account with no limit are only read if a limit comes, so for the current
+        window they are held here (up to MAX_HELD tokens; past that they are written, which is as
+        exact) and dropped when the window is over. Writing them cost Redis two counters a token:
+        with a new token per request, more than anything but the token's load and log list."""
+        held = self._held
+        for past in [account for account in held if account[0] < window]:
+            self._held_tokens -= len(held.pop(past))
+        send: dict[tuple[int, int, int], list[int]] = {}
+        limited: dict[int, bool] = {}
+        for key, counts in pending.items():
+            win, cid, token_id = key
+            account_limited = limited.get(cid)
+            if account_limited is None:
+                account_limited = limited[cid] = any(self.limits_for(cid))
+            if account_limited or final:
+                send[key] = counts
+            elif win == window:
+                tokens = held.get((win, cid))
+                if tokens is None:
+                    tokens = held[(win, cid)] = {}
+                packed = tokens.get(token_id)
+                if packed is not None:
+                    tokens[token_id] = packed + counts[0] + (counts[1] << HELD_SHIFT)
+                elif self._held_tokens < self._max_held:
+                    tokens[token_id] = counts[0] + (counts[1] << HELD_SHIFT)
+                    self._held_tokens += 1
+                else:
+                    send[key] = counts
+            # else: a past window of an account with no limit: nobody will ever read it
+        for account in [account for account in held if final or any(self.limits_for(account[1]))]:
+            tokens = held.pop(account)
+            self._held_tokens -= len(tokens)
+            for token_id, packed in tokens.items():
+                entry = (account[0], account[1], token_id)
+                calls, size = packed & HELD_CALLS, packed >> HELD_SHIFT
+                sent = send.get(entry)
+                if sent is None:
+                    send[entry] = [calls, size]
+                else:
+                    sent[0] += calls
+                    sent[1] += size
+        return send
+
+    async def _exchange(self, counts: dict[tuple[int, int, int], list[int]], window: int,
+                        accounts: list[int]) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes]]:
+        # The increments go in script calls of at most SCRIPT_TOKENS tokens, one after the other:
+        # with a new token per request, half a second's tokens are thousands of them.
+        by_hash: dict[str, list[tuple[int, int, int]]] = {}
+        for entry in counts:
+            win, cid, _ = entry
+            by_hash.setdefault(f"{self._prefix}usage:{win}:{cid}", []).append(entry)
+        rows = [(key, entry) for key, entries in by_hash.items() for entry in entries]
+        done = 0
+        try:
+            for start in range(0, len(rows), SCRIPT_TOKENS):
+                chunk = rows[start:start + SCRIPT_TOKENS]
+                keys: list[str] = []
+                args: list[int] = [self._settings.window * 3]
+                for key, group in groupby(chunk, key=itemgetter(0)):
+                    entries = [entry for _, entry in group]
+                    keys.append(key)
+                    args.append(len(entries))
+                    for entry in entries:
+                        args += (entry[2], *counts[entry])
+                await self._add(keys, args)
+                done = start + len(chunk)
+        except StoreUnavailable:
+            for _, entry in rows[:done]:  # in Redis already: not to be counted again
+                del counts[entry]
+            raise
+
+        async def run() -> list[Any]:
+            async with self._store.client.pipeline(transaction=False) as pipe:
+                for cid in accounts:
+                    pipe.hgetall(f"{self._prefix}usage:{window}:{cid}")
+                pipe.hgetall(f"{self._prefix}blocked:{window}")
+                return await pipe.execute()
+        replies = await self._store.call(run)
+        return dict(zip(accounts, replies[:-1])), replies[-1]
+
+    async def _block_over_limit(self, window: int, totals: dict[int, dict[bytes, bytes]],
+                                blocked: dict[int, dict[str, Any]], now: float) -> None:
+        decisions: list[tuple[int, int, str]] = []
+        for cid, raw in totals.items():
+            usage = parse_usage(raw)
+            calls, traffic = self.limits_for(cid)
+            already = {token_id for token_id in usage if token_id in blocked}
+            decisions.extend((cid, token_id, reason) for token_id, reason in choose_blocked(usage, already, calls, traffic))
+        if not decisions:
+            return
+        key = f"{self._prefix}blocked:{window}"
+
+        async def run() -> list[Any]:
+            async with self._store.client.pipeline(transaction=False) as pipe:
+                for cid, token_id, reason in decisions:
+                    pipe.hsetnx(key, str(token_id), orjson.dumps({"cid": cid, "reason": reason}))
+                pipe.expire(key, self._settings.window * 3)
+                return await pipe.execute()
+        replies = await self._store.call(run)
+        until = (window + 1) * self._settings.window
+        for (cid, token_id, reason), first in zip(decisions, replies):
+            blocked[token_id] = {"cid": cid, "reason": reason}
+            if first:
+                self._logs.emit({"timestamp": now, "event_code": EVENT_BLOCKED, "token_id": token_id, "cid": cid,
+                                 "reason": reason, "until": until})
+
+    async def _unblock_expired(self, now: float) -> None:
+        ended = [(token_id, block) for token_id, block in self.blocked.items() if now >= block.until]
+        if not ended:
+            return
+
+        async def run() -> list[Any]:
+            async with self._store.client.pipeline(transaction=False) as pipe:
+                for token_id, block in ended:
+                    key = f"{self._prefix}unblocked:{self.window(block.until - 1)}"
+                    pipe.hsetnx(key, str(token_id), 1)
+                    pipe.expire(key, self._settings.window * 3)
+                return await pipe.execute()
+        replies = await self._store.call(run)
+        for (token_id, block), first in zip(ended, replies[::2]):
+            del self.blocked[token_id]
+            if first:
+                self._logs.emit({"timestamp": now, "event_code": EVENT_UNBLOCKED, "token_id": token_id,
+                                 "cid": block.cid})
