@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -80,7 +81,7 @@ class Gateway:
         self.usage = services.usage
         self.logs = services.logs
         self.api = PlatformApi(services.store, services.accounts, services.directory, services.compiler.validator(),
-                               services.logs, services.token_logs)
+                               services.logs, services.token_logs, settings.platform_prefixes)
         self.api.body_limit = settings.limits.api_body_size
         self.trusted = TrustedProxies.parse(settings.trusted_proxies)
         checks = build_checks(settings.platform_prefixes, frozenset({AUTH_INFO}), services.directory, services.usage)
@@ -187,6 +188,11 @@ class Gateway:
                                              "invalidation": self.cache.subscribed.is_set(),
                                              "connections": self.open_connections(), "tasks": len(asyncio.all_tasks()),
                                              "fast_path": "compiled" if fast_path_compiled() else "interpreted"}]})
+
+
+def openapi_document() -> bytes:
+    """The platform API's OpenAPI 3.1 description, shipped as package data."""
+    return (resources.files("gateway.api") / "openapi.json").read_bytes()
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -326,8 +332,14 @@ def create_app(settings: Settings) -> web.Application:
     async def health(request: web.Request) -> web.StreamResponse:
         return await request.app[GATEWAY].health(request)
 
+    document = openapi_document()
+
+    async def openapi(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=document, content_type="application/json")
+
     app.cleanup_ctx.append(context)
     app.router.add_get(settings.internal_prefix + "health", health)
+    app.router.add_get(settings.internal_prefix + "openapi.json", openapi)
     install_panel(app, settings)  # the token panel's static files, <internal_prefix>panel/
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)

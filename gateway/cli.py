@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from gateway import __version__
-from gateway.cli_tokens import add_commands, create_token, master_key_from
+from gateway.cli_tokens import EXIT_USAGE, add_commands, key_from, resolve_url, run_command
 from gateway.config import ConfigError, ListenSettings, Settings, load_settings
 from gateway.tokens import new_key
 
@@ -51,6 +51,31 @@ def parser() -> argparse.ArgumentParser:
 
 def read_settings(path: str | None) -> Settings:
     return load_settings(path if path is not None else default_config())
+
+
+class _ConfigNeeded(Exception):
+    pass
+
+
+def api_command(args: argparse.Namespace) -> int:
+    """`gateway token|account ...`: the configuration is read only for what the options and the
+    environment leave open (the listen address, the bootstrap key)."""
+    loaded: list[Settings] = []
+
+    def settings() -> Settings:
+        if not loaded:
+            try:
+                loaded.append(read_settings(args.config))
+            except ConfigError as exc:
+                raise _ConfigNeeded(str(exc)) from None
+        return loaded[0]
+    try:
+        url = resolve_url(args, os.environ, lambda: (settings().listen.host, settings().listen.port))
+        key = key_from(args, os.environ, lambda: settings().bootstrap_master_token)
+    except _ConfigNeeded as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_command(args, url, key)
 
 
 def check_startup(settings: Settings) -> None:
@@ -106,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in ("token", "account"):
+        return api_command(args)
     try:
         settings = read_settings(args.config)
         if args.command != "token":  # a start, or its rehearsal
@@ -113,10 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    if args.command == "token":
-        host = "127.0.0.1" if settings.listen.host in ("0.0.0.0", "::") else settings.listen.host
-        url = args.url or f"http://{host}:{settings.listen.port}"
-        return create_token(args, url, master_key_from(os.environ, settings.bootstrap_master_token))
     if args.check_config:
         print(f"gateway: configuration {args.config or default_config() or '(environment)'} is valid")
         return 0

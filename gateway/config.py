@@ -37,7 +37,7 @@ from gateway.policy.origins import preset_problems
 ENV_PREFIX = "GATEWAY_"
 MASTER_TOKEN_VARIABLE = "GATEWAY_MASTER_TOKEN"
 # Read by the command line itself, not configuration keys.
-COMMAND_LINE_VARIABLES = frozenset({"GATEWAY_CONFIG", "GATEWAY_LOG_LEVEL"})
+COMMAND_LINE_VARIABLES = frozenset({"GATEWAY_CONFIG", "GATEWAY_LOG_LEVEL", "GATEWAY_URL"})  # URL: `gateway token`'s
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9]{64}$")
 NO_CONFIG_FILE = ("none found: give --config FILE, set GATEWAY_CONFIG, or put config.yaml in the working "
                   "directory (a configuration from the environment alone needs GATEWAY_UPSTREAM)")

@@ -9,7 +9,12 @@ subaccount of it):
 - `/platform/recycle-bin/tokens[/{selector}]` GET, DELETE (purge now)
 - `/platform/recycle-bin/tokens/{selector}/restore`  POST: back under the old id and key
 - `/platform/subaccounts[/{selector}]`       GET, POST, PUT, DELETE (with descendants and tokens)
+- `/platform/tokens/{selector}/rotate`       POST `{"grace": seconds}`: new keys, same ids (beyond flespi)
+- `/platform/customer`                       GET, PUT (`name`, `metadata`): the acting account itself
 - `/auth/info`                               GET, any usable token: its own record
+
+Selectors are flespi's (`selectors.py`); PATCH is taken as PUT. Any other path under a platform
+prefix is answered 404 here and never proxied.
 """
 from __future__ import annotations
 
@@ -21,11 +26,19 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.api.selectors import Selector, parse_selector
 from gateway.api.templates import expand_template
-from gateway.api.validation import DEFAULTS, TokenValidator, account_problems, validity_problems
+from gateway.api.validation import (
+    DEFAULTS,
+    TokenValidator,
+    account_problems,
+    customer_problems,
+    grace_problems,
+    validity_problems,
+)
 from gateway.errors import Denied, FieldProblem, InvalidInput
 from gateway.store.accounts import ROOT_ACCOUNT, AccountDirectory, AccountStore
-from gateway.store.tokens import TokenStore
+from gateway.store.tokens import TokenStore, grace_digests
 from gateway.tokens import PUBLIC_FIELDS, Token, TokenType, key_digest, new_key
 from gateway.writers.logs import LogWriter
 from gateway.writers.tokenlogs import RedisLogSink, select
@@ -33,8 +46,14 @@ from gateway.writers.tokenlogs import RedisLogSink, select
 PLATFORM = "/platform/"
 AUTH_INFO = "/auth/info"
 MAX_BODY = 1024 * 1024
-EVENT_CREATED, EVENT_UPDATED, EVENT_DELETED = 1, 2, 3
+EVENT_CREATED, EVENT_UPDATED, EVENT_DELETED, EVENT_ROTATED = 1, 2, 3, 4
 ACCOUNT_FIELDS = ("id", "name", "cid", "limits", "metadata", "created")
+TOKEN_NAMES = frozenset(PUBLIC_FIELDS)
+BINNED_NAMES = frozenset((*PUBLIC_FIELDS, "deleted"))
+ACCOUNT_NAMES = frozenset(ACCOUNT_FIELDS)
+# The root account has no stored record of its own; this is what it answers as.
+ROOT_RECORD: dict[str, Any] = {"id": ROOT_ACCOUNT, "name": "root", "cid": None, "limits": {}, "metadata": {},
+                               "created": 0}
 
 
 @dataclass(slots=True)
@@ -48,7 +67,8 @@ class Call:
 
     @property
     def method(self) -> str:
-        return "GET" if self.request.method == "HEAD" else self.request.method
+        """HEAD is answered as GET, PATCH as PUT (flespi's clients send either)."""
+        return {"HEAD": "GET", "PATCH": "PUT"}.get(self.request.method, self.request.method)
 
 
 Handler = Callable[[Call], Awaitable[list[dict[str, Any]]]]
@@ -56,19 +76,6 @@ Handler = Callable[[Call], Awaitable[list[dict[str, Any]]]]
 
 def public(record: dict[str, Any], fields: tuple[str, ...] = PUBLIC_FIELDS) -> dict[str, Any]:
     return {name: record.get(name) for name in fields}
-
-
-def parse_selector(selector: str | None, what: str = "token") -> list[int] | None:
-    """`all` (or none) -> None; `1,2,3` -> ids; anything else is a 400 naming the selector."""
-    if selector is None or selector == "all":
-        return None
-    ids: list[int] = []
-    for part in selector.split(","):
-        if not part.isdigit() or not part.isascii() or int(part) < 1:
-            problem = f"invalid {what} selector '{selector}': use all or ids like 1,2"
-            raise InvalidInput([FieldProblem("selector", problem)])
-        ids.append(int(part))
-    return ids
 
 
 def parse_fields(request: web.Request, known: tuple[str, ...]) -> tuple[str, ...]:
@@ -139,9 +146,25 @@ def ok(result: list[dict[str, Any]]) -> web.Response:
     return web.Response(body=orjson.dumps({"result": result}), content_type="application/json")
 
 
+SELECTOR_AT = {"tokens": 1, "subaccounts": 1, "recycle-bin": 2}
+
+
+def shape_of(parts: list[str]) -> str:
+    """`tokens/1,2/logs` -> `tokens/{s}/logs`: the path with its selector segment generalised."""
+    at = SELECTOR_AT.get(parts[0])
+    if at is None or len(parts) <= at or not parts[at]:
+        return "/".join(parts)
+    return "/".join([*parts[:at], "{s}", *parts[at + 1:]])
+
+
+def unknown_path(path: str) -> Denied:
+    return Denied(404, f"unknown path {path}")
+
+
 class PlatformApi:
     def __init__(self, tokens: TokenStore, accounts: AccountStore, directory: AccountDirectory,
-                 validator: TokenValidator, logs: LogWriter, token_logs: RedisLogSink | None) -> None:
+                 validator: TokenValidator, logs: LogWriter, token_logs: RedisLogSink | None,
+                 platform_prefixes: tuple[str, ...] = (PLATFORM, "/auth/")) -> None:
         self._tokens = tokens
         self._accounts = accounts
         self._directory = directory
@@ -149,23 +172,35 @@ class PlatformApi:
         self._logs = logs
         self._token_logs = token_logs
         self.body_limit = MAX_BODY  # bytes of a request body (413 beyond); `limits.api_body_size`
-        self._routes: dict[tuple[str, int, str], Handler] = {
-            ("tokens", 1, "GET"): self.list_tokens, ("tokens", 1, "POST"): self.create_tokens,
-            ("tokens", 2, "GET"): self.list_tokens, ("tokens", 2, "PUT"): self.update_tokens,
-            ("tokens", 2, "DELETE"): self.delete_tokens, ("tokens", 3, "GET"): self.token_logs,
-            ("logs", 1, "GET"): self.platform_logs,
-            ("recycle-bin", 2, "GET"): self.list_bin, ("recycle-bin", 3, "GET"): self.list_bin,
-            ("recycle-bin", 3, "DELETE"): self.purge_bin, ("recycle-bin", 4, "POST"): self.restore,
-            ("subaccounts", 1, "GET"): self.list_accounts, ("subaccounts", 1, "POST"): self.create_accounts,
-            ("subaccounts", 2, "GET"): self.list_accounts, ("subaccounts", 2, "PUT"): self.update_accounts,
-            ("subaccounts", 2, "DELETE"): self.delete_accounts,
+        # (path shape, method) -> handler; `{s}` is a selector segment (`shape_of`).
+        self._routes: dict[tuple[str, str], Handler] = {
+            ("tokens", "GET"): self.list_tokens, ("tokens", "POST"): self.create_tokens,
+            ("tokens/{s}", "GET"): self.list_tokens, ("tokens/{s}", "PUT"): self.update_tokens,
+            ("tokens/{s}", "DELETE"): self.delete_tokens, ("tokens/{s}/logs", "GET"): self.token_logs,
+            ("tokens/{s}/rotate", "POST"): self.rotate_tokens,
+            ("customer", "GET"): self.get_customer, ("customer", "PUT"): self.update_customer,
+            ("logs", "GET"): self.platform_logs,
+            ("recycle-bin/tokens", "GET"): self.list_bin, ("recycle-bin/tokens/{s}", "GET"): self.list_bin,
+            ("recycle-bin/tokens/{s}", "DELETE"): self.purge_bin,
+            ("recycle-bin/tokens/{s}/restore", "POST"): self.restore,
+            ("subaccounts", "GET"): self.list_accounts, ("subaccounts", "POST"): self.create_accounts,
+            ("subaccounts/{s}", "GET"): self.list_accounts, ("subaccounts/{s}", "PUT"): self.update_accounts,
+            ("subaccounts/{s}", "DELETE"): self.delete_accounts,
         }
+        self._shapes = frozenset(shape for shape, _ in self._routes)
+
+        # Every path under these is answered here (unknown ones with 404), never proxied.
+        prefixes = tuple(dict.fromkeys((PLATFORM, *platform_prefixes)))
+        self._prefixes = prefixes
+        self._bare = frozenset(prefix.rstrip("/") for prefix in prefixes)
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """What a front must hand to `dispatch` rather than proxy: the prefixes and their bare forms."""
+        return self._prefixes + tuple(sorted(self._bare))
 
     def handles(self, path: str) -> bool:
-        if path == AUTH_INFO:
-            return True
-        parts = path[len(PLATFORM):].rstrip("/").split("/") if path.startswith(PLATFORM) else []
-        return bool(parts) and parts[0] in ("tokens", "logs", "recycle-bin", "subaccounts")
+        return path == AUTH_INFO or path.startswith(self._prefixes) or path in self._bare
 
     async def dispatch(self, request: web.Request, token: Token, path: str, cid: int) -> web.Response:
         """`cid`: the account the request acts for (`RequestFacts.account_of`)."""
@@ -175,27 +210,37 @@ class PlatformApi:
             return ok([token.public_record()])
         if token.type is not TokenType.MASTER:
             raise Denied(403, f"access to {path.lstrip('/')} is denied: master token required")
-        parts = path[len(PLATFORM):].rstrip("/").split("/")
+        if not path.startswith(PLATFORM):
+            raise unknown_path(path)
+        parts = path[len(PLATFORM):].split("/")
+        if parts[-1] == "" and len(parts) > 1:
+            parts.pop()  # one trailing slash is allowed, as before
         call = Call(request, token, cid, parts)
-        if parts[0] == "recycle-bin" and (len(parts) < 2 or parts[1] != "tokens"
-                                          or (len(parts) == 4 and parts[3] != "restore")):
-            raise Denied(404, f"unknown path {path}")
-        if parts[0] == "tokens" and len(parts) == 3 and parts[2] != "logs":
-            raise Denied(404, f"unknown path {path}")
-        handler = self._routes.get((parts[0], len(parts), call.method))
+        shape = shape_of(parts)
+        if shape not in self._shapes:
+            raise unknown_path(path)
+        handler = self._routes.get((shape, call.method))
         if handler is None:
-            if any(key[:2] == (parts[0], len(parts)) for key in self._routes):
-                raise Denied(405, f"method {request.method} is not allowed on {path}")
-            raise Denied(404, f"unknown path {path}")
+            raise Denied(405, f"method {request.method} is not allowed on {path}")
         return ok(await handler(call))
 
     # -- tokens -------------------------------------------------------------------------------
 
+    async def _scope(self, call: Call, selector: Selector) -> Selector:
+        """The selector bound to one account: its `,cid=N` (N must be the acting account or
+        below it) or else the acting account."""
+        if selector.cid is None:
+            return Selector(selector.ids, selector.match, call.cid)
+        if selector.cid != call.cid and not (await self._directory.reload()).is_within(selector.cid, call.cid):
+            raise Denied(403, f"access to account {selector.cid} is denied for this token")
+        return selector
+
     async def _select_tokens(self, call: Call) -> list[dict[str, Any]]:
-        ids = parse_selector(call.parts[1] if len(call.parts) > 1 else None)
-        if ids is None:
-            ids = await self._tokens.account_ids(call.cid)
-        return [record for record in await self._tokens.get_many(ids) if record.get("cid", 0) == call.cid]
+        raw = call.parts[1] if len(call.parts) > 1 else None
+        selector = await self._scope(call, parse_selector(raw, TOKEN_NAMES))
+        assert selector.cid is not None
+        ids = selector.ids if selector.ids is not None else await self._tokens.account_ids(selector.cid)
+        return [record for record in await self._tokens.get_many(ids) if selector.accepts(record)]
 
     async def list_tokens(self, call: Call) -> list[dict[str, Any]]:
         fields = parse_fields(call.request, PUBLIC_FIELDS)
@@ -237,9 +282,34 @@ class PlatformApi:
                 raise InvalidInput([FieldProblem(p.field, f"token {record['id']}: {p.reason}") for p in found])
         for record in updated:
             await self._tokens.replace(record)
-        await self._tokens.publish(record["digest"] for record in updated)
+        await self._tokens.publish(digest for record in updated
+                                   for digest in (record["digest"], *grace_digests(record)))
         self._log_events(EVENT_UPDATED, updated, call.token)
         return [public(record) for record in updated]
+
+    async def rotate_tokens(self, call: Call) -> list[dict[str, Any]]:
+        """New keys for the selected tokens, same ids, fields and logs; each old key keeps working
+        for `grace` seconds (default 0: refused at once), on every instance (`TokenStore.rotate`)."""
+        body = await read_json(call.request, self.body_limit)
+        body = {} if body is None else body
+        problems = grace_problems(body)
+        if problems:
+            raise InvalidInput(problems)
+        grace = int(body.get("grace", 0))
+        records = await self._select_tokens(call)
+        now = int(time.time())
+        rotated: list[tuple[str, str, dict[str, Any]]] = []
+        for record in records:
+            key = new_key()
+            moved = await self._tokens.rotate(record, key_digest(key), now + grace if grace else None)
+            if moved is not None:  # None: changed or deleted meanwhile, so not rotated (not listed)
+                rotated.append((key, record["digest"], moved))
+        # Every instance drops the old digest's cached record (gone, or now ending at the grace's
+        # end) and any "no such key" it remembers for the new one.
+        await self._tokens.publish(digest for _, old, moved in rotated for digest in (old, moved["digest"]))
+        self._log_events(EVENT_ROTATED, [moved for _, _, moved in rotated], call.token,
+                         {"grace": grace, "reason": "token key rotated"})
+        return [{**public(moved), "key": key} for key, _, moved in rotated]
 
     async def delete_tokens(self, call: Call) -> list[dict[str, Any]]:
         records = await self._select_tokens(call)
@@ -250,14 +320,16 @@ class PlatformApi:
         if not records:
             return
         await self._tokens.remove(records, to_bin=True)
-        await self._tokens.publish(record["digest"] for record in records)
+        await self._tokens.publish(digest for record in records
+                                   for digest in (record["digest"], *grace_digests(record)))
         self._log_events(EVENT_DELETED, records, by)
 
-    def _log_events(self, code: int, records: list[dict[str, Any]], by: Token) -> None:
+    def _log_events(self, code: int, records: list[dict[str, Any]], by: Token,
+                    extra: dict[str, Any] | None = None) -> None:
         now = time.time()
         for record in records:
             self._logs.emit({"timestamp": now, "event_code": code, "token_id": record["id"],
-                             "cid": record.get("cid", 0), "by_token_id": by.id})
+                             "cid": record.get("cid", 0), "by_token_id": by.id, **(extra or {})})
 
     # -- logs ---------------------------------------------------------------------------------
 
@@ -267,11 +339,19 @@ class PlatformApi:
         return self._token_logs
 
     async def token_logs(self, call: Call) -> list[dict[str, Any]]:
+        """Logs of the selected tokens: an id list reads the ids' logs (deleted tokens' too), `all`
+        the account's, a field or expression selector those of the live tokens it matches."""
         reader = self._log_reader()
         data = parse_data(call.request, frozenset({"from", "to", "count"}))
-        ids = parse_selector(call.parts[1])
-        keys = [reader.account_key(call.cid)] if ids is None else [reader.token_key(i) for i in ids]
-        records = [r for r in await reader.read(keys) if int(r.get("cid") or 0) == call.cid]
+        selector = await self._scope(call, parse_selector(call.parts[1], TOKEN_NAMES))
+        assert selector.cid is not None
+        if selector.ids is not None:
+            keys = [reader.token_key(i) for i in selector.ids]
+        elif selector.match is None:
+            keys = [reader.account_key(selector.cid)]
+        else:
+            keys = [reader.token_key(int(record["id"])) for record in await self._select_tokens(call)]
+        records = [r for r in await reader.read(keys) if int(r.get("cid") or 0) == selector.cid] if keys else []
         return select(records, data.get("from"), data.get("to"), None, data.get("count"))
 
     async def platform_logs(self, call: Call) -> list[dict[str, Any]]:
@@ -283,8 +363,9 @@ class PlatformApi:
     # -- recycle bin --------------------------------------------------------------------------
 
     async def _select_binned(self, call: Call) -> list[dict[str, Any]]:
-        ids = parse_selector(call.parts[2] if len(call.parts) > 2 else None)
-        return [record for record in await self._tokens.binned(ids) if record.get("cid", 0) == call.cid]
+        raw = call.parts[2] if len(call.parts) > 2 else None
+        selector = await self._scope(call, parse_selector(raw, BINNED_NAMES))
+        return [record for record in await self._tokens.binned(selector.ids) if selector.accepts(record)]
 
     async def list_bin(self, call: Call) -> list[dict[str, Any]]:
         fields = parse_fields(call.request, (*PUBLIC_FIELDS, "deleted"))
@@ -309,11 +390,19 @@ class PlatformApi:
     # -- subaccounts --------------------------------------------------------------------------
 
     async def _select_accounts(self, call: Call) -> list[dict[str, Any]]:
-        ids = parse_selector(call.parts[1] if len(call.parts) > 1 else None, "account")
+        """Accounts below the acting one; with `,cid=N` only N's own subaccounts (`cid`: the parent)."""
+        raw = call.parts[1] if len(call.parts) > 1 else None
+        selector = parse_selector(raw, ACCOUNT_NAMES)
+        if selector.cid is not None:
+            selector = await self._scope(call, selector)
         tree = await self._directory.reload()
         below = set(tree.descendants(call.cid))
-        wanted = below if ids is None else below & set(ids)
-        return [record for record in await self._accounts.all() if int(record["id"]) in wanted]
+        chosen = [record for record in await self._accounts.all()
+                  if int(record["id"]) in below and selector.accepts(record)]
+        if selector.ids is None:
+            return chosen
+        by_id = {int(record["id"]): record for record in chosen}
+        return [by_id[account_id] for account_id in selector.ids if account_id in by_id]
 
     async def list_accounts(self, call: Call) -> list[dict[str, Any]]:
         fields = parse_fields(call.request, ACCOUNT_FIELDS)
@@ -354,3 +443,30 @@ class PlatformApi:
             await self._accounts.delete(doomed)
             await self._directory.reload()
         return [{"id": cid} for cid in doomed if cid != ROOT_ACCOUNT]
+
+    # -- the acting account ---------------------------------------------------------------------
+
+    async def _customer(self, call: Call) -> dict[str, Any]:
+        if call.cid == ROOT_ACCOUNT:
+            stored = await self._accounts.get(ROOT_ACCOUNT)
+            return {**ROOT_RECORD, **(stored or {}), "cid": None}
+        record = await self._accounts.get(call.cid)
+        if record is None:  # deleted since the request's account check
+            raise Denied(404, f"account {call.cid} not found")
+        return record
+
+    async def get_customer(self, call: Call) -> list[dict[str, Any]]:
+        """The acting account itself (`x-flespi-cid`, else the token's), as flespi answers it."""
+        fields = parse_fields(call.request, ACCOUNT_FIELDS)
+        return [public(await self._customer(call), fields)]
+
+    async def update_customer(self, call: Call) -> list[dict[str, Any]]:
+        """`name` and `metadata` of the acting account; its `limits` are set by its parent."""
+        changes = await read_json(call.request, self.body_limit)
+        problems = customer_problems(changes)
+        if problems:
+            raise InvalidInput(problems)
+        record = {**await self._customer(call), **changes}
+        await self._accounts.save([record])
+        await self._directory.reload()
+        return [public(record, ACCOUNT_FIELDS)]

@@ -52,7 +52,7 @@ def expand_template(item: Any) -> tuple[Any, list[FieldProblem]]:
         return item, [FieldProblem("template", "'template' must be an object {name, item}")]
     problems = []
     name, target = spec.get("name"), spec.get("item")
-    if name not in TEMPLATES:
+    if not isinstance(name, str) or name not in TEMPLATES:  # a list or object name is no template
         problems.append(FieldProblem("template.name", f"unknown template; one of {', '.join(sorted(TEMPLATES))}"))
     if isinstance(target, bool) or not isinstance(target, int) or target < 1:
         problems.append(FieldProblem("template.item", "'template.item' must be a positive item id"))

@@ -126,3 +126,32 @@ def account_problems(body: Any, *, partial: bool) -> list[FieldProblem]:
                                or not all(isinstance(v, str) for v in body["metadata"].values())):
         found.append(FieldProblem("metadata", "'metadata' must be an object of string values"))
     return found
+
+
+CUSTOMER_WRITABLE = frozenset({"name", "metadata"})
+
+
+def customer_problems(body: Any) -> list[FieldProblem]:
+    """A change to the acting account itself (`PUT /platform/customer`): its name and metadata;
+    its limits are its parent's to set (`PUT /platform/subaccounts/{id}`)."""
+    if not isinstance(body, dict):
+        return [FieldProblem("", "account must be a JSON object")]
+    found = [FieldProblem(name, f"field '{name}' cannot be changed here" if name == "limits"
+                          else f"unknown or read-only field '{name}'")
+             for name in body if name not in CUSTOMER_WRITABLE]
+    return found + [problem for problem in account_problems({k: v for k, v in body.items() if k in CUSTOMER_WRITABLE},
+                                                           partial=True)]
+
+
+MAX_GRACE = 30 * 86400
+
+
+def grace_problems(body: Any) -> list[FieldProblem]:
+    """The body of a key rotation: `{"grace": seconds}` (optional, 0 to 30 days)."""
+    if not isinstance(body, dict):
+        return [FieldProblem("", "rotation options must be a JSON object")]
+    found = [FieldProblem(name, f"unknown field '{name}'") for name in body if name != "grace"]
+    grace = body.get("grace", 0)
+    if not _non_negative_int(grace) or grace > MAX_GRACE:
+        found.append(FieldProblem("grace", f"'grace' must be a whole number of seconds from 0 to {MAX_GRACE}"))
+    return found

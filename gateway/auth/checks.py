@@ -55,7 +55,8 @@ def request_facts(method: str, raw_path: str, query: str, cid_header: str | None
     acting_cid = None
     if cid_header is not None:
         cid = cid_header.strip()
-        if not cid.isdigit() or not cid.isascii():
+        # Thousands of digits would make int() raise (and no account id is that long).
+        if not cid.isdigit() or not cid.isascii() or len(cid) > 15:
             raise Denied(400, "invalid x-flespi-cid header: must be an account id")
         acting_cid = int(cid)
     return RequestFacts(method, path, raw_path, query, client_ip, origin, acting_cid, now)

@@ -29,7 +29,7 @@ from typing import Any
 import httptools
 from multidict import CIMultiDict
 
-from gateway.api.platform import AUTH_INFO, PLATFORM
+from gateway.api.platform import AUTH_INFO
 from gateway.app import Gateway
 from gateway.auth.authenticator import Authenticator, extract_key
 from gateway.store.cache import Outcome
@@ -148,8 +148,9 @@ class FastLane:
         self.request_id_name = proxy.request_id_header.encode()
         self.preserve_host = proxy.preserve_host
         self.internal_prefix = settings.internal_prefix
-        # Paths that start with none of these are never the API's nor the gateway's own.
-        self.not_proxied = (PLATFORM, AUTH_INFO, settings.internal_prefix)
+        # Paths the API answers (every one under a platform prefix, 404 if unknown) or the
+        # gateway's own: never proxied, so handed to aiohttp after the `handles` test below.
+        self.not_proxied = (*gateway.api.prefixes, AUTH_INFO, settings.internal_prefix)
         self.token_id_name = proxy.token_id_header.encode()
         self.account_id_name = proxy.account_id_header.encode()
         self.realm_challenge = f'FlespiToken realm="{settings.realm}"'.encode()

@@ -42,6 +42,8 @@ class AccountTree:
     def from_records(cls, records: Iterable[dict[str, Any]]) -> AccountTree:
         parents, limits = {}, {}
         for record in records:
+            if record.get("cid") is None:  # the root account's own record (name, metadata): no parent
+                continue
             parents[int(record["id"])] = int(record["cid"])
             raw = record.get("limits") or {}
             limits[int(record["id"])] = Limits(raw.get("api_calls"), raw.get("traffic"))
@@ -72,6 +74,10 @@ class AccountStore(RedisStore):
     async def all(self) -> list[dict[str, Any]]:
         raw = await self.call(lambda: self.client.hvals(self._accounts))
         return sorted((orjson.loads(value) for value in raw), key=lambda record: int(record["id"]))
+
+    async def get(self, account_id: int) -> dict[str, Any] | None:
+        raw = await self.call(lambda: self.client.hget(self._accounts, str(account_id)))
+        return None if raw is None else dict(orjson.loads(raw))
 
     async def allocate_ids(self, count: int) -> list[int]:
         last = int(await self.call(lambda: self.client.incrby(self._next_id, count)))

@@ -13,6 +13,10 @@ keys in one Redis Cluster slot so that MULTI/EXEC transactions work there too):
 - `{gw}:next_id`              counter for token ids, never reused
 - `{gw}:bin`                  hash: token id -> JSON of a deleted record; `{gw}:bin_times` when
 - `{gw}:invalidate`           pub/sub channel: digests whose cached records must be dropped
+
+A rotated key (`rotate`) with a grace period keeps a copy of the record under its old digest,
+ending at the grace's end (`expire`, and the Redis key's own expiry); the live record lists such
+copies in `graced` (old digest -> end) so that changes and deletion reach them too.
 """
 from __future__ import annotations
 
@@ -70,6 +74,22 @@ def connect_redis(settings: RedisSettings) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=10,
     )
+
+
+def grace_digests(record: dict[str, Any], now: float | None = None) -> list[str]:
+    """The old digests of a rotated token whose grace has not ended."""
+    graced = record.get("graced") or {}
+    moment = time.time() if now is None else now
+    return [digest for digest, until in graced.items() if until > moment]
+
+
+def grace_copy(record: dict[str, Any], digest: str, until: int) -> dict[str, Any]:
+    """What the old key of a rotated token reads during its grace: the token as it is, ending at
+    `until` at the latest. `expire` carries the end, so every instance refuses the old key from
+    then on, whatever it has cached; a ttl token is valid no longer than it would have been."""
+    ends = min(until, expires_at(record))
+    copy = {name: value for name, value in record.items() if name != "graced"}
+    return {**copy, "digest": digest, "expire": ends, "ttl": 0}
 
 
 def expires_at(record: dict[str, Any]) -> int:
@@ -336,13 +356,66 @@ class TokenStore(RedisStore):
         return [record for record in await self.load_many(found) if record is not None]
 
     async def replace(self, record: dict[str, Any]) -> None:
+        """Write a changed record; the grace copies of its old keys take the change too."""
         async def run() -> None:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.set(self._tok(record["digest"]), orjson.dumps(record))
                 pipe.zadd(self.expiry_key, {str(record["id"]): expires_at(record)})
+                self._write_grace_copies(pipe, record)
                 await pipe.execute()
         await self.call(run)
         await self.changed()
+
+    def _write_grace_copies(self, pipe: Any, record: dict[str, Any]) -> None:
+        graced = record.get("graced") or {}
+        for digest in grace_digests(record):
+            until = int(graced[digest])
+            pipe.set(self._tok(digest), orjson.dumps(grace_copy(record, digest, until)), exat=until)
+
+    async def rotate(self, record: dict[str, Any], new_digest: str, grace_until: int | None) -> dict[str, Any] | None:
+        """Move a token to a new key digest, keeping its id, fields, `accessed` and logs (by id).
+
+        Without `grace_until` the old key is gone at once; with it, a copy under the old digest
+        serves until then (`grace_copy`) and Redis drops it afterwards. One transaction, watched:
+        None (nothing written) if the token changed key or was deleted meanwhile; else the record
+        as now stored."""
+        token_id, old = str(record["id"]), record["digest"]
+        now = time.time()
+        graced = {digest: until for digest, until in (record.get("graced") or {}).items() if until > now}
+        if grace_until is not None:
+            graced[old] = grace_until
+        moved = {**record, "digest": new_digest, "graced": graced}
+        if not graced:
+            del moved["graced"]
+
+        async def run() -> bool:
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(self._ids, self._tok(old))
+                current = await pipe.hget(self._ids, token_id)
+                if current is None or (current.decode() if isinstance(current, bytes) else current) != old:
+                    return False
+                pipe.multi()
+                pipe.set(self._tok(new_digest), orjson.dumps(moved))
+                pipe.hset(self._ids, token_id, new_digest)
+                pipe.hset(self._used, new_digest, int(record.get("accessed", 0)))
+                if grace_until is None:
+                    pipe.delete(self._tok(old))
+                    pipe.hdel(self._used, old)
+                    pipe.zrem(self._legacy_accessed, old)
+                else:
+                    pipe.set(self._tok(old), orjson.dumps(grace_copy(moved, old, grace_until)), exat=grace_until)
+                await pipe.execute()
+                return True
+        try:
+            written = await self.call(run)
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, redis.exceptions.WatchError):
+                return None
+            raise
+        if not written:
+            return None
+        await self.changed()
+        return moved
 
     async def remove(self, records: list[dict[str, Any]], *, to_bin: bool) -> None:
         """Delete records (all in one transaction); with `to_bin` keep them for restoring."""
@@ -352,6 +425,10 @@ class TokenStore(RedisStore):
             async with self.client.pipeline(transaction=True) as pipe:
                 for record in records:
                     token_id = str(record["id"])
+                    for digest in grace_digests(record):  # a rotated key's grace ends with the token
+                        pipe.delete(self._tok(digest))
+                        pipe.hdel(self._used, digest)
+                    record = {name: value for name, value in record.items() if name != "graced"}
                     pipe.delete(self._tok(record["digest"]))
                     pipe.hdel(self._ids, token_id)
                     pipe.srem(self._account(int(record.get("cid", 0))), token_id)

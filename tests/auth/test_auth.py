@@ -52,9 +52,12 @@ async def test_standard_token_reaches_upstream_not_platform(gw: GatewayHandle, u
     assert [r.raw_path for r in upstream.requests] == ["/gw/devices/all"]
 
 
-async def test_master_token_may_call_platform_paths_upstream(gw: GatewayHandle, upstream: Upstream) -> None:
+async def test_master_token_platform_paths_stay_in_the_gateway(gw: GatewayHandle, upstream: Upstream) -> None:
     status, body = await gw.call("GET", "/platform/customer")
-    assert status == 200 and body["path"] == "/platform/customer"
+    assert status == 200 and body["result"][0]["id"] == 0  # answered by the gateway itself
+    status, body = await gw.call("GET", "/platform/devices/all")
+    assert (status, body) == (404, error(404, "unknown path /platform/devices/all"))
+    assert upstream.requests == []
 
 
 async def test_noapi_token_cannot_make_any_request(gw: GatewayHandle, upstream: Upstream) -> None:

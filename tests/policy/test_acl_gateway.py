@@ -155,11 +155,11 @@ async def test_template_from_cli(gw: GatewayHandle, upstream: Upstream, tmp_path
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"upstream": upstream.url}))
     command = [sys.executable, "-m", "gateway", "--config", str(config), "token", "create", "--template", "trackit",
-               "--item", "12345", "--ttl", "7d", "--url", gw.url]
+               "--item", "12345", "--ttl", "7d", "--url", gw.url, "--json"]
     result = await asyncio.to_thread(subprocess.run, command, cwd=ROOT, capture_output=True, text=True, timeout=30,
                                      env={**os.environ, "GATEWAY_MASTER_TOKEN": MASTER_KEY})
     assert result.returncode == 0, result.stderr
-    token = orjson.loads(result.stdout)
+    [token] = orjson.loads(result.stdout)["result"]
     assert token["ttl"] == 7 * 86400 and len(token["key"]) == 64
     assert (await gw.call("GET", "/gw/devices/12345/messages", key=token["key"]))[0] == 200
     assert (await gw.call("GET", "/gw/devices/12345/settings", key=token["key"]))[0] == 403
@@ -210,3 +210,9 @@ async def test_no_encoding_of_an_ungranted_path_gets_through(make_gateway: Gatew
                               headers={"Authorization": f"FlespiToken {token['key']}"}) as response:
         assert response.status in (400, 403), (path, response.status)
     assert len(upstream.requests) == before, path
+
+
+@pytest.mark.parametrize("name", [{"a": 1}, ["trackit"], 5, None])
+async def test_template_name_of_any_type_is_a_400(gw: GatewayHandle, name: Any) -> None:
+    status, body = await gw.call("POST", "/platform/tokens", json={"ttl": 5, "template": {"name": name, "item": 1}})
+    assert status == 400 and [e["field"] for e in body["errors"]] == ["template.name"]
