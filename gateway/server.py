@@ -84,7 +84,7 @@ async def freeze_long_lived_objects(app: web.Application) -> AsyncIterator[None]
 
 
 class GatewaySite(web.BaseSite):
-    """The listening socket: connections start on the fast path (`fastpath.FastLane`)."""
+    """The listening socket: connections start on the fast path (`proxy.listener.FastLane`)."""
 
     __slots__ = ("_host", "_port", "_reuse_port", "lane")
 
@@ -108,7 +108,7 @@ class GatewaySite(web.BaseSite):
         runner = self._runner
         assert isinstance(runner, web.AppRunner) and runner.server is not None
         gateway = runner.app[GATEWAY]
-        self.lane = lane = FastLane(gateway, runner.server)
+        self.lane = lane = FastLane(gateway.flow, runner.server, gateway.services.upstream_tls)
         gateway.open_connections = lambda: len(lane.connections)
         lane.start()
         self._server = await asyncio.get_running_loop().create_server(

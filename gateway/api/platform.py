@@ -28,10 +28,9 @@ from gateway.store.tokens import TokenStore
 from gateway.api.templates import expand_template
 from gateway.writers.tokenlogs import RedisLogSink, select
 from gateway.tokens import PUBLIC_FIELDS, Token, TokenType, key_digest, new_key
+from gateway.policy.paths import AUTH_INFO, PLATFORM
 from gateway.api.validation import DEFAULTS, TokenValidator, account_problems, validity_problems
 
-PLATFORM = "/platform/"
-AUTH_INFO = "/auth/info"
 MAX_BODY = 1024 * 1024
 EVENT_CREATED, EVENT_UPDATED, EVENT_DELETED = 1, 2, 3
 ACCOUNT_FIELDS = ("id", "name", "cid", "limits", "metadata", "created")

@@ -7,15 +7,12 @@ from typing import Any
 
 import orjson
 
-from gateway.policy.acl import compile_acl, load_group_members, parse_uri_patterns
-from gateway.errors import FieldProblem
-from gateway.policy.ipmask import compile_ip_masks, ip_mask_problems
-from gateway.policy.origins import compile_origins, origin_problems
-from gateway.policy.acl import acl_problems
 from gateway.config import Settings
+from gateway.policy.acl import compile_acl, load_group_members, parse_uri_patterns
+from gateway.policy.ipmask import compile_ip_masks
+from gateway.policy.origins import compile_origins
 from gateway.store.tokens import RedisStore
 from gateway.tokens import TOKEN_TYPES, Token, TokenType
-from gateway.api.validation import TokenValidator
 
 
 class TokenCompiler:
@@ -42,7 +39,7 @@ class TokenCompiler:
         for record in records:
             try:
                 token = self.compile(record)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a record that fails to compile fails alone
                 compiled.append(exc)
                 continue
             compiled.append(token)
@@ -84,15 +81,3 @@ class TokenCompiler:
 
     async def _group_members(self, token: Token) -> dict[str, frozenset[int]]:
         return await self._store.call(lambda: load_group_members(self._store.client, self._store.prefix, token.acl))
-
-    def validator(self) -> TokenValidator:
-        def acl(value: Any) -> list[FieldProblem]:
-            return acl_problems(value, "access.acl", self._platform, self._group_uri)
-
-        def ips(value: Any) -> list[FieldProblem]:
-            return [FieldProblem("ips", reason) for reason in ip_mask_problems(value)]
-
-        def origins(value: Any) -> list[FieldProblem]:
-            return [FieldProblem("origins", reason) for reason in origin_problems(value, self._presets)]
-
-        return TokenValidator(acl_problems=acl, ips_problems=ips, origins_problems=origins)
