@@ -36,6 +36,7 @@ from gateway.proxy.exchange import MAX_BUFFERED, Exchange
 from gateway.proxy.flow import RequestFlow
 from gateway.proxy.front import Front, Incoming, Lane
 from gateway.proxy.replies import error_bytes
+from gateway.proxy.upstream import UpstreamPool
 
 log = logging.getLogger("gateway.proxy.listener")
 FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE"})
@@ -66,18 +67,40 @@ class _Spent:
 SPENT_REQUEST_PARSER = httptools.HttpRequestParser(_Spent())
 
 
-class FastLane(Lane):
-    """Per process: the protocol factory for the listening socket, and its connections."""
+class FastLane:
+    """Per process: the protocol factory for the listening socket, and its connections.
+
+    What the requests share is a `front.Lane`, held rather than inherited: mypyc's native
+    subclass of a class compiled in another module crashed when constructed."""
 
     def __init__(self, flow: RequestFlow, handler_factory: Callable[[], asyncio.Protocol],
                  upstream_tls: ssl.SSLContext) -> None:
-        super().__init__(flow, handler_factory, upstream_tls)
+        self.shared = shared = Lane(flow, handler_factory, upstream_tls)
+        self.flow = flow
+        self.loop = shared.loop
+        self.limits: LimitsSettings = shared.limits
         limits = self.limits
         # The whole head may be buffered by the parser before any callback sees it (a header that
         # never ends): what a connection may feed it between two heads' ends.
         self.max_pending_head = limits.max_head_size + limits.max_request_line
         self.connections: set[FrontProtocol] = set()
         self._sweeper: asyncio.Task[None] | None = None
+
+    # Read by tests and stats; kept by the shared lane, which the exchanges count on.
+    @property
+    def served_fast(self) -> int:
+        return self.shared.served_fast
+
+    @property
+    def handed_over(self) -> int:
+        return self.shared.handed_over
+
+    @property
+    def closing(self) -> bool:
+        return self.shared.closing
+
+    def pools(self) -> list[UpstreamPool]:
+        return self.shared.pools()
 
     def __call__(self) -> FrontProtocol:
         return FrontProtocol(self)
@@ -97,7 +120,7 @@ class FastLane(Lane):
 
     async def shutdown(self, timeout: float) -> None:
         """Stop keep-alive, let requests in flight finish (up to `timeout`), then close the pools."""
-        self.closing = True
+        self.shared.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conn in list(self.connections):
@@ -157,7 +180,7 @@ class FrontProtocol(Front):
         lane.connections.add(self)  # counted while it drains, so the sweep bounds its close too
         if full:
             self.idle_since = None
-            self.write(error_bytes(lane.flow, 503, TOO_MANY_CONNECTIONS, {}, b"", lane.date(), close=True))
+            self.write(error_bytes(lane.flow, 503, TOO_MANY_CONNECTIONS, {}, b"", lane.shared.date(), close=True))
             self.linger(REFUSED_LINGER)
 
     def data_received(self, data: bytes) -> None:
@@ -335,14 +358,14 @@ class FrontProtocol(Front):
                 or not incoming.url.startswith(b"/") or any(name in index for name in SLOW_HEADERS)):
             self.hand_over(incoming)
             return
-        self.exchange = Exchange(self, self.lane, incoming)
+        self.exchange = Exchange(self, self.lane.shared, incoming)
         self.exchange.start()
 
     def hand_over(self, incoming: Incoming) -> None:
         """From this request on, aiohttp serves the connection."""
-        self.lane.handed_over += 1
+        self.lane.shared.handed_over += 1
         self.exchange = None
-        self.bridge = Bridge(self, self.lane.handler_factory)
+        self.bridge = Bridge(self, self.lane.shared.handler_factory)
         self.bridge.send_head(incoming)
         for queued in self.queue:
             self.bridge.send_head(queued)
@@ -394,7 +417,7 @@ class FrontProtocol(Front):
         if (bridge is not None and not bridge.idle()) or exchange is not None or self.transport is None:
             self.close()  # a reply is on its way: the stream cannot carry another
             return
-        self.write(error_bytes(self.lane.flow, status, reason, {}, b"", self.lane.date(), close=True))
+        self.write(error_bytes(self.lane.flow, status, reason, {}, b"", self.lane.shared.date(), close=True))
         self.linger()
 
     def check_timeouts(self, now: float, limits: LimitsSettings) -> None:
