@@ -37,7 +37,11 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from run import PREFIX, Processes, fill_tokens, random_keys, run_async, start_redis
+from harness import PREFIX
+from harness.procs import Processes
+from harness.servers import start_redis
+from harness.session import run_async
+from harness.tokens import fill_tokens, random_keys
 
 CONCURRENCY = 50
 

@@ -1,9 +1,14 @@
 """A minimal fast upstream for machines without nginx: every request gets `200 ok`, keep-alive.
 
     python bench/upstream.py --port 9000
+    python bench/upstream.py --port 9000 --aiohttp   # the soak's upstream
 
 Raw asyncio protocol (uvloop when installed): it only finds the end of each request's headers,
 skips a Content-Length body if there is one, and answers. Good enough for GET load tests.
+
+With --aiohttp it is an aiohttp server instead (slower, but a real HTTP server): any method and
+path reads the body and answers `200 ok`, except `/soak/ws` (a WebSocket echo), `/soak/big`
+(a 256 KB body, for clients that leave mid-reply) and `/soak/slow` (answers after 0.5 s).
 """
 from __future__ import annotations
 
@@ -51,16 +56,58 @@ async def serve(host: str, port: int) -> None:
         await stop.wait()
 
 
+BIG = b"x" * 262_144
+
+
+async def serve_aiohttp(host: str, port: int) -> None:
+    from aiohttp import WSMsgType, web
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        async for message in socket:
+            if message.type == WSMsgType.TEXT:
+                await socket.send_str(message.data)
+            elif message.type == WSMsgType.BINARY:
+                await socket.send_bytes(message.data)
+        return socket
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if request.path == "/soak/big":
+            return web.Response(body=BIG)
+        if request.path == "/soak/slow":
+            await asyncio.sleep(0.5)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/soak/ws", echo)
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, backlog=1024).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 def main() -> None:
     parse = argparse.ArgumentParser(description=__doc__)
     parse.add_argument("--host", default="127.0.0.1")
     parse.add_argument("--port", type=int, required=True)
+    parse.add_argument("--aiohttp", action="store_true", help="an aiohttp server with WebSocket, big and slow paths")
     args = parse.parse_args()
+    job = (serve_aiohttp if args.aiohttp else serve)(args.host, args.port)
     try:
         import uvloop
-        uvloop.run(serve(args.host, args.port))
+        uvloop.run(job)
     except ImportError:
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(job)
 
 
 if __name__ == "__main__":

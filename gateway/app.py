@@ -27,6 +27,7 @@ from gateway.auth.compiler import TokenCompiler
 from gateway.build import fast_path_compiled
 from gateway.config import Settings
 from gateway.errors import Denied, FieldProblem, InvalidInput, StoreUnavailable
+from gateway.panel import install as install_panel
 from gateway.policy.acl import acl_problems
 from gateway.policy.ipmask import ip_mask_problems
 from gateway.policy.origins import origin_problems
@@ -306,6 +307,7 @@ def create_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(context)
     app.router.add_get(settings.internal_prefix + "health", health)
+    install_panel(app, settings)  # the token panel's static files, <internal_prefix>panel/
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)
     app[CORS].install(app, app.router.add_route("*", "/{tail:.*}", handle))

@@ -1,16 +1,24 @@
-"""Command line: `gateway --config config.yaml`, `gateway --check-config` (like `nginx -t`)."""
+"""Command line: `gateway --config config.yaml`, `gateway --check-config` (like `nginx -t`), `gateway --version`."""
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.metadata
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.config import ConfigError, Settings, load_settings
+import orjson
+
+from gateway import __version__
 from gateway.cli_tokens import add_commands, create_token, master_key_from
+from gateway.config import ConfigError, ListenSettings, Settings, load_settings
 from gateway.tokens import new_key
+
+DISTRIBUTION = "flespi-token-gateway"
 
 
 def default_config() -> str | None:
@@ -20,10 +28,20 @@ def default_config() -> str | None:
     return "config.yaml" if Path("config.yaml").exists() else None
 
 
+def package_version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return __version__
+
+
 def parser() -> argparse.ArgumentParser:
     parse = argparse.ArgumentParser(prog="gateway", description="Token authorization gateway (flespi token model).")
-    parse.add_argument("--config", "-c", default=None, help="YAML config file (default: $GATEWAY_CONFIG or ./config.yaml)")
-    parse.add_argument("--check-config", "-t", action="store_true", help="only check the configuration, then exit")
+    parse.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parse.add_argument("--config", "-c", default=None,
+                       help="YAML config file (default: $GATEWAY_CONFIG or ./config.yaml)")
+    parse.add_argument("--check-config", "-t", action="store_true",
+                       help="check the configuration as a start would (files, the listen address), then exit")
     parse.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), help="Python logging level")
     commands = parse.add_subparsers(dest="command")
     commands.add_parser("keygen", help="print a new random 64-character token key (for bootstrap_master_token)")
@@ -35,6 +53,52 @@ def read_settings(path: str | None) -> Settings:
     return load_settings(path if path is not None else default_config())
 
 
+def check_startup(settings: Settings) -> None:
+    """What would still stop a start after the file parsed: the port, the embedded store's file."""
+    check_listen(settings.listen, reuse_port=settings.workers > 1)
+    if settings.redis.embedded:
+        check_snapshot(settings.redis.data_file)
+
+
+def check_listen(listen: ListenSettings, reuse_port: bool) -> None:
+    """Bind the listen address the way the server will (asyncio's create_server: every address the
+    host resolves to, SO_REUSEADDR, SO_REUSEPORT with workers), then let it go. So a port held by
+    another process is refused unless the kernel would let the workers share it (it is held
+    through SO_REUSEPORT by the same user, as a running gateway with workers is)."""
+    try:
+        addresses = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError("listen.host", f"{listen.host!r} does not resolve ({exc.strerror})") from exc
+    for family, kind, protocol, _, address in set(addresses):
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                key = "listen.port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "listen.host"
+                host = str(address[0])
+                where = f"[{host}]:{listen.port}" if family == socket.AF_INET6 else f"{host}:{listen.port}"
+                raise ConfigError(key, f"cannot listen on {where} ({exc.strerror})") from exc
+
+
+def check_snapshot(data_file: str) -> None:
+    """The embedded store loads its snapshot at start; one it cannot read stops the start."""
+    path = Path(data_file)
+    if not path.exists():
+        return
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ConfigError("redis.data_file", f"{data_file!r} is not a snapshot of the embedded store "
+                                             f"({getattr(exc, 'strerror', None) or exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("redis.data_file", f"{data_file!r} is not a snapshot of the embedded store")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "keygen":
@@ -44,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = read_settings(args.config)
+        if args.command != "token":  # a start, or its rehearsal
+            check_startup(settings)
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2

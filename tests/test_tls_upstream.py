@@ -239,5 +239,5 @@ def test_bad_ca_file_is_refused(bad_ca_files: dict[str, Any], kind: str) -> None
 
 def test_bad_ca_file_from_the_environment_is_refused(bad_ca_files: dict[str, str]) -> None:
     environ = {"GATEWAY_UPSTREAM": "https://localhost:8443", "GATEWAY_PROXY__CA_FILE": bad_ca_files["not PEM"]}
-    with pytest.raises(ConfigError, match=r"^proxy\.ca_file: "):
+    with pytest.raises(ConfigError, match=r"^GATEWAY_PROXY__CA_FILE: proxy\.ca_file: "):
         load_settings(None, environ)
