@@ -19,32 +19,39 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from gateway.writers.accessed import AccessedWriter
-from gateway.store.accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
 from gateway.aio import cancel_all
-from gateway.api.platform import AUTH_INFO, PlatformApi
+from gateway.api.platform import PlatformApi
+from gateway.api.validation import TokenValidator
 from gateway.auth.authenticator import Authenticator, extract_key
-from gateway.build import fast_path_compiled
-from gateway.store.cache import TokenCache
-from gateway.auth.checks import RequestFacts, build_checks, request_facts
-from gateway.policy.clientaddr import TrustedProxies, client_address, forwarded_for
+from gateway.auth.checks import RequestFacts, build_checks
 from gateway.auth.compiler import TokenCompiler
+from gateway.build import fast_path_compiled
 from gateway.config import Settings
-from gateway.proxy.cors import CorsPolicy
-from gateway.errors import (STORAGE_UNAVAILABLE, Denied, InvalidInput, StoreUnavailable, error_response,
-                     invalid_input_response)
-from gateway.writers.housekeeping import Housekeeper
-from gateway.writers.logs import FileSink, LogWriter, RequestIds, request_record
+from gateway.errors import Denied, FieldProblem, InvalidInput, StoreUnavailable
 from gateway.panel import install as install_panel
-from gateway.policy.paths import pick_route
-from gateway.proxy.relay import Proxy, upstream_url
+from gateway.policy.acl import acl_problems
+from gateway.policy.ipmask import ip_mask_problems
+from gateway.policy.origins import origin_problems
+from gateway.policy.paths import AUTH_INFO
+from gateway.proxy.cors import CorsPolicy
+from gateway.proxy.flow import RequestFlow
+from gateway.proxy.relay import Proxy
+from gateway.proxy.replies import error_response, invalid_input_response
+from gateway.proxy.routing import upstream_url
+from gateway.store.accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
+from gateway.store.cache import TokenCache
 from gateway.store.resp import RespClient, lean_client
 from gateway.store.tokens import TokenStore, connect_redis
-from gateway.writers.tokenlogs import RedisLogSink
 from gateway.tokens import Token, key_digest
+from gateway.writers.accessed import AccessedWriter
+from gateway.writers.housekeeping import Housekeeper
+from gateway.writers.logs import FileSink, LogWriter
+from gateway.writers.tokenlogs import RedisLogSink
 from gateway.writers.usage import UsageMeter
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from gateway.store.embedded import Snapshotter
 
 log = logging.getLogger("gateway")
@@ -69,7 +76,7 @@ class Services:
 
 
 class Gateway:
-    """Runs every request through the same flow."""
+    """The aiohttp front: runs the requests aiohttp serves through the process's `RequestFlow`."""
 
     def __init__(self, settings: Settings, services: Services, cors: CorsPolicy) -> None:
         self.settings = settings
@@ -80,108 +87,63 @@ class Gateway:
         self.accessed = services.accessed
         self.usage = services.usage
         self.logs = services.logs
-        self.api = PlatformApi(services.store, services.accounts, services.directory, services.compiler.validator(),
+        self.api = PlatformApi(services.store, services.accounts, services.directory, token_validator(settings),
                                services.logs, services.token_logs, settings.platform_prefixes)
         self.api.body_limit = settings.limits.api_body_size
-        self.trusted = TrustedProxies.parse(settings.trusted_proxies)
         checks = build_checks(settings.platform_prefixes, frozenset({AUTH_INFO}), services.directory, services.usage)
         self.auth = Authenticator(services.cache, services.accessed, checks)
-        self.proxy = Proxy(settings.proxy, services.session)
-        self._request_id_header = settings.proxy.request_id_header
-        self.request_ids = RequestIds()
+        # The rules every front applies (the fast path gets this same object).
+        self.flow = RequestFlow(settings, self.auth, services.usage, services.logs, self.api.handles)
+        self.proxy = Proxy(settings.proxy, services.session, self.flow.request_drop)
         self.open_connections: Callable[[], int] = lambda: 0  # the listener's count, once it runs
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        flow = self.flow
         started, now = time.perf_counter(), time.time()
-        request_id = self._request_id(request)
+        trusted = flow.is_trusted_peer(request.remote)
+        request_id = flow.request_id(request.headers.get(flow.request_id_header), trusted)
         facts: RequestFacts | None = None
         served: Token | None = None
         try:
             if self.cors.is_preflight(request):
                 response = await self.cors.preflight(request)  # no token: never authorized, never forwarded
             else:
-                facts = self._facts(request, now)
-                served = await self.auth.authenticate(extract_key(request.headers.get("Authorization")), facts)
-                response = await self._dispatch(request, served, facts, request_id)
-        except Denied as denied:
-            response = error_response(denied.status, denied.reason, self.settings.realm, denied.headers)
-        except StoreUnavailable:
-            response = error_response(503, STORAGE_UNAVAILABLE, self.settings.realm)
+                headers = request.headers
+                facts = flow.facts(request.method, request.raw_path, headers.get("x-flespi-cid"), headers.get("Origin"),
+                                   flow.client_address(request.remote or "", headers), now)
+                served = await flow.auth.authenticate(extract_key(headers.get("Authorization")), facts)
+                response = await self._dispatch(request, served, facts, request_id, trusted)
+        except (Denied, StoreUnavailable) as error:
+            denied = flow.refusal(error)
+            response = error_response(flow, denied.status, denied.reason, denied.headers)
         except InvalidInput as invalid:
             response = invalid_input_response(invalid.problems)
         if not response.prepared:  # a proxied reply got these from the proxy, before its first byte
             self._finish(response, request, facts, request_id)
-        if facts is not None and facts.token is not None:
-            if served is not None:
-                size = request.content.total_bytes + (response.body_length or 0)
-                self.usage.record(served, served.cid, size, now)
-            self._log_request(request, facts, facts.token, response, request_id, started)
+        if facts is not None:
+            size = response.body_length
+            flow.finish(facts, facts.token, served, request.headers.get("x-flespi-app", ""), response.status, started,
+                        size, request.content.total_bytes + (size or 0), request_id)
         return response
 
     def _finish(self, response: web.StreamResponse, request: web.Request, facts: RequestFacts | None,
                 request_id: str) -> None:
         """The gateway's own headers on every reply (API, error or proxied), set before it starts."""
-        response.headers[self._request_id_header] = request_id
+        response.headers[self.flow.request_id_header] = request_id
         origin_allowed = facts is not None and facts.origin_allowed
         self.cors.share(response.headers, request.headers.get("Origin"), origin_allowed)
 
-    def _request_id(self, request: web.Request) -> str:
-        return self.request_id(request.headers.get(self._request_id_header), request.remote)
-
-    def request_id(self, incoming: str | None, peer: str | None) -> str:
-        """A trusted proxy's request id is kept; otherwise a new one, unique across processes."""
-        if incoming and self.is_trusted_peer(peer) and len(incoming) <= 128 and incoming.isprintable():
-            return str(incoming)
-        return self.request_ids.next()
-
-    def is_trusted_peer(self, address: str | None) -> bool:
-        return address is not None and self.trusted.is_trusted(address)
-
-    def _facts(self, request: web.Request, now: float) -> RequestFacts:
-        raw_path, _, query = request.raw_path.partition("?")
-        # What the checks see; refuses an ambiguous path or a malformed x-flespi-cid with 400.
-        return request_facts(request.method, raw_path, query, request.headers.get("x-flespi-cid"),
-                             request.headers.get("Origin"),
-                             client_address(request.remote or "", request.headers, self.trusted), now)
-
-    async def _dispatch(self, request: web.Request, token: Token, facts: RequestFacts,
-                        request_id: str) -> web.StreamResponse:
-        if self.api.handles(facts.path):
+    async def _dispatch(self, request: web.Request, token: Token, facts: RequestFacts, request_id: str,
+                        trusted: bool) -> web.StreamResponse:
+        flow = self.flow
+        if flow.is_api(facts.path):
             return await self.api.dispatch(request, token, facts.path, facts.account_of(token))
-        route = pick_route(self.settings.routes, facts.path)
-        if route is None:
-            raise Denied(404, f"no upstream for {facts.path}")
+        route = flow.route(facts.path)
         url = upstream_url(route, facts.path, facts.forward_path, facts.query)
-        return await self.proxy.forward(request, url, self._upstream_headers(request, token, facts, request_id),
+        extra = flow.upstream_headers(token, facts, request_id, request.remote or "", trusted, request.headers,
+                                      request.scheme, request.host)
+        return await self.proxy.forward(request, url, self.proxy.request_headers(request.headers, extra),
                                         partial(self._finish, request=request, facts=facts, request_id=request_id))
-
-    def _upstream_headers(self, request: web.Request, token: Token, facts: RequestFacts, request_id: str) -> Any:
-        peer = request.remote or ""
-        trusted = self.is_trusted_peer(peer)
-        extra = {
-            **dict(self.identity_headers(token, facts, request_id)),
-            "X-Forwarded-For": forwarded_for(peer, request.headers, self.trusted),
-            "X-Forwarded-Proto": (request.headers.get("X-Forwarded-Proto") if trusted else None) or request.scheme,
-            "X-Forwarded-Host": (request.headers.get("X-Forwarded-Host") if trusted else None) or request.host,
-        }
-        return self.proxy.request_headers(request.headers, extra)
-
-    def identity_headers(self, token: Token, facts: RequestFacts, request_id: str) -> tuple[tuple[str, str], ...]:
-        """Who made the request, for the upstream: these names are never taken from the client."""
-        proxy = self.settings.proxy
-        return ((proxy.token_id_header, str(token.id)),
-                (proxy.account_id_header, str(facts.account_of(token))),
-                (proxy.request_id_header, request_id))
-
-    def _log_request(self, request: web.Request, facts: RequestFacts, token: Token, response: web.StreamResponse,
-                     request_id: str, started: float) -> None:
-        self.log_request(facts, token, request.headers.get("x-flespi-app", ""), response.status,
-                         time.perf_counter() - started, response.body_length, request_id)
-
-    def log_request(self, facts: RequestFacts, token: Token, app: str, status: int, duration: float, size: int,
-                    request_id: str) -> None:
-        self.logs.emit(request_record(facts.now, token.id, token.cid, facts.client_ip, app, facts.method, facts.path,
-                                      status, duration, size, request_id))
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"result": [{"status": "ok", "pid": os.getpid(), "tokens_cached": len(self.cache),
@@ -193,6 +155,22 @@ class Gateway:
 def openapi_document() -> bytes:
     """The platform API's OpenAPI 3.1 description, shipped as package data."""
     return (resources.files("gateway.api") / "openapi.json").read_bytes()
+
+
+def token_validator(settings: Settings) -> TokenValidator:
+    """The tokens API's validator, with the ACL, IP and origin rules the compiler applies."""
+    presets = dict(settings.origin_presets)
+
+    def acl(value: Any) -> list[FieldProblem]:
+        return acl_problems(value, "access.acl", settings.platform_prefixes, settings.acl.group_uri)
+
+    def ips(value: Any) -> list[FieldProblem]:
+        return [FieldProblem("ips", reason) for reason in ip_mask_problems(value)]
+
+    def origins(value: Any) -> list[FieldProblem]:
+        return [FieldProblem("origins", reason) for reason in origin_problems(value, presets)]
+
+    return TokenValidator(acl_problems=acl, ips_problems=ips, origins_problems=origins)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -238,6 +216,7 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     snapshotter: Snapshotter | None = None
     lean: RespClient | None = None
     lean_loads: RespClient | None = None
+    client: Redis
     if settings.redis.embedded:
         from gateway.store.embedded import open_embedded  # fakeredis: imported only when it is used
         client, snapshotter = open_embedded(settings.redis.data_file)

@@ -1,10 +1,10 @@
-"""Error types of the gateway and the one place that turns them into flespi-style JSON replies."""
+"""Error types of the gateway and the flespi-style JSON body they become (`proxy/replies.py`
+renders it as a reply, for aiohttp or as bytes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import orjson
-from aiohttp import web
 
 
 class GatewayError(Exception):
@@ -14,7 +14,7 @@ class GatewayError(Exception):
 class Denied(GatewayError):
     """A request is refused: `status` and `reason` become the JSON error body as they are."""
 
-    __slots__ = ("status", "reason", "headers")
+    __slots__ = ("headers", "reason", "status")
 
     def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(status, reason)
@@ -63,18 +63,3 @@ INTERNAL_ERROR = "internal gateway error"
 def error_body(status: int, reason: str, **extra: object) -> bytes:
     body: bytes = orjson.dumps({"errors": [{"code": status, "reason": reason, **extra}]})
     return body
-
-
-def error_response(status: int, reason: str, realm: str, headers: dict[str, str] | None = None) -> web.Response:
-    """Render one gateway error; every 401 carries the FlespiToken challenge."""
-    response = web.Response(status=status, body=error_body(status, reason), content_type="application/json")
-    if status == 401:
-        response.headers["WWW-Authenticate"] = f'FlespiToken realm="{realm}"'
-    if headers:
-        response.headers.update(headers)
-    return response
-
-
-def invalid_input_response(problems: list[FieldProblem]) -> web.Response:
-    body = orjson.dumps({"errors": [problem.as_json() for problem in problems]})
-    return web.Response(status=400, body=body, content_type="application/json")

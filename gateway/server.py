@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -84,7 +85,7 @@ async def freeze_long_lived_objects(app: web.Application) -> AsyncIterator[None]
 
 
 class GatewaySite(web.BaseSite):
-    """The listening socket: connections start on the fast path (`fastpath.FastLane`)."""
+    """The listening socket: connections start on the fast path (`proxy.listener.FastLane`)."""
 
     __slots__ = ("_host", "_port", "_reuse_port", "lane")
 
@@ -108,7 +109,7 @@ class GatewaySite(web.BaseSite):
         runner = self._runner
         assert isinstance(runner, web.AppRunner) and runner.server is not None
         gateway = runner.app[GATEWAY]
-        self.lane = lane = FastLane(gateway, runner.server)
+        self.lane = lane = FastLane(gateway.flow, runner.server, gateway.services.upstream_tls)
         gateway.open_connections = lambda: len(lane.connections)
         lane.start()
         self._server = await asyncio.get_running_loop().create_server(
@@ -207,10 +208,8 @@ def supervise(settings: Settings) -> int:
         nonlocal stopping
         stopping = True
         for pid in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -37,14 +37,13 @@ from gateway.api.validation import (
     validity_problems,
 )
 from gateway.errors import Denied, FieldProblem, InvalidInput
+from gateway.policy.paths import AUTH_INFO, PLATFORM
 from gateway.store.accounts import ROOT_ACCOUNT, AccountDirectory, AccountStore
 from gateway.store.tokens import TokenStore, grace_digests
 from gateway.tokens import PUBLIC_FIELDS, Token, TokenType, key_digest, new_key
 from gateway.writers.logs import LogWriter
 from gateway.writers.tokenlogs import RedisLogSink, select
 
-PLATFORM = "/platform/"
-AUTH_INFO = "/auth/info"
 MAX_BODY = 1024 * 1024
 EVENT_CREATED, EVENT_UPDATED, EVENT_DELETED, EVENT_ROTATED = 1, 2, 3, 4
 ACCOUNT_FIELDS = ("id", "name", "cid", "limits", "metadata", "created")

@@ -65,9 +65,9 @@ class TokenValidator:
             return self.ips_problems(value)
         elif name == "origins":
             return self.origins_problems(value)
-        elif name == "metadata":
-            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-                return [FieldProblem(name, "'metadata' must be an object of string values")]
+        elif name == "metadata" and (not isinstance(value, dict)
+                                     or not all(isinstance(v, str) for v in value.values())):
+            return [FieldProblem(name, "'metadata' must be an object of string values")]
         return []
 
     def _access_problems(self, access: Any) -> list[FieldProblem]:
@@ -107,11 +107,11 @@ def account_problems(body: Any, *, partial: bool) -> list[FieldProblem]:
     null = the configured default) and `metadata`."""
     if not isinstance(body, dict):
         return [FieldProblem("", "account must be a JSON object")]
-    found = [FieldProblem(name, f"unknown or read-only field '{name}'") for name in body if name not in ACCOUNT_WRITABLE]
+    found = [FieldProblem(name, f"unknown or read-only field '{name}'")
+             for name in body if name not in ACCOUNT_WRITABLE]
     name = body.get("name")
-    if "name" in body or not partial:
-        if not isinstance(name, str) or not name.strip() or len(name) > 255:
-            found.append(FieldProblem("name", "'name' must be a non-empty string of at most 255 characters"))
+    if ("name" in body or not partial) and (not isinstance(name, str) or not name.strip() or len(name) > 255):
+        found.append(FieldProblem("name", "'name' must be a non-empty string of at most 255 characters"))
     if "limits" in body:
         limits = body["limits"]
         if not isinstance(limits, dict):
@@ -121,7 +121,8 @@ def account_problems(body: Any, *, partial: bool) -> list[FieldProblem]:
                 if key not in LIMIT_NAMES:
                     found.append(FieldProblem(f"limits.{key}", f"unknown limit '{key}'"))
                 elif value is not None and not _non_negative_int(value):
-                    found.append(FieldProblem(f"limits.{key}", f"'limits.{key}' must be a non-negative integer or null"))
+                    reason = f"'limits.{key}' must be a non-negative integer or null"
+                    found.append(FieldProblem(f"limits.{key}", reason))
     if "metadata" in body and (not isinstance(body["metadata"], dict)
                                or not all(isinstance(v, str) for v in body["metadata"].values())):
         found.append(FieldProblem("metadata", "'metadata' must be an object of string values"))

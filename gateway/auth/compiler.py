@@ -7,15 +7,12 @@ from typing import Any
 
 import orjson
 
-from gateway.policy.acl import compile_acl, load_group_members, parse_uri_patterns
-from gateway.errors import FieldProblem
-from gateway.policy.ipmask import compile_ip_masks, ip_mask_problems
-from gateway.policy.origins import compile_origins, origin_problems
-from gateway.policy.acl import acl_problems
 from gateway.config import Settings
+from gateway.policy.acl import compile_acl, load_group_members, parse_uri_patterns
+from gateway.policy.ipmask import compile_ip_masks
+from gateway.policy.origins import compile_origins
 from gateway.store.tokens import RedisStore
 from gateway.tokens import TOKEN_TYPES, Token, TokenType
-from gateway.api.validation import TokenValidator
 
 
 class TokenCompiler:
@@ -54,7 +51,7 @@ class TokenCompiler:
         # Membership is owned by the upstream application; it is cached with the token.
         tokens = [token for token in (compiled[index] for index in grouped) if isinstance(token, Token)]
         found = await asyncio.gather(*(self._group_members(token) for token in tokens), return_exceptions=True)
-        for index, token, members in zip(grouped, tokens, found):
+        for index, token, members in zip(grouped, tokens, found, strict=False):
             if isinstance(members, BaseException):
                 if not isinstance(members, Exception):
                     raise members
@@ -84,15 +81,3 @@ class TokenCompiler:
 
     async def _group_members(self, token: Token) -> dict[str, frozenset[int]]:
         return await self._store.call(lambda: load_group_members(self._store.client, self._store.prefix, token.acl))
-
-    def validator(self) -> TokenValidator:
-        def acl(value: Any) -> list[FieldProblem]:
-            return acl_problems(value, "access.acl", self._platform, self._group_uri)
-
-        def ips(value: Any) -> list[FieldProblem]:
-            return [FieldProblem("ips", reason) for reason in ip_mask_problems(value)]
-
-        def origins(value: Any) -> list[FieldProblem]:
-            return [FieldProblem("origins", reason) for reason in origin_problems(value, self._presets)]
-
-        return TokenValidator(acl_problems=acl, ips_problems=ips, origins_problems=origins)

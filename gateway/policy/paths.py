@@ -10,13 +10,14 @@ to that single segment.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from urllib.parse import quote, unquote
 
-from gateway.config import Route
 from gateway.errors import Denied
 
 INVALID_PATH = "invalid request path"
+# The gateway's own paths (the platform API and the token's own record); every front needs them.
+PLATFORM = "/platform/"
+AUTH_INFO = "/auth/info"
 
 # Unreserved characters, `/`, and the sub-delimiters that carry no meaning in a path (`;` does);
 # a path made only of these, without `//` or `/.`, needs no decoding and no segment check at all.
@@ -69,28 +70,3 @@ def forwarded_path(raw_path: str, checked: str, authorized: str) -> str:
         raw if old == new else quote(new, safe=_QUOTE_SAFE)
         for raw, old, new in zip(raw_segments, checked_segments, authorized_segments, strict=True)
     )
-
-
-# -- where a checked path goes (here, compiled, because every proxied request asks) -----------
-
-
-def pick_route(routes: Iterable[Route], path: str) -> Route | None:
-    """Longest prefix wins (routes are kept sorted longest first)."""
-    for route in routes:
-        if path.startswith(route.prefix):
-            return route
-    return None
-
-
-def upstream_target(route: Route, path: str, raw_path: str, query: str) -> str:
-    """The request target (path and query) to send upstream: the path exactly as received unless the
-    route rewrites its prefix (nginx style)."""
-    if route.replaces_prefix:
-        prefix = route.prefix
-        if raw_path.startswith(prefix):
-            rest = raw_path[len(prefix):]
-        else:
-            rest = quote(path[len(prefix):], safe="/:@!$&'()*+,=-._~")
-        base = route.upstream.raw_path
-        raw_path = base.rstrip("/") + "/" + rest if base.endswith("/") or prefix.endswith("/") else base + rest
-    return raw_path + "?" + query if query else raw_path

@@ -35,7 +35,7 @@ def is_preflight(request: web.BaseRequest) -> bool:
     return request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
 
 
-class _CatchAllAdapter(AbstractRouterAdapter):  # type: ignore[misc]  # aiohttp-cors ships no type hints
+class _CatchAllAdapter(AbstractRouterAdapter):
     """aiohttp-cors's view of the gateway: one catch-all route, and preflights recognised by header.
 
     aiohttp-cors's own adapter routes every OPTIONS of a resource to its preflight handler and

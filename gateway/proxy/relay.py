@@ -1,4 +1,5 @@
-"""Forwarding to the upstream: streamed both ways, keep-alive, hop-by-hop headers removed."""
+"""aiohttp's relay to the upstream, for the requests aiohttp serves: streamed both ways, keep-alive,
+WebSockets. What is dropped and added is the flow's (`RequestFlow`); 502/504 on upstream failure."""
 from __future__ import annotations
 
 import asyncio
@@ -10,27 +11,16 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.config import ProxySettings, Route
+from gateway.config import ProxySettings
 from gateway.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied
-from gateway.policy.paths import upstream_target
+from gateway.proxy.flow import CORS_PREFIX, HOP_BY_HOP
 
 log = logging.getLogger("gateway.proxy.relay")
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-})
-# Answered or re-created by the gateway itself, so never copied from the client.
-REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded"})
-WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"})
-# The gateway alone decides which pages may read a reply (see cors.py); the upstream cannot know.
-CORS_PREFIX = "access-control-"
+WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+                          "sec-websocket-protocol"})
 NO_BODY_STATUSES = frozenset({204, 304})
 Finish = Callable[[web.StreamResponse], None]
 CHUNK = 256 * 1024
-
-
-def upstream_url(route: Route, path: str, raw_path: str, query: str) -> URL:
-    return URL(str(route.upstream.origin()) + upstream_target(route, path, raw_path, query), encoded=True)
 
 
 def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -48,23 +38,20 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 class Proxy:
-    def __init__(self, settings: ProxySettings, session: aiohttp.ClientSession) -> None:
+    """`drop`: what the flow never forwards from a request (`RequestFlow.request_drop`)."""
+
+    def __init__(self, settings: ProxySettings, session: aiohttp.ClientSession, drop: frozenset[str]) -> None:
         self._settings = settings
         self._session = session
-        self._drop = REQUEST_DROP | {
-            settings.token_id_header.lower(), settings.account_id_header.lower(), settings.request_id_header.lower(),
-        }
-        if not settings.forward_authorization:
-            self._drop |= {"authorization"}
-        if not settings.preserve_host:
-            self._drop |= {"host"}
+        # aiohttp's client writes the upstream's Host itself unless the client's is kept.
+        self._drop = drop if settings.preserve_host else drop | {"host"}
 
-    def request_headers(self, incoming: CIMultiDictProxy[str], extra: dict[str, str]) -> CIMultiDict[str]:
+    def request_headers(self, incoming: CIMultiDictProxy[str], extra: list[tuple[str, str]]) -> CIMultiDict[str]:
         named = connection_tokens(incoming)
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in incoming.items():
             lower = name.lower()
-            if lower not in HOP_BY_HOP and lower not in named and lower not in self._drop:
+            if lower not in named and lower not in self._drop:
                 headers.add(name, value)
         headers.update(extra)
         return headers
@@ -80,7 +67,7 @@ class Proxy:
                 data=request.content if request.body_exists else None,
                 allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Denied(504, UPSTREAM_TIMEOUT) from None
         except (aiohttp.ClientError, OSError):
             raise Denied(502, UPSTREAM_UNAVAILABLE) from None
@@ -97,7 +84,7 @@ class Proxy:
         body_allowed = request.method != "HEAD" and upstream.status not in NO_BODY_STATUSES
         try:
             first = await upstream.content.readany() if body_allowed else b""
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Denied(504, UPSTREAM_TIMEOUT) from None
         except aiohttp.ClientError:
             raise Denied(502, UPSTREAM_UNAVAILABLE) from None
@@ -111,7 +98,7 @@ class Proxy:
         except ConnectionResetError:
             # The client went away: drop the upstream connection too, it is half read.
             upstream.close()
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             # The status is already sent: the only honest signal left is a broken connection.
             log.warning("upstream failed mid-response (%s); closing client connection", type(exc).__name__)
             upstream.close()
@@ -128,7 +115,7 @@ class Proxy:
             upstream = await self._session.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
         except aiohttp.WSServerHandshakeError as exc:
             raise Denied(502, UPSTREAM_UNAVAILABLE) from exc
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Denied(504, UPSTREAM_TIMEOUT) from None
         except (aiohttp.ClientError, OSError):
             raise Denied(502, UPSTREAM_UNAVAILABLE) from None

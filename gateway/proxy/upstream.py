@@ -63,9 +63,27 @@ SPENT_RESPONSE_PARSER = httptools.HttpResponseParser(_Spent())
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("pool", "transport", "parser", "sink", "reused", "_status", "_reason", "_headers", "_informational",
-                 "_head_done", "_until_close", "_reusable", "_request_sent", "_last_active", "_timer", "_read_timeout",
-                 "_closed", "_loop", "_paused")
+    __slots__ = (
+        "_closed",
+        "_head_done",
+        "_headers",
+        "_informational",
+        "_last_active",
+        "_loop",
+        "_paused",
+        "_read_timeout",
+        "_reason",
+        "_request_sent",
+        "_reusable",
+        "_status",
+        "_timer",
+        "_until_close",
+        "parser",
+        "pool",
+        "reused",
+        "sink",
+        "transport",
+    )
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool

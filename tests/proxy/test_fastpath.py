@@ -1009,7 +1009,7 @@ async def test_pool_turn_passed_on_when_a_woken_waiter_leaves(make_gateway: Gate
     first, second, third = await clients(gw), await clients(gw), await clients(gw)
     await first.send(http("GET", "/a"))
     await eventually(lambda: bool(up.connections) and up.connections[0].got_head.is_set(), "/a upstream")
-    pool, _ = next(iter(lane_of(gw)._pools.values()))
+    [pool] = lane_of(gw).pools()
     await second.send(http("GET", "/b"))
     await eventually(lambda: len(pool._waiters) == 1, "/b waiting for the connection")
     await third.send(http("GET", "/c"))

@@ -1,0 +1,154 @@
+"""The rules of one request, written once for every front that serves requests.
+
+A front (the fast path's `Exchange`, aiohttp's `Gateway.handle`, and any later one) parses the
+request its own way and writes the reply its own way; what a request *is* and what the gateway
+adds to it or takes from it is decided here:
+
+    request id -> facts -> [authenticate] -> own path or route -> upstream headers
+               -> reply headers dropped -> error reply -> log record and usage count
+
+`RequestFlow` is built once per process (`app.Gateway`). It is compiled with mypyc, so its
+attributes have concrete types: calls through `Protocol`, `Callable` or `Any` are slow there
+(`is_api` is one, asked only for paths under the gateway's own prefixes).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from multidict import MultiMapping
+
+from gateway.auth.authenticator import Authenticator
+from gateway.auth.checks import RequestFacts, request_facts
+from gateway.config import Route, Settings
+from gateway.errors import INTERNAL_ERROR, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
+from gateway.policy.clientaddr import TrustedProxies, client_address, forwarded_for
+from gateway.policy.paths import AUTH_INFO, PLATFORM
+from gateway.proxy.routing import pick_route
+from gateway.tokens import Token
+from gateway.writers.logs import LogWriter, RequestIds, request_record
+from gateway.writers.usage import UsageMeter
+
+log = logging.getLogger("gateway.proxy.flow")
+# Meaningful for one connection only (RFC 9110 7.6.1), in either direction.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+# Answered or re-created by the gateway itself, so never copied from the client.
+REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip",
+                          "forwarded"})
+# The gateway alone decides which pages may read a reply (see cors.py); the upstream cannot know.
+CORS_PREFIX = "access-control-"
+MAX_REQUEST_ID = 128
+
+
+class RequestFlow:
+    """Per process: the settings and services every request's rules need, and the rules."""
+
+    def __init__(self, settings: Settings, auth: Authenticator, usage: UsageMeter, logs: LogWriter,
+                 is_api: Callable[[str], bool]) -> None:
+        proxy = settings.proxy
+        self.settings = settings
+        self.auth = auth
+        self.usage = usage
+        self.logs = logs
+        self.trusted = TrustedProxies.parse(settings.trusted_proxies)
+        self.request_ids = RequestIds()
+        self.routes: tuple[Route, ...] = settings.routes
+        self.is_api = is_api
+        self.internal_prefix = settings.internal_prefix
+        # Paths that start with none of these are never the API's nor the gateway's own.
+        # Every path under a platform prefix is the API's (404 there if unknown), never proxied.
+        self.own_prefixes = (*settings.platform_prefixes, PLATFORM, AUTH_INFO, settings.internal_prefix)
+        self.realm_challenge = f'FlespiToken realm="{settings.realm}"'
+        self.request_id_header = proxy.request_id_header
+        self.token_id_header = proxy.token_id_header
+        self.account_id_header = proxy.account_id_header
+        # Lowercased names the upstream never gets from the client: hop-by-hop, re-created, and
+        # the identity headers (only the gateway says who made a request).
+        drop = set(HOP_BY_HOP | REQUEST_DROP)
+        drop |= {proxy.token_id_header.lower(), proxy.account_id_header.lower(), proxy.request_id_header.lower()}
+        if not proxy.forward_authorization:
+            drop.add("authorization")  # the key goes no further than the gateway
+        self.request_drop = frozenset(drop)
+        # From the upstream's reply: hop-by-hop, whatever its Connection names, and CORS_PREFIX.
+        self.reply_drop = HOP_BY_HOP
+
+    # -- the request -----------------------------------------------------------------------------
+
+    def is_trusted_peer(self, address: str | None) -> bool:
+        return address is not None and self.trusted.is_trusted(address)
+
+    def request_id(self, incoming: str | None, trusted: bool) -> str:
+        """A trusted proxy's request id is kept; otherwise a new one, unique across processes."""
+        if incoming and trusted and len(incoming) <= MAX_REQUEST_ID and incoming.isprintable():
+            return incoming
+        return self.request_ids.next()
+
+    def client_address(self, peer: str, headers: MultiMapping[str]) -> str:
+        return client_address(peer, headers, self.trusted)
+
+    def facts(self, method: str, target: str, cid: str | None, origin: str | None, client_ip: str,
+              now: float) -> RequestFacts:
+        """What the checks see; refuses an ambiguous path or a malformed x-flespi-cid with 400."""
+        raw_path, _, query = target.partition("?")
+        return request_facts(method, raw_path, query, cid, origin, client_ip, now)
+
+    def is_own(self, path: str) -> bool:
+        """Whether the gateway answers this path itself (the API, /auth/info, its own pages)."""
+        return path.startswith(self.own_prefixes) and (self.is_api(path) or path.startswith(self.internal_prefix))
+
+    def route(self, path: str) -> Route:
+        route = pick_route(self.routes, path)
+        if route is None:
+            raise Denied(404, f"no upstream for {path}")
+        return route
+
+    def upstream_headers(self, token: Token, facts: RequestFacts, request_id: str, peer: str, trusted: bool,
+                         headers: MultiMapping[str], scheme: str, host: str) -> list[tuple[str, str]]:
+        """What the gateway adds to a forwarded request: who made it (these names are never taken
+        from the client), and where it came from. `headers` are the client's; they are read only
+        when the peer is a trusted proxy (so a front may pass none otherwise)."""
+        if trusted:
+            chain = forwarded_for(peer, headers, self.trusted)
+            proto = headers.get("X-Forwarded-Proto") or scheme
+            forwarded_host = headers.get("X-Forwarded-Host") or host
+        else:
+            chain, proto, forwarded_host = facts.client_ip, scheme, host  # the peer, as `forwarded_for` says
+        return [(self.token_id_header, str(token.id)), (self.account_id_header, str(facts.account_of(token))),
+                (self.request_id_header, request_id), ("X-Forwarded-For", chain), ("X-Forwarded-Proto", proto),
+                ("X-Forwarded-Host", forwarded_host)]
+
+    # -- refusals --------------------------------------------------------------------------------
+
+    def refusal(self, error: Exception) -> Denied:
+        """The error reply for what stopped a request: a `Denied` as it is, a store failure 503,
+        anything else 500 (logged): an error never lets a request through."""
+        if isinstance(error, Denied):
+            return error
+        if isinstance(error, StoreUnavailable):
+            return Denied(503, STORAGE_UNAVAILABLE)
+        log.error("unexpected error while authenticating; request denied", exc_info=error)
+        return Denied(500, INTERNAL_ERROR)
+
+    def error_headers(self, status: int, extra: dict[str, str]) -> list[tuple[str, str]]:
+        """The headers of a gateway error reply besides its framing: every 401 carries the
+        FlespiToken challenge, then the refusal's own headers."""
+        headers = [("WWW-Authenticate", self.realm_challenge)] if status == 401 else []
+        headers.extend(extra.items())
+        return headers
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def finish(self, facts: RequestFacts | None, token: Token | None, served: Token | None, app: str, status: int,
+               started: float, size: int, traffic: int, request_id: str) -> None:
+        """The log record of a request whose token was found (`token`, refused or not), and the
+        usage count of one that was served (`served`): `traffic` bytes both ways."""
+        if facts is None or token is None:
+            return
+        if served is not None:
+            self.usage.record(served, served.cid, traffic, facts.now)
+        self.logs.emit(request_record(facts.now, token.id, token.cid, facts.client_ip, app, facts.method, facts.path,
+                                      status, time.perf_counter() - started, size, request_id))
