@@ -15,34 +15,17 @@ import json
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
+from harness.procs import free_port, wait_for_port  # bench/ is the script's own directory
+
 HERE = Path(__file__).resolve().parent
 MASTER = "A" * 64
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port}")
 
 
 def start_gateway(python: str, upstream: int, redis_port: int, work: Path,
@@ -57,7 +40,7 @@ def start_gateway(python: str, upstream: int, redis_port: int, work: Path,
     checkout = Path(python).absolute().parents[2] if ".venv" in python else HERE.parent  # <checkout>/.venv/bin/python
     process = subprocess.Popen([python, "-m", "gateway", "--config", str(config)], cwd=checkout,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(port)
+    wait_for_port(port, process, timeout=30)
     request = urllib.request.Request(f"http://127.0.0.1:{port}/platform/tokens", method="POST",
                                      data=json.dumps([{"ttl": 3600}]).encode(),
                                      headers={"Authorization": f"FlespiToken {MASTER}"})
@@ -108,8 +91,8 @@ def main() -> int:
                  subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                                    "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        wait_for(upstream_port)
-        wait_for(redis_port)
+        wait_for_port(upstream_port, processes[0])
+        wait_for_port(redis_port, processes[1])
         builds = {}
         for name, python in (("A", args.a), ("B", args.b)):
             process, port, key = start_gateway(python, upstream_port, redis_port, work, name)

@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,25 +27,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from harness.procs import free_port, wait_for_port  # bench/ is the script's own directory
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port}")
 
 
 def create_token(url: str, master: str) -> str:
@@ -92,7 +76,7 @@ async def one_hostile(port: int, kind: int, key: str) -> None:
             await asyncio.sleep(2)
         await asyncio.wait_for(writer.drain(), 5)
         await asyncio.wait_for(reader.read(65536), 2)
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+    except (TimeoutError, OSError, asyncio.IncompleteReadError):
         pass
     finally:
         writer.transport.abort()
@@ -163,8 +147,8 @@ def main() -> int:
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ}),
     ]
     try:
-        wait_for(upstream_port)
-        wait_for(port)
+        wait_for_port(upstream_port, processes[0])
+        wait_for_port(port, processes[1], timeout=30)
         key = create_token(f"http://127.0.0.1:{port}", master)
         alone, besieged, made = measure(port, key, args.seconds, args.hostile)
     finally:
