@@ -24,7 +24,7 @@ from gateway.auth.checks import RequestFacts, request_facts
 from gateway.config import Route, Settings
 from gateway.errors import INTERNAL_ERROR, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
 from gateway.policy.clientaddr import TrustedProxies, client_address, forwarded_for
-from gateway.policy.paths import AUTH_INFO, PLATFORM
+from gateway.policy.paths import AUTH_INFO, INVALID_PATH, PLATFORM
 from gateway.proxy.routing import pick_route
 from gateway.tokens import Token
 from gateway.writers.logs import LogWriter, RequestIds, request_record
@@ -42,6 +42,12 @@ REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-f
 # The gateway alone decides which pages may read a reply (see cors.py); the upstream cannot know.
 CORS_PREFIX = "access-control-"
 MAX_REQUEST_ID = 128
+# Decision mode (<internal_prefix>auth): the URI an allowed request may go on with, the ACL's
+# narrowing applied; always in an allowed answer, so a proxy can copy it unconditionally.
+AUTHORIZED_URI = "X-Authorized-Uri"
+NO_ORIGINAL_URI = "no original request URI: send X-Original-URI or X-Forwarded-Uri, or append it to the path"
+INVALID_METHOD = "invalid original request method"
+MAX_METHOD = 32
 
 
 class RequestFlow:
@@ -62,6 +68,8 @@ class RequestFlow:
         # Paths that start with none of these are never the API's nor the gateway's own.
         # Every path under a platform prefix is the API's (404 there if unknown), never proxied.
         self.own_prefixes = (*settings.platform_prefixes, PLATFORM, AUTH_INFO, settings.internal_prefix)
+        # Decision mode's endpoint: "may this request pass?", asked by a proxy in front.
+        self.decision_path = settings.internal_prefix + "auth"
         self.realm_challenge = f'FlespiToken realm="{settings.realm}"'
         self.request_id_header = proxy.request_id_header
         self.token_id_header = proxy.token_id_header
@@ -106,20 +114,63 @@ class RequestFlow:
             raise Denied(404, f"no upstream for {path}")
         return route
 
+    def identity_headers(self, token: Token, facts: RequestFacts, request_id: str) -> list[tuple[str, str]]:
+        """Who made a request (these names are never taken from the client)."""
+        return [(self.token_id_header, str(token.id)), (self.account_id_header, str(facts.account_of(token))),
+                (self.request_id_header, request_id)]
+
     def upstream_headers(self, token: Token, facts: RequestFacts, request_id: str, peer: str, trusted: bool,
                          headers: MultiMapping[str], scheme: str, host: str) -> list[tuple[str, str]]:
-        """What the gateway adds to a forwarded request: who made it (these names are never taken
-        from the client), and where it came from. `headers` are the client's; they are read only
-        when the peer is a trusted proxy (so a front may pass none otherwise)."""
+        """What the gateway adds to a forwarded request: who made it, and where it came from.
+        `headers` are the client's; they are read only when the peer is a trusted proxy (so a
+        front may pass none otherwise)."""
         if trusted:
             chain = forwarded_for(peer, headers, self.trusted)
             proto = headers.get("X-Forwarded-Proto") or scheme
             forwarded_host = headers.get("X-Forwarded-Host") or host
         else:
             chain, proto, forwarded_host = facts.client_ip, scheme, host  # the peer, as `forwarded_for` says
-        return [(self.token_id_header, str(token.id)), (self.account_id_header, str(facts.account_of(token))),
-                (self.request_id_header, request_id), ("X-Forwarded-For", chain), ("X-Forwarded-Proto", proto),
-                ("X-Forwarded-Host", forwarded_host)]
+        added = self.identity_headers(token, facts, request_id)
+        added += (("X-Forwarded-For", chain), ("X-Forwarded-Proto", proto), ("X-Forwarded-Host", forwarded_host))
+        return added
+
+    # -- decision mode ---------------------------------------------------------------------------
+
+    def is_decision(self, target: str) -> bool:
+        """Whether a request target (path and query, as received) asks the decision endpoint."""
+        endpoint = self.decision_path
+        if not target.startswith(endpoint):
+            return False
+        return len(target) == len(endpoint) or target[len(endpoint)] in "/?"
+
+    def original_request(self, method: str, target: str, original_uri: str | None, original_method: str | None,
+                         forwarded_uri: str | None, forwarded_method: str | None) -> tuple[str, str]:
+        """The method and target of the request a decision is asked about: X-Original-URI and
+        X-Original-Method (nginx), else X-Forwarded-Uri and X-Forwarded-Method (Caddy, Traefik),
+        else the path after the endpoint with the check's own method (Envoy). The check's own
+        query string is ignored when a header names the URI (Caddy keeps it on the check)."""
+        if original_uri:
+            uri, named = original_uri, original_method
+        elif forwarded_uri:
+            uri, named = forwarded_uri, forwarded_method
+        else:
+            uri, named = target[len(self.decision_path):], None
+            if not uri or uri[0] != "/":
+                raise Denied(400, NO_ORIGINAL_URI)
+        # Printable ASCII only: the URI goes back in a header (AUTHORIZED_URI) and into the log.
+        if not uri.isascii() or not uri.isprintable() or " " in uri:
+            raise Denied(400, INVALID_PATH)
+        chosen = named if named else method
+        if len(chosen) > MAX_METHOD or not chosen.isascii() or not chosen.replace("-", "").isalpha():
+            raise Denied(400, INVALID_METHOD)
+        return chosen, uri
+
+    def decision_headers(self, token: Token, facts: RequestFacts, request_id: str) -> list[tuple[str, str]]:
+        """What an allowed decision answers: who made the request, and the URI it may go on with
+        (its `all` selector narrowed by the ACL, as a proxied request's would be)."""
+        added = self.identity_headers(token, facts, request_id)
+        added.append((AUTHORIZED_URI, facts.forward_path + "?" + facts.query if facts.query else facts.forward_path))
+        return added
 
     # -- refusals --------------------------------------------------------------------------------
 
