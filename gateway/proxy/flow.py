@@ -47,6 +47,7 @@ MAX_REQUEST_ID = 128
 AUTHORIZED_URI = "X-Authorized-Uri"
 NO_ORIGINAL_URI = "no original request URI: send X-Original-URI or X-Forwarded-Uri, or append it to the path"
 INVALID_METHOD = "invalid original request method"
+CONFLICTING_ORIGINAL = "conflicting original request: its headers name different URIs or methods"
 MAX_METHOD = 32
 
 
@@ -145,22 +146,27 @@ class RequestFlow:
 
     def original_request(self, method: str, target: str, original_uri: str | None, original_method: str | None,
                          forwarded_uri: str | None, forwarded_method: str | None) -> tuple[str, str]:
-        """The method and target of the request a decision is asked about: X-Original-URI and
-        X-Original-Method (nginx), else X-Forwarded-Uri and X-Forwarded-Method (Caddy, Traefik),
-        else the path after the endpoint with the check's own method (Envoy). The check's own
-        query string is ignored when a header names the URI (Caddy keeps it on the check)."""
-        if original_uri:
-            uri, named = original_uri, original_method
-        elif forwarded_uri:
-            uri, named = forwarded_uri, forwarded_method
-        else:
-            uri, named = target[len(self.decision_path):], None
-            if not uri or uri[0] != "/":
-                raise Denied(400, NO_ORIGINAL_URI)
+        """The method and target of the request a decision is asked about, from X-Original-URI and
+        X-Original-Method (nginx), X-Forwarded-Uri and X-Forwarded-Method (Caddy, Traefik), or the
+        path after the endpoint with the check's own method (Envoy).
+
+        A proxy sets its own names and passes the client's other headers on, so a client could
+        claim another request in the names its proxy does not set: every source present must name
+        the same request, or it is refused. The check's own query string with no path after the
+        endpoint is no source (Caddy 2.6 keeps the original's there)."""
+        tail = target[len(self.decision_path):]
+        envoy = tail.startswith("/")
+        uris = [uri for uri in (original_uri, forwarded_uri, tail if envoy else None) if uri]
+        methods = [named for named in (original_method, forwarded_method, method if envoy else None) if named]
+        if not uris:
+            raise Denied(400, NO_ORIGINAL_URI)
+        uri = uris[0]
+        chosen = methods[0] if methods else method
+        if any(other != uri for other in uris) or any(other != chosen for other in methods):
+            raise Denied(400, CONFLICTING_ORIGINAL)
         # Printable ASCII only: the URI goes back in a header (AUTHORIZED_URI) and into the log.
         if not uri.isascii() or not uri.isprintable() or " " in uri:
             raise Denied(400, INVALID_PATH)
-        chosen = named if named else method
         if len(chosen) > MAX_METHOD or not chosen.isascii() or not chosen.replace("-", "").isalpha():
             raise Denied(400, INVALID_METHOD)
         return chosen, uri

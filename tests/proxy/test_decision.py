@@ -32,9 +32,15 @@ from support.servers import Upstream, caddy_binary, free_port, nginx_binary, wai
 ENDPOINT = "/_gateway/auth"
 INVALID = error(401, "invalid or expired access token")
 CHALLENGE = 'FlespiToken realm="gateway"'
+CONFLICT = "conflicting original request: its headers name different URIs or methods"
 ACL = [{"uri": "gw/devices", "methods": ["GET"], "ids": [12, 777],
         "submodules": [{"name": "telemetry", "methods": ["GET"]}]},
        {"uri": "gw/channels", "methods": ["GET"]}]
+
+
+@pytest.fixture
+async def gw(make_gateway: GatewayFactory) -> GatewayHandle:
+    return await make_gateway(log={"flush_interval": 0.05})  # log records read back soon
 
 
 def lane_of(gw: GatewayHandle) -> FastLane:
@@ -109,14 +115,23 @@ async def test_original_request_from_headers(gw: GatewayHandle) -> None:
                                                                 "X-Forwarded-Method": "DELETE"})
     denied = error(403, "access to gw/devices/12 (DELETE) is denied by token ACL")
     assert (refused.status, refused.json()) == (403, denied)
-    # X-Original-URI wins over X-Forwarded-Uri, whatever the check's own path says
-    both = await ask(gw, "GET", ENDPOINT + "/gw/devices/12", key=key,
-                     headers={"X-Original-URI": "/gw/devices/3", "X-Forwarded-Uri": "/gw/devices/12"})
-    assert both.status == 403
+    # every source the check carries must name the same request (a proxy passes the client's
+    # headers on, so the names it does not set itself are the client's)
+    for headers, target in (({"X-Original-URI": "/gw/devices/12", "X-Forwarded-Uri": "/gw/devices/3"}, ENDPOINT),
+                            ({"X-Original-URI": "/gw/devices/12"}, ENDPOINT + "/gw/devices/3"),
+                            ({"X-Original-URI": "/gw/devices/12", "X-Original-Method": "GET",
+                              "X-Forwarded-Method": "DELETE"}, ENDPOINT),
+                            ({"X-Original-Method": "GET"}, ENDPOINT + "/gw/devices/12")):
+        method = "DELETE" if target.endswith("/12") else "GET"
+        conflict = await ask(gw, method, target, key=key, headers=headers)
+        assert (conflict.status, conflict.json()) == (400, error(400, CONFLICT)), headers
+    agreeing = await ask(gw, "GET", ENDPOINT + "/gw/devices/12", key=key, headers={
+        "X-Original-URI": "/gw/devices/12", "X-Forwarded-Uri": "/gw/devices/12", "X-Forwarded-Method": "GET"})
+    assert agreeing.status == 200
     records = await log_records(gw, token["id"], 4)
     assert [(r["method"], r["uri"], r["status"]) for r in records] == [
         ("GET", "/gw/devices/12", 200), ("GET", "/gw/devices/all", 200), ("DELETE", "/gw/devices/12", 403),
-        ("GET", "/gw/devices/3", 403)]
+        ("GET", "/gw/devices/12", 200)]  # a conflict is refused before any token is looked at: no record
 
 
 async def test_refusals_carry_what_a_proxied_refusal_carries(gw: GatewayHandle) -> None:
@@ -179,7 +194,7 @@ async def test_handed_over_checks_answer_the_same(gw: GatewayHandle) -> None:
 
 async def test_untrusted_peer_cannot_claim_an_address(make_gateway: GatewayFactory) -> None:
     """X-Forwarded-For is believed only from trusted_proxies, as for proxied requests."""
-    gw = await make_gateway(trusted_proxies=["10.9.9.9"])
+    gw = await make_gateway(trusted_proxies=["10.9.9.9"], log={"flush_interval": 0.05})
     token = await gw.create_token(ips="127.0.0.2")
     reply = await ask(gw, "GET", ENDPOINT + "/x", key=token["key"], headers={"X-Forwarded-For": "127.0.0.2"})
     assert (reply.status, reply.json()) == (401, error(401, "using token from unauthorized location"))
@@ -388,7 +403,8 @@ def test_caddy_is_installed() -> None:
 @pytest.fixture(params=["nginx", "caddy"])
 async def fronted(request: pytest.FixtureRequest, make_gateway: GatewayFactory, upstream: Upstream
                   ) -> AsyncIterator[tuple[GatewayHandle, Proxy]]:
-    gw = await make_gateway(trusted_proxies=["127.0.0.1"], usage={"window": 60, "flush_interval": 0.1})
+    gw = await make_gateway(trusted_proxies=["127.0.0.1"], usage={"window": 60, "flush_interval": 0.1},
+                            log={"flush_interval": 0.05})
     proxy = Proxy(request.param, gw.server.port or 0, int(upstream.url.rsplit(":", 1)[1]))
     proxy.start()
     yield gw, proxy
@@ -403,14 +419,14 @@ class Clients:
         self.sessions: dict[str, aiohttp.ClientSession] = {}
 
     async def get(self, key: str | None, path: str = "/via", address: str = "127.0.0.2",
-                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+                  headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
         if address not in self.sessions:
             self.sessions[address] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
         sent = dict(headers or {})
         if key is not None:
             sent["Authorization"] = f"FlespiToken {key}"
         url = URL(self.proxy.url + path, encoded=True)  # sent as written, dot segments too
-        async with self.sessions[address].get(url, headers=sent, allow_redirects=False) as reply:
+        async with self.sessions[address].request(method, url, headers=sent, allow_redirects=False) as reply:
             return reply.status, dict(reply.headers), await reply.read()
 
     async def close(self) -> None:
@@ -464,9 +480,16 @@ async def test_refusals_never_reach_the_upstream(fronted: tuple[GatewayHandle, P
         (acl["key"], "/gw/devices/12/commands", "127.0.0.2", {}, 403,
          "access to gw/devices/12/commands (GET) is denied by token ACL"),
         (MASTER_KEY, "/gw/%2e%2e/platform/tokens", "127.0.0.2", {}, 400, "invalid request path"),
+        # a client naming another request in the headers its proxy does not set (nginx sets
+        # X-Original-*, Caddy X-Forwarded-*): refused, whichever proxy passes them on
+        (acl["key"], "/gw/devices/3", "127.0.0.2", {"X-Original-URI": "/gw/devices/12",
+                                                   "X-Forwarded-Uri": "/gw/devices/12"}, 400, CONFLICT),
+        (acl["key"], "DELETE /gw/devices/12", "127.0.0.2", {"X-Original-Method": "GET",
+                                                           "X-Forwarded-Method": "GET"}, 400, CONFLICT),
     ]
-    for key, path, address, headers, expected, reason in cases:
-        status, reply_headers, body = await via.get(key, path, address, headers)
+    for key, target, address, headers, expected, reason in cases:
+        method, _, path = target.rpartition(" ")
+        status, reply_headers, body = await via.get(key, path, address, headers, method or "GET")
         if proxy.kind == "nginx" and expected == 400:
             assert status == 500, (path, status)  # auth_request: anything but 2xx/401/403 (docs say so)
         else:
