@@ -34,7 +34,7 @@ from gateway.policy.ipmask import ip_mask_problems
 from gateway.policy.origins import origin_problems
 from gateway.policy.paths import AUTH_INFO
 from gateway.proxy.cors import CorsPolicy
-from gateway.proxy.flow import RequestFlow
+from gateway.proxy.flow import NARROWING, RequestFlow
 from gateway.proxy.relay import Proxy
 from gateway.proxy.replies import error_response, invalid_input_response
 from gateway.proxy.routing import upstream_url
@@ -160,8 +160,9 @@ class Gateway:
             method, target = flow.original_request(
                 request.method, request.raw_path, headers.get("X-Original-URI"), headers.get("X-Original-Method"),
                 headers.get("X-Forwarded-Uri"), headers.get("X-Forwarded-Method"))
-            facts = flow.facts(method, target, headers.get("x-flespi-cid"), headers.get("Origin"),
-                               flow.client_address(request.remote or "", headers), now)
+            facts = flow.decision_facts(method, target, headers.get("x-flespi-cid"), headers.get("Origin"),
+                                        flow.client_address(request.remote or "", headers), now,
+                                        headers.get(NARROWING))
             served = await flow.auth.authenticate(extract_key(headers.get("Authorization")), facts)
             response = web.Response(status=200, headers=flow.decision_headers(served, facts, request_id))
         except (Denied, StoreUnavailable) as error:

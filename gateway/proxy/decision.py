@@ -10,9 +10,11 @@ goes back to the proxy instead of to an upstream. The rules themselves are `Requ
 from __future__ import annotations
 
 from gateway.auth.checks import RequestFacts
-from gateway.proxy.flow import RequestFlow
+from gateway.proxy.flow import NARROWING, RequestFlow
 from gateway.proxy.front import Incoming
 from gateway.tokens import Token
+
+NARROWING_BYTES = NARROWING.encode()
 
 
 def _text(value: bytes | None) -> str | None:
@@ -26,12 +28,16 @@ def serves(incoming: Incoming) -> bool:
             and b"expect" not in incoming.index)
 
 
-def original_request(flow: RequestFlow, incoming: Incoming) -> tuple[str, str]:
-    """The method and target of the request the check is about (`RequestFlow.original_request`)."""
+def original_facts(flow: RequestFlow, incoming: Incoming, client_ip: str, now: float) -> RequestFacts:
+    """The facts of the request the check is about (`RequestFlow.original_request`), with the
+    original's Origin: a check with one stays on the fast path, a proxied request does not."""
     index = incoming.index
-    return flow.original_request(incoming.method.decode(), incoming.url.decode("utf-8", "surrogateescape"),
-                                 _text(index.get(b"x-original-uri")), _text(index.get(b"x-original-method")),
-                                 _text(index.get(b"x-forwarded-uri")), _text(index.get(b"x-forwarded-method")))
+    method, target = flow.original_request(
+        incoming.method.decode(), incoming.url.decode("utf-8", "surrogateescape"),
+        _text(index.get(b"x-original-uri")), _text(index.get(b"x-original-method")),
+        _text(index.get(b"x-forwarded-uri")), _text(index.get(b"x-forwarded-method")))
+    return flow.decision_facts(method, target, _text(index.get(b"x-flespi-cid")), _text(index.get(b"origin")),
+                               client_ip, now, _text(index.get(NARROWING_BYTES)))
 
 
 def allowed_bytes(flow: RequestFlow, token: Token, facts: RequestFacts, request_id: str, date: bytes,

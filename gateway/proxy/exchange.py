@@ -24,7 +24,7 @@ from gateway.errors import (
     Denied,
     StoreUnavailable,
 )
-from gateway.proxy.decision import allowed_bytes, original_request
+from gateway.proxy.decision import allowed_bytes, original_facts
 from gateway.proxy.flow import CORS_PREFIX
 from gateway.proxy.front import Front, Incoming, Lane
 from gateway.proxy.replies import error_bytes
@@ -111,12 +111,11 @@ class Exchange:
                                           trusted).encode()
         try:
             if self.decision:
-                method, target = original_request(flow, incoming)
+                self.facts = facts = original_facts(flow, incoming, self._client_ip(), now)
             else:
                 method, target = incoming.method.decode(), incoming.url.decode("utf-8", "surrogateescape")
-            # Origin: only a decision gets here with one (a proxied request with it goes to aiohttp).
-            self.facts = facts = flow.facts(method, target, _text(index.get(b"x-flespi-cid")),
-                                            _text(index.get(b"origin")), self._client_ip(), now)
+                self.facts = facts = flow.facts(method, target, _text(index.get(b"x-flespi-cid")), None,
+                                                self._client_ip(), now)
             if not self.decision and flow.is_own(facts.path):
                 front.hand_over(incoming)
                 return

@@ -49,6 +49,9 @@ NO_ORIGINAL_URI = "no original request URI: send X-Original-URI or X-Forwarded-U
 INVALID_METHOD = "invalid original request method"
 CONFLICTING_ORIGINAL = "conflicting original request: its headers name different URIs or methods"
 MAX_METHOD = 32
+# Sent by a proxy that cannot forward AUTHORIZED_URI (Traefik, Envoy): a request the ACL would
+# narrow is refused rather than forwarded whole. Anyone may send it: it only ever refuses more.
+NARROWING = "x-gateway-narrowing"
 
 
 class RequestFlow:
@@ -170,6 +173,13 @@ class RequestFlow:
         if len(chosen) > MAX_METHOD or not chosen.isascii() or not chosen.replace("-", "").isalpha():
             raise Denied(400, INVALID_METHOD)
         return chosen, uri
+
+    def decision_facts(self, method: str, target: str, cid: str | None, origin: str | None, client_ip: str,
+                       now: float, narrowing: str | None) -> RequestFacts:
+        """A decision's facts: those of its original request, and whether it may be narrowed."""
+        facts = self.facts(method, target, cid, origin, client_ip, now)
+        facts.may_narrow = narrowing is None or narrowing.strip().lower() != "refuse"
+        return facts
 
     def decision_headers(self, token: Token, facts: RequestFacts, request_id: str) -> list[tuple[str, str]]:
         """What an allowed decision answers: who made the request, and the URI it may go on with

@@ -134,6 +134,23 @@ async def test_original_request_from_headers(gw: GatewayHandle) -> None:
         ("GET", "/gw/devices/12", 200)]  # a conflict is refused before any token is looked at: no record
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])  # the fast path, and aiohttp
+async def test_a_proxy_that_cannot_narrow_gets_a_refusal(gw: GatewayHandle, method: str) -> None:
+    """`X-Gateway-Narrowing: refuse` (Traefik, Envoy: they cannot forward X-Authorized-Uri): what
+    the ACL would narrow is refused, not allowed whole."""
+    token = await gw.create_token(access={"type": 2, "acl": ACL})
+    refuse = {"X-Gateway-Narrowing": "refuse"}
+    narrowed = await ask(gw, method, ENDPOINT + "/gw/devices/all", key=token["key"], headers=refuse)
+    assert narrowed.status == 403
+    if method == "GET":
+        assert narrowed.json() == error(403, "access to gw/devices/all (GET) is narrowed by token ACL, "
+                                             "which the proxy cannot send")
+    plain = await ask(gw, method, ENDPOINT + "/gw/devices/12,777", key=token["key"], headers=refuse)
+    assert (plain.status, plain.header("X-Authorized-Uri")) == (200, "/gw/devices/12,777")
+    unlimited = await ask(gw, method, ENDPOINT + "/gw/channels/all", key=token["key"], headers=refuse)
+    assert (unlimited.status, unlimited.header("X-Authorized-Uri")) == (200, "/gw/channels/all")
+
+
 async def test_refusals_carry_what_a_proxied_refusal_carries(gw: GatewayHandle) -> None:
     for reply in (await ask(gw, "GET", ENDPOINT + "/x", key=None), await ask(gw, "GET", ENDPOINT + "/x", key="B" * 64)):
         assert (reply.status, reply.json(), reply.header("WWW-Authenticate")) == (401, INVALID, CHALLENGE)
