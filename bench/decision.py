@@ -13,8 +13,9 @@ upstream behind `auth_request` to the gateway (docs/decision.md's configuration)
   2. nginx `proxy_pass` alone, nginx -> gateway proxy, nginx + `auth_request` to the gateway;
 
 in rounds (the best round of each kept), and prints req/s, p99, the CPU of the gateway during
-each run (and per request: what others on the machine take does not change it), and the two targets: decision >= 0.4 x nginx `return 200`, nginx + auth_request >=
-0.7 x nginx -> gateway proxy. Loopback only; every process is stopped at the end.
+each run (and per request: what others on the machine take does not change it), and the two
+targets: decision >= 0.4 x nginx `return 200`, nginx + auth_request >= 0.7 x nginx -> gateway
+proxy. Loopback only; every process is stopped at the end.
 """
 from __future__ import annotations
 
