@@ -125,7 +125,8 @@ def main() -> int:
         print(f"{'target':<24} {'req/s':>9} {'p99 ms':>7} {'gw CPU %':>8} {'gw us/req':>9} {'others %':>8}  what")
         for name, what in ROWS:
             result = best[name]
-            per_request = f"{result.cpu_percent * 1e4 / result.rps:.0f}" if result.cpu_percent else "-"
+            involved = name not in ("nginx return 200", "nginx proxy_pass")
+            per_request = f"{result.cpu_percent * 1e4 / result.rps:.0f}" if involved else "-"
             print(f"{name:<24} {result.rps:>9,.0f} {result.p99_ms:>7.2f} {result.cpu_percent:>8.0f} "
                   f"{per_request:>9} {result.others_percent:>8.0f}  {what}")
         decision = best["decision direct"].rps
