@@ -288,10 +288,30 @@ http {{
 NGINX_DECISION = """\
     upstream gateway {{ server 127.0.0.1:{gateway_port}; keepalive 16; }}
     upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 16; }}
+    map "$request_method:$http_access_control_request_method" $cors_preflight {{
+        default 0;
+        "~^OPTIONS:." 1;
+    }}
     server {{
         listen 127.0.0.1:{port};
 
         location / {{
+            # CORS preflights carry no token: answered here (the rewrite phase, before
+            # auth_request), never asked about nor forwarded.
+            if ($cors_preflight) {{
+                add_header Access-Control-Allow-Origin $http_origin always;
+                add_header Access-Control-Allow-Methods "GET, POST, PUT, PATCH, DELETE" always;
+                add_header Access-Control-Allow-Headers "Authorization, Content-Type, x-flespi-cid, x-flespi-app" always;
+                add_header Access-Control-Max-Age 600 always;
+                add_header Vary Origin always;
+                return 204;
+            }}
+            # A page may read a reply only when its origin passed the token's check: refusals
+            # (401/403, without `always`) are not shared; the upstream's own CORS headers dropped.
+            proxy_hide_header Access-Control-Allow-Origin;
+            add_header Access-Control-Allow-Origin $http_origin;
+            add_header Vary Origin;
+
             auth_request /_gateway/auth;
             # What the gateway answered, for the upstream (and for the error mapping below).
             auth_request_set $gw_token_id $upstream_http_x_token_id;
@@ -349,6 +369,19 @@ CADDYFILE = """\
 }}
 
 http://127.0.0.1:{port} {{
+    # CORS preflights carry no token: answered here, never asked about nor forwarded.
+    @preflight {{
+        method OPTIONS
+        header Access-Control-Request-Method *
+    }}
+    handle @preflight {{
+        header Access-Control-Allow-Origin {{http.request.header.Origin}}
+        header Access-Control-Allow-Methods "GET, POST, PUT, PATCH, DELETE"
+        header Access-Control-Allow-Headers "Authorization, Content-Type, x-flespi-cid, x-flespi-app"
+        header Access-Control-Max-Age 600
+        header Vary Origin
+        respond 204
+    }}
     route {{
         forward_auth 127.0.0.1:{gateway_port} {{
             uri /_gateway/auth
@@ -524,6 +557,28 @@ async def test_refusals_never_reach_the_upstream(fronted: tuple[GatewayHandle, P
         assert status == 200, body
     assert len(upstream.requests) == 3
     assert await logged_hosts(gw, masked["id"], 2) == ["127.0.0.3", "127.0.0.2"]
+
+
+async def test_cors_through_the_proxy(fronted: tuple[GatewayHandle, Proxy], via: Clients,
+                                      upstream: Upstream) -> None:
+    """Preflights are the proxy's (no token to decide on); a real request's Origin is the token's."""
+    gw, proxy = fronted
+    token = await gw.create_token(origins=["https://app.example"])
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "PUT",
+                 "Access-Control-Request-Headers": "authorization"}
+    status, headers, _ = await via.get(None, "/via", headers=preflight, method="OPTIONS")
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "PUT" in headers["Access-Control-Allow-Methods"]
+    assert upstream.requests == []
+    status, headers, _ = await via.get(token["key"], "/via", headers={"Origin": "https://app.example"})
+    assert status == 200
+    if proxy.kind == "nginx":  # the configuration shares allowed replies (docs/decision.md)
+        assert headers["Access-Control-Allow-Origin"] == "https://app.example"
+    status, headers, _ = await via.get(token["key"], "/via", headers={"Origin": "https://evil.example"})
+    assert status == 401 and "Access-Control-Allow-Origin" not in headers
+    assert len(upstream.requests) == 1
+    records = await log_records(gw, token["id"], 2)
+    assert [(r["method"], r["status"]) for r in records] == [("GET", 200), ("GET", 401)]  # no preflight asked
 
 
 async def test_usage_blocking_through_the_proxy(fronted: tuple[GatewayHandle, Proxy], via: Clients,
