@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Final
 
-from multidict import MultiMapping
+from multidict import CIMultiDict, MultiMapping
 
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.checks import RequestFacts, request_facts
@@ -42,6 +43,7 @@ REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-f
 # The gateway alone decides which pages may read a reply (see cors.py); the upstream cannot know.
 CORS_PREFIX = "access-control-"
 MAX_REQUEST_ID = 128
+NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 # Decision mode (<internal_prefix>auth): the URI an allowed request may go on with, the ACL's
 # narrowing applied; always in an allowed answer, so a proxy can copy it unconditionally.
 AUTHORIZED_URI = "X-Authorized-Uri"
@@ -52,6 +54,9 @@ MAX_METHOD = 32
 # Sent by a proxy that cannot forward AUTHORIZED_URI (Traefik, Envoy): a request the ACL would
 # narrow is refused rather than forwarded whole. Anyone may send it: it only ever refuses more.
 NARROWING = "x-gateway-narrowing"
+# Client-given values went through the parser as bytes: surrogateescape gives back the same bytes.
+UTF8: Final = "utf-8"
+SAME_BYTES: Final = "surrogateescape"
 
 
 class RequestFlow:
@@ -78,6 +83,9 @@ class RequestFlow:
         self.request_id_header = proxy.request_id_header
         self.token_id_header = proxy.token_id_header
         self.account_id_header = proxy.account_id_header
+        self.added_names = (proxy.token_id_header, proxy.account_id_header, proxy.request_id_header,
+                            "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
+        self.added_template = "".join(f"{name}: %s\r\n" for name in self.added_names).encode()
         # Lowercased names the upstream never gets from the client: hop-by-hop, re-created, and
         # the identity headers (only the gateway says who made a request).
         drop = set(HOP_BY_HOP | REQUEST_DROP)
@@ -118,25 +126,39 @@ class RequestFlow:
             raise Denied(404, f"no upstream for {path}")
         return route
 
-    def identity_headers(self, token: Token, facts: RequestFacts, request_id: str) -> list[tuple[str, str]]:
-        """Who made a request (these names are never taken from the client)."""
-        return [(self.token_id_header, str(token.id)), (self.account_id_header, str(facts.account_of(token))),
-                (self.request_id_header, request_id)]
-
-    def upstream_headers(self, token: Token, facts: RequestFacts, request_id: str, peer: str, trusted: bool,
-                         headers: MultiMapping[str], scheme: str, host: str) -> list[tuple[str, str]]:
-        """What the gateway adds to a forwarded request: who made it, and where it came from.
-        `headers` are the client's; they are read only when the peer is a trusted proxy (so a
-        front may pass none otherwise)."""
+    def added_values(self, token: Token, facts: RequestFacts, request_id: str, peer: str, trusted: bool,
+                     headers: MultiMapping[str], scheme: str, host: str) -> tuple[str, str, str, str, str, str]:
+        """What the gateway adds to a forwarded request, in the order of `added_names`: who made it
+        (these names are never taken from the client), and where it came from. `headers` are the
+        client's; they are read only when the peer is a trusted proxy (so a front may pass none
+        otherwise)."""
         if trusted:
             chain = forwarded_for(peer, headers, self.trusted)
             proto = headers.get("X-Forwarded-Proto") or scheme
             forwarded_host = headers.get("X-Forwarded-Host") or host
         else:
             chain, proto, forwarded_host = facts.client_ip, scheme, host  # the peer, as `forwarded_for` says
-        added = self.identity_headers(token, facts, request_id)
-        added += (("X-Forwarded-For", chain), ("X-Forwarded-Proto", proto), ("X-Forwarded-Host", forwarded_host))
-        return added
+        return (str(token.id), str(facts.account_of(token)), request_id, chain, proto, forwarded_host)
+
+    def upstream_headers(self, token: Token, facts: RequestFacts, request_id: str, peer: str, trusted: bool,
+                         headers: MultiMapping[str], scheme: str, host: str) -> list[tuple[str, str]]:
+        """`added_values` as (name, value) pairs (aiohttp's relay)."""
+        values = self.added_values(token, facts, request_id, peer, trusted, headers, scheme, host)
+        return list(zip(self.added_names, values, strict=True))
+
+    def upstream_header_lines(self, token: Token, facts: RequestFacts, request_id: str, peer: str, trusted: bool,
+                              headers: MultiMapping[str], scheme: str, host: str) -> bytes:
+        """`added_values` as header lines of a request head (the fast path): one formatting of a
+        template made once, instead of six encoded pairs a request."""
+        token_id, account_id, rid, chain, proto, forwarded_host = self.added_values(
+            token, facts, request_id, peer, trusted, headers, scheme, host)
+        if trusted:  # the request id and the forwarding values may be the proxy's words
+            return self.added_template % (token_id.encode(), account_id.encode(), rid.encode(UTF8, SAME_BYTES),
+                                          chain.encode(UTF8, SAME_BYTES), proto.encode(UTF8, SAME_BYTES),
+                                          forwarded_host.encode(UTF8, SAME_BYTES))
+        # Else only Host is the client's: the rest is ours (ids, the peer's address, the scheme).
+        return self.added_template % (token_id.encode(), account_id.encode(), rid.encode(), chain.encode(),
+                                      proto.encode(), forwarded_host.encode(UTF8, SAME_BYTES))
 
     # -- decision mode ---------------------------------------------------------------------------
 
@@ -184,9 +206,11 @@ class RequestFlow:
     def decision_headers(self, token: Token, facts: RequestFacts, request_id: str) -> list[tuple[str, str]]:
         """What an allowed decision answers: who made the request, and the URI it may go on with
         (its `all` selector narrowed by the ACL, as a proxied request's would be)."""
-        added = self.identity_headers(token, facts, request_id)
-        added.append((AUTHORIZED_URI, facts.forward_path + "?" + facts.query if facts.query else facts.forward_path))
-        return added
+        # The identity values exactly as a forwarded request gets them (the rest needs no peer).
+        token_id, account_id, rid, *_ = self.added_values(token, facts, request_id, "", False, NO_HEADERS, "", "")
+        uri = facts.forward_path + "?" + facts.query if facts.query else facts.forward_path
+        return [(self.token_id_header, token_id), (self.account_id_header, account_id), (self.request_id_header, rid),
+                (AUTHORIZED_URI, uri)]
 
     # -- refusals --------------------------------------------------------------------------------
 

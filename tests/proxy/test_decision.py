@@ -301,7 +301,7 @@ NGINX_DECISION = """\
             if ($cors_preflight) {{
                 add_header Access-Control-Allow-Origin $http_origin always;
                 add_header Access-Control-Allow-Methods "GET, POST, PUT, PATCH, DELETE" always;
-                add_header Access-Control-Allow-Headers "Authorization, Content-Type, x-flespi-cid, x-flespi-app" always;
+                add_header Access-Control-Allow-Headers "Authorization, Content-Type, x-flespi-cid" always;
                 add_header Access-Control-Max-Age 600 always;
                 add_header Vary Origin always;
                 return 204;
@@ -377,7 +377,7 @@ http://127.0.0.1:{port} {{
     handle @preflight {{
         header Access-Control-Allow-Origin {{http.request.header.Origin}}
         header Access-Control-Allow-Methods "GET, POST, PUT, PATCH, DELETE"
-        header Access-Control-Allow-Headers "Authorization, Content-Type, x-flespi-cid, x-flespi-app"
+        header Access-Control-Allow-Headers "Authorization, Content-Type, x-flespi-cid"
         header Access-Control-Max-Age 600
         header Vary Origin
         respond 204
