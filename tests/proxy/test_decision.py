@@ -495,6 +495,8 @@ async def test_allowed_through_the_proxy(fronted: tuple[GatewayHandle, Proxy], v
                                          upstream: Upstream) -> None:
     gw, proxy = fronted
     token = await gw.create_token(access={"type": 2, "acl": ACL})
+    lane = lane_of(gw)
+    fast, handed = lane.served_fast, lane.handed_over
     status, _, body = await via.get(token["key"], "/gw/devices/all/telemetry?x=1",
                                           headers={"X-Token-Id": "999", "X-Account-Id": "999"})
     assert status == 200, (body, proxy.output())
@@ -505,6 +507,7 @@ async def test_allowed_through_the_proxy(fronted: tuple[GatewayHandle, Proxy], v
     [request_id] = seen.headers["x-request-id"]
     assert "authorization" not in seen.headers and "x-authorized-uri" not in seen.headers
     assert token["key"] not in repr(seen.headers)
+    assert (lane.served_fast - fast, lane.handed_over - handed) == (1, 0)  # the proxy's check took the fast path
     [record] = await log_records(gw, token["id"], 1)
     assert (record["method"], record["uri"], record["host"], record["request_id"]) == (
         "GET", "/gw/devices/all/telemetry", "127.0.0.2", request_id)
