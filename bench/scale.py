@@ -28,11 +28,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import HOST, MASTER_KEY, PREFIX  # noqa: E402
-from harness.procs import Processes, free_port, wait_for_port  # noqa: E402
-from harness.revocation import percentile  # noqa: E402
-from harness.servers import start_gateway, start_upstream  # noqa: E402
-from harness.tools import find_tools  # noqa: E402
+from harness import HOST, MASTER_KEY, PREFIX
+from harness.procs import Processes, free_port, wait_for_port
+from harness.revocation import percentile
+from harness.servers import start_gateway, start_upstream
+from harness.tools import find_tools
 
 SERVICE = "gwbench"
 DOWN_AFTER_MS = 1000
@@ -41,7 +41,8 @@ MASTER = {"Authorization": f"FlespiToken {MASTER_KEY}"}
 NOT_REPLICATED_PREFIX = "token storage unavailable: the change was made"
 
 
-def start_sentinel_set(procs: Processes, redis_server: str) -> tuple[list[int], list[subprocess.Popen[bytes]], list[int]]:
+def start_sentinel_set(procs: Processes,
+                       redis_server: str) -> tuple[list[int], list[subprocess.Popen[bytes]], list[int]]:
     ports = [free_port(), free_port()]
     servers = []
     for index, port in enumerate(ports):
@@ -92,7 +93,8 @@ def wait_settled(sentinel_ports: list[int], timeout: float = 60.0) -> int:
                 for sentinel in sentinel_ports:
                     with redis.Redis(host=HOST, port=sentinel, socket_timeout=0.5) as client:
                         state = client.sentinel_master(SERVICE)
-                        states.append(state["is_master"] and not state["is_sdown"] and state["num-other-sentinels"] >= 2)
+                        states.append(state["is_master"] and not state["is_sdown"]
+                                      and state["num-other-sentinels"] >= 2)
                 if info["role"] == "master" and any(s.get("state") == "online" for s in slaves) and all(states):
                     return port
             except (redis.RedisError, OSError, KeyError):
@@ -175,10 +177,11 @@ async def failover(url_a: str, url_b: str, spare: list[str], doomed: list[dict[s
             for key in spare:
                 sent = time.perf_counter()
                 try:
-                    async with a.get(url_a + "/bench/failover", headers={"Authorization": f"FlespiToken {key}"}) as reply:
+                    headers = {"Authorization": f"FlespiToken {key}"}
+                    async with a.get(url_a + "/bench/failover", headers=headers) as reply:
                         await reply.read()
                         status = reply.status
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     status = -1
                 if status == 200:
                     first_ok = time.perf_counter() - killed
@@ -260,8 +263,8 @@ def main() -> None:
         sentinel_rate = sorted(rates["sentinel"])[len(rates["sentinel"]) // 2]
         direct_rate = sorted(rates["redis://"])[len(rates["redis://"]) // 2]
         print("\n| measurement | figure |\n|---|---:|")
-        print(f"| cache-miss authentications/s, sentinel (runs) | {' / '.join(f'{r:,.0f}' for r in rates['sentinel'])} |")
-        print(f"| cache-miss authentications/s, redis:// (runs) | {' / '.join(f'{r:,.0f}' for r in rates['redis://'])} |")
+        for name in rates:
+            print(f"| cache-miss authentications/s, {name} (runs) | {' / '.join(f'{r:,.0f}' for r in rates[name])} |")
         print(f"| sentinel / redis:// (best runs) | {max(rates['sentinel']) / max(rates['redis://']):.2f} |")
         first_ok = seen["first_ok"]
         target = (DOWN_AFTER_MS / 1000) + 1.0
