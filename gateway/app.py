@@ -40,8 +40,8 @@ from gateway.proxy.replies import error_response, invalid_input_response
 from gateway.proxy.routing import upstream_url
 from gateway.store.accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
 from gateway.store.cache import TokenCache
-from gateway.store.resp import RespClient, lean_client
-from gateway.store.tokens import TokenStore, connect_redis
+from gateway.store.clients import SENTINEL_POLL, Clients, open_clients
+from gateway.store.tokens import TokenStore
 from gateway.tokens import Token, key_digest
 from gateway.writers.accessed import AccessedWriter
 from gateway.writers.housekeeping import Housekeeper
@@ -50,8 +50,6 @@ from gateway.writers.tokenlogs import RedisLogSink
 from gateway.writers.usage import UsageMeter
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
     from gateway.store.embedded import Snapshotter
 
 log = logging.getLogger("gateway")
@@ -243,20 +241,22 @@ def open_session(settings: Settings, upstream_tls: ssl.SSLContext) -> aiohttp.Cl
 
 async def services(app: web.Application, settings: Settings) -> AsyncIterator[None]:
     snapshotter: Snapshotter | None = None
-    lean: RespClient | None = None
-    lean_loads: RespClient | None = None
-    client: Redis
     if settings.redis.embedded:
         from gateway.store.embedded import open_embedded  # fakeredis: imported only when it is used
-        client, snapshotter = open_embedded(settings.redis.data_file)
+        embedded, snapshotter = open_embedded(settings.redis.data_file)
         loaded = await snapshotter.load()
         log.info("embedded store: %d keys loaded from %s", loaded, settings.redis.data_file)
+        clients = Clients(embedded, owned=[embedded])
     else:
-        client = connect_redis(settings.redis)
-        lean = lean_client(settings.redis.url, settings.redis.socket_timeout, settings.redis.connect_timeout)
-        lean_loads = lean_client(settings.redis.url, settings.redis.socket_timeout, settings.redis.connect_timeout)
-    prefix = settings.redis.key_prefix
-    store, accounts = TokenStore(client, prefix, lean, lean_loads), AccountStore(client, prefix)
+        clients = open_clients(settings.redis)
+    prefix, client = settings.redis.key_prefix, clients.client
+    store = TokenStore(client, prefix, clients.lean, clients.lean_loads)
+    accounts = AccountStore(client, prefix)
+    if clients.listener is not None:
+        store.listener = accounts.listener = clients.listener
+    if clients.waiter is not None:
+        for acknowledged in (store, accounts):
+            acknowledged.require_replicas(clients.waiter, settings.redis.replicas_to_wait, settings.redis.wait_timeout)
     if snapshotter is not None:
         for persisted in (store, accounts):
             persisted.after_change = snapshotter.save
@@ -286,6 +286,8 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     ]
     if snapshotter is not None:
         jobs.append(snapshotter.run())
+    if clients.watch is not None:
+        jobs.append(clients.watch.run(SENTINEL_POLL))
     if settings.bootstrap_master_token:
         # Usable as soon as the port opens; only if the store is away does it wait in background.
         try:
@@ -307,10 +309,7 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         await built.session.close()
         if snapshotter is not None:
             await snapshotter.save()
-        for connection in (lean, lean_loads):
-            if connection is not None:
-                await connection.close()
-        await client.aclose()
+        await clients.close()
 
 
 async def _quietly(job: Coroutine[Any, Any, None]) -> None:
