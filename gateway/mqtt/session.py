@@ -136,6 +136,8 @@ class Session:
         self.partial: dict[int, list[int | None]] = {}
         # QoS 2 messages from the broker the gateway withheld and acknowledged itself.
         self.withheld: set[int] = set()
+        # QoS 2 messages from the client the gateway refused (PUBREC 0x87): their PUBREL ends here.
+        self.refused: set[int] = set()
         self.may_publish: dict[str, bool] = {}
         self.may_deliver: dict[str, bool] = {}
         self.traffic = 0
@@ -196,8 +198,12 @@ class Session:
                     if self._client_publish(first, buffer, at, end):
                         out.append(bytes(buffer[pos:end]))
                 elif kind in (PUBACK, PUBREC, PUBREL, PUBCOMP):
-                    codec.decode_ack(kind, first, bytes(buffer[at:end]), self.version)
-                    out.append(bytes(buffer[pos:end]))
+                    packet_id, _ = codec.decode_ack(kind, first, bytes(buffer[at:end]), self.version)
+                    if kind == PUBREL and packet_id in self.refused:
+                        self.refused.discard(packet_id)
+                        self.client.write(codec.encode_ack(PUBCOMP, packet_id, V5, codec.PACKET_ID_NOT_FOUND))
+                    else:
+                        out.append(bytes(buffer[pos:end]))
                 elif kind == SUBSCRIBE:
                     sent = self._subscribe(first, bytes(buffer[at:end]))
                     if sent is not None:
@@ -256,6 +262,8 @@ class Session:
         elif publish.qos == 1:
             self.client.write(codec.encode_ack(PUBACK, publish.packet_id, V5, codec.NOT_AUTHORIZED))
         elif publish.qos == 2:
+            if len(self.refused) < 65535:
+                self.refused.add(publish.packet_id)
             self.client.write(codec.encode_ack(PUBREC, publish.packet_id, V5, codec.NOT_AUTHORIZED))
         return False
 
