@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from gateway.mqtt.front import MqttFront
 from gateway.mqtt.session import Session
@@ -16,8 +17,8 @@ class ClientProtocol(asyncio.Protocol):
         self.session: Session | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if self.front.closing:
             transport.close()

@@ -2,9 +2,18 @@
 and can connect again."""
 from __future__ import annotations
 
-from support.gateways import GatewayHandle
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from support.gateways import GatewayHandle, base_config
 from support.keys import MASTER_KEY
 from support.mqtt import Client, Mosquitto
+from support.servers import ROOT, free_port
 
 
 async def test_mqtt_over_websocket(mgw: GatewayHandle) -> None:
@@ -57,3 +66,33 @@ async def test_broker_restart(mgw: GatewayHandle, mosquitto: Mosquitto) -> None:
         assert (await back.message()).payload == b"works"
     finally:
         back.close()
+
+
+async def test_the_gateway_process_serves_mqtt(tmp_path: Path, redis_url: str, key_prefix: str,
+                                               live_mosquitto: Mosquitto) -> None:
+    """`python -m gateway` as a user runs it (uvloop's event loop, whose transports differ)."""
+    port, mqtt_port = free_port(), free_port()
+    config = base_config("http://127.0.0.1:9", redis_url, key_prefix, listen={"host": "127.0.0.1", "port": port},
+                         mqtt={"listen": {"host": "127.0.0.1", "port": mqtt_port}, "broker": live_mosquitto.url})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps(config))
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(path)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", mqtt_port), timeout=0.2):
+                break
+            await asyncio.sleep(0.05)
+        for version in (5, 4):
+            client = Client(mqtt_port, MASTER_KEY, version)
+            try:
+                assert await client.connect() == 0
+                assert await client.subscribe("proc/x") == [1]
+                assert await client.publish("proc/x", b"uvloop", qos=1) == 0
+                assert (await client.message()).payload == b"uvloop"
+            finally:
+                client.close()
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0 and b"Traceback" not in err, err.decode(errors="replace")
