@@ -76,8 +76,8 @@ async def test_the_gateway_process_serves_mqtt(tmp_path: Path, redis_url: str, k
                          mqtt={"listen": {"host": "127.0.0.1", "port": mqtt_port}, "broker": live_mosquitto.url})
     path = tmp_path / "gateway.yaml"
     path.write_text(json.dumps(config))
-    process = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(path)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "--config", str(path), cwd=ROOT,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for _ in range(200):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", mqtt_port), timeout=0.2):
@@ -94,5 +94,5 @@ async def test_the_gateway_process_serves_mqtt(tmp_path: Path, redis_url: str, k
                 client.close()
     finally:
         process.terminate()
-        _, err = process.communicate(timeout=30)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0 and b"Traceback" not in err, err.decode(errors="replace")
