@@ -92,14 +92,15 @@ class MqttFront:
 
     def opened(self, session: Session) -> None:
         assert session.token is not None
-        self.by_digest.setdefault(session.token.digest, set()).add(session)
+        session.digest = session.token.digest  # the key it connected with, whatever reloads bring
+        self.by_digest.setdefault(session.digest, set()).add(session)
 
     def closed(self, session: Session) -> None:
-        for digest, group in list(self.by_digest.items()):
-            if session in group:
-                group.discard(session)
-                if not group:
-                    del self.by_digest[digest]
+        group = self.by_digest.get(session.digest)
+        if group is not None:
+            group.discard(session)
+            if not group:
+                del self.by_digest[session.digest]
 
     def event(self, facts: RequestFacts, token: Token, what: str, status: int, started: float, size: int,
               request_id: str, client_id: str) -> None:
@@ -125,7 +126,7 @@ class MqttFront:
             return
         facts.now = time.time()
         try:
-            current = await self.auth.authenticate_digest(token.digest, facts)
+            current = await self.auth.authenticate_digest(session.digest, facts)
         except Denied as denied:
             session.revoke(denied)
             return
@@ -141,7 +142,7 @@ class MqttFront:
                 continue
             facts.now = now
             try:
-                current = self.auth.authenticate_cached(token.digest, facts)
+                current = self.auth.authenticate_cached(session.digest, facts)
             except Denied as denied:
                 session.revoke(denied)
                 continue

@@ -126,6 +126,7 @@ class Session:
         self.outbound = bytearray()  # from the broker, not yet handled
         self.broker: BrokerProtocol | None = None
         self.token: Token | None = None
+        self.digest = ""  # the key's, once the session is open (MqttFront.opened)
         self.kind = ""
         self.facts: RequestFacts | None = None
         self.request_id = ""

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support.gateways import GatewayHandle, base_config
+from support.gateways import GatewayFactory, GatewayHandle, base_config
 from support.keys import MASTER_KEY
 from support.mqtt import Client, Mosquitto
 from support.servers import ROOT, free_port
@@ -96,3 +96,14 @@ async def test_the_gateway_process_serves_mqtt(tmp_path: Path, redis_url: str, k
         process.terminate()
         _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0 and b"Traceback" not in err, err.decode(errors="replace")
+
+
+async def test_gateway_shutdown_tells_5_clients(make_mqtt_gateway: GatewayFactory) -> None:
+    gw = await make_mqtt_gateway()
+    client = Client(gw.server.mqtt_port, MASTER_KEY, 5)
+    try:
+        assert await client.connect() == 0
+        await gw.server.close()
+        assert await client.wait_disconnect() == 0x8B  # server shutting down
+    finally:
+        client.close()
