@@ -316,6 +316,17 @@ class Session:
     # -- opening: the token, then the broker ---------------------------------------------------------
 
     async def _open(self, connect: Connect) -> None:
+        try:
+            await self._opening(connect)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # an error while opening denies, never allows
+            log.exception("unexpected error opening an MQTT session; refused")
+            if self.state != CLOSED:
+                self._refuse_connect(codec.UNSPECIFIED if self.version == V5 else codec.V3_SERVER_UNAVAILABLE,
+                                     self.token, 500, "connect: internal error")
+
+    async def _opening(self, connect: Connect) -> None:
         front = self.front
         self.client_id = connect.client_id
         self.request_id = front.request_ids.next()

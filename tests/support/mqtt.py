@@ -132,6 +132,8 @@ class Client:
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.disconnect_code = code_of(reason)
         self.disconnected.set()
+        with self.acked:
+            self.acked.notify_all()  # an acknowledgement waited for will not come
         self.connected.set()  # a refused CONNECT ends here too
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
