@@ -3,13 +3,14 @@ back the same (paho-mqtt's own packet classes as the independent reader)."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.mqtt import codec
 from gateway.mqtt.codec import Connect, Malformed, Will
 
 
+@settings(deadline=None)  # a loaded machine must not fail it
 @given(st.integers(0, codec.MAX_REMAINING))
 def test_variable_integers_round_trip(value: int) -> None:
     encoded = codec.varint(value)
@@ -17,6 +18,7 @@ def test_variable_integers_round_trip(value: int) -> None:
     assert codec.Reader(encoded).varint() == value
 
 
+@settings(deadline=None)  # a loaded machine must not fail it
 @given(st.integers(0, 40_000), st.integers(0, 3))
 def test_frame_waits_for_the_whole_packet(length: int, missing: int) -> None:
     head = bytes((0x30,)) + codec.varint(length)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.policy.acl import acl_problems, compile_acl
@@ -55,6 +55,7 @@ def filters(draw: st.DrawFn) -> tuple[str, ...]:
     return (*body, "#") if draw(st.booleans()) else tuple(body)
 
 
+@settings(deadline=None)  # a loaded machine must not fail it
 @given(filters(), filters(), st.lists(LEVEL, min_size=1, max_size=6))
 def test_a_covered_filter_matches_nothing_the_cover_does_not(granting: tuple[str, ...], asked: tuple[str, ...],
                                                             topic: list[str]) -> None:
