@@ -28,6 +28,8 @@ from gateway.auth.compiler import TokenCompiler
 from gateway.build import fast_path_compiled
 from gateway.config import Settings
 from gateway.errors import Denied, FieldProblem, InvalidInput, StoreUnavailable
+from gateway.mqtt.front import MqttFront
+from gateway.mqtt.websocket import serve as serve_mqtt_websocket
 from gateway.panel import install as install_panel
 from gateway.policy.acl import acl_problems
 from gateway.policy.ipmask import ip_mask_problems
@@ -94,6 +96,7 @@ class Gateway:
         self.flow = RequestFlow(settings, self.auth, services.usage, services.logs, self.api.handles)
         self.proxy = Proxy(settings.proxy, services.session, self.flow.request_drop)
         self.open_connections: Callable[[], int] = lambda: 0  # the listener's count, once it runs
+        self.mqtt: MqttFront | None = None  # the MQTT front's shared state, when configured
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         flow = self.flow
@@ -279,7 +282,9 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         housekeeper=Housekeeper(store, settings.housekeeping, logs), session=open_session(settings, upstream_tls),
         compiler=compiler, upstream_tls=upstream_tls,
     )
-    app[GATEWAY] = Gateway(settings, built, app[CORS])
+    gateway = app[GATEWAY] = Gateway(settings, built, app[CORS])
+    if settings.mqtt is not None:
+        gateway.mqtt = MqttFront(settings.mqtt, gateway.auth, cache, built.usage, logs, settings.platform_prefixes)
     jobs: list[Coroutine[Any, Any, None]] = [
         cache.run_subscriber(), built.accessed.run(), logs.run(), built.usage.run(), built.housekeeper.run(),
         directory.run(settings.cache.refresh_interval),
@@ -295,10 +300,14 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         except Exception as exc:
             log.warning("bootstrap master token not yet created (%s); retrying in background", exc)
             jobs.append(_keep_bootstrapping(store, settings.bootstrap_master_token))
+    if gateway.mqtt is not None:
+        jobs.append(gateway.mqtt.run())
     tasks = [asyncio.ensure_future(job) for job in jobs]
     try:
         yield
     finally:
+        if gateway.mqtt is not None:
+            await gateway.mqtt.shutdown()
         await cancel_all(tasks)
         await cache.close()
         await _quietly(built.accessed.flush())
@@ -354,6 +363,14 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route("*", settings.internal_prefix + "auth", decide)
     app.router.add_route("*", settings.internal_prefix + "auth/{original:.*}", decide)
     install_panel(app, settings)  # the token panel's static files, <internal_prefix>panel/
+    if settings.mqtt is not None and settings.mqtt.websocket_path:
+        async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
+            gateway = request.app[GATEWAY]
+            assert gateway.mqtt is not None
+            client_ip = gateway.flow.client_address(request.remote or "", request.headers)
+            return await serve_mqtt_websocket(gateway.mqtt, request, client_ip)
+
+        app.router.add_get(settings.mqtt.websocket_path, mqtt_websocket)
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)
     app[CORS].install(app, app.router.add_route("*", "/{tail:.*}", handle))
