@@ -205,7 +205,8 @@ class GatewayServer:
         try:
             await self.site.start()
         except OSError as exc:  # free at the check, taken since: said as the check says it, no traceback
-            raise ConfigError("listen.port", f"cannot listen on {host}:{port} ({exc.strerror})") from exc
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's strerror repeats the address
+            raise ConfigError("listen.port", f"cannot listen on {host}:{port} ({reason})") from exc
 
     def reload(self, loaded: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Apply a configuration re-read while running, for requests that start from now on.
@@ -547,19 +548,29 @@ class Supervisor:
                 continue
             if process.ready_pipe is not None:
                 os.close(process.ready_pipe)
-            code = os.waitstatus_to_exitcode(status)
+            how = exit_reason(os.waitstatus_to_exitcode(status))
             if self.stopping or process.retiring:
-                log.info("worker %d stopped (status %d)", pid, code)
+                log.info("worker %d stopped (%s)", pid, how)
             elif self.next_generation is not None and process.generation == self.next_generation[0]:
-                log.error("new worker %d exited with status %d before accepting connections", pid, code)
+                log.error("new worker %d exited (%s) before accepting connections", pid, how)
                 # advance_reload sees the generation short of a worker and gives it up
             else:
-                self.restart_later(process, code)
+                self.restart_later(process, how)
 
-    def restart_later(self, process: Process, code: int) -> None:
+    def restart_later(self, process: Process, how: str) -> None:
         quick = time.monotonic() - process.started < CRASH_WINDOW
         failures = self.failures.get(process.slot, 0) + 1 if quick else 0
         self.failures[process.slot] = failures
         delay = min(RESTART_MAX, RESTART_FIRST * 2 ** (failures - 1)) if failures else 0.0
-        log.error("worker %d exited with status %d; starting another in %.2f s", process.pid, code, delay)
+        log.error("worker %d exited (%s); starting another in %.2f s", process.pid, how, delay)
         self.due.append((time.monotonic() + delay, process.slot, process.generation))
+
+
+def exit_reason(code: int) -> str:
+    """`os.waitstatus_to_exitcode`'s result in words: a negative code is the signal that killed it."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"status {code}"
