@@ -260,9 +260,11 @@ async def test_sigusr1_reopens_the_request_log(start: Callable[..., Any], tmp_pa
         assert (await get(f"{gateway.url}/after/{sent}"))[0] == 200
         sent += 1
         await asyncio.sleep(0.05)
+    for n in range(3):  # reopened: these go to the new file
+        assert (await get(f"{gateway.url}/after/{sent + n}"))[0] == 200
+    sent += 3
     assert gateway.stop() == 0
-    old = [orjson.loads(line)["uri"] for line in rotated.read_bytes().splitlines()]
-    new = [orjson.loads(line)["uri"] for line in log.read_bytes().splitlines()]
+    old, new = requests(rotated), requests(log)
     assert old[:5] == [f"/before/{n}" for n in range(5)]
     assert new and all(uri.startswith("/after/") for uri in new)
     assert len(old) + len(new) == sent  # nothing lost, nothing twice
@@ -315,3 +317,38 @@ def test_a_worker_that_keeps_dying_is_restarted_ever_later() -> None:
     assert supervisor.due.pop()[0] - time.monotonic() <= 0
     assert supervisor.failures[0] == 0
     assert RESTART_FIRST * 2 ** 7 > RESTART_MAX
+
+
+async def test_sighup_moves_the_request_log_and_recompiles_origin_presets(start: Callable[..., Any],
+                                                                        tmp_path: Path) -> None:
+    """A token whose origins name a preset follows the preset's new list; the log goes to its new file."""
+    gateway = await start(origin_presets={"mine": ["https://a.example"]})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gateway.url}/platform/tokens", headers=AUTH,
+                                json=[{"ttl": 600, "origins": [{"preset": "mine"}]}]) as reply:
+            key = (await reply.json())["result"][0]["key"]
+
+        async def from_origin(origin: str) -> int:
+            async with session.get(f"{gateway.url}/page", headers={"Authorization": f"FlespiToken {key}",
+                                                                   "Origin": origin}) as reply:
+                return reply.status
+        assert (await from_origin("https://a.example"), await from_origin("https://b.example")) == (200, 401)
+        moved = tmp_path / "moved.log"
+        mark = len(gateway.log)
+        gateway.change(origin_presets={"mine": ["https://b.example"]},
+                       log={"path": str(moved), "flush_interval": 0.05})
+        gateway.send(signal.SIGHUP)
+        line = await gateway.logged("reloaded", mark)
+        assert "changed log.path, origin_presets" in line
+        assert (await from_origin("https://a.example"), await from_origin("https://b.example")) == (401, 200)
+    assert gateway.stop() == 0
+    before, after = requests(tmp_path / "requests.log"), requests(moved)
+    # Records still queued at the reload are written to the new file: each record once, in order.
+    assert (before + after)[-5:] == ["/platform/tokens", "/page", "/page", "/page", "/page"]
+    assert after[-2:] == ["/page", "/page"]
+
+
+def requests(log: Path) -> list[str]:
+    """The paths of the request records (event 1000) in a request log."""
+    records = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+    return [record["uri"] for record in records if record["event_code"] == 1000]
