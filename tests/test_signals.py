@@ -352,3 +352,21 @@ def requests(log: Path) -> list[str]:
     """The paths of the request records (event 1000) in a request log."""
     records = [orjson.loads(line) for line in log.read_bytes().splitlines()]
     return [record["uri"] for record in records if record["event_code"] == 1000]
+
+
+async def test_sighup_changes_upstream_timeouts_on_both_fronts(start: Callable[..., Any]) -> None:
+    """The fast path's pools and aiohttp's relay (a request with an Origin is served there) both
+    take the new `proxy.read_timeout`."""
+    gateway = await start()
+    origin = {"Origin": "https://app.example"}
+    assert (await get(f"{gateway.url}/slow/0.4"))[0] == 200
+    assert (await get(f"{gateway.url}/slow/0.4", **origin))[0] == 200
+    mark = len(gateway.log)
+    gateway.change(proxy={"read_timeout": 0.1})
+    gateway.send(signal.SIGHUP)
+    await gateway.logged("changed proxy.read_timeout", mark)
+    for headers in ({}, origin):
+        status, body, _ = await get(f"{gateway.url}/slow/0.4", **headers)
+        assert (status, body) == (504, {"errors": [{"code": 504, "reason": "upstream timeout"}]})
+    assert (await get(f"{gateway.url}/slow/0"))[0] == 200
+    assert gateway.stop() == 0
