@@ -118,7 +118,12 @@ class Gateway:
         was; then each part is swapped for requests that start from now on. Raises OSError or
         ConfigError."""
         services, running = self.services, self.settings
-        upstream_tls = settings.proxy.ssl_context() if settings.proxy != running.proxy else services.upstream_tls
+        upstream_tls = services.upstream_tls
+        if settings.proxy != running.proxy:
+            try:
+                upstream_tls = settings.proxy.ssl_context()
+            except (OSError, ssl.SSLError) as exc:  # changed since the file was checked
+                raise ConfigError("proxy.ca_file", f"cannot be loaded ({exc})") from exc
         request_log = services.request_log
         if settings.log.path != running.log.path:
             try:

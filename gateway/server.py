@@ -276,12 +276,16 @@ def serve(settings: Settings, *, config_path: str | None = None, worker: Worker 
         source = config_path or "(environment)"
 
         def reload() -> None:
-            if stop.is_set():
+            if stop.is_set() or server.site is None or server.site.lane is None:
+                log.warning("SIGHUP ignored: the gateway is %s", "stopping" if stop.is_set() else "starting")
                 return
             try:
                 changed, kept = server.reload(load_settings(config_path))
             except ConfigError as exc:
                 log.error("reload of %s refused, still running the previous configuration: %s", source, exc)
+                return
+            except Exception:  # a bug, not the file: said, and the process goes on serving
+                log.exception("reload of %s failed", source)
                 return
             log.info("%s", describe_reload(source, changed, kept))
 
@@ -316,6 +320,10 @@ def serve(settings: Settings, *, config_path: str | None = None, worker: Worker 
 
 
 def run(settings: Settings, config_path: str | None = None) -> int:
+    # Until their handlers are in place a reload or reopen signal would end the process (their
+    # default action): ignored instead. Workers inherit this.
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     if settings.workers == 1:
         serve(settings, config_path=config_path)
         return 0
@@ -439,8 +447,9 @@ class Supervisor:
             code = 0
             try:
                 signal.set_wakeup_fd(-1)
-                for signum in SUPERVISED:
-                    signal.signal(signum, signal.SIG_DFL)
+                for signum in SUPERVISED:  # reload and reopen ignored until serve() takes them
+                    ignored = signum in (signal.SIGHUP, signal.SIGUSR1)
+                    signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL)
                 os.close(ready_read)
                 for other in self.processes.values():
                     if other.ready_pipe is not None:
@@ -497,6 +506,9 @@ class Supervisor:
             loaded = load_settings(self.config_path)
         except ConfigError as exc:
             log.error("reload of %s refused, still running the previous configuration: %s", source, exc)
+            return
+        except Exception:  # a bug, not the file: the supervisor (and its workers) must go on
+            log.exception("reload of %s failed, still running the previous configuration", source)
             return
         effective, kept = reload_plan(self.settings, loaded)
         changed = reloaded_keys(self.settings, effective)

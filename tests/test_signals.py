@@ -283,6 +283,11 @@ async def test_a_killed_worker_is_replaced(start: Callable[..., Any], redis_url:
     assert len(after) == 2 and victim not in after
     for n in range(20):  # both workers (whichever accepts) answer
         assert (await get(f"{gateway.url}/again/{n}"))[0] == 200
+    mark = len(gateway.log)
+    survivor = min(after)
+    os.kill(survivor, signal.SIGHUP)  # meant for the supervisor: the worker says so and goes on
+    await gateway.logged(f"SIGHUP ignored by a worker: send it to the supervisor (pid {gateway.process.pid})", mark)
+    assert gateway.workers() == after
     assert gateway.stop() == 0
 
 
