@@ -186,6 +186,10 @@ async def reload_while_serving(gateway: Gateway, upstream: Upstream, done: str) 
     async with traffic(gateway.url) as load:
         assert (await get(f"{gateway.url}/v2/x"))[1] == {"method": "GET", "path": "/v2/x", "size": 0}
         assert await preflight_max_age(gateway.url) == "600"
+        # A request in flight across the reload (with workers: on a worker the reload retires).
+        slow = asyncio.ensure_future(get(f"{gateway.url}/slow/5"))
+        while not any(seen.raw_path == "/slow/5" for seen in upstream.requests):
+            await asyncio.sleep(0.01)
         mark = len(gateway.log)
         gateway.change(upstream=None, routes={"/": upstream.url, "/v2/": f"{upstream.url}/new/"},
                        cors={"max_age": 77}, listen={"host": "127.0.0.1", "port": free_port()})
@@ -193,6 +197,8 @@ async def reload_while_serving(gateway: Gateway, upstream: Upstream, done: str) 
         line = await gateway.logged("reloaded", mark)
         assert "changed routes, cors.max_age" in line and "needs a restart, kept as running: listen.port" in line
         await gateway.logged(done, mark)
+        assert not slow.done()
+        assert (await slow)[:2] == (200, {"slow": True})
         await load.until(100)
         assert (await get(f"{gateway.url}/v2/x"))[1] == {"method": "GET", "path": "/new/x", "size": 0}
         assert await preflight_max_age(gateway.url) == "77"
