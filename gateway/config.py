@@ -21,7 +21,7 @@ import re
 import ssl
 import stat
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from http import HTTPMethod
 from pathlib import Path
 from typing import Any
@@ -909,6 +909,9 @@ class Settings:
             raise ConfigError("internal_prefix", "must not be / (it would take every path)")
         if internal_prefix in platform_prefixes:
             raise ConfigError("internal_prefix", "must differ from platform_prefixes")
+        for prefix in platform_prefixes:  # one inside the other: which answers a path would be a guess
+            if internal_prefix.startswith(prefix) or prefix.startswith(internal_prefix):
+                raise ConfigError("internal_prefix", f"must not overlap platform_prefixes ({prefix})")
         realm = top.text("realm", defaults.realm)
         if not _REALM.fullmatch(realm):
             raise ConfigError("realm", 'must be printable ASCII without " or \\')
@@ -940,13 +943,65 @@ class Settings:
         if mqtt is not None and mqtt.websocket_path and mqtt.websocket_path.startswith(
                 (*platform_prefixes, internal_prefix)):
             raise ConfigError("mqtt.websocket_path", "must not lie under platform_prefixes or internal_prefix")
+        own = (*platform_prefixes, internal_prefix)
+        for route in settings.routes:
+            taken = next((prefix for prefix in own if route.prefix.startswith(prefix)), None)
+            if taken is not None:  # the gateway answers every path under its own prefixes itself
+                raise ConfigError(f"routes.{route.prefix}", f"is never proxied: paths under {taken} are the "
+                                                            "gateway's own (internal_prefix, platform_prefixes)")
+        if (settings.redis.embedded and settings.log.path not in ("-", "off")
+                and _same_file(settings.log.path, settings.redis.data_file)):
+            raise ConfigError("log.path", "must differ from redis.data_file (the embedded store's file)")
         if settings.redis.embedded and settings.workers > 1:
             raise ConfigError("workers", "the embedded store (redis.url memory://) serves one process; "
                                          "set redis.url to share")
         return settings
 
 
+def _same_file(one: str, other: str) -> bool:
+    return Path(one).resolve() == Path(other).resolve()
+
+
 SECTIONS = (*(each.name for each in fields(Settings) if each.default_factory is not MISSING), "mqtt")
+
+# -- reloading (SIGHUP) ---------------------------------------------------------------------------
+# What a running process cannot take over: the socket it listens on, the store connections every
+# service holds, the connection limits aiohttp was built with, the paths registered in its router,
+# the background writers' schedules and the process count. A reload keeps the running values of
+# these (and says so); everything else applies to the requests that start after it.
+RESTART_ONLY = ("listen", "redis", "limits", "usage", "housekeeping", "token_logs", "panel", "platform_prefixes",
+                "internal_prefix", "workers", "accessed_flush_interval", "bootstrap_master_token", "mqtt")
+# Within a reloadable section: aiohttp's relay holds one connector whose size is fixed.
+RESTART_ONLY_PROXY = ("pool_size",)
+
+
+def _changed(name: str, running: Any, loaded: Any) -> list[str]:
+    """The keys under `name` whose values differ (a section's own keys, one level down)."""
+    if running == loaded:
+        return []
+    if hasattr(running, "__dataclass_fields__") and type(running) is type(loaded):
+        return [f"{name}.{each.name}" for each in fields(running)
+                if getattr(running, each.name) != getattr(loaded, each.name)]
+    return [name]
+
+
+def reload_plan(running: Settings, loaded: Settings) -> tuple[Settings, tuple[str, ...]]:
+    """The settings a reload applies: `loaded`, with the keys only a restart can change kept as
+    they run; and those keys, where the file now says otherwise."""
+    kept = [key for name in RESTART_ONLY for key in _changed(name, getattr(running, name), getattr(loaded, name))]
+    proxy = loaded.proxy
+    for name in RESTART_ONLY_PROXY:
+        if getattr(proxy, name) != getattr(running.proxy, name):
+            kept.append(f"proxy.{name}")
+    proxy = replace(proxy, **{name: getattr(running.proxy, name) for name in RESTART_ONLY_PROXY})
+    effective = replace(loaded, proxy=proxy, **{name: getattr(running, name) for name in RESTART_ONLY})
+    return effective, tuple(kept)
+
+
+def reloaded_keys(running: Settings, effective: Settings) -> tuple[str, ...]:
+    """The keys a reload changes (for its log line)."""
+    return tuple(key for each in fields(Settings)
+                 for key in _changed(each.name, getattr(running, each.name), getattr(effective, each.name)))
 TOP_LEVEL_KEYS = frozenset(settable(Settings)) - {"routes"} | {"upstream", "routes"}
 
 

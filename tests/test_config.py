@@ -32,6 +32,8 @@ from gateway.config import (
     Settings,
     build_settings,
     load_settings,
+    reload_plan,
+    reloaded_keys,
     settable,
 )
 
@@ -188,6 +190,7 @@ KEYS = [
     Key("internal_prefix", "/_gateway/", "/_gw/", "/_gw/", [
         ("/", "must not be / (it would take every path)"), ("_gateway", "must be a path that starts and ends with /"),
         ("/platform/", "must differ from platform_prefixes"), (None, "must be a path that starts and ends with /"),
+        ("/platform/gw/", "must not overlap platform_prefixes (/platform/)"),
     ]),
     Key("trusted_proxies", (), ["127.0.0.1", "10.0.0.0/8", "::1"], ("127.0.0.1", "10.0.0.0/8", "::1"), [
         ("127.0.0.1", "must be a list of addresses or CIDR networks"),
@@ -391,6 +394,17 @@ def test_routes_longest_prefix_first() -> None:
     ({"upstream": UPSTREAM, "cors": ["GET"]}, "cors: must be a mapping"),
     ({"upstream": UPSTREAM, "workers": 2, "redis": {"url": "redis://127.0.0.1:6390"}, "listen": {"port": 1.5}},
      "listen.port: must be an integer from 0 to 65535"),
+    ({"routes": {"/": UPSTREAM, "/_gateway/x/": UPSTREAM}},
+     "routes./_gateway/x/: is never proxied: paths under /_gateway/ are the gateway's own (internal_prefix, "
+     "platform_prefixes)"),
+    ({"routes": {"/platform/": UPSTREAM}},
+     "routes./platform/: is never proxied: paths under /platform/ are the gateway's own (internal_prefix, "
+     "platform_prefixes)"),
+    ({"routes": {"/admin/x": UPSTREAM}, "platform_prefixes": ["/admin/"]},
+     "routes./admin/x: is never proxied: paths under /admin/ are the gateway's own (internal_prefix, "
+     "platform_prefixes)"),
+    ({"upstream": UPSTREAM, "platform_prefixes": ["/_gateway/x/"]},
+     "internal_prefix: must not overlap platform_prefixes (/_gateway/x/)"),
 ])
 def test_whole_configuration_refused(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as raised:
@@ -952,3 +966,37 @@ def test_mqtt_from_the_environment(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings(path, {"GATEWAY_MQTT__BROKER": "tcp://gw:pw@broker"})
     assert str(raised.value) == f"GATEWAY_MQTT__BROKER: mqtt.broker: {MQTT_URL}"
+
+
+def test_log_path_must_not_be_the_embedded_store_file(tmp_path: Path) -> None:
+    data = str(tmp_path / "data.json")
+    raw = {"upstream": UPSTREAM, "redis": {"url": "memory://", "data_file": data}}
+    with pytest.raises(ConfigError, match=r"^log\.path: must differ from redis\.data_file \(the embedded store's "
+                                          r"file\)$"):
+        build_settings({**raw, "log": {"path": str(tmp_path / "." / "data.json")}})
+    assert build_settings({**raw, "log": {"path": str(tmp_path / "requests.log")}}).log.path.endswith("requests.log")
+
+
+# -- reloading -------------------------------------------------------------------------------------
+
+def test_reload_plan_keeps_what_needs_a_restart() -> None:
+    running = build_settings({"upstream": UPSTREAM, "listen": {"port": 9000}, "proxy": {"pool_size": 4}})
+    loaded = build_settings({"routes": {"/": UPSTREAM, "/v2/": "http://127.0.0.1:2/new/"}, "listen": {"port": 9001},
+                             "workers": 3, "redis": {"url": "redis://127.0.0.1:6390/0"},
+                             "proxy": {"pool_size": 8, "read_timeout": 5}, "cors": {"max_age": 7},
+                             "trusted_proxies": ["10.0.0.0/8"], "cache": {"max_entries": 10}})
+    effective, kept = reload_plan(running, loaded)
+    assert kept == ("listen.port", "redis.url", "workers", "proxy.pool_size")
+    assert (effective.listen, effective.redis, effective.workers) == (running.listen, running.redis, 1)
+    assert (effective.proxy.pool_size, effective.proxy.read_timeout) == (4, 5)
+    assert (effective.routes, effective.cors, effective.trusted_proxies, effective.cache) == (
+        loaded.routes, loaded.cors, loaded.trusted_proxies, loaded.cache)
+    assert reloaded_keys(running, effective) == ("routes", "cache.max_entries", "proxy.read_timeout", "cors.max_age",
+                                                 "trusted_proxies")
+
+
+def test_reload_plan_of_the_same_file_changes_nothing() -> None:
+    running = build_settings({"upstream": UPSTREAM, "origin_presets": {"mine": ["https://a.example"]}})
+    effective, kept = reload_plan(running, build_settings({"upstream": UPSTREAM,
+                                                           "origin_presets": {"mine": ["https://a.example"]}}))
+    assert (effective, kept, reloaded_keys(running, effective)) == (running, (), ())

@@ -85,6 +85,20 @@ class TokenCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def configure(self, settings: CacheSettings, compiler: Compiler | None) -> None:
+        """A reload's bounds, from the next lookup on; with a new `compiler` (origin presets or ACL
+        patterns changed) every entry is compiled again on its next use, as after a pub/sub gap:
+        reloaded then, or served as it was while the store cannot answer."""
+        self._settings = settings
+        self._refresh_after = settings.refresh_interval
+        self._max_age = settings.max_age
+        self._negative_ttl = settings.negative_ttl
+        if compiler is not None:
+            self._compiler = compiler
+            self._epoch += 1
+        if len(self._entries) > settings.max_entries:
+            self._evict()
+
     async def lookup(self, digest: str) -> Token | None:
         """The token for a key digest, or None if no such token; raises StoreUnavailable."""
         entry = self._entries.get(digest)
