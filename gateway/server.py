@@ -8,8 +8,10 @@ import ctypes.util
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 
@@ -130,9 +132,9 @@ SHUTDOWN_TIMEOUT = 30.0
 class GatewayServer:
     """One running gateway in this process: the app, its services and the listening site."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, shared: str | None = None) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings, shared)
         self.app.cleanup_ctx.append(freeze_long_lived_objects)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                     shutdown_timeout=SHUTDOWN_TIMEOUT)
@@ -157,8 +159,9 @@ class GatewayServer:
         await self.runner.cleanup()
 
 
-def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting, finish requests and drain the writers."""
+def serve(settings: Settings, *, reuse_port: bool = False, shared: str | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting, finish requests and drain the writers.
+    `shared`: the directory a supervisor's workers share their metrics through."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
 
@@ -166,7 +169,7 @@ def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        server = GatewayServer(settings)
+        server = GatewayServer(settings, shared)
         await server.start(settings.listen.host, settings.listen.port, reuse_port)
         log.info("listening on http://%s:%d (pid %d)", settings.listen.host, server.port, os.getpid())
         try:
@@ -192,6 +195,8 @@ def supervise(settings: Settings) -> int:
     """Like nginx's master: start the workers, restart one that dies, pass on stop signals."""
     children: dict[int, int] = {}
     stopping = False
+    # Where the workers leave their metrics for each other (gateway/metrics.py); this run's only.
+    shared = tempfile.mkdtemp(prefix="gateway-workers-")
 
     def spawn(slot: int) -> None:
         pid = os.fork()
@@ -199,7 +204,7 @@ def supervise(settings: Settings) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             try:
-                serve(settings, reuse_port=True)
+                serve(settings, reuse_port=True, shared=shared)
             finally:
                 os._exit(0)
         children[pid] = slot
@@ -227,5 +232,6 @@ def supervise(settings: Settings) -> int:
             spawn(slot)
         else:
             children.pop(pid, 0)
+    shutil.rmtree(shared, ignore_errors=True)
     sys.stdout.flush()
     return 0
