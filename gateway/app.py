@@ -187,12 +187,13 @@ class Gateway:
         """403 for a client outside `internal.allow`, in the request log like any refusal."""
         flow, started, now = self.flow, time.perf_counter(), time.time()
         client = flow.client_address(request.remote or "", request.headers)
-        response = error_response(flow, 403, f"{request.path} is {ALLOW_LIST_REFUSAL}")
+        reason = f"{request.path} is {ALLOW_LIST_REFUSAL}"
+        response = error_response(flow, 403, reason)
         request_id = flow.request_id(None, False)
         response.headers[flow.request_id_header] = request_id
         facts = flow.unchecked_facts(request.method, request.raw_path, client, now)
         flow.finish(flow.aiohttp, facts, None, None, "", 403, started, body_size(request, response), 0, request_id,
-                    response.text or "")
+                    reason)
         return response
 
     async def health(self, request: web.Request) -> web.StreamResponse:

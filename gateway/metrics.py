@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from gateway.writers.logs import LogWriter
 from gateway.writers.tokenlogs import RedisLogSink
 from gateway.writers.usage import UsageMeter
 
+log = logging.getLogger("gateway.metrics")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 SHARE_INTERVAL = 1.0
 # How a gauge of several workers adds up: per-process quantities are summed; what every worker
@@ -239,7 +241,12 @@ class Metrics:
         self.registry.register(SnapshotCollector(self.merged))
 
     def merged(self) -> dict[str, Any]:
+        """This worker's numbers now and the others' latest. This worker's go to its file first:
+        every file only grows and the next scrape, whichever worker it reaches, reads them all
+        again, so no counter ever reads lower than at the scrape before (which Prometheus would
+        take for a restart)."""
         own = snapshot(self.sources)
+        self._write(own)
         return merge([own, *self._siblings(own["pid"])], process_alive)
 
     def exposition(self) -> bytes:
@@ -258,15 +265,20 @@ class Metrics:
 
     def share(self) -> None:
         """Write this worker's snapshot for the others (atomically: a reader never sees half)."""
+        self._write(snapshot(self.sources))
+
+    def _write(self, own: dict[str, Any]) -> None:
         if self.shared is None:
             return
-        own = snapshot(self.sources)
         final = self.shared / f"{own['pid']}.json"
         temporary = final.with_suffix(".tmp")
-        temporary.write_bytes(orjson.dumps(own))
-        os.replace(temporary, final)
+        try:
+            temporary.write_bytes(orjson.dumps(own))
+            os.replace(temporary, final)
+        except OSError as exc:  # the directory went away (the supervisor is gone): nobody to tell
+            log.debug("metrics not shared (%s)", exc)
 
     async def run(self) -> None:
         while True:
+            self.share()  # at once too: a new worker is counted before it serves
             await asyncio.sleep(SHARE_INTERVAL)
-            self.share()

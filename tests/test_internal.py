@@ -110,7 +110,10 @@ async def test_allow_list_refuses_other_clients(make_gateway: GatewayFactory, cl
     async with other.get(f"{gw.url}/_gateway/panel/") as response:
         assert response.status == 200
     refused = await logged(log, 4, lambda record: record.get("refusal") == "forbidden")
-    assert sorted(record["host"] for record in refused) == ["127.0.0.1", "127.0.0.3", "127.0.0.3", "127.0.0.3"]
+    assert sorted((record["host"], record["uri"], record["reason"]) for record in refused) == sorted(
+        [("127.0.0.1", "/_gateway/metrics", "/_gateway/metrics is not served to this address (internal.allow)")] + [
+            ("127.0.0.3", f"/_gateway/{path}", f"/_gateway/{path} is not served to this address (internal.allow)")
+            for path in ("health", "ready", "metrics")])
 
 
 async def test_allow_list_sees_the_client_behind_a_trusted_proxy(make_gateway: GatewayFactory,

@@ -4,6 +4,7 @@ the store goes away and when it is back."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ def two_workers(tmp_path: Path, upstream: Upstream, own_redis: RedisProcess) -> 
     port = free_port()
     config = {"listen": {"host": "127.0.0.1", "port": port}, "upstream": upstream.url, "workers": 2,
               "bootstrap_master_token": MASTER_KEY,
-              "redis": {"url": own_redis.url, "socket_timeout": 0.3, "connect_timeout": 0.3},
+              "redis": {"url": own_redis.url},
               "log": {"path": str(tmp_path / "requests.log"), "format": "json", "flush_interval": 0.1}}
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -70,11 +71,17 @@ async def test_two_workers_metrics_ready_and_outage_lines(two_workers: tuple[str
             session.post(f"{url}/platform/tokens", json=[{"ttl": 600}], headers=AUTH) as response:
         key = (await response.json())["result"][0]["key"]
     pids = set()
+    served = 0.0
     for _ in range(40):
         assert (await get(f"{url}/x", key))[0] == 200
         status, body = await get(f"{url}/_gateway/health", None)
         assert status == 200
         pids.add(orjson.loads(body)["result"][0]["pid"])
+        # Scrapes reach either worker: the sum may lag a second behind, but never goes back.
+        status, body = await get(f"{url}/_gateway/metrics", None)
+        now = totals(body.decode()).get(("gateway_requests_total", (("code", "2xx"), ("front", "fast"))), 0)
+        assert now >= served, (now, served)
+        served = now
     for _ in range(10):
         assert (await get(f"{url}/y", "U" * 64))[0] == 401
     assert len(pids) == 2  # both workers served some of it
@@ -87,9 +94,26 @@ async def test_two_workers_metrics_ready_and_outage_lines(two_workers: tuple[str
         refused = found.get(("gateway_refusals_total", (("reason", "invalid_token"),)), 0)
         return found if (fast, refused, found[("gateway_workers", ())]) == (40, 10, 2) else None
 
+    # Each worker's numbers reach the others within a second; then whichever answers, the sum is
+    # the same, and it never reads lower than before.
     found = await until(summed, "the workers' counts summed")
     assert found[("gateway_upstream_latency_seconds_count", ())] == 40
-    for _ in range(6):  # whichever worker answers, the sum is the same
+    for _ in range(6):
+        assert await summed() is not None
+
+    # A worker that dies is replaced; its counters stay in the sum, its gauges leave it.
+    gone = min(pids)
+    os.kill(gone, signal.SIGKILL)
+
+    async def replaced() -> set[int] | None:
+        seen: set[int] = set()
+        for _ in range(12):
+            status, body = await get(f"{url}/_gateway/health", None)
+            if status == 200:
+                seen.add(orjson.loads(body)["result"][0]["pid"])
+        return seen if len(seen) == 2 and gone not in seen else None
+    pids = await until(replaced, "the dead worker replaced")
+    for _ in range(6):
         assert await summed() is not None
 
     own_redis.stop()

@@ -88,7 +88,9 @@ class StoreMonitor:
         return True
 
     def _heard(self) -> None:
-        if self._sent_at is not None:
+        # The cache also tells every listener of a gap in the subscription (it is not subscribed
+        # then): that is no heartbeat heard.
+        if self._sent_at is not None and self.invalidation_live():
             self.lag = self._clock() - self._sent_at
             self._sent_at = None
 
