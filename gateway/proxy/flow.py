@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Final
 
 from multidict import MultiMapping
 
@@ -43,7 +44,9 @@ REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-f
 # The gateway alone decides which pages may read a reply (see cors.py); the upstream cannot know.
 CORS_PREFIX = "access-control-"
 MAX_REQUEST_ID = 128
-UTF8, SAME_BYTES = "utf-8", "surrogateescape"
+# Client-given values went through the parser as bytes: surrogateescape gives back the same bytes.
+UTF8: Final = "utf-8"
+SAME_BYTES: Final = "surrogateescape"
 
 
 class RequestFlow:
@@ -154,10 +157,13 @@ class RequestFlow:
         template made once, instead of six encoded pairs a request."""
         token_id, account_id, rid, chain, proto, forwarded_host = self.added_values(
             token, facts, request_id, peer, trusted, headers, scheme, host)
-        # Client-given values went through the parser as bytes: surrogateescape gives back the same bytes.
-        return self.added_template % (token_id.encode(), account_id.encode(), rid.encode(UTF8, SAME_BYTES),
-                                      chain.encode(UTF8, SAME_BYTES), proto.encode(UTF8, SAME_BYTES),
-                                      forwarded_host.encode(UTF8, SAME_BYTES))
+        if trusted:  # the request id and the forwarding values may be the proxy's words
+            return self.added_template % (token_id.encode(), account_id.encode(), rid.encode(UTF8, SAME_BYTES),
+                                          chain.encode(UTF8, SAME_BYTES), proto.encode(UTF8, SAME_BYTES),
+                                          forwarded_host.encode(UTF8, SAME_BYTES))
+        # Else only Host is the client's: the rest is ours (ids, the peer's address, the scheme).
+        return self.added_template % (token_id.encode(), account_id.encode(), rid.encode(), chain.encode(),
+                                      proto.encode(), forwarded_host.encode(UTF8, SAME_BYTES))
 
     # -- refusals --------------------------------------------------------------------------------
 
