@@ -91,14 +91,18 @@ async def test_cached_token_makes_no_redis_round_trip(make_gateway: GatewayFacto
     client = aioredis.Redis.from_url(own_redis.url)
     try:
         before = await commandstats(client)
+        started = time.monotonic()
         for _ in range(300):
             assert await status_of(gw, token["key"]) == 200
         await gw.gateway.accessed.flush()
         after = await commandstats(client)
+        elapsed = time.monotonic() - started
     finally:
         await client.aclose()
     delta = {name: after.get(name, 0) - before.get(name, 0) for name in after}
     delta.pop("info", None)
+    # the store probe's PUBLISH, once a second whatever the traffic (store/health.py)
+    assert delta.pop("publish", 0) <= elapsed + 2, delta
     # no per-request read of the token ...
     assert delta.get("get", 0) == 0 and delta.get("zscore", 0) == 0, delta
     # ... and only batched writes and periodic refreshes: far below one command per request

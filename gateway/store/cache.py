@@ -81,6 +81,9 @@ class TokenCache:
         # Told of every dropped entry (live MQTT sessions follow their token through it).
         self.on_invalidate: Callable[[str], None] | None = None
         self.batches = 0  # store round trips made for misses, refreshes and revalidations
+        # For the metrics: lookups answered from an entry, and lookups that waited for a load.
+        self.hits = 0
+        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -109,10 +112,13 @@ class TokenCache:
         if entry.epoch == self._epoch:
             if token is None:
                 if age < self._negative_ttl:
+                    self.hits += 1
                     return None
             elif age < self._refresh_after:
+                self.hits += 1
                 return token
             elif age < self._max_age:
+                self.hits += 1
                 self._refresh_in_background(digest, token)
                 return token
         try:
@@ -122,21 +128,30 @@ class TokenCache:
                 return token
             raise
 
-    def peek(self, digest: str) -> tuple[bool, Token | None]:
+    def peek(self, digest: str, counted: bool = True) -> tuple[bool, Token | None]:
         """`(True, token or None)` when the cache can answer without Redis, else `(False, None)`.
 
         The synchronous twin of `lookup` for the hot path: it answers exactly when `lookup` would
         answer from the entry (starting the same background refresh), and declines otherwise.
+        `counted`: False for a request that already waited for the load (its miss was counted).
         """
         entry = self._entries.get(digest)
         if entry is None or entry.epoch != self._epoch:
             return False, None
         age = self._clock() - entry.loaded
         if not isinstance(entry, Token):
-            return (True, None) if age < self._negative_ttl else (False, None)
+            if age < self._negative_ttl:
+                if counted:
+                    self.hits += 1
+                return True, None
+            return False, None
         if age < self._refresh_after:
+            if counted:
+                self.hits += 1
             return True, entry
         if age < self._max_age:
+            if counted:
+                self.hits += 1
             self._refresh_in_background(digest, entry)
             return True, entry
         return False, None
@@ -182,6 +197,7 @@ class TokenCache:
 
     def _wait(self, digest: str, waiter: Waiter) -> None:
         """The waiter joins the key's load in progress, or the key joins the next batch."""
+        self.misses += 1
         waiters = self._waiters.get(digest)
         if waiters is None:
             self._waiters[digest] = [waiter]

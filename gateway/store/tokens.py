@@ -21,6 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.config import RedisSettings
+from gateway.counters import BATCH_BOUNDS, Buckets
 from gateway.errors import NOT_REPLICATED, Denied, StoreUnavailable
 from gateway.store.keys import Keys
 from gateway.store.resp import RespClient, reply_error, script_sha
@@ -97,6 +98,8 @@ class RedisStore:
         self.waiter: aioredis.Redis | None = None
         self.replicas = 0
         self.wait_ms = 0
+        # Round trips of the batched traffic (`batch`, `load_many_then`), for the metrics.
+        self.batch_latency = Buckets(BATCH_BOUNDS)
 
     def require_replicas(self, waiter: aioredis.Redis, replicas: int, timeout: float) -> None:
         """`publish` (which follows every change the API makes) waits for `replicas` replicas to
@@ -123,12 +126,16 @@ class RedisStore:
         error reply raised; the lean client when there is one (`store/resp.py`), else a pipeline.
         `urgent`: a request is waiting for the replies (the loads' own connection)."""
         lean = self.lean_loads if urgent and self.lean_loads is not None else self.lean
+        started = time.perf_counter()
         if lean is not None:
-            return await lean.execute(commands)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            return await pipe.execute()
+            replies = await lean.execute(commands)
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = await pipe.execute()
+        self.batch_latency.observe(time.perf_counter() - started)
+        return replies
 
     def script(self, source: str) -> Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]:
         """A Lua script run with EVALSHA, loaded again if the server lost it (restart, SCRIPT FLUSH).
@@ -176,6 +183,11 @@ class RedisStore:
         replies = await self.call(run)
         if waits and int(replies[-1]) < self.replicas:
             raise Denied(503, NOT_REPLICATED)
+
+    async def heartbeat(self, message: str) -> None:
+        """One message on the invalidation channel, to the store itself (not `on_publish`): the
+        store's answer and the subscriber's hearing it back are what `store/health.py` watches."""
+        await self.call(lambda: self.client.publish(self.channel, message))
 
     @asynccontextmanager
     async def subscription(self) -> AsyncIterator[Any]:
@@ -240,8 +252,10 @@ class TokenStore(RedisStore):
         lean = self.lean_loads
         if lean is None or not digests:
             return False
+        started = time.perf_counter()
 
         def answer(replies: list[Any] | BaseException) -> None:
+            self.batch_latency.observe(time.perf_counter() - started)
             # Every failure here is the store's: the connection fails with redis-py's errors only,
             # and an error reply is one of them (`reply_error`).
             if isinstance(replies, BaseException):

@@ -94,6 +94,7 @@ class UsageMeter:
         self._held_tokens = 0
         self._max_held = max_held
         self.blocked: dict[int, Block] = {}
+        self.blocks = 0  # tokens this process was the first to block (event 20), for the metrics
         self._keys = store.keys
         self._add = store.script(USAGE_ADD)
 
@@ -255,6 +256,7 @@ class UsageMeter:
         for (cid, token_id, reason), first in zip(decisions, replies[:-1], strict=True):  # last: expire
             blocked[token_id] = {"cid": cid, "reason": reason}
             if first:
+                self.blocks += 1
                 self._logs.emit({"timestamp": now, "event_code": EVENT_BLOCKED, "token_id": token_id, "cid": cid,
                                  "reason": reason, "until": until})
 
