@@ -147,7 +147,7 @@ class Gateway:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"result": [{"status": "ok", "pid": os.getpid(), "tokens_cached": len(self.cache),
-                                             "invalidation": self.cache.subscribed.is_set(),
+                                             "invalidation": self.cache.invalidation_live,
                                              "connections": self.open_connections(), "tasks": len(asyncio.all_tasks()),
                                              "fast_path": "compiled" if fast_path_compiled() else "interpreted"}]})
 

@@ -181,7 +181,8 @@ class RedisStore:
 
     @asynccontextmanager
     async def subscription(self) -> AsyncIterator[Any]:
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        # Subscription confirmations are kept: one after the first means redis-py re-subscribed.
+        pubsub = self.client.pubsub(ignore_subscribe_messages=False)
         try:
             await self.call(lambda: pubsub.subscribe(self.channel))
             yield pubsub
