@@ -8,6 +8,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from gateway.store.keys import Keys
 from gateway.tokens import key_digest
 
 from support.gateways import GatewayFactory, GatewayHandle
@@ -74,7 +75,7 @@ async def test_change_whose_announcement_was_lost_is_seen_after_the_gap(
     try:
         async with client.pipeline(transaction=True) as both:
             both.client_kill_filter(_type="pubsub")
-            both.delete(f"{key_prefix}tok:{key_digest(token['key'])}")
+            both.delete(Keys(key_prefix).token(key_digest(token["key"])))
             killed, deleted = await both.execute()
         assert killed >= 1 and deleted == 1
         await until(lambda: _refused(b, token["key"]), timeout=2.0)

@@ -8,9 +8,17 @@ current window instead, and written only if a limit comes before the window ends
 the heaviest tokens are blocked until the rest fit (`HSETNX blocked:<window>` makes the block,
 and its event 20, happen once whichever instance sees it first); at the next window they work
 again and event 21 is logged once (`HSETNX unblocked:<window>`; names in `store/keys.py`).
+
+Between exchanges each instance watches its limited accounts (`Watch`): the totals the last
+exchange brought plus its own count since. Near a limit it exchanges early, once its own count
+reaches a quarter of what is left, and when the total it knows plus its own count passes the
+limit it blocks on its own at once (provisionally, until the next exchange confirms it from the
+totals). So the overshoot is what the other instances serve during one round trip, not during a
+flush interval, whatever the request rate; and a request still makes no Redis call.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -22,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from gateway.aio import every
+from gateway.aio import wait_event
 from gateway.config import UsageSettings
 from gateway.errors import Denied, StoreUnavailable
 from gateway.store.accounts import AccountDirectory, Limits
@@ -40,6 +48,52 @@ class Block:
     until: float
     reason: str
     cid: int
+    provisional: bool = False  # decided by this instance alone; the next exchange confirms or lifts it
+
+
+NEVER = 1 << 62
+# Near a limit an instance exchanges once its own count since the last exchange reaches this
+# fraction (1/NEAR_SHARE) of what is left: each round brings what is left down by a share.
+NEAR_SHARE = 4
+
+
+class Watch:
+    """One account in one window as this instance sees it: every instance's usage as of the last
+    exchange (`usage`), this instance's count not yet in it (`calls`, `size`), and the counts at
+    which it must exchange early or decide on its own (`NEVER` for an account with no limit)."""
+
+    __slots__ = ("cid", "window", "calls_limit", "traffic_limit", "usage", "calls", "size", "exchange_calls",
+                 "exchange_size", "stop_calls", "stop_size")
+
+    def __init__(self, cid: int, window: int, calls_limit: int, traffic_limit: int) -> None:
+        self.cid = cid
+        self.window = window
+        self.calls_limit = calls_limit
+        self.traffic_limit = traffic_limit
+        self.usage: dict[int, tuple[int, int]] = {}
+        self.calls = 0
+        self.size = 0
+        # Not exchanged yet: the first count asks for an exchange (the total is unknown), and the
+        # instance stops alone when its own count passes the limit.
+        self.exchange_calls = 1 if calls_limit else NEVER
+        self.exchange_size = 1 if traffic_limit else NEVER
+        self.stop_calls = calls_limit + 1 if calls_limit else NEVER
+        self.stop_size = traffic_limit + 1 if traffic_limit else NEVER
+
+    def aim(self, blocked: dict[int, Block]) -> None:
+        """The next thresholds, from the usage of the tokens that are not blocked."""
+        calls = sum(counts[0] for token_id, counts in self.usage.items() if token_id not in blocked) + self.calls
+        size = sum(counts[1] for token_id, counts in self.usage.items() if token_id not in blocked) + self.size
+        self.exchange_calls, self.stop_calls = _thresholds(self.calls, calls, self.calls_limit)
+        self.exchange_size, self.stop_size = _thresholds(self.size, size, self.traffic_limit)
+
+
+def _thresholds(mine: int, total: int, limit: int) -> tuple[int, int]:
+    """(exchange at, stop at) for the own count `mine`, when the unblocked total is `total`."""
+    if not limit:
+        return NEVER, NEVER
+    left = limit - total
+    return mine + max(1, left // NEAR_SHARE), mine + max(1, left + 1)
 
 
 def choose_blocked(usage: dict[int, tuple[int, int]], already: set[int], calls_limit: int,
@@ -96,23 +150,62 @@ class UsageMeter:
         self.blocked: dict[int, Block] = {}
         self._keys = store.keys
         self._add = store.script(USAGE_ADD)
+        self._watches: dict[int, Watch] = {}  # account -> its watch for the current window
+        self._sending: dict[tuple[int, int, int], list[int]] = {}  # counts of the exchange under way
+        self._wake = asyncio.Event()  # an exchange is wanted before the interval is over
+        self.early_exchanges = 0  # exchanges made sooner because an account neared its limit
 
     def window(self, now: float) -> int:
         return int(now // self._settings.window)
 
-    def record(self, token: Token, cid: int, size: int, now: float) -> None:
-        counts = self._counts.get((self.window(now), cid, token.id))
-        if counts is None:
-            self._counts[(self.window(now), cid, token.id)] = [1, size]
-        else:
-            counts[0] += 1
-            counts[1] += size
-
     def check(self, token: Token, now: float) -> None:
+        """Refuse a blocked token; else count the call now, as it passes the last check, so that
+        requests still in flight are in the count when the limit is reached, not after."""
         block = self.blocked.get(token.id)
         if block is not None and now < block.until:
             retry = max(1, math.ceil(block.until - now))
             raise Denied(429, f"token is blocked: {block.reason}", {"Retry-After": str(retry)})
+        self._count(token.id, token.cid, self.window(now), 1, 0)
+
+    def record(self, token: Token, cid: int, size: int, now: float) -> None:
+        """The traffic of a request that was served (its call was counted by `check`)."""
+        if size:
+            self._count(token.id, cid, self.window(now), 0, size)
+
+    def _count(self, token_id: int, cid: int, window: int, calls: int, size: int) -> None:
+        counts = self._counts.get((window, cid, token_id))
+        if counts is None:
+            self._counts[(window, cid, token_id)] = [calls, size]
+        else:
+            counts[0] += calls
+            counts[1] += size
+        watch = self._watches.get(cid)
+        if watch is None or watch.window != window:
+            calls_limit, traffic_limit = self.limits_for(cid)
+            watch = self._watches[cid] = Watch(cid, window, calls_limit, traffic_limit)
+        watch.calls += calls
+        watch.size += size
+        if watch.calls >= watch.exchange_calls or watch.size >= watch.exchange_size:
+            self._nearing(watch)
+
+    def _nearing(self, watch: Watch) -> None:
+        self._wake.set()
+        if watch.calls >= watch.stop_calls or watch.size >= watch.stop_size:
+            self._decide_alone(watch)
+
+    def _decide_alone(self, watch: Watch) -> None:
+        """Over a limit by what this instance knows: block as the exchange would, at once."""
+        usage = dict(watch.usage)
+        for counts in (self._sending, self._counts):
+            for (window, cid, token_id), (calls, size) in counts.items():
+                if window == watch.window and cid == watch.cid:
+                    known = usage.get(token_id, (0, 0))
+                    usage[token_id] = (known[0] + calls, known[1] + size)
+        already = {token_id for token_id in usage if token_id in self.blocked}
+        until = (watch.window + 1) * self._settings.window
+        for token_id, reason in choose_blocked(usage, already, watch.calls_limit, watch.traffic_limit):
+            self.blocked[token_id] = Block(until, reason, watch.cid, provisional=True)
+        watch.aim(self.blocked)
 
     def limits_for(self, cid: int) -> tuple[int, int]:
         tree = self._directory.tree
@@ -122,7 +215,21 @@ class UsageMeter:
         return calls, traffic
 
     async def run(self) -> None:
-        await every(self._settings.flush_interval, self.flush, "usage flush")
+        """Exchange every `flush_interval`, or as soon as an account nears its limit."""
+        interval = self._settings.flush_interval
+        while True:
+            early = await wait_event(self._wake, interval)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except StoreUnavailable:
+                early = False
+                await asyncio.sleep(interval)  # not at once again, however often it is asked for
+            except Exception:
+                log.exception("usage flush failed")
+                await asyncio.sleep(interval)
+            if early:
+                self.early_exchanges += 1
 
     async def flush(self, final: bool = False) -> None:
         """Exchange counts with Redis; `final` (shutdown) also writes what is held in process."""
@@ -130,7 +237,11 @@ class UsageMeter:
         window = self.window(now)
         pending, self._counts = self._counts, {}
         counts = self._to_send(pending, window, final)
+        self._watches = {cid: watch for cid, watch in self._watches.items() if watch.window == window}
+        for watch in self._watches.values():  # a limit set or changed since
+            watch.calls_limit, watch.traffic_limit = self.limits_for(watch.cid)
         limited = {cid for cid in {cid for (win, cid, _) in counts if win == window} if any(self.limits_for(cid))}
+        self._sending = counts
         try:
             totals, blocked_raw = await self._exchange(counts, window, sorted(limited))
         except StoreUnavailable:
@@ -139,12 +250,33 @@ class UsageMeter:
                 mine[0] += calls
                 mine[1] += size
             raise
+        finally:
+            self._sending = {}
+        sent: dict[int, list[int]] = {}
+        for (win, cid, _), (calls, size) in counts.items():
+            if win == window:
+                mine = sent.setdefault(cid, [0, 0])
+                mine[0] += calls
+                mine[1] += size
+        for cid, raw in totals.items():  # what was sent is in the totals now, not the own count
+            seen = self._watches.get(cid)
+            if seen is not None:
+                seen.usage = parse_usage(raw)
+                calls, size = sent.get(cid, (0, 0))
+                seen.calls, seen.size = max(0, seen.calls - calls), max(0, seen.size - size)
         blocked = {int(token_id): orjson.loads(value) for token_id, value in blocked_raw.items()}
         await self._block_over_limit(window, totals, blocked, now)
+        for token_id in [token_id for token_id, block in self.blocked.items()
+                         if block.provisional and token_id not in blocked]:
+            del self.blocked[token_id]  # the totals did not bear it out (or its window is over)
         until = (window + 1) * self._settings.window
         await self._unblock_expired(now)
         for token_id, info in blocked.items():
             self.blocked[token_id] = Block(until, info["reason"], int(info["cid"]))
+        for watch in self._watches.values():
+            watch.aim(self.blocked)
+            if watch.calls >= watch.stop_calls or watch.size >= watch.stop_size:
+                self._decide_alone(watch)  # counted during the exchange, past the limit already
 
     def _to_send(self, pending: dict[tuple[int, int, int], list[int]], window: int,
                  final: bool) -> dict[tuple[int, int, int], list[int]]:
