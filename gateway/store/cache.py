@@ -343,7 +343,8 @@ class TokenCache:
         self._enqueue(digest)
 
     async def run_subscriber(self, retry_delay: float = 0.5) -> None:
-        """Follow the invalidation channel for the life of the app, reconnecting after failures."""
+        """Follow the invalidation channel for the life of the app, reconnecting after failures:
+        at once after a subscription that was live, then every `retry_delay`."""
         while True:
             try:
                 async with self._store.subscription() as pubsub:
@@ -351,10 +352,12 @@ class TokenCache:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if self._live:
-                    log.warning("token invalidation channel lost (%s); retrying", type(exc).__name__)
+                was_live = self._live
+                if was_live:
+                    log.warning("token invalidation channel lost (%s); subscribing again", type(exc).__name__)
                 self._set_live(False)
-                await asyncio.sleep(retry_delay)
+                if not was_live:
+                    await asyncio.sleep(retry_delay)
 
     async def _follow(self, pubsub: Any) -> None:
         """Messages, subscription confirmations and PING answers, in the order Redis sent them:

@@ -29,6 +29,8 @@ from gateway.tokens import records_from_replies
 
 T = TypeVar("T")
 STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+# No error is retried (so none reconnects inside the call that met it): see `subscription`.
+NO_RETRY = Retry(NoBackoff(), 0, supported_errors=())
 NEVER = 2 ** 40
 # Tokens per TOUCH call of the batched `accessed` writes: ~0.5 ms of Redis time (2.3 µs a token in
 # a million-field hash; the sorted set it replaced took 4.7 µs, 7 µs with the machine busy).
@@ -153,12 +155,22 @@ class RedisStore:
 
     @asynccontextmanager
     async def subscription(self) -> AsyncIterator[Any]:
-        # Subscription confirmations are kept: one after the first means redis-py re-subscribed.
+        """The invalidation channel's pub/sub. Its connection does not retry: redis-py would
+        reconnect and re-subscribe inside the failed read, silently, after round trips that a
+        busy loop makes long; a lost connection is raised at once instead, and the caller
+        subscribes again. (Subscription confirmations are kept: one after the first still means
+        redis-py re-subscribed, as it does when a PING finds the connection closed.)"""
         pubsub = self.client.pubsub(ignore_subscribe_messages=False)
+        connection: Any = None
         try:
             await self.call(lambda: pubsub.subscribe(self.channel))
+            connection = pubsub.connection
+            if connection is not None:
+                kept, connection.retry = connection.retry, NO_RETRY
             yield pubsub
         finally:
+            if connection is not None:
+                connection.retry = kept  # the pool lends it out again
             with suppress(*STORE_ERRORS):
                 await pubsub.aclose()
 
