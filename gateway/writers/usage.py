@@ -80,10 +80,14 @@ class Watch:
         self.stop_calls = calls_limit + 1 if calls_limit else NEVER
         self.stop_size = traffic_limit + 1 if traffic_limit else NEVER
 
-    def aim(self, blocked: dict[int, Block]) -> None:
-        """The next thresholds, from the usage of the tokens that are not blocked."""
-        calls = sum(counts[0] for token_id, counts in self.usage.items() if token_id not in blocked) + self.calls
-        size = sum(counts[1] for token_id, counts in self.usage.items() if token_id not in blocked) + self.size
+    def aim(self, blocked: dict[int, Block], usage: dict[int, tuple[int, int]] | None = None) -> None:
+        """The next thresholds, from what the tokens that are not blocked used: `usage` when it
+        holds this instance's own counts already, else the exchange's plus the own count."""
+        unblocked = [counts for token_id, counts in (self.usage if usage is None else usage).items()
+                     if token_id not in blocked]
+        mine = (self.calls, self.size) if usage is None else (0, 0)
+        calls = sum(counts[0] for counts in unblocked) + mine[0]
+        size = sum(counts[1] for counts in unblocked) + mine[1]
         self.exchange_calls, self.stop_calls = _thresholds(self.calls, calls, self.calls_limit)
         self.exchange_size, self.stop_size = _thresholds(self.size, size, self.traffic_limit)
 
@@ -205,7 +209,7 @@ class UsageMeter:
         until = (watch.window + 1) * self._settings.window
         for token_id, reason in choose_blocked(usage, already, watch.calls_limit, watch.traffic_limit):
             self.blocked[token_id] = Block(until, reason, watch.cid, provisional=True)
-        watch.aim(self.blocked)
+        watch.aim(self.blocked, usage)
 
     def limits_for(self, cid: int) -> tuple[int, int]:
         tree = self._directory.tree
