@@ -12,6 +12,7 @@ from gateway.store.keys import Keys
 from gateway.tokens import key_digest
 
 from support.gateways import GatewayFactory, GatewayHandle
+from support.relay import running_relay
 from support.servers import RedisProcess
 
 # Long enough that only gap handling, never a refresh, can refuse a deleted token in these tests.
@@ -83,3 +84,36 @@ async def test_change_whose_announcement_was_lost_is_seen_after_the_gap(
         await client.aclose()
     await until(lambda: live(b), timeout=2.0)
     assert await status_of(b, token["key"]) == 401
+
+
+async def test_a_silent_subscription_is_not_live_and_nothing_cached_is_trusted(
+        make_gateway: GatewayFactory, own_redis: RedisProcess) -> None:
+    """B reaches Redis through a relay; its subscription's link goes silent (no reset, no EOF).
+    Health says so within the PING deadline, and a token deleted through A meanwhile is refused
+    by B, although the announcement is held on the link."""
+    deadline = 0.2
+    async with running_relay("127.0.0.1", own_redis.port) as relay:
+        a = await make_gateway(redis={"url": own_redis.url}, cache=CACHE)
+        b = await make_gateway(redis={"url": f"redis://127.0.0.1:{relay.port}/0", "socket_timeout": 0.5},
+                               cache={**CACHE, "invalidation_ping": 0.05, "invalidation_deadline": deadline})
+        for gw in (a, b):
+            await until(lambda gw=gw: live(gw), timeout=5.0)  # type: ignore[misc]
+        token = await a.create_token()
+        assert await status_of(b, token["key"]) == 200  # cached on b
+        client = aioredis.Redis.from_url(own_redis.url)
+        try:
+            subscribers = [int(entry["addr"].rsplit(":", 1)[1]) for entry in await client.client_list(_type="pubsub")]
+        finally:
+            await client.aclose()
+        [port] = [port for port in subscribers if port in relay.links]  # b's, through the relay
+        relay.link(port).frozen = True
+        await until(lambda: _not_live(b), timeout=deadline * 10)
+        assert (await a.call("DELETE", f"/platform/tokens/{token['id']}"))[0] == 200
+        assert await status_of(b, token["key"]) == 401  # re-read: invalidation is not known live
+        relay.link(port).thaw()
+        await until(lambda: live(b), timeout=5.0)
+        assert await status_of(b, token["key"]) == 401
+
+
+async def _not_live(gw: GatewayHandle) -> bool:
+    return not await live(gw)

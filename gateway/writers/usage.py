@@ -1,9 +1,9 @@
 """Usage blocking: per account and window, count API calls and traffic across every instance.
 
-Requests only bump in-process counters. Every `flush_interval` a Lua script (`USAGE_ADD`, one
-call per 128 tokens) adds them to `usage:<window>:<account>` (hash `c:<token>` calls,
-`b:<token>` bytes); then one pipeline reads back the totals of the accounts this instance served,
-and the set of blocked tokens. Counts of an account with no limit are held in process for the
+Requests only bump in-process counters. Every `flush_interval` a Lua script (`USAGE_EXCHANGE`,
+one call per 128 tokens) adds them to `usage:<window>:<account>` (hash `c:<token>` calls,
+`b:<token>` bytes), and its last call reads back, in the same round trip, the totals of the
+accounts this instance served and the set of blocked tokens. Counts of an account with no limit are held in process for the
 current window instead, and written only if a limit comes before the window ends. Over a limit,
 the heaviest tokens are blocked until the rest fit (`HSETNX blocked:<window>` makes the block,
 and its event 20, happen once whichever instance sees it first); at the next window they work
@@ -34,7 +34,7 @@ from gateway.aio import wait_event
 from gateway.config import UsageSettings
 from gateway.errors import Denied, StoreUnavailable
 from gateway.store.accounts import AccountDirectory, Limits
-from gateway.store.scripts import USAGE_ADD
+from gateway.store.scripts import USAGE_EXCHANGE
 from gateway.store.tokens import RedisStore
 from gateway.tokens import Token
 from gateway.writers.logs import LogWriter
@@ -124,7 +124,7 @@ def choose_blocked(usage: dict[int, tuple[int, int]], already: set[int], calls_l
 MAX_HELD = 250_000
 HELD_SHIFT = 40  # no instance makes 2**40 calls with one token in a window
 HELD_CALLS = (1 << HELD_SHIFT) - 1
-# Tokens per USAGE_ADD call: ~0.5 ms of Redis time (512 held it for 2.5 ms, token loads queued behind).
+# Tokens per USAGE_EXCHANGE call: ~0.5 ms of Redis time (512 held it for 2.5 ms, token loads queued behind).
 SCRIPT_TOKENS = 128
 
 def parse_usage(raw: dict[bytes, bytes]) -> dict[int, tuple[int, int]]:
@@ -134,6 +134,11 @@ def parse_usage(raw: dict[bytes, bytes]) -> dict[int, tuple[int, int]]:
         counts = usage.setdefault(int(token_id), [0, 0])
         counts[0 if kind == "c" else 1] += int(value)
     return {token_id: (counts[0], counts[1]) for token_id, counts in usage.items()}
+
+
+def _as_hash(flat: list[bytes]) -> dict[bytes, bytes]:
+    """HGETALL's reply as a script returns it (field, value, field, value ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 class UsageMeter:
@@ -153,7 +158,7 @@ class UsageMeter:
         self._max_held = max_held
         self.blocked: dict[int, Block] = {}
         self._keys = store.keys
-        self._add = store.script(USAGE_ADD)
+        self._exchange_script = store.script(USAGE_EXCHANGE)
         self._watches: dict[int, Watch] = {}  # account -> its watch for the current window
         self._sending: dict[tuple[int, int, int], list[int]] = {}  # counts of the exchange under way
         self._wake = asyncio.Event()  # an exchange is wanted before the interval is over
@@ -339,33 +344,31 @@ class UsageMeter:
             win, cid, _ = entry
             by_hash.setdefault(self._keys.usage(win, cid), []).append(entry)
         rows = [(key, entry) for key, entries in by_hash.items() for entry in entries]
+        # The last call reads back the accounts' totals and the blocked tokens, after every add.
+        reads = [self._keys.usage(window, cid) for cid in accounts] + [self._keys.blocked(window)]
+        starts = list(range(0, len(rows), SCRIPT_TOKENS)) or [0]
         done = 0
+        replies: list[Any] = []
         try:
-            for start in range(0, len(rows), SCRIPT_TOKENS):
+            for start in starts:
                 chunk = rows[start:start + SCRIPT_TOKENS]
                 keys: list[str] = []
-                args: list[int] = [self._settings.window * 3]
+                args: list[int] = [self._settings.window * 3, 0]
                 for key, group in groupby(chunk, key=itemgetter(0)):
                     entries = [entry for _, entry in group]
                     keys.append(key)
                     args.append(len(entries))
                     for entry in entries:
                         args += (entry[2], *counts[entry])
-                await self._add(keys, args)
+                args[1] = len(keys)
+                replies = await self._exchange_script(keys + reads if start == starts[-1] else keys, args)
                 done = start + len(chunk)
         except StoreUnavailable:
             for _, entry in rows[:done]:  # in Redis already: not to be counted again
                 del counts[entry]
             raise
-
-        async def run() -> list[Any]:
-            async with self._store.client.pipeline(transaction=False) as pipe:
-                for cid in accounts:
-                    pipe.hgetall(self._keys.usage(window, cid))
-                pipe.hgetall(self._keys.blocked(window))
-                return await pipe.execute()
-        replies = await self._store.call(run)
-        return dict(zip(accounts, replies[:-1], strict=True)), replies[-1]
+        hashes = [_as_hash(flat) for flat in replies]
+        return dict(zip(accounts, hashes[:-1], strict=True)), hashes[-1]
 
     async def _block_over_limit(self, window: int, totals: dict[int, dict[bytes, bytes]],
                                 blocked: dict[int, dict[str, Any]], now: float) -> None:

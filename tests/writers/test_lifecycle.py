@@ -350,7 +350,7 @@ async def test_embedded_store_runs_the_batched_writes(make_gateway: GatewayFacto
         return len(logs) == 3 and uris == ["/e2", "/e3", "/e4"][3 - len(uris):]
     await until(logged, timeout=3.0)
 
-    async def blocked() -> bool:  # usage went through USAGE_ADD
+    async def blocked() -> bool:  # usage went through USAGE_EXCHANGE
         return (await gw.call("GET", "/x", key=token["key"]))[0] == 429
     await until(blocked, timeout=3.0)
 
