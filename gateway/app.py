@@ -34,14 +34,14 @@ from gateway.policy.ipmask import ip_mask_problems
 from gateway.policy.origins import origin_problems
 from gateway.policy.paths import AUTH_INFO
 from gateway.proxy.cors import CorsPolicy
-from gateway.proxy.flow import RequestFlow
+from gateway.proxy.flow import NARROWING, RequestFlow
 from gateway.proxy.relay import Proxy
 from gateway.proxy.replies import error_response, invalid_input_response
 from gateway.proxy.routing import upstream_url
 from gateway.store.accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
 from gateway.store.cache import TokenCache
-from gateway.store.resp import RespClient, lean_client
-from gateway.store.tokens import TokenStore, connect_redis
+from gateway.store.clients import SENTINEL_POLL, Clients, open_clients
+from gateway.store.tokens import TokenStore
 from gateway.tokens import Token, key_digest
 from gateway.writers.accessed import AccessedWriter
 from gateway.writers.housekeeping import Housekeeper
@@ -50,8 +50,6 @@ from gateway.writers.tokenlogs import RedisLogSink
 from gateway.writers.usage import UsageMeter
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
     from gateway.store.embedded import Snapshotter
 
 log = logging.getLogger("gateway")
@@ -145,6 +143,35 @@ class Gateway:
         return await self.proxy.forward(request, url, self.proxy.request_headers(request.headers, extra),
                                         partial(self._finish, request=request, facts=facts, request_id=request_id))
 
+    async def decide(self, request: web.Request) -> web.StreamResponse:
+        """Decision mode, for a check the fast path hands over (HEAD, HTTP/1.0, `Expect`): the
+        same answer as `proxy.decision` writes, made by the same flow and authenticator."""
+        flow = self.flow
+        started, now = time.perf_counter(), time.time()
+        headers = request.headers
+        trusted = flow.is_trusted_peer(request.remote)
+        request_id = flow.request_id(headers.get(flow.request_id_header), trusted)
+        facts: RequestFacts | None = None
+        served: Token | None = None
+        response: web.Response
+        try:
+            method, target = flow.original_request(
+                request.method, request.raw_path, headers.get("X-Original-URI"), headers.get("X-Original-Method"),
+                headers.get("X-Forwarded-Uri"), headers.get("X-Forwarded-Method"))
+            facts = flow.decision_facts(method, target, headers.get("x-flespi-cid"), headers.get("Origin"),
+                                        flow.client_address(request.remote or "", headers), now,
+                                        headers.get(NARROWING))
+            served = await flow.auth.authenticate(extract_key(headers.get("Authorization")), facts)
+            response = web.Response(status=200, headers=flow.decision_headers(served, facts, request_id))
+        except (Denied, StoreUnavailable) as error:
+            denied = flow.refusal(error)
+            response = error_response(flow, denied.status, denied.reason, denied.headers)
+            response.headers[flow.request_id_header] = request_id
+        if facts is not None:
+            flow.finish(facts, facts.token, served, headers.get("x-flespi-app", ""), response.status, started, 0, 0,
+                        request_id)
+        return response
+
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"result": [{"status": "ok", "pid": os.getpid(), "tokens_cached": len(self.cache),
                                              "invalidation": self.cache.invalidation_live,
@@ -214,20 +241,22 @@ def open_session(settings: Settings, upstream_tls: ssl.SSLContext) -> aiohttp.Cl
 
 async def services(app: web.Application, settings: Settings) -> AsyncIterator[None]:
     snapshotter: Snapshotter | None = None
-    lean: RespClient | None = None
-    lean_loads: RespClient | None = None
-    client: Redis
     if settings.redis.embedded:
         from gateway.store.embedded import open_embedded  # fakeredis: imported only when it is used
-        client, snapshotter = open_embedded(settings.redis.data_file)
+        embedded, snapshotter = open_embedded(settings.redis.data_file)
         loaded = await snapshotter.load()
         log.info("embedded store: %d keys loaded from %s", loaded, settings.redis.data_file)
+        clients = Clients(embedded, owned=[embedded])
     else:
-        client = connect_redis(settings.redis)
-        lean = lean_client(settings.redis.url, settings.redis.socket_timeout, settings.redis.connect_timeout)
-        lean_loads = lean_client(settings.redis.url, settings.redis.socket_timeout, settings.redis.connect_timeout)
-    prefix = settings.redis.key_prefix
-    store, accounts = TokenStore(client, prefix, lean, lean_loads), AccountStore(client, prefix)
+        clients = open_clients(settings.redis)
+    prefix, client = settings.redis.key_prefix, clients.client
+    store = TokenStore(client, prefix, clients.lean, clients.lean_loads)
+    accounts = AccountStore(client, prefix)
+    if clients.listener is not None:
+        store.listener = accounts.listener = clients.listener
+    if clients.waiter is not None:
+        for acknowledged in (store, accounts):
+            acknowledged.require_replicas(clients.waiter, settings.redis.replicas_to_wait, settings.redis.wait_timeout)
     if snapshotter is not None:
         for persisted in (store, accounts):
             persisted.after_change = snapshotter.save
@@ -257,6 +286,8 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     ]
     if snapshotter is not None:
         jobs.append(snapshotter.run())
+    if clients.watch is not None:
+        jobs.append(clients.watch.run(SENTINEL_POLL))
     if settings.bootstrap_master_token:
         # Usable as soon as the port opens; only if the store is away does it wait in background.
         try:
@@ -278,10 +309,7 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         await built.session.close()
         if snapshotter is not None:
             await snapshotter.save()
-        for connection in (lean, lean_loads):
-            if connection is not None:
-                await connection.close()
-        await client.aclose()
+        await clients.close()
 
 
 async def _quietly(job: Coroutine[Any, Any, None]) -> None:
@@ -311,6 +339,9 @@ def create_app(settings: Settings) -> web.Application:
     async def health(request: web.Request) -> web.StreamResponse:
         return await request.app[GATEWAY].health(request)
 
+    async def decide(request: web.Request) -> web.StreamResponse:
+        return await request.app[GATEWAY].decide(request)
+
     document = openapi_document()
 
     async def openapi(request: web.Request) -> web.StreamResponse:
@@ -319,6 +350,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(context)
     app.router.add_get(settings.internal_prefix + "health", health)
     app.router.add_get(settings.internal_prefix + "openapi.json", openapi)
+    # Decision mode: any method, any client (proxies call it); the fast path answers most checks.
+    app.router.add_route("*", settings.internal_prefix + "auth", decide)
+    app.router.add_route("*", settings.internal_prefix + "auth/{original:.*}", decide)
     install_panel(app, settings)  # the token panel's static files, <internal_prefix>panel/
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)

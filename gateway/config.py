@@ -312,6 +312,100 @@ REDIS_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
 REDIS_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
+def host_port(key: str, value: Any, what: str) -> tuple[str, int]:
+    """`host:port` (`[::1]:26379` for IPv6), as one item of a list of servers."""
+    problem = f"{value!r} is not host:port" if isinstance(value, str) else f"must be a list of {what} as host:port"
+    if not isinstance(value, str):
+        raise ConfigError(key, problem)
+    host, colon, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(key, problem)
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelSettings:
+    """The master is whichever server the sentinels name for `service`; credentials and TLS are
+    those of a `redis://`/`rediss://` URL, given as keys (the sentinels may have a password of
+    their own)."""
+
+    hosts: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    username: str = ""
+    password: str = field(default="", repr=False)
+    sentinel_username: str = ""
+    sentinel_password: str = field(default="", repr=False)
+    ssl: bool = False
+    ssl_ca_certs: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+
+    @classmethod
+    def parse(cls, table: Table) -> SentinelSettings:
+        hosts_key = table.name("hosts")
+        raw_hosts = table.get("hosts")
+        if raw_hosts is None:
+            raise ConfigError(hosts_key, "required: the sentinels, as host:port")
+        if isinstance(raw_hosts, str) or not isinstance(raw_hosts, (list, tuple)) or not raw_hosts:
+            raise ConfigError(hosts_key, "must be a non-empty list of sentinels as host:port")
+        hosts = tuple(host_port(hosts_key, item, "sentinels") for item in raw_hosts)
+        if len(set(hosts)) != len(hosts):
+            raise ConfigError(hosts_key, "names a sentinel twice")
+        if table.get("service") is None:
+            raise ConfigError(table.name("service"), "required: the name the sentinels monitor the master by")
+        settings = cls(
+            hosts=hosts,
+            service=table.text("service", "", empty=False),
+            db=table.integer("db", 0, at_least=0),
+            username=table.text("username", ""),
+            password=table.text("password", ""),
+            sentinel_username=table.text("sentinel_username", ""),
+            sentinel_password=table.text("sentinel_password", ""),
+            ssl=table.flag("ssl", False),
+            ssl_ca_certs=table.text("ssl_ca_certs", ""),
+            ssl_certfile=table.text("ssl_certfile", ""),
+            ssl_keyfile=table.text("ssl_keyfile", ""),
+        )
+        files = {name: value for name in REDIS_TLS_FILES if (value := getattr(settings, name))}
+        if files and not settings.ssl:
+            raise ConfigError(table.name(next(iter(files))), "needs ssl: true")
+        try:
+            _check_redis_tls_files(files)
+        except ConfigError as exc:
+            raise ConfigError(table.name(exc.key), exc.problem) from exc
+        if settings.username and not settings.password:
+            raise ConfigError(table.name("username"), "needs a password")
+        if settings.sentinel_username and not settings.sentinel_password:
+            raise ConfigError(table.name("sentinel_username"), "needs a sentinel_password")
+        return settings
+
+    def connection_options(self) -> dict[str, Any]:
+        """What redis-py takes for a connection to the master or a replica."""
+        options: dict[str, Any] = {"db": self.db}
+        if self.password:
+            options["password"] = self.password
+        if self.username:
+            options["username"] = self.username
+        if self.ssl:
+            options["ssl"] = True
+            options.update({name: value for name in REDIS_TLS_FILES if (value := getattr(self, name))})
+        return options
+
+    def sentinel_options(self) -> dict[str, Any]:
+        """What redis-py takes for a connection to a sentinel (TLS as for the master)."""
+        options: dict[str, Any] = {}
+        if self.sentinel_password:
+            options["password"] = self.sentinel_password
+        if self.sentinel_username:
+            options["username"] = self.sentinel_username
+        if self.ssl:
+            options["ssl"] = True
+            options.update({name: value for name in REDIS_TLS_FILES if (value := getattr(self, name))})
+        return options
+
+
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str = "memory://"
@@ -319,25 +413,49 @@ class RedisSettings:
     socket_timeout: float = 0.5
     connect_timeout: float = 0.5
     data_file: str = "gateway-data.json"
+    sentinel: SentinelSettings | None = None
+    # Replicas that must hold an API change before it is acknowledged (Redis WAIT); None: 1 with
+    # sentinel (a failover would otherwise lose what was acknowledged), 0 (no WAIT) otherwise.
+    wait_replicas: int | None = None
+    wait_timeout: float = 0.5
 
     @property
     def embedded(self) -> bool:
-        return self.url.startswith("memory://")
+        return self.sentinel is None and self.url.startswith("memory://")
+
+    @property
+    def replicas_to_wait(self) -> int:
+        if self.wait_replicas is not None:
+            return self.wait_replicas
+        return 1 if self.sentinel is not None else 0
 
     @classmethod
     def parse(cls, table: Table) -> RedisSettings:
         defaults = cls()
+        sentinel = None
+        if table.get("sentinel") is not None:
+            sentinel = SentinelSettings.parse(table.section("sentinel", SentinelSettings))
+            if table.get("url") is not None:
+                raise ConfigError(table.name("sentinel"), f"cannot be used together with {table.name('url')}")
+        wait = table.get("wait_replicas", MISSING)
         settings = cls(
             url=table.text("url", defaults.url),
             key_prefix=table.text("key_prefix", defaults.key_prefix),
             socket_timeout=table.number("socket_timeout", defaults.socket_timeout, above=0),
             connect_timeout=table.number("connect_timeout", defaults.connect_timeout, above=0),
             data_file=table.text("data_file", defaults.data_file, empty=False),
+            sentinel=sentinel,
+            wait_replicas=None if wait is MISSING else table.integer("wait_replicas", 0, at_least=0),
+            wait_timeout=table.number("wait_timeout", defaults.wait_timeout, above=0),
         )
+        if sentinel is not None:
+            return settings
         key = table.name("url")
         if not settings.url.startswith(REDIS_SCHEMES):
             raise ConfigError(key, f"must start with {', '.join(REDIS_SCHEMES[:-1])} or {REDIS_SCHEMES[-1]}")
         if settings.embedded:
+            if settings.replicas_to_wait:
+                raise ConfigError(table.name("wait_replicas"), "the embedded store (memory://) has no replicas")
             # Loaded at start and rewritten (through a temporary file beside it) after every change.
             data_key = table.name("data_file")
             if _kind(data_key, Path(settings.data_file)) != "missing":

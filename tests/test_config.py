@@ -25,6 +25,7 @@ from gateway.config import (
     ConfigError,
     LogSettings,
     Route,
+    SentinelSettings,
     Settings,
     build_settings,
     load_settings,
@@ -86,6 +87,11 @@ KEYS = [
         ("missing/store.json", "'missing/store.json': directory 'missing' does not exist"),
         (".", "'.' is not a file"),
     ]),
+    Key("redis.sentinel", None, {"hosts": ["127.0.0.1:26379"], "service": "gw"},
+        SentinelSettings(hosts=(("127.0.0.1", 26379),), service="gw"), [(5, "must be a mapping")]),
+    Key("redis.wait_replicas", None, 0, 0, [
+        *[(value, INT_0) for value, _ in SIZE], (2, "the embedded store (memory://) has no replicas")]),
+    Key("redis.wait_timeout", 0.5, 2, 2.0, POSITIVE),
     Key("cache.max_age", 30.0, 10, 10.0, POSITIVE),
     Key("cache.refresh_after", 0.0, 12.5, 12.5,
         [*NON_NEGATIVE, (31, "must be from 0 (a third of max_age) to cache.max_age (30)")]),
@@ -277,6 +283,75 @@ def test_secrets_are_never_repeated() -> None:
 
 
 # -- keys that act together ----------------------------------------------------------------------
+
+SENTINEL = {"hosts": ["127.0.0.1:26379", "[::1]:26380"], "service": "gw"}
+
+
+def test_sentinel_reads_every_key(ca_file: str) -> None:
+    redis = build_settings({"upstream": UPSTREAM, "redis": {"sentinel": {
+        **SENTINEL, "db": 3, "username": "gw", "password": "pw", "sentinel_username": "watch",
+        "sentinel_password": "spw", "ssl": True, "ssl_ca_certs": ca_file}}}).redis
+    sentinel = redis.sentinel
+    assert sentinel is not None and not redis.embedded and redis.replicas_to_wait == 1
+    assert sentinel.hosts == (("127.0.0.1", 26379), ("::1", 26380)) and sentinel.service == "gw"
+    assert sentinel.connection_options() == {"db": 3, "username": "gw", "password": "pw", "ssl": True,
+                                             "ssl_ca_certs": ca_file}
+    assert sentinel.sentinel_options() == {"username": "watch", "password": "spw", "ssl": True,
+                                           "ssl_ca_certs": ca_file}
+    assert "pw" not in repr(redis)  # settings may be logged; passwords never are
+    plain = build_settings({"upstream": UPSTREAM, "redis": {"sentinel": SENTINEL, "wait_replicas": 0}}).redis
+    assert plain.replicas_to_wait == 0 and plain.sentinel is not None
+    assert plain.sentinel.connection_options() == {"db": 0} and plain.sentinel.sentinel_options() == {}
+    assert build_settings(with_key("redis.url", "redis://h:6379/0")).redis.replicas_to_wait == 0
+
+
+@pytest.mark.parametrize(("sentinel", "message"), [
+    ({"service": "gw"}, "redis.sentinel.hosts: required: the sentinels, as host:port"),
+    ({**SENTINEL, "hosts": []}, "redis.sentinel.hosts: must be a non-empty list of sentinels as host:port"),
+    ({**SENTINEL, "hosts": "h:26379"}, "redis.sentinel.hosts: must be a non-empty list of sentinels as host:port"),
+    ({**SENTINEL, "hosts": ["h"]}, "redis.sentinel.hosts: 'h' is not host:port"),
+    ({**SENTINEL, "hosts": ["h:0"]}, "redis.sentinel.hosts: 'h:0' is not host:port"),
+    ({**SENTINEL, "hosts": ["h:65536"]}, "redis.sentinel.hosts: 'h:65536' is not host:port"),
+    ({**SENTINEL, "hosts": [":26379"]}, "redis.sentinel.hosts: ':26379' is not host:port"),
+    ({**SENTINEL, "hosts": ["h:x"]}, "redis.sentinel.hosts: 'h:x' is not host:port"),
+    ({**SENTINEL, "hosts": [26379]}, "redis.sentinel.hosts: must be a list of sentinels as host:port"),
+    ({**SENTINEL, "hosts": ["h:1", "h:1"]}, "redis.sentinel.hosts: names a sentinel twice"),
+    ({"hosts": ["h:1"]}, "redis.sentinel.service: required: the name the sentinels monitor the master by"),
+    ({**SENTINEL, "service": ""}, "redis.sentinel.service: must be a non-empty string"),
+    ({**SENTINEL, "service": 5}, "redis.sentinel.service: must be a non-empty string"),
+    ({**SENTINEL, "db": -1}, "redis.sentinel.db: must be an integer >= 0"),
+    ({**SENTINEL, "db": "0"}, "redis.sentinel.db: must be an integer >= 0"),
+    ({**SENTINEL, "password": 5}, "redis.sentinel.password: must be a string"),
+    ({**SENTINEL, "username": "gw"}, "redis.sentinel.username: needs a password"),
+    ({**SENTINEL, "sentinel_username": "w"}, "redis.sentinel.sentinel_username: needs a sentinel_password"),
+    ({**SENTINEL, "sentinel_password": None}, "redis.sentinel.sentinel_password: must be a string"),
+    ({**SENTINEL, "ssl": "yes"}, "redis.sentinel.ssl: must be true or false"),
+    ({**SENTINEL, "ssl_ca_certs": "/nonexistent.pem"}, "redis.sentinel.ssl_ca_certs: needs ssl: true"),
+    ({**SENTINEL, "ssl": True, "ssl_ca_certs": "/nonexistent.pem"},
+     "redis.sentinel.ssl_ca_certs: ssl_ca_certs '/nonexistent.pem' is not a file"),
+    ({**SENTINEL, "ssl": True, "ssl_keyfile": "/nonexistent.pem"},
+     "redis.sentinel.ssl_keyfile: ssl_keyfile '/nonexistent.pem' is not a file"),
+    ({**SENTINEL, "master": "x"}, "redis.sentinel.master: unknown key"),
+])
+def test_sentinel_refuses(sentinel: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_settings({"upstream": UPSTREAM, "redis": {"sentinel": sentinel}})
+    assert str(raised.value) == message
+
+
+def test_sentinel_or_url_never_both() -> None:
+    with pytest.raises(ConfigError, match=r"^redis\.sentinel: cannot be used together with redis\.url$"):
+        build_settings({"upstream": UPSTREAM, "redis": {"url": "redis://h:6379/0", "sentinel": SENTINEL}})
+
+
+def test_sentinel_from_the_environment() -> None:
+    environ = {"GATEWAY_UPSTREAM": UPSTREAM, "GATEWAY_REDIS__SENTINEL__HOSTS": "[127.0.0.1:26379]",
+               "GATEWAY_REDIS__SENTINEL__SERVICE": "gw", "GATEWAY_REDIS__SENTINEL__PASSWORD": "pw"}
+    sentinel = load_settings(None, environ).redis.sentinel
+    assert sentinel == SentinelSettings(hosts=(("127.0.0.1", 26379),), service="gw", password="pw")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, {**environ, "GATEWAY_REDIS__SENTINEL__DB": "-2"})
+    assert str(raised.value) == "GATEWAY_REDIS__SENTINEL__DB: redis.sentinel.db: must be an integer >= 0"
 
 def test_upstream_is_one_route_for_every_path() -> None:
     settings = build_settings({"upstream": "https://api.example.com:8443/v2/"})

@@ -3,8 +3,9 @@
 Requests only bump in-process counters. Every `flush_interval` a Lua script (`USAGE_EXCHANGE`,
 one call per 128 tokens) adds them to `usage:<window>:<account>` (hash `c:<token>` calls,
 `b:<token>` bytes), and its last call reads back, in the same round trip, the totals of the
-accounts this instance served and the set of blocked tokens. Counts of an account with no limit are held in process for the
-current window instead, and written only if a limit comes before the window ends. Over a limit,
+accounts this instance served and the set of blocked tokens. Counts of an account with no limit
+are held in process for the current window instead, and written only if a limit comes before the
+window ends. Over a limit,
 the heaviest tokens are blocked until the rest fit (`HSETNX blocked:<window>` makes the block,
 and its event 20, happen once whichever instance sees it first); at the next window they work
 again and event 21 is logged once (`HSETNX unblocked:<window>`; names in `store/keys.py`).
