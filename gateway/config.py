@@ -510,6 +510,10 @@ class CacheSettings:
     max_entries: int = 200_000  # about 0.65 KB each (bench/cache_cost.py): ~130 MB
     negative_ttl: float = 5.0  # 0: unknown keys are not remembered
     revalidate_after: float = 0.5
+    # The invalidation subscription is PINGed this often; unanswered for `invalidation_deadline`,
+    # it is not taken as live (cached tokens are re-read before use until it answers).
+    invalidation_ping: float = 0.1
+    invalidation_deadline: float = 0.5
 
     @property
     def refresh_interval(self) -> float:
@@ -528,6 +532,8 @@ class CacheSettings:
             max_entries=table.integer("max_entries", defaults.max_entries, at_least=1),
             negative_ttl=table.number("negative_ttl", defaults.negative_ttl, at_least=0),
             revalidate_after=table.number("revalidate_after", defaults.revalidate_after, at_least=0),
+            invalidation_ping=table.number("invalidation_ping", defaults.invalidation_ping, above=0),
+            invalidation_deadline=table.number("invalidation_deadline", defaults.invalidation_deadline, above=0),
         )
 
 

@@ -85,7 +85,8 @@ async def test_cached_token_makes_no_redis_round_trip(make_gateway: GatewayFacto
     # periodic work (usage exchange, refreshes) is made rare, so any per-request command would show
     # (`accessed` too: its flush every 0.1 s under traffic made this count depend on the machine's speed)
     gw = await make_gateway(redis={"url": own_redis.url}, usage={"flush_interval": 60.0},
-                            cache={"max_age": 120.0}, log={"flush_interval": 60.0}, accessed_flush_interval=60.0)
+                            cache={"max_age": 120.0, "invalidation_ping": 60.0}, log={"flush_interval": 60.0},
+                            accessed_flush_interval=60.0)
     token = await gw.create_token()
     assert await status_of(gw, token["key"]) == 200
     client = aioredis.Redis.from_url(own_redis.url)

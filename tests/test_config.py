@@ -103,6 +103,8 @@ KEYS = [
     Key("cache.max_entries", 200_000, 50, 50, COUNT),
     Key("cache.negative_ttl", 5.0, 0, 0.0, NON_NEGATIVE),
     Key("cache.revalidate_after", 0.5, 0, 0.0, NON_NEGATIVE),
+    Key("cache.invalidation_ping", 0.1, 1, 1.0, POSITIVE),
+    Key("cache.invalidation_deadline", 0.5, 0.25, 0.25, POSITIVE),
     Key("proxy.connect_timeout", 5.0, 2, 2.0, POSITIVE),
     Key("proxy.read_timeout", 60.0, 0.25, 0.25, POSITIVE),
     Key("proxy.pool_size", 0, 32, 32, SIZE),

@@ -47,7 +47,7 @@ class StoreMonitor:
 
     def invalidation_live(self) -> bool:
         """The cache's own word on its subscription (the one place it is read)."""
-        return self._cache.subscribed.is_set()
+        return self._cache.invalidation_live
 
     def not_ready(self) -> str | None:
         """Why the gateway should get no traffic now, or None when it should."""

@@ -30,6 +30,8 @@ from gateway.tokens import records_from_replies
 
 T = TypeVar("T")
 STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+# No error is retried (so none reconnects inside the call that met it): see `subscription`.
+NO_RETRY = Retry(NoBackoff(), 0, supported_errors=())
 NEVER = 2 ** 40
 # Tokens per TOUCH call of the batched `accessed` writes: ~0.5 ms of Redis time (2.3 µs a token in
 # a million-field hash; the sorted set it replaced took 4.7 µs, 7 µs with the machine busy).
@@ -191,15 +193,26 @@ class RedisStore:
 
     @asynccontextmanager
     async def subscription(self) -> AsyncIterator[Any]:
-        pubsub = self.listener.pubsub(ignore_subscribe_messages=True)
+        """The invalidation channel's pub/sub (on `listener`). Its connection does not retry:
+        redis-py would reconnect and re-subscribe inside the failed read, silently, after round
+        trips that a busy loop makes long; a lost connection is raised at once instead, and the
+        caller subscribes again. Subscription confirmations are kept, and a reconnection redis-py
+        still makes by itself (a PING finding the connection closed) raises (`_Subscription`)."""
+        pubsub = self.listener.pubsub(ignore_subscribe_messages=False)
+        connection: Any = None
         try:
             await self.call(lambda: pubsub.subscribe(self.channel))
+            connection = pubsub.connection
+            if connection is not None:
+                kept, connection.retry = connection.retry, NO_RETRY
             subscription = _Subscription(pubsub)
             try:
                 yield subscription
             finally:
                 subscription.close()
         finally:
+            if connection is not None:
+                connection.retry = kept  # the pool lends it out again
             with suppress(*STORE_ERRORS):
                 await pubsub.aclose()
 
@@ -528,6 +541,12 @@ class _Subscription:
         if self._reconnected:
             raise redis.exceptions.ConnectionError("subscription re-established: messages may have been lost")
         return message
+
+    async def ping(self, payload: bytes) -> None:
+        """A PING on the subscription: its answer comes after every message published before it."""
+        await self._pubsub.ping(payload)
+        if self._reconnected:
+            raise redis.exceptions.ConnectionError("subscription re-established: messages may have been lost")
 
 
 def _unavailable(error: BaseException) -> StoreUnavailable:
