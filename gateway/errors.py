@@ -58,6 +58,7 @@ STORAGE_UNAVAILABLE = "token storage unavailable"
 UPSTREAM_UNAVAILABLE = "upstream unavailable"
 UPSTREAM_TIMEOUT = "upstream timeout"
 INTERNAL_ERROR = "internal gateway error"
+MALFORMED_REQUEST = "malformed HTTP request"
 
 
 def error_body(status: int, reason: str, **extra: object) -> bytes:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway.app import GATEWAY, create_app
+from gateway.app import GATEWAY, create_app, json_error_handlers
 from gateway.config import Settings
 from gateway.proxy.listener import FastLane
 
@@ -87,11 +87,12 @@ async def freeze_long_lived_objects(app: web.Application) -> AsyncIterator[None]
 class GatewaySite(web.BaseSite):
     """The listening socket: connections start on the fast path (`proxy.listener.FastLane`)."""
 
-    __slots__ = ("_host", "_port", "_reuse_port", "lane")
+    __slots__ = ("_host", "_port", "_reuse_port", "fast_path", "lane")
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, reuse_port: bool) -> None:
+    def __init__(self, runner: web.AppRunner, host: str, port: int, reuse_port: bool, fast_path: bool = True) -> None:
         super().__init__(runner, backlog=1024)
         self._host, self._port, self._reuse_port = host, port, reuse_port
+        self.fast_path = fast_path
         self.lane: FastLane | None = None
 
     @property
@@ -109,7 +110,8 @@ class GatewaySite(web.BaseSite):
         runner = self._runner
         assert isinstance(runner, web.AppRunner) and runner.server is not None
         gateway = runner.app[GATEWAY]
-        self.lane = lane = FastLane(gateway.flow, runner.server, gateway.services.upstream_tls)
+        self.lane = lane = FastLane(gateway.flow, json_error_handlers(runner.server), gateway.services.upstream_tls,
+                                    self.fast_path)
         gateway.open_connections = lambda: len(lane.connections)
         lane.start()
         self._server = await asyncio.get_running_loop().create_server(
@@ -130,8 +132,10 @@ SHUTDOWN_TIMEOUT = 30.0
 class GatewayServer:
     """One running gateway in this process: the app, its services and the listening site."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, fast_path: bool = True) -> None:
+        """`fast_path=False`: aiohttp serves every request (the tests run both ways)."""
         self.settings = settings
+        self.fast_path = fast_path
         self.app = create_app(settings)
         self.app.cleanup_ctx.append(freeze_long_lived_objects)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
@@ -146,7 +150,7 @@ class GatewayServer:
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         await self.runner.setup()  # services first: the port opens once the gateway can answer
-        self.site = GatewaySite(self.runner, host, port, reuse_port)
+        self.site = GatewaySite(self.runner, host, port, reuse_port, self.fast_path)
         await self.site.start()
 
     async def close(self) -> None:

@@ -24,7 +24,7 @@ from gateway.auth.checks import RequestFacts, request_facts
 from gateway.config import Route, Settings
 from gateway.errors import INTERNAL_ERROR, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
 from gateway.policy.clientaddr import TrustedProxies, client_address, forwarded_for
-from gateway.policy.paths import AUTH_INFO, PLATFORM
+from gateway.policy.paths import AUTH_INFO, INVALID_PATH, PLATFORM
 from gateway.proxy.routing import pick_route
 from gateway.tokens import Token
 from gateway.writers.logs import LogWriter, RequestIds, request_record
@@ -39,6 +39,18 @@ HOP_BY_HOP = frozenset({
 # Answered or re-created by the gateway itself, so never copied from the client.
 REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip",
                           "forwarded"})
+# Rails, Laravel, Express and others let these replace the method: a token allowed GET and POST
+# could make a DELETE. Dropped, so the upstream acts on the method the checks saw.
+METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+# Headers a request may carry once: which value counts would be the reader's choice, and the
+# gateway and the upstream could choose differently.
+SINGLE_HEADERS = ("host", "x-flespi-cid", "authorization")
+HTTP_VERSIONS = ("1.1", "1.0")
+# RFC 9110 9.2.2: a request that may be sent again, as nginx retries them (when it has no body).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+VERSION_NOT_SUPPORTED = "HTTP version not supported"
+METHOD_NOT_ALLOWED = "method not allowed"
+TRANSFER_CODING_NOT_SUPPORTED = "transfer coding not supported"
 # The gateway alone decides which pages may read a reply (see cors.py); the upstream cannot know.
 CORS_PREFIX = "access-control-"
 MAX_REQUEST_ID = 128
@@ -68,7 +80,7 @@ class RequestFlow:
         self.account_id_header = proxy.account_id_header
         # Lowercased names the upstream never gets from the client: hop-by-hop, re-created, and
         # the identity headers (only the gateway says who made a request).
-        drop = set(HOP_BY_HOP | REQUEST_DROP)
+        drop = set(HOP_BY_HOP | REQUEST_DROP | METHOD_OVERRIDES)
         drop |= {proxy.token_id_header.lower(), proxy.account_id_header.lower(), proxy.request_id_header.lower()}
         if not proxy.forward_authorization:
             drop.add("authorization")  # the key goes no further than the gateway
@@ -77,6 +89,33 @@ class RequestFlow:
         self.reply_drop = HOP_BY_HOP
 
     # -- the request -----------------------------------------------------------------------------
+
+    @staticmethod
+    def check_request_line(method: str, target: str, version: str) -> None:
+        """Refuse what no upstream route can be: another HTTP version, CONNECT, a target that is
+        not a path (`*`, `host:port`, absolute-form)."""
+        if version not in HTTP_VERSIONS:
+            raise Denied(505, VERSION_NOT_SUPPORTED)
+        if method == "CONNECT":
+            raise Denied(405, METHOD_NOT_ALLOWED)
+        if not target.startswith("/"):
+            raise Denied(400, INVALID_PATH)
+
+    @staticmethod
+    def check_transfer_encoding(values: list[str]) -> None:
+        """Only a lone `chunked` is understood (RFC 9112 6.1: 501 for the others): forwarding
+        `gzip, chunked` as chunked would silently drop the gzip."""
+        if len(values) != 1 or values[0].strip().lower() != "chunked":
+            raise Denied(501, TRANSFER_CODING_NOT_SUPPORTED)
+
+    @staticmethod
+    def repeated_header(name: str) -> Denied:
+        return Denied(400, f"repeated {name} header")
+
+    @staticmethod
+    def folded(lower: str) -> str:
+        """The name a WSGI/CGI upstream files a header under (`X_Token_Id` is `X-Token-Id` there)."""
+        return lower.replace("_", "-")
 
     def is_trusted_peer(self, address: str | None) -> bool:
         return address is not None and self.trusted.is_trusted(address)

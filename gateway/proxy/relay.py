@@ -3,11 +3,14 @@ WebSockets. What is dropped and added is the flow's (`RequestFlow`); 502/504 on 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -37,6 +40,49 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return headers
 
 
+class PoolGuardedHandler(ResponseHandler):
+    """aiohttp's client protocol, closed when the upstream sends while it waits in the pool:
+    aiohttp would keep those bytes and hand them to the next request as its reply."""
+
+    pooled = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.pooled and data:  # aiohttp calls it with b"" itself, to resume decompression
+            log.warning("upstream sent %d bytes no request asked for; connection closed", len(data))
+            self.close()
+            return
+        super().data_received(data)
+
+
+class UpstreamConnector(aiohttp.TCPConnector):
+    """A `TCPConnector` whose pooled connections are `PoolGuardedHandler`s, marked while idle."""
+
+    def __init__(self, pool_timeout: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._factory = functools.partial(PoolGuardedHandler, loop=self._loop)  # type: ignore[assignment]
+        self._pool_timeout = pool_timeout
+
+    async def _wait_for_available_connection(self, key: Any, traces: Any) -> None:
+        # As on the fast path: the wait for a free connection is bounded by `pool_timeout` alone.
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await super()._wait_for_available_connection(key, traces)
+        except TimeoutError:
+            raise aiohttp.ConnectionTimeoutError("no upstream connection became free in time") from None
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:  # noqa: ASYNC109 (aiohttp's signature)
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        if isinstance(protocol, PoolGuardedHandler):
+            protocol.pooled = False
+        return connection
+
+    def _release(self, key: Any, protocol: ResponseHandler, *, should_close: bool = False) -> None:
+        super()._release(key, protocol, should_close=should_close)
+        if isinstance(protocol, PoolGuardedHandler):
+            protocol.pooled = True  # back in the pool, or closed: either way nothing more is read
+
+
 class Proxy:
     """`drop`: what the flow never forwards from a request (`RequestFlow.request_drop`)."""
 
@@ -49,9 +95,11 @@ class Proxy:
     def request_headers(self, incoming: CIMultiDictProxy[str], extra: list[tuple[str, str]]) -> CIMultiDict[str]:
         named = connection_tokens(incoming)
         headers: CIMultiDict[str] = CIMultiDict()
+        drop = self._drop
         for name, value in incoming.items():
             lower = name.lower()
-            if lower not in named and lower not in self._drop:
+            # `_` too: a WSGI/CGI upstream files X_Token_Id under the same name as X-Token-Id.
+            if lower not in named and lower not in drop and lower.replace("_", "-") not in drop:
                 headers.add(name, value)
         headers.update(extra)
         return headers
