@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import httptools
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -17,6 +18,7 @@ from yarl import URL
 from gateway.config import ProxySettings
 from gateway.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied
 from gateway.proxy.flow import CORS_PREFIX, HOP_BY_HOP
+from gateway.proxy.upstream import UnaskedReply
 
 log = logging.getLogger("gateway.proxy.relay")
 WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
@@ -40,17 +42,59 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return headers
 
 
+class _Boundaries:
+    """A second llhttp parser beside aiohttp's, for where replies end: aiohttp does not say
+    whether bytes followed the last one in the same read (it keeps a partial one silently)."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.ended = False  # the reply asked for is complete
+
+    def on_message_begin(self) -> None:
+        if self.ended:
+            raise UnaskedReply
+
+    def on_message_complete(self) -> None:
+        if self.parser.get_status_code() >= 200:  # 1xx: the real reply follows
+            self.ended = True
+
+
 class PoolGuardedHandler(ResponseHandler):
-    """aiohttp's client protocol, closed when the upstream sends while it waits in the pool:
-    aiohttp would keep those bytes and hand them to the next request as its reply."""
+    """aiohttp's client protocol, never pooled once the upstream sent a byte no request asked
+    for: aiohttp would keep those bytes and hand them to the next request as its reply."""
 
     pooled = False
 
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._boundaries = _Boundaries()
+        self._unsure = False  # where replies end is unknown (the shadow parser gave up): not pooled
+
+    def set_response_params(self, **kwargs: Any) -> None:
+        super().set_response_params(**kwargs)
+        self._boundaries.ended = False
+        if kwargs.get("skip_payload"):
+            self._unsure = True  # a HEAD's reply has a length and no body: only aiohttp knows
+
+    @property
+    def should_close(self) -> bool:
+        return self._unsure or bool(ResponseHandler.should_close.fget(self))  # type: ignore[attr-defined]
+
     def data_received(self, data: bytes) -> None:
-        if self.pooled and data:  # aiohttp calls it with b"" itself, to resume decompression
-            log.warning("upstream sent %d bytes no request asked for; connection closed", len(data))
-            self.close()
-            return
+        if data:  # aiohttp calls it with b"" itself, to resume decompression
+            if self.pooled:
+                log.warning("upstream sent %d bytes no request asked for; connection closed", len(data))
+                self.close()
+                return
+            if not self._unsure:
+                try:
+                    self._boundaries.parser.feed_data(data)
+                except httptools.HttpParserUpgrade:
+                    self._unsure = True
+                except httptools.HttpParserError:
+                    if self._boundaries.ended:
+                        log.warning("upstream sent bytes after the reply asked for; connection not reused")
+                    self._unsure = True
         super().data_received(data)
 
 
