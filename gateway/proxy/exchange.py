@@ -285,6 +285,9 @@ class Exchange:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif incoming.length is not None:
             parts.append(b"Content-Length: %d\r\n" % incoming.length)
+        elif incoming.method != b"GET":
+            # A method with meaning for a body says it has none (RFC 9110 8.6), as aiohttp's relay does.
+            parts.append(b"Content-Length: 0\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
 

@@ -24,7 +24,7 @@ from gateway.auth.checks import RequestFacts, request_facts
 from gateway.config import Route, Settings
 from gateway.errors import INTERNAL_ERROR, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
 from gateway.policy.clientaddr import TrustedProxies, client_address, forwarded_for
-from gateway.policy.paths import AUTH_INFO, INVALID_PATH, PLATFORM
+from gateway.policy.paths import AUTH_INFO, INVALID_PATH, PLATFORM, OwnPaths
 from gateway.proxy.routing import pick_route
 from gateway.tokens import Token
 from gateway.writers.logs import LogWriter, RequestIds, request_record
@@ -43,8 +43,10 @@ REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-f
 # could make a DELETE. Dropped, so the upstream acts on the method the checks saw.
 METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
 # Headers a request may carry once: which value counts would be the reader's choice, and the
-# gateway and the upstream could choose differently.
-SINGLE_HEADERS = ("host", "x-flespi-cid", "authorization")
+# gateway and the upstream could choose differently. The gateway's own, and aiohttp's singletons
+# (Content-Length and Transfer-Encoding have rules of their own: llhttp's and `check_transfer_encoding`).
+SINGLE_HEADERS = ("host", "x-flespi-cid", "authorization", "content-location", "content-range", "content-type",
+                  "etag", "max-forwards", "server", "user-agent")
 HTTP_VERSIONS = ("1.1", "1.0")
 # RFC 9110 9.2.2: a request that may be sent again, as nginx retries them (when it has no body).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -74,6 +76,7 @@ class RequestFlow:
         # Paths that start with none of these are never the API's nor the gateway's own.
         # Every path under a platform prefix is the API's (404 there if unknown), never proxied.
         self.own_prefixes = (*settings.platform_prefixes, PLATFORM, AUTH_INFO, settings.internal_prefix)
+        self.own_paths = OwnPaths(self.own_prefixes)
         self.realm_challenge = f'FlespiToken realm="{settings.realm}"'
         self.request_id_header = proxy.request_id_header
         self.token_id_header = proxy.token_id_header
@@ -133,7 +136,10 @@ class RequestFlow:
               now: float) -> RequestFacts:
         """What the checks see; refuses an ambiguous path or a malformed x-flespi-cid with 400."""
         raw_path, _, query = target.partition("?")
-        return request_facts(method, raw_path, query, cid, origin, client_ip, now)
+        facts = request_facts(method, raw_path, query, cid, origin, client_ip, now)
+        if self.own_paths.lookalike(facts.path):
+            raise Denied(400, INVALID_PATH)  # only a lenient upstream would read it as the gateway's own
+        return facts
 
     def is_own(self, path: str) -> bool:
         """Whether the gateway answers this path itself (the API, /auth/info, its own pages)."""

@@ -305,3 +305,17 @@ async def test_huge_integers_are_client_errors(gw: GatewayHandle, raw: RawUpstre
     status, body = await gw.call("GET", path)
     assert status in (400, 404, 414) and body["errors"][0]["code"] == status
     assert raw.received == b""
+
+
+# == platform paths, whatever their spelling =======================================================
+
+@pytest.mark.parametrize("path", ["/Platform/tokens", "/AUTH/info", "/platform./x", "/platform.json",
+                                  "/platform%20/x", "/platform%2e/tokens", "/Auth", "/_Gateway/health",
+                                  "/%EF%BD%90latform/tokens"])
+async def test_platform_lookalikes_reach_no_upstream(gw: GatewayHandle, raw: RawUpstream, path: str) -> None:
+    standard = await gw.create_token(access={"type": 0})
+    acl = await gw.create_token(access={"type": 2, "acl": [{"uri": "*", "methods": ["GET"]}]})
+    for key in (standard["key"], acl["key"], MASTER_KEY):
+        reply = await ask_once(gw, "GET", path, key=key)
+        assert (reply.status, reply.json()) == (400, INVALID_PATH), key
+    assert raw.received == b""
