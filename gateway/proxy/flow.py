@@ -143,7 +143,8 @@ class RequestFlow:
 
     def is_own(self, path: str) -> bool:
         """Whether the gateway answers this path itself (the API, /auth/info, its own pages)."""
-        return path.startswith(self.own_prefixes) and (self.is_api(path) or path.startswith(self.internal_prefix))
+        return ((path.startswith(self.own_prefixes) or path in self.own_paths.exact)
+                and (self.is_api(path) or path.startswith(self.internal_prefix)))
 
     def route(self, path: str) -> Route:
         route = pick_route(self.routes, path)
