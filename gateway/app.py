@@ -196,11 +196,17 @@ class JsonErrorHandler(RequestHandler):
             log.error("error handling a request", exc_info=exc)
         if request.writer.output_size > 0:
             raise ConnectionError("the reply has started; no error reply can follow it")
-        reason = MALFORMED_REQUEST if status == 400 else INTERNAL_ERROR if status >= 500 else (
-            HTTPStatus(status).phrase.lower() if status in HTTPStatus._value2member_map_ else "error")
+        reason = MALFORMED_REQUEST if status == 400 else INTERNAL_ERROR if status >= 500 else _phrase(status)
         response = web.Response(status=status, body=error_body(status, reason), content_type="application/json")
         response.force_close()
         return response
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower()
+    except ValueError:
+        return "error"
 
 
 def json_error_handlers(server: web.Server) -> Callable[[], asyncio.Protocol]:

@@ -101,6 +101,7 @@ class OwnPaths:
         self.canonical = tuple({tuple(canonical_segment(part) for part in prefix.strip("/").split("/"))
                                 for prefix in prefixes})
         self.heads = frozenset(segments[0] for segments in self.canonical)
+        self.head_starts = tuple(sorted(self.heads))  # a canonical head is where its segment begins
 
     def lookalike(self, path: str) -> bool:
         """Whether `path` (decoded, as `checked_path` returns it) is read as one of the prefixes
@@ -109,8 +110,10 @@ class OwnPaths:
             return False
         end = path.find("/", 1)
         first = path[1:] if end < 0 else path[1:end]
+        if first.isascii() and not first.lower().startswith(self.head_starts):
+            return False  # the common case: one ASCII segment that starts as no own prefix does
         if canonical_segment(first) not in self.heads:
-            return False  # the common case: one segment looked at
+            return False
         segments = [canonical_segment(part) for part in path[1:].split("/")]
         for canonical in self.canonical:
             if len(segments) >= len(canonical) and tuple(segments[:len(canonical)]) == canonical:
