@@ -108,7 +108,7 @@ def main() -> int:
     with backends(work) as (upstream_port, redis_port, _):
         a = measure(args.a, "A", upstream_port, redis_port, work, args.requests, args.connections)
         b = measure(args.b, "B", upstream_port, redis_port, work, args.requests, args.connections)
-    print(f"instructions per proxied request: A {a:,.0f}, B {b:,.0f}, B / A = {b / a:.3f}")
+    print(f"instructions per proxied request: A {a:,.0f}, B {b:,.0f}, B / A = {b / a:.3f} (dumps in {work})")
     return 0
 
 
