@@ -10,14 +10,17 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from gateway.aio import cancel_all
 from gateway.api.platform import PlatformApi
@@ -27,7 +30,15 @@ from gateway.auth.checks import RequestFacts, build_checks
 from gateway.auth.compiler import TokenCompiler
 from gateway.build import fast_path_compiled
 from gateway.config import ConfigError, Settings
-from gateway.errors import Denied, FieldProblem, InvalidInput, StoreUnavailable, error_body
+from gateway.errors import (
+    INTERNAL_ERROR,
+    MALFORMED_REQUEST,
+    Denied,
+    FieldProblem,
+    InvalidInput,
+    StoreUnavailable,
+    error_body,
+)
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics, Sources
 from gateway.mqtt.front import MqttFront
@@ -39,8 +50,8 @@ from gateway.policy.ipmask import ip_mask_problems
 from gateway.policy.origins import origin_problems
 from gateway.policy.paths import AUTH_INFO
 from gateway.proxy.cors import CorsPolicy
-from gateway.proxy.flow import NARROWING, RequestFlow
-from gateway.proxy.relay import Proxy, body_size
+from gateway.proxy.flow import NARROWING, SINGLE_HEADERS, RequestFlow
+from gateway.proxy.relay import Proxy, UpstreamConnector, body_size
 from gateway.proxy.replies import error_response, invalid_input_response
 from gateway.proxy.routing import upstream_url
 from gateway.store.accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
@@ -179,15 +190,23 @@ class Gateway:
         served: Token | None = None
         reason: str | None = None
         try:
+            headers = request.headers
+            version = request.version
+            flow.check_request_line(request.method, request.raw_path, f"{version.major}.{version.minor}")
+            for name in SINGLE_HEADERS:
+                if len(headers.getall(name, ())) > 1:
+                    raise flow.repeated_header(name)
+            if "Transfer-Encoding" in headers:
+                flow.check_transfer_encoding(headers.getall("Transfer-Encoding"))
             if self.cors.is_preflight(request):
                 response = await self.cors.preflight(request)  # no token: never authorized, never forwarded
             else:
-                headers = request.headers
                 facts = flow.facts(request.method, request.raw_path, headers.get("x-flespi-cid"), headers.get("Origin"),
                                    flow.client_address(request.remote or "", headers), now)
                 if flow.is_internal(facts.path):  # the known ones have routes of their own (`internal_endpoints`)
                     raise Denied(404, f"unknown path {facts.path}")
                 served = await flow.auth.authenticate(extract_key(headers.get("Authorization")), facts)
+                await _continue(request)
                 response = await self._dispatch(flow, request, served, facts, request_id, trusted)
         except (Denied, StoreUnavailable) as error:
             denied = flow.refusal(error)
@@ -196,6 +215,10 @@ class Gateway:
         except InvalidInput as invalid:
             reason = "invalid " + ", ".join(dict.fromkeys(problem.field for problem in invalid.problems))
             response = invalid_input_response(invalid.problems)
+        except Exception as error:  # whatever else went wrong is the gateway's fault, in flespi's shape
+            denied = flow.refusal(error)
+            reason = denied.reason
+            response = error_response(flow, denied.status, denied.reason, denied.headers)
         if facts is None and reason is not None:  # refused before its facts were made: the path as it came
             facts = flow.unchecked_facts(request.method, request.raw_path,
                                          flow.client_address(request.remote or "", request.headers), now)
@@ -313,6 +336,64 @@ INTERNAL_ENDPOINTS = (
 )
 
 
+async def _continue(request: web.Request) -> None:
+    """`100 Continue`, once the token has passed: aiohttp's own would go out before any check
+    (the catch-all route is added with `_no_continue`)."""
+    if request.version == aiohttp.HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp does: the reply itself has not started
+
+
+async def _no_continue(request: web.Request) -> None:
+    """The catch-all route's expect handler: `Gateway.handle` answers `Expect` after the checks."""
+
+
+class JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, with its own error pages (a request its parser refuses, a
+    failure outside every handler) in flespi's JSON shape."""
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            log.error("error handling a request", exc_info=exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the reply has started; no error reply can follow it")
+        reason = MALFORMED_REQUEST if status == 400 else INTERNAL_ERROR if status >= 500 else _phrase(status)
+        response = web.Response(status=status, body=error_body(status, reason), content_type="application/json")
+        response.force_close()
+        return response
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower()
+    except ValueError:
+        return "error"
+
+
+def json_error_handlers(server: web.Server) -> Callable[[], asyncio.Protocol]:
+    """What the listener hands connections to: `server`'s handlers, as `JsonErrorHandler`s."""
+    kwargs = server._kwargs  # the handler arguments the runner was given (web.Server keeps them so)
+    return lambda: JsonErrorHandler(server, loop=asyncio.get_running_loop(), **kwargs)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                      ) -> web.StreamResponse:
+    """aiohttp's own refusals (a missing panel file, a method a route does not take) as flespi JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.Response(status=exc.status, body=error_body(exc.status, (exc.reason or "error").lower()),
+                            content_type="application/json", headers={
+                                name: value for name, value in exc.headers.items() if name.lower() == "allow"})
+    except Exception:
+        log.exception("unexpected error while answering %s", request.path)
+        return web.Response(status=500, body=error_body(500, INTERNAL_ERROR), content_type="application/json")
+
+
 def openapi_document() -> bytes:
     """The platform API's OpenAPI 3.1 description, shipped as package data."""
     return (resources.files("gateway.api") / "openapi.json").read_bytes()
@@ -376,7 +457,8 @@ async def _keep_bootstrapping(store: TokenStore, key: str) -> None:
 
 def open_session(settings: Settings, upstream_tls: ssl.SSLContext) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=settings.proxy.pool_size, ttl_dns_cache=60, ssl=upstream_tls),
+        connector=UpstreamConnector(settings.proxy.pool_timeout, limit=settings.proxy.pool_size, ttl_dns_cache=60,
+                                    ssl=upstream_tls),
         # `connect` covers the wait for a free pooled connection too (`pool_size`), as on the fast path.
         timeout=aiohttp.ClientTimeout(total=None, connect=settings.proxy.pool_timeout + settings.proxy.connect_timeout,
                                       sock_connect=settings.proxy.connect_timeout,
@@ -483,7 +565,7 @@ def create_app(settings: Settings, shared: str | None = None) -> web.Application
     limits = settings.limits
     # The listener's parser applies `limits` to every request before aiohttp sees it; aiohttp's
     # own bounds sit just above them, so it never refuses first (with a reply of its own).
-    app = web.Application(client_max_size=limits.api_body_size, handler_args={
+    app = web.Application(client_max_size=limits.api_body_size, middlewares=[json_errors], handler_args={
         "max_line_size": limits.max_request_line + 64, "max_field_size": limits.max_header_size + 64,
         "max_headers": limits.max_headers + 1, "keepalive_timeout": limits.keepalive_timeout})
 
@@ -514,5 +596,5 @@ def create_app(settings: Settings, shared: str | None = None) -> web.Application
         app.router.add_get(settings.mqtt.websocket_path, mqtt_websocket)
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)
-    app[CORS].install(app, app.router.add_route("*", "/{tail:.*}", handle))
+    app[CORS].install(app, app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_no_continue))
     return app

@@ -62,6 +62,7 @@ NOT_REPLICATED = ("token storage unavailable: the change was made but not confir
 UPSTREAM_UNAVAILABLE = "upstream unavailable"
 UPSTREAM_TIMEOUT = "upstream timeout"
 INTERNAL_ERROR = "internal gateway error"
+MALFORMED_REQUEST = "malformed HTTP request"
 
 
 def error_body(status: int, reason: str, **extra: object) -> bytes:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from gateway.app import GATEWAY, create_app
+from gateway.app import GATEWAY, create_app, json_error_handlers
 from gateway.config import ConfigError, ListenSettings, Settings, load_settings, reload_plan, reloaded_keys
 from gateway.mqtt.listener import listen as listen_mqtt
 from gateway.proxy.listener import FastLane
@@ -134,13 +134,14 @@ class GatewaySite(web.BaseSite):
     """The listening socket: connections start on the fast path (`proxy.listener.FastLane`).
     Its own socket on `host:port`, or the `sockets` a supervisor bound (shared by its workers)."""
 
-    __slots__ = ("_host", "_more", "_port", "_reuse_port", "_sockets", "lane")
+    __slots__ = ("_host", "_more", "_port", "_reuse_port", "_sockets", "fast_path", "lane")
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, reuse_port: bool,
-                 sockets: Sequence[socket.socket] = ()) -> None:
+                 sockets: Sequence[socket.socket] = (), fast_path: bool = True) -> None:
         super().__init__(runner, backlog=1024)
         self._host, self._port, self._reuse_port = host, port, reuse_port
         self._sockets = tuple(sockets)
+        self.fast_path = fast_path
         self._more: list[asyncio.AbstractServer] = []  # one server per inherited socket past the first
         self.lane: FastLane | None = None
 
@@ -159,7 +160,8 @@ class GatewaySite(web.BaseSite):
         runner = self._runner
         assert isinstance(runner, web.AppRunner) and runner.server is not None
         gateway = runner.app[GATEWAY]
-        self.lane = lane = FastLane(gateway.flow, runner.server, gateway.services.upstream_tls)
+        self.lane = lane = FastLane(gateway.flow, json_error_handlers(runner.server), gateway.services.upstream_tls,
+                                    self.fast_path)
         gateway.open_connections = lambda: len(lane.connections)
         lane.start()
         loop = asyncio.get_running_loop()
@@ -187,8 +189,11 @@ SHUTDOWN_TIMEOUT = 30.0
 class GatewayServer:
     """One running gateway in this process: the app, its services and the listening site."""
 
-    def __init__(self, settings: Settings, shared: str | None = None) -> None:
+    def __init__(self, settings: Settings, shared: str | None = None, fast_path: bool = True) -> None:
+        """`shared`: the metrics directory of a supervisor's workers; `fast_path=False`: aiohttp
+        serves every request (the tests run both ways)."""
         self.settings = settings
+        self.fast_path = fast_path
         self.app = create_app(settings, shared)
         self.app.cleanup_ctx.append(freeze_long_lived_objects)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
@@ -205,7 +210,7 @@ class GatewayServer:
     async def start(self, host: str, port: int, reuse_port: bool = False,
                     sockets: Sequence[socket.socket] = ()) -> None:
         await self.runner.setup()  # services first: the port opens once the gateway can answer
-        self.site = GatewaySite(self.runner, host, port, reuse_port, sockets)
+        self.site = GatewaySite(self.runner, host, port, reuse_port, sockets, self.fast_path)
         try:
             await self.site.start()
         except OSError as exc:  # free at the check, taken since: said as the check says it, no traceback

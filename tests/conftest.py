@@ -74,12 +74,22 @@ async def upstream() -> AsyncIterator[Upstream]:
 # -- gateways -----------------------------------------------------------------------------------
 
 @pytest.fixture
-async def make_gateway(upstream: Upstream, redis_url: str, key_prefix: str) -> AsyncIterator[GatewayFactory]:
+def front() -> str:
+    """Which front serves the gateway's requests: "fast" (the production server: the fast path
+    where it applies, aiohttp for the rest) or "aiohttp" (every request handed to aiohttp).
+    tests/proxy and tests/auth run under both (their conftest.py), as uvicorn runs its tests
+    per protocol class: a difference between the two paths fails a test."""
+    return "fast"
+
+
+@pytest.fixture
+async def make_gateway(upstream: Upstream, redis_url: str, key_prefix: str, front: str,
+                       ) -> AsyncIterator[GatewayFactory]:
     handles: list[GatewayHandle] = []
 
     async def factory(**overrides: Any) -> GatewayHandle:
         settings = build_settings(base_config(upstream.url, redis_url, key_prefix, **overrides))
-        server = GatewayServer(settings)  # the production server: fast path and aiohttp both
+        server = GatewayServer(settings, fast_path=front == "fast")
         await server.start("127.0.0.1", 0)
         session = aiohttp.ClientSession(auto_decompress=False)
         handle = GatewayHandle(f"http://127.0.0.1:{server.port}", settings, server, session)

@@ -10,6 +10,7 @@ to that single segment.
 from __future__ import annotations
 
 import re
+import unicodedata
 from urllib.parse import quote, unquote
 
 from gateway.errors import Denied
@@ -70,3 +71,51 @@ def forwarded_path(raw_path: str, checked: str, authorized: str) -> str:
         raw if old == new else quote(new, safe=_QUOTE_SAFE)
         for raw, old, new in zip(raw_segments, checked_segments, authorized_segments, strict=True)
     )
+
+
+# Where a lenient router stops reading a segment's name: a format suffix (`.json`), a trailing dot
+# or space (Windows servers drop both), `~`, `:`... Only letters, digits, `-` and `_` name it.
+_NAME_END = re.compile(r"[^a-z0-9_\-]")
+
+
+def canonical_segment(segment: str) -> str:
+    """What a case-insensitive, suffix-stripping router takes a decoded path segment for."""
+    folded = segment.lower() if segment.isascii() else unicodedata.normalize("NFKC", segment).casefold()
+    end = _NAME_END.search(folded)
+    return folded if end is None else folded[:end.start()]
+
+
+class OwnPaths:
+    """The gateway's own prefixes, and every spelling an upstream could read as one of them.
+
+    A path that is one of them exactly (under a prefix ending in `/`, or equal to one without) is
+    the gateway's; a path that only a lenient upstream would read as one (`/Platform/tokens`,
+    `/platform./x`, `/platform.json`, `/platform%20/x`, `/Auth`) is refused: it must reach no
+    upstream, whatever token carries it."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        self.prefixes = prefixes
+        # A prefix ending in `/` names its bare segment too (`/platform` is the API's own 404).
+        self.exact = frozenset(prefix.rstrip("/") for prefix in prefixes)
+        self.under = tuple(prefix for prefix in prefixes if prefix.endswith("/"))
+        self.canonical = tuple({tuple(canonical_segment(part) for part in prefix.strip("/").split("/"))
+                                for prefix in prefixes})
+        self.heads = frozenset(segments[0] for segments in self.canonical)
+        self.head_starts = tuple(sorted(self.heads))  # a canonical head is where its segment begins
+
+    def lookalike(self, path: str) -> bool:
+        """Whether `path` (decoded, as `checked_path` returns it) is read as one of the prefixes
+        by a lenient upstream without being one."""
+        if path.startswith(self.under) or path in self.exact:
+            return False
+        end = path.find("/", 1)
+        first = path[1:] if end < 0 else path[1:end]
+        if first.isascii() and not first.lower().startswith(self.head_starts):
+            return False  # the common case: one ASCII segment that starts as no own prefix does
+        if canonical_segment(first) not in self.heads:
+            return False
+        segments = [canonical_segment(part) for part in path[1:].split("/")]
+        for canonical in self.canonical:
+            if len(segments) >= len(canonical) and tuple(segments[:len(canonical)]) == canonical:
+                return True
+        return False

@@ -25,7 +25,7 @@ from gateway.errors import (
     StoreUnavailable,
 )
 from gateway.proxy.decision import allowed_bytes, original_facts
-from gateway.proxy.flow import CORS_PREFIX
+from gateway.proxy.flow import CORS_PREFIX, IDEMPOTENT
 from gateway.proxy.front import Front, Incoming, Lane
 from gateway.proxy.replies import error_bytes
 from gateway.proxy.routing import upstream_target
@@ -37,6 +37,7 @@ log = logging.getLogger("gateway.proxy.exchange")
 MAX_BUFFERED = 1024 * 1024  # request body held while the token or a connection is awaited
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the reply
 CORS_PREFIX_BYTES = CORS_PREFIX.encode()
+IDEMPOTENT_METHODS = frozenset(method.encode() for method in IDEMPOTENT)
 SCHEME = "http"  # the listener serves plain HTTP (TLS, when there is any, ends in front of it)
 _NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 
@@ -287,7 +288,8 @@ class Exchange:
         parts = [incoming.method, b" ", target.encode("utf-8", "surrogateescape"), b" HTTP/1.1\r\nHost: ",
                  client_host if lane.preserve_host and client_host else host, b"\r\n"]
         for lower, name, value in incoming.headers:
-            if lower not in drop:
+            # `_` too: a WSGI/CGI upstream files X_Token_Id under the same name as X-Token-Id.
+            if lower not in drop and not (b"_" in lower and lower.replace(b"_", b"-") in drop):
                 parts += (name, b": ", value, b"\r\n")
         served, facts, front = self.served, self.facts, self.front
         assert served is not None and facts is not None
@@ -300,6 +302,9 @@ class Exchange:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif incoming.length is not None:
             parts.append(b"Content-Length: %d\r\n" % incoming.length)
+        elif incoming.method != b"GET":
+            # A method with meaning for a body says it has none (RFC 9110 8.6), as aiohttp's relay does.
+            parts.append(b"Content-Length: 0\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
 
@@ -408,9 +413,11 @@ class Exchange:
         if self.done:
             return
         if not self.replied:
-            if (conn is not None and conn.reused and not self.retried and not timeout and self.incoming.length is None
-                    and not self.incoming.chunked):
-                # A kept-alive connection the upstream had just closed: try once on a fresh one.
+            incoming = self.incoming
+            if (conn is not None and conn.reused and not self.retried and not timeout and incoming.length is None
+                    and not incoming.chunked and incoming.method in IDEMPOTENT_METHODS):
+                # A kept-alive connection the upstream had just closed: an idempotent request
+                # without a body (RFC 9110 9.2.2, as nginx) is tried once more on a fresh one.
                 self.retried = True
                 pool = conn.pool
                 self.task = asyncio.ensure_future(self._connect(pool))

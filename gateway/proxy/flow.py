@@ -26,7 +26,7 @@ from gateway.config import Route, Settings
 from gateway.counters import LATENCY_BOUNDS, Buckets, StatusCounts
 from gateway.errors import INTERNAL_ERROR, STORAGE_UNAVAILABLE, Denied, StoreUnavailable, refusal_id
 from gateway.policy.clientaddr import TrustedProxies, client_address, forwarded_for
-from gateway.policy.paths import AUTH_INFO, INVALID_PATH, PLATFORM
+from gateway.policy.paths import AUTH_INFO, INVALID_PATH, PLATFORM, OwnPaths
 from gateway.proxy.routing import pick_route
 from gateway.tokens import Token
 from gateway.writers.logs import LogWriter, RequestIds, request_record
@@ -41,6 +41,20 @@ HOP_BY_HOP = frozenset({
 # Answered or re-created by the gateway itself, so never copied from the client.
 REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip",
                           "forwarded"})
+# Rails, Laravel, Express and others let these replace the method: a token allowed GET and POST
+# could make a DELETE. Dropped, so the upstream acts on the method the checks saw.
+METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+# Headers a request may carry once: which value counts would be the reader's choice, and the
+# gateway and the upstream could choose differently. The gateway's own, and aiohttp's singletons
+# (Content-Length and Transfer-Encoding have rules of their own: llhttp's and `check_transfer_encoding`).
+SINGLE_HEADERS = ("host", "x-flespi-cid", "authorization", "content-location", "content-range", "content-type",
+                  "etag", "max-forwards", "server", "user-agent")
+HTTP_VERSIONS = ("1.1", "1.0")
+# RFC 9110 9.2.2: a request that may be sent again, as nginx retries them (when it has no body).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+VERSION_NOT_SUPPORTED = "HTTP version not supported"
+METHOD_NOT_ALLOWED = "method not allowed"
+TRANSFER_CODING_NOT_SUPPORTED = "transfer coding not supported"
 # The gateway alone decides which pages may read a reply (see cors.py); the upstream cannot know.
 CORS_PREFIX = "access-control-"
 MAX_REQUEST_ID = 128
@@ -78,6 +92,7 @@ class RequestFlow:
         # Paths that start with none of these are never the API's nor the gateway's own.
         # Every path under a platform prefix is the API's (404 there if unknown), never proxied.
         self.own_prefixes = (*settings.platform_prefixes, PLATFORM, AUTH_INFO, settings.internal_prefix)
+        self.own_paths = OwnPaths(self.own_prefixes)
         # Decision mode's endpoint: "may this request pass?", asked by a proxy in front.
         self.decision_path = settings.internal_prefix + "auth"
         self.realm_challenge = f'FlespiToken realm="{settings.realm}"'
@@ -89,7 +104,7 @@ class RequestFlow:
         self.added_template = "".join(f"{name}: %s\r\n" for name in self.added_names).encode()
         # Lowercased names the upstream never gets from the client: hop-by-hop, re-created, and
         # the identity headers (only the gateway says who made a request).
-        drop = set(HOP_BY_HOP | REQUEST_DROP)
+        drop = set(HOP_BY_HOP | REQUEST_DROP | METHOD_OVERRIDES)
         drop |= {proxy.token_id_header.lower(), proxy.account_id_header.lower(), proxy.request_id_header.lower()}
         if not proxy.forward_authorization:
             drop.add("authorization")  # the key goes no further than the gateway
@@ -108,6 +123,33 @@ class RequestFlow:
 
     # -- the request -----------------------------------------------------------------------------
 
+    @staticmethod
+    def check_request_line(method: str, target: str, version: str) -> None:
+        """Refuse what no upstream route can be: another HTTP version, CONNECT, a target that is
+        not a path (`*`, `host:port`, absolute-form)."""
+        if version not in HTTP_VERSIONS:
+            raise Denied(505, VERSION_NOT_SUPPORTED)
+        if method == "CONNECT":
+            raise Denied(405, METHOD_NOT_ALLOWED)
+        if not target.startswith("/"):
+            raise Denied(400, INVALID_PATH)
+
+    @staticmethod
+    def check_transfer_encoding(values: list[str]) -> None:
+        """Only a lone `chunked` is understood (RFC 9112 6.1: 501 for the others): forwarding
+        `gzip, chunked` as chunked would silently drop the gzip."""
+        if len(values) != 1 or values[0].strip().lower() != "chunked":
+            raise Denied(501, TRANSFER_CODING_NOT_SUPPORTED)
+
+    @staticmethod
+    def repeated_header(name: str) -> Denied:
+        return Denied(400, f"repeated {name} header")
+
+    @staticmethod
+    def folded(lower: str) -> str:
+        """The name a WSGI/CGI upstream files a header under (`X_Token_Id` is `X-Token-Id` there)."""
+        return lower.replace("_", "-")
+
     def is_trusted_peer(self, address: str | None) -> bool:
         return address is not None and self.trusted.is_trusted(address)
 
@@ -124,7 +166,10 @@ class RequestFlow:
               now: float) -> RequestFacts:
         """What the checks see; refuses an ambiguous path or a malformed x-flespi-cid with 400."""
         raw_path, _, query = target.partition("?")
-        return request_facts(method, raw_path, query, cid, origin, client_ip, now)
+        facts = request_facts(method, raw_path, query, cid, origin, client_ip, now)
+        if self.own_paths.lookalike(facts.path):
+            raise Denied(400, INVALID_PATH)  # only a lenient upstream would read it as the gateway's own
+        return facts
 
     def unchecked_facts(self, method: str, target: str, client_ip: str, now: float) -> RequestFacts:
         """For the log record of a request refused before its facts could be made (an ambiguous
@@ -138,7 +183,8 @@ class RequestFlow:
 
     def is_own(self, path: str) -> bool:
         """Whether the gateway answers this path itself (the API, /auth/info, its own pages)."""
-        return path.startswith(self.own_prefixes) and (self.is_api(path) or path.startswith(self.internal_prefix))
+        return ((path.startswith(self.own_prefixes) or path in self.own_paths.exact)
+                and (self.is_api(path) or path.startswith(self.internal_prefix)))
 
     def route(self, path: str) -> Route:
         route = pick_route(self.routes, path)

@@ -16,6 +16,7 @@ from email.utils import formatdate
 from typing import Any
 
 from gateway.config import LimitsSettings, ProxySettings, Route
+from gateway.errors import Denied
 from gateway.proxy.flow import RequestFlow
 from gateway.proxy.upstream import UpstreamPool
 
@@ -35,6 +36,7 @@ class Incoming:
         "length",
         "method",
         "received",
+        "refusal",
         "target",
         "upgrade",
         "url",
@@ -56,6 +58,9 @@ class Incoming:
         self.length: int | None = None
         self.head_size = 0
         self.received = 0  # body bytes read so far (`limits.max_body_size`)
+        # Why the request must be refused before anything of it goes on (a repeated single header,
+        # a transfer coding other than chunked): found by the parser callbacks, answered when it starts.
+        self.refusal: Denied | None = None
         # Where the body goes once it is no longer buffered: an Exchange or the Bridge.
         self.target: Any = None
 

@@ -31,17 +31,18 @@ import httptools
 from multidict import CIMultiDict
 
 from gateway.config import LimitsSettings
-from gateway.errors import INTERNAL_ERROR
+from gateway.errors import INTERNAL_ERROR, MALFORMED_REQUEST, Denied
 from gateway.proxy import decision
 from gateway.proxy.bridge import Bridge
 from gateway.proxy.exchange import MAX_BUFFERED, Exchange
-from gateway.proxy.flow import RequestFlow
+from gateway.proxy.flow import SINGLE_HEADERS, RequestFlow
 from gateway.proxy.front import Front, Incoming, Lane
 from gateway.proxy.replies import error_bytes
 from gateway.proxy.upstream import UpstreamPool
 
 log = logging.getLogger("gateway.proxy.listener")
 FAST_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE"})
+SINGLE_HEADER_NAMES = frozenset(name.encode() for name in SINGLE_HEADERS)
 # Headers that send a request to aiohttp: pages (CORS), protocol switches, 100-continue.
 SLOW_HEADERS = (b"origin", b"upgrade", b"expect")
 LINGER = 10.0  # aiohttp's lingering_time: how long the unread rest of a request is read and dropped
@@ -76,8 +77,10 @@ class FastLane:
     subclass of a class compiled in another module crashed when constructed."""
 
     def __init__(self, flow: RequestFlow, handler_factory: Callable[[], asyncio.Protocol],
-                 upstream_tls: ssl.SSLContext) -> None:
+                 upstream_tls: ssl.SSLContext, fast_path: bool = True) -> None:
+        """`fast_path=False` hands every request to aiohttp (the tests run both ways with it)."""
         self.shared = shared = Lane(flow, handler_factory, upstream_tls)
+        self.fast_methods = FAST_METHODS if fast_path else frozenset()
         self.flow = flow
         self.loop = shared.loop
         self.limits: LimitsSettings = shared.limits
@@ -174,6 +177,12 @@ class FrontProtocol(Front):
         # raise reaches data_received wrapped by httptools, and this does not depend on its chaining.
         self._too_large: RequestTooLarge | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        # A request whose head completed while the parser was being fed: it starts only once the
+        # parser has taken the whole of that data, so a message it refuses is never forwarded.
+        self._feeding = False
+        self._ready: Incoming | None = None
+        # A request without keep-alive was read: what follows it is not read (llhttp refuses it).
+        self._last_read = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -203,16 +212,23 @@ class FrontProtocol(Front):
         if self.raw:
             self._raw_data(data)
             return
+        if self._last_read:
+            return  # after a request that ends the connection nothing is read (its reply still goes out)
         heads_done = self._heads_done
+        self._feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            self._feeding = False
             self.raw = True
+            self._start_ready()
             tail = data[upgrade.args[0]:]
             if tail:
                 self._raw_data(tail)
             return
         except httptools.HttpParserCallbackError:
+            self._feeding = False
+            self._ready = None  # refused before anything of it went on
             refusal = self._too_large
             if refusal is not None:
                 self._refuse(refusal.status, refusal.reason)
@@ -221,8 +237,16 @@ class FrontProtocol(Front):
                 self._refuse(500, INTERNAL_ERROR)
             return
         except httptools.HttpParserError:
-            self._refuse(400, "malformed HTTP request")
+            self._feeding = False
+            if self._last_read:
+                self._start_ready()  # only the bytes behind a `Connection: close` request were refused
+                return
+            self._ready = None
+            self._refuse(400, MALFORMED_REQUEST)
             return
+        self._feeding = False
+        if self._ready is not None:
+            self._start_ready()
         if self.head_since is not None and self._heads_done == heads_done:
             # Still in the head this data started in: bound what the parser holds of it. (A head
             # that began behind one completed in the same data is counted from the next data on.)
@@ -303,9 +327,15 @@ class FrontProtocol(Front):
         if (len(name) + len(value) > limits.max_header_size or size > limits.max_head_size
                 or len(incoming.headers) >= limits.max_headers):
             self._over_limit(431, HEAD_TOO_LARGE)
+        if incoming.method:
+            return  # a chunked body's trailer field (the method is known once the head is): never a header
         lower = name.lower()
         incoming.headers.append((lower, name, value))
-        incoming.index.setdefault(lower, value)
+        index = incoming.index
+        known = len(index)
+        index.setdefault(lower, value)
+        if len(index) == known and lower in SINGLE_HEADER_NAMES and incoming.refusal is None:
+            incoming.refusal = self.lane.flow.repeated_header(lower.decode())
 
     def _over_limit(self, status: int, reason: str) -> None:
         self._too_large = refusal = RequestTooLarge(status, reason)
@@ -322,9 +352,14 @@ class FrontProtocol(Front):
         incoming.upgrade = parser.should_upgrade()
         index = incoming.index
         encoding = index.get(b"transfer-encoding")
-        # Every Transfer-Encoding field counts ("gzip" then "chunked" is chunked to llhttp), not the first.
-        incoming.chunked = encoding is not None and any(
-            lower == b"transfer-encoding" and b"chunked" in value.lower() for lower, _, value in incoming.headers)
+        if encoding is not None:
+            # Every Transfer-Encoding field counts ("gzip" then "chunked" is chunked to llhttp).
+            codings = [value.decode("latin-1") for lower, _, value in incoming.headers if lower == b"transfer-encoding"]
+            try:
+                self.lane.flow.check_transfer_encoding(codings)
+            except Denied as denied:
+                incoming.refusal = incoming.refusal or denied
+            incoming.chunked = True
         length = index.get(b"content-length")
         incoming.length = int(length) if length is not None and not incoming.chunked else None
         max_body = self.lane.limits.max_body_size
@@ -332,7 +367,7 @@ class FrontProtocol(Front):
             self._over_limit(413, BODY_TOO_LARGE)
         if self.bridge is not None:
             self.bridge.send_head(incoming)
-        elif self.exchange is None and not self.queue:
+        elif self.exchange is None and self._ready is None and not self.queue:
             self._start(incoming)
         else:
             self.queue.append(incoming)  # pipelined: served when the ones before it are
@@ -359,16 +394,29 @@ class FrontProtocol(Front):
         incoming = self.incoming
         assert incoming is not None
         incoming.complete = True
+        if not incoming.keep_alive and not incoming.upgrade:
+            self._last_read = True
         if incoming.target is not None:
             incoming.target.request_done()
         self.incoming = None
 
     # -- serving ---------------------------------------------------------------------------------
 
+    def _start_ready(self) -> None:
+        incoming, self._ready = self._ready, None
+        if incoming is not None:
+            self._start(incoming)
+
     def _start(self, incoming: Incoming) -> None:
         if self._closing:
             return  # requests parsed after the reply that ends the connection are not served
+        if self._feeding:
+            self._ready = incoming  # the rest of the data may still make the parser refuse it
+            return
         self.idle_since = None
+        if incoming.refusal is not None:
+            self._refuse_request(incoming, incoming.refusal)
+            return
         index = incoming.index
         shared = self.lane.shared
         if shared.flow is not self.flow:  # reloaded since this connection's last request
@@ -376,8 +424,14 @@ class FrontProtocol(Front):
         if incoming.url.startswith(shared.decision_path) and shared.flow.is_decision(incoming.url.decode("latin-1")):
             self._decide(incoming)
             return
-        if (incoming.method not in FAST_METHODS or incoming.version != "1.1" or incoming.upgrade
+        if (incoming.method not in self.lane.fast_methods or incoming.version != "1.1" or incoming.upgrade
                 or not incoming.url.startswith(b"/") or any(name in index for name in SLOW_HEADERS)):
+            try:
+                self.lane.flow.check_request_line(incoming.method.decode("latin-1"),
+                                                  incoming.url.decode("latin-1"), incoming.version)
+            except Denied as denied:
+                self._refuse_request(incoming, denied)
+                return
             self.hand_over(incoming)
             return
         self.exchange = Exchange(self, self.lane.shared, incoming)
@@ -433,6 +487,17 @@ class FrontProtocol(Front):
         else:
             self.raw_backlog.append(data)  # an upgrade pipelined behind a fast request
             self.pause("pipeline")
+
+    def _refuse_request(self, incoming: Incoming, denied: Denied) -> None:
+        """A request refused before any of it went on: answered, and the connection ends (what
+        follows it on the stream cannot be trusted to be framed as it was meant)."""
+        self.queue.clear()
+        self.write(error_bytes(self.lane.flow, denied.status, denied.reason, denied.headers, b"",
+                               self.lane.shared.date(), close=True))
+        if incoming.complete:
+            self.close()
+        else:
+            self.linger()
 
     def _refuse(self, status: int, reason: str) -> None:
         """The byte stream cannot be read any further: answer if nothing else is, then close."""

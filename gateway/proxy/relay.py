@@ -3,13 +3,16 @@ WebSockets. What is dropped and added is the flow's (`RequestFlow`); 502/504 on 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import httptools
 from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -17,6 +20,7 @@ from gateway.config import ProxySettings
 from gateway.counters import Buckets
 from gateway.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied
 from gateway.proxy.flow import CORS_PREFIX, HOP_BY_HOP
+from gateway.proxy.upstream import UnaskedReply
 
 log = logging.getLogger("gateway.proxy.relay")
 WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
@@ -61,6 +65,91 @@ def body_size(request: web.Request, response: web.StreamResponse) -> int:
     return 0
 
 
+class _Boundaries:
+    """A second llhttp parser beside aiohttp's, for where replies end: aiohttp does not say
+    whether bytes followed the last one in the same read (it keeps a partial one silently)."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.ended = False  # the reply asked for is complete
+
+    def on_message_begin(self) -> None:
+        if self.ended:
+            raise UnaskedReply
+
+    def on_message_complete(self) -> None:
+        if self.parser.get_status_code() >= 200:  # 1xx: the real reply follows
+            self.ended = True
+
+
+class PoolGuardedHandler(ResponseHandler):
+    """aiohttp's client protocol, never pooled once the upstream sent a byte no request asked
+    for: aiohttp would keep those bytes and hand them to the next request as its reply."""
+
+    pooled = False
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._boundaries = _Boundaries()
+        self._unsure = False  # where replies end is unknown (the shadow parser gave up): not pooled
+
+    def set_response_params(self, **kwargs: Any) -> None:
+        super().set_response_params(**kwargs)
+        self._boundaries.ended = False
+        if kwargs.get("skip_payload"):
+            self._unsure = True  # a HEAD's reply has a length and no body: only aiohttp knows
+
+    @property
+    def should_close(self) -> bool:
+        return self._unsure or bool(ResponseHandler.should_close.fget(self))  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if data:  # aiohttp calls it with b"" itself, to resume decompression
+            if self.pooled:
+                log.warning("upstream sent %d bytes no request asked for; connection closed", len(data))
+                self.close()
+                return
+            if not self._unsure:
+                try:
+                    self._boundaries.parser.feed_data(data)
+                except httptools.HttpParserUpgrade:
+                    self._unsure = True
+                except httptools.HttpParserError:
+                    if self._boundaries.ended:
+                        log.warning("upstream sent bytes after the reply asked for; connection not reused")
+                    self._unsure = True
+        super().data_received(data)
+
+
+class UpstreamConnector(aiohttp.TCPConnector):
+    """A `TCPConnector` whose pooled connections are `PoolGuardedHandler`s, marked while idle."""
+
+    def __init__(self, pool_timeout: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._factory = functools.partial(PoolGuardedHandler, loop=self._loop)  # type: ignore[assignment]
+        self._pool_timeout = pool_timeout
+
+    async def _wait_for_available_connection(self, key: Any, traces: Any) -> None:
+        # As on the fast path: the wait for a free connection is bounded by `pool_timeout` alone.
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await super()._wait_for_available_connection(key, traces)
+        except TimeoutError:
+            raise aiohttp.ConnectionTimeoutError("no upstream connection became free in time") from None
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:  # noqa: ASYNC109 (aiohttp's signature)
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        if isinstance(protocol, PoolGuardedHandler):
+            protocol.pooled = False
+        return connection
+
+    def _release(self, key: Any, protocol: ResponseHandler, *, should_close: bool = False) -> None:
+        super()._release(key, protocol, should_close=should_close)
+        if isinstance(protocol, PoolGuardedHandler):
+            protocol.pooled = True  # back in the pool, or closed: either way nothing more is read
+
+
 class Proxy:
     """`drop`: what the flow never forwards from a request (`RequestFlow.request_drop`); `latency`:
     where the time to the upstream reply's head is counted (`RequestFlow.upstream_latency`)."""
@@ -79,9 +168,11 @@ class Proxy:
     def request_headers(self, incoming: CIMultiDictProxy[str], extra: list[tuple[str, str]]) -> CIMultiDict[str]:
         named = connection_tokens(incoming)
         headers: CIMultiDict[str] = CIMultiDict()
+        drop = self._drop
         for name, value in incoming.items():
             lower = name.lower()
-            if lower not in named and lower not in self._drop:
+            # `_` too: a WSGI/CGI upstream files X_Token_Id under the same name as X-Token-Id.
+            if lower not in named and lower not in drop and lower.replace("_", "-") not in drop:
                 headers.add(name, value)
         headers.update(extra)
         return headers

@@ -59,12 +59,17 @@ class _Spent:
     """What the parser of a closed connection is bound to (it is never fed)."""
 
 
+class UnaskedReply(Exception):
+    """Raised from the parser: bytes follow the reply that was asked for."""
+
+
 SPENT_RESPONSE_PARSER = httptools.HttpResponseParser(_Spent())
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_closed",
+        "_finished",
         "_head_done",
         "_headers",
         "_informational",
@@ -108,6 +113,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reusable = True
         self._request_sent = False
         self._last_active = 0.0
+        self._finished = False  # the reply asked for ended within the data being parsed
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -152,12 +158,24 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.sink is None:
+            # Idle in the pool, or given up: no reply was asked for, and the next request must
+            # never read these bytes as its own.
+            log.warning("upstream sent %d bytes no request asked for; connection closed", len(data))
+            self._close()
+            return
         self._last_active = self._loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            log.warning("upstream sent an invalid HTTP reply; connection closed")
-            self._fail(False)
+            if not self._finished:
+                log.warning("upstream sent an invalid HTTP reply; connection closed")
+                self._fail(False)
+                return
+            log.warning("upstream sent bytes after the reply asked for; connection closed")
+            self._reusable = False
+        if self._finished:
+            self._complete()  # only now: the parser has seen everything in this data
             return
         sink = self.sink
         if sink is not None:
@@ -188,6 +206,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.resume_upload()
 
     # -- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._finished:
+            raise UnaskedReply  # a second reply for one request: stop before any of it is read
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -235,7 +257,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is None:
             self._reusable = False  # an unrequested reply: the stream is out of step
             return
-        self._complete()
+        self._finished = True  # completed by data_received once the parser has returned
 
     # -- outcomes --------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import Denied
-from gateway.policy.paths import INVALID_PATH, checked_path, forwarded_path
+from gateway.policy.paths import INVALID_PATH, OwnPaths, checked_path, forwarded_path
 
 
 @pytest.mark.parametrize(
@@ -196,3 +196,33 @@ def test_checked_path_refuses_or_returns_the_intended_path(
     assert all(segment not in ("", ".", "..") for segment in inner[:-1])
     assert inner[-1] not in (".", "..")
     assert "%" not in result and ";" not in result and "\\" not in result
+
+
+# -- the gateway's own prefixes, in every spelling a lenient upstream reads as them ------------------
+
+OWN = OwnPaths(("/platform/", "/auth/", "/platform/", "/auth/info", "/_gateway/"))
+
+
+@pytest.mark.parametrize("path", [
+    "/Platform/tokens", "/PLATFORM/tokens", "/AUTH/info", "/Auth/info", "/platform./x", "/platform.json",
+    "/platform /x", "/Platform", "/AUTH", "/auth.", "/Auth/Info/x",
+    "/platform~1/x", "/platform::$DATA/x", "/\uff50latform/tokens", "/_Gateway/health", "/_gateway.",
+])
+def test_lookalikes_of_own_prefixes(path: str) -> None:
+    assert OWN.lookalike(path)
+
+
+@pytest.mark.parametrize("path", [
+    "/platform/tokens", "/auth/info", "/auth/anything", "/_gateway/health", "/gw/devices", "/", "/platforms/x",
+    "/platform-v2/x", "/authors", "/gw/platform/tokens", "/x/auth/info", "/.json", "/platform", "/auth",
+])
+def test_own_and_unrelated_paths_are_no_lookalikes(path: str) -> None:
+    assert not OWN.lookalike(path)
+
+
+@given(st.sampled_from(["platform", "auth", "_gateway"]),
+       st.sampled_from(["", ".", "..json", ".json", " ", "~1", ":x"]), st.text(alphabet="abcxyz/", max_size=8))
+def test_any_case_and_suffix_of_an_own_head_is_caught(head: str, suffix: str, rest: str) -> None:
+    spelled = "".join(char.upper() if index % 2 else char for index, char in enumerate(head)) + suffix
+    path = "/" + spelled + "/" + rest
+    assert OWN.lookalike(path) or path.startswith(OWN.under) or path in OWN.exact

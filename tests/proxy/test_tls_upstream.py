@@ -26,6 +26,12 @@ from support.servers import Upstream, free_port, running_upstream
 ORIGIN = {"Origin": "https://page.example"}  # a request with Origin is served by the aiohttp path
 
 
+
+@pytest.fixture
+def front() -> str:
+    """These tests reach both proxy paths themselves (Origin sends a request to aiohttp) and count them."""
+    return "fast"
+
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
