@@ -9,8 +9,9 @@ import asyncio
 import logging
 import os
 import ssl
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -42,7 +43,7 @@ from gateway.store.accounts import CHANGED_MESSAGE, AccountDirectory, AccountSto
 from gateway.store.cache import TokenCache
 from gateway.store.resp import RespClient, lean_client
 from gateway.store.tokens import TokenStore, connect_redis
-from gateway.tokens import Token, key_digest
+from gateway.tokens import Token, key_digest, new_key
 from gateway.writers.accessed import AccessedWriter
 from gateway.writers.housekeeping import Housekeeper
 from gateway.writers.logs import FileSink, LogWriter
@@ -52,7 +53,7 @@ from gateway.writers.usage import UsageMeter
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from gateway.store.embedded import Snapshotter
+    from gateway.store.embedded import EmbeddedStore
 
 log = logging.getLogger("gateway")
 
@@ -178,26 +179,50 @@ CORS = web.AppKey("cors", CorsPolicy)
 BOOTSTRAP_EXPIRE = 4102444800  # 2100-01-01: a token must have ttl or expire (docs/tokens.md)
 
 
+def master_record(token_id: int, digest: str, info: str) -> dict[str, Any]:
+    return {"id": token_id, "digest": digest, "info": info, "enabled": True, "access": {"type": 1},
+            "expire": BOOTSTRAP_EXPIRE, "ttl": 0, "created": int(time.time()), "accessed": 0, "ips": "",
+            "origins": "*", "cid": 0, "metadata": {}}
+
+
 async def bootstrap_master(store: TokenStore, key: str) -> None:
     """Make the configured key a master token unless it exists (safe from several instances)."""
     digest = key_digest(key)
     if await store.load(digest) is None:
         [token_id] = await store.allocate_ids(1)
-        record = {"id": token_id, "digest": digest, "info": "bootstrap master token", "enabled": True,
-                  "access": {"type": 1}, "expire": BOOTSTRAP_EXPIRE, "ttl": 0, "created": int(time.time()),
-                  "accessed": 0, "ips": "", "origins": "*", "cid": 0, "metadata": {}}
-        if await store.insert_if_absent(record):
+        if await store.insert_if_absent(master_record(token_id, digest, "bootstrap master token")):
             log.info("bootstrap master token created with id %d", token_id)
     await store.publish([digest])  # drop "no such token" answers cached before it existed
 
 
-async def _keep_bootstrapping(store: TokenStore, key: str) -> None:
+async def first_master(store: TokenStore, announce: Callable[[int, str], None]) -> None:
+    """A store that never held a token, started with no bootstrap key, gets a master token whose
+    key is handed to `announce`, once: a restart finds `next_id` and makes nothing."""
+    key = new_key()
+    digest = key_digest(key)
+    if await store.insert_first(master_record(1, digest, "first master token")):
+        log.info("first master token created with id 1 (its key is shown once, on the console)")
+        announce(1, key)
+        await store.publish([digest])
+
+
+def announce_key(token_id: int, key: str) -> None:
+    """On the console, never through logging: log handlers may write to files and collectors."""
+    sys.stderr.write(
+        f"\ngateway: this store had no tokens, so master token {token_id} was created. Its key, shown only now:\n\n"
+        f"    {key}\n\n"
+        "Keep it: manage tokens with it (GATEWAY_MASTER_TOKEN for `gateway token ...`, or the panel at\n"
+        "/_gateway/panel/). A restart creates no other.\n\n")
+    sys.stderr.flush()
+
+
+async def _keep_trying(name: str, job: Callable[[], Awaitable[None]]) -> None:
     while True:
         try:
-            await bootstrap_master(store, key)
+            await job()
             return
         except Exception as exc:
-            log.warning("bootstrap master token not yet created (%s); retrying", exc)
+            log.warning("%s not yet created (%s); retrying", name, exc)
             await asyncio.sleep(1.0)
 
 
@@ -213,25 +238,23 @@ def open_session(settings: Settings, upstream_tls: ssl.SSLContext) -> aiohttp.Cl
 
 
 async def services(app: web.Application, settings: Settings) -> AsyncIterator[None]:
-    snapshotter: Snapshotter | None = None
+    embedded: EmbeddedStore | None = None
     lean: RespClient | None = None
     lean_loads: RespClient | None = None
     client: Redis
     if settings.redis.embedded:
         from gateway.store.embedded import open_embedded  # fakeredis: imported only when it is used
-        client, snapshotter = open_embedded(settings.redis.data_file)
-        loaded = await snapshotter.load()
-        log.info("embedded store: %d keys loaded from %s", loaded, settings.redis.data_file)
+        embedded = open_embedded(settings.redis.data_file)
+        client = embedded.client
     else:
         client = connect_redis(settings.redis)
         lean = lean_client(settings.redis.url, settings.redis.socket_timeout, settings.redis.connect_timeout)
         lean_loads = lean_client(settings.redis.url, settings.redis.socket_timeout, settings.redis.connect_timeout)
     prefix = settings.redis.key_prefix
     store, accounts = TokenStore(client, prefix, lean, lean_loads), AccountStore(client, prefix)
-    if snapshotter is not None:
+    if embedded is not None:
         for persisted in (store, accounts):
-            persisted.after_change = snapshotter.save
-            persisted.after_touch = snapshotter.mark_dirty
+            persisted.after_change = embedded.sync  # an API change is on disk before it is answered
     sink = None if settings.log.path == "off" else FileSink(settings.log.path)
     logs = LogWriter(settings.log, [sink] if sink else [])
     token_logs = RedisLogSink(store, settings.token_logs) if settings.token_logs.enabled else None
@@ -255,15 +278,18 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         cache.run_subscriber(), built.accessed.run(), logs.run(), built.usage.run(), built.housekeeper.run(),
         directory.run(settings.cache.refresh_interval),
     ]
-    if snapshotter is not None:
-        jobs.append(snapshotter.run())
-    if settings.bootstrap_master_token:
-        # Usable as soon as the port opens; only if the store is away does it wait in background.
-        try:
-            await bootstrap_master(store, settings.bootstrap_master_token)
-        except Exception as exc:
-            log.warning("bootstrap master token not yet created (%s); retrying in background", exc)
-            jobs.append(_keep_bootstrapping(store, settings.bootstrap_master_token))
+    if embedded is not None:
+        jobs.append(embedded.run())
+    # Usable as soon as the port opens; only if the store is away does it wait in background.
+    master_key = settings.bootstrap_master_token
+    make_master: tuple[str, Callable[[], Awaitable[None]]] = (
+        ("bootstrap master token", partial(bootstrap_master, store, master_key)) if master_key else
+        ("first master token", partial(first_master, store, announce_key)))
+    try:
+        await make_master[1]()
+    except Exception as exc:
+        log.warning("%s not yet created (%s); retrying in background", make_master[0], exc)
+        jobs.append(_keep_trying(*make_master))
     tasks = [asyncio.ensure_future(job) for job in jobs]
     try:
         yield
@@ -276,12 +302,13 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         if sink is not None:
             sink.close()
         await built.session.close()
-        if snapshotter is not None:
-            await snapshotter.save()
         for connection in (lean, lean_loads):
             if connection is not None:
                 await connection.close()
-        await client.aclose()
+        if embedded is not None:
+            await embedded.close()  # the journal's last frames, then the lock goes
+        else:
+            await client.aclose()
 
 
 async def _quietly(job: Coroutine[Any, Any, None]) -> None:

@@ -82,7 +82,10 @@ def check_startup(settings: Settings) -> None:
     """What would still stop a start after the file parsed: the port, the embedded store's file."""
     check_listen(settings.listen, reuse_port=settings.workers > 1)
     if settings.redis.embedded:
+        from gateway.store.embedded import check_files  # fakeredis: imported only when it is used
+
         check_snapshot(settings.redis.data_file)
+        check_files(settings.redis.data_file)
 
 
 def check_listen(listen: ListenSettings, reuse_port: bool) -> None:
@@ -145,4 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from gateway.server import run
 
-    return run(settings)
+    try:
+        return run(settings)
+    except ConfigError as exc:  # found only once the process takes what it needs (the store's lock)
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
