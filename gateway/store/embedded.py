@@ -209,9 +209,13 @@ class Direct:
         self.server = server
         self.socket = FakeSocket(server, 0, client_class=redis.Redis)  # a plain socket: journals nothing
         self.failed = 0
+        self._commands: dict[str, tuple[Any, Any]] = {}
 
     def run(self, when: float, name: str, args: Sequence[bytes]) -> Any:
-        func, signature = self.socket._name_to_func(name)
+        found = self._commands.get(name)
+        if found is None:
+            found = self._commands[name] = self.socket._name_to_func(name)
+        func, signature = found
         with self.server.lock:
             self.server.dbs[0].time = when
             result = self.socket._run_command(func, signature, list(args), False)
@@ -508,6 +512,7 @@ class EmbeddedStore:
         self.snapshot_size = snapshot_size
         self.client = fakeredis.FakeAsyncRedis(server=server, connection_class=JournalingConnection)
         self.compactions = 0
+        self._compaction: asyncio.Task[bool] | None = None
         self._closed = False
 
     async def sync(self) -> None:
@@ -527,17 +532,28 @@ class EmbeddedStore:
                 or len(closed) >= COMPACT_AFTER_SEGMENTS)
 
     async def run(self) -> None:
-        """Background writes reach the disk every SYNC_INTERVAL; compaction when the journal has grown."""
+        """Background writes reach the disk every SYNC_INTERVAL; a compaction starts beside them when
+        the journal has grown (it may take a while: the syncs go on meanwhile)."""
         while True:
             await asyncio.sleep(SYNC_INTERVAL)
             try:
                 await self.journal.sync()
-                if self.should_compact():
-                    await self.compact()
             except StoreUnavailable:
-                pass  # logged once where it happened; every change is refused meanwhile
+                continue  # logged once where it happened; every change is refused meanwhile
             except Exception:
-                log.exception("embedded store: background save failed")
+                log.exception("embedded store: background sync failed")
+                continue
+            if (self._compaction is None or self._compaction.done()) and self.should_compact():
+                self._compaction = asyncio.ensure_future(self._compact_quietly())
+
+    async def _compact_quietly(self) -> bool:
+        try:
+            return await self.compact()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("embedded store: compaction failed")
+            return False
 
     async def compact(self) -> bool:
         """Fold the finished segments into a new snapshot, in a child process (the event loop goes on
@@ -577,6 +593,10 @@ class EmbeddedStore:
         if self._closed:
             return
         self._closed = True
+        if self._compaction is not None and not self._compaction.done():
+            self._compaction.cancel()  # the child is killed; the snapshot is replaced whole or not at all
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._compaction
         try:
             await self.journal.close()
         finally:

@@ -251,7 +251,7 @@ async def test_kill_9_during_creation_loses_no_acknowledged_token(
             info = f"w{worker}-{serial}-{rng.random()}"
             try:
                 async with session.post(f"{url}/platform/tokens", headers=AUTH,
-                                        json=[{"ttl": 3600, "info": info}, {"ttl": 60, "info": info + "b"}]) as reply:
+                                        json=[{"ttl": 3600, "info": info}, {"ttl": 7200, "info": info + "b"}]) as reply:
                     if reply.status != 200:
                         continue
                     body = await reply.json()
