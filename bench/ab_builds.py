@@ -11,6 +11,7 @@ drift falls on both alike. Prints each round, the medians and B / A.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from harness.procs import free_port, wait_for_port  # bench/ is the script's own directory
@@ -28,8 +30,10 @@ HERE = Path(__file__).resolve().parent
 MASTER = "A" * 64
 
 
-def start_gateway(python: str, upstream: int, redis_port: int, work: Path,
-                  name: str) -> tuple[subprocess.Popen[bytes], int, str]:
+def start_gateway(python: str, upstream: int, redis_port: int, work: Path, name: str,
+                  wrapper: list[str] | None = None, timeout: float = 30) -> tuple[subprocess.Popen[bytes], int, str]:
+    """Build `name`'s gateway (one worker, one cached token): its process, port and token key.
+    `wrapper` goes before the command (bench/instructions.py runs it under valgrind)."""
     port = free_port()
     config = work / f"{name}.yaml"
     config.write_text(json.dumps({
@@ -38,16 +42,16 @@ def start_gateway(python: str, upstream: int, redis_port: int, work: Path,
         "log": {"path": "off"},
         "bootstrap_master_token": MASTER}))
     checkout = Path(python).absolute().parents[2] if ".venv" in python else HERE.parent  # <checkout>/.venv/bin/python
-    process = subprocess.Popen([python, "-m", "gateway", "--config", str(config)], cwd=checkout,
+    process = subprocess.Popen([*(wrapper or []), python, "-m", "gateway", "--config", str(config)], cwd=checkout,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port, process, timeout=30)
+    wait_for_port(port, process, timeout=timeout)
     request = urllib.request.Request(f"http://127.0.0.1:{port}/platform/tokens", method="POST",
                                      data=json.dumps([{"ttl": 3600}]).encode(),
                                      headers={"Authorization": f"FlespiToken {MASTER}"})
-    with urllib.request.urlopen(request, timeout=10) as reply:
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
         key = json.loads(reply.read())["result"][0]["key"]
     with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/_gateway/health"),
-                                timeout=10) as reply:
+                                timeout=timeout) as reply:
         kind = json.loads(reply.read())["result"][0]["fast_path"]
     print(f"{name}: {python} ({kind})", flush=True)
     return process, port, str(key)
@@ -68,6 +72,25 @@ def upstream_process(port: int, work: Path) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+@contextlib.contextmanager
+def backends(work: Path) -> Iterator[tuple[int, int, list[subprocess.Popen[bytes]]]]:
+    """The upstream and the redis-server both builds share: their ports, and the list of processes
+    to stop at the end (a caller adds its gateways to it)."""
+    upstream_port, redis_port = free_port(), free_port()
+    processes = [upstream_process(upstream_port, work),
+                 subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        wait_for_port(upstream_port, processes[0])
+        wait_for_port(redis_port, processes[1])
+        yield upstream_port, redis_port, processes
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(60)
+
+
 def wrk(port: int, key: str, seconds: float) -> float:
     output = subprocess.run(["wrk", "-t1", "-c50", f"-d{max(1, round(seconds))}s",
                              "-H", f"Authorization: FlespiToken {key}", f"http://127.0.0.1:{port}/hot"],
@@ -86,13 +109,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gw-ab-"))
-    upstream_port, redis_port = free_port(), free_port()
-    processes = [upstream_process(upstream_port, work),
-                 subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        wait_for_port(upstream_port, processes[0])
-        wait_for_port(redis_port, processes[1])
+    with backends(work) as (upstream_port, redis_port, processes):
         builds = {}
         for name, python in (("A", args.a), ("B", args.b)):
             process, port, key = start_gateway(python, upstream_port, redis_port, work, name)
@@ -104,11 +121,6 @@ def main() -> int:
                 wrk(port, key, 2)  # warm-up
                 results[name].append(wrk(port, key, args.duration))
                 print(f"  {name}: {results[name][-1]:,.0f} req/s", flush=True)
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            process.wait(30)
     a, b = statistics.median(results["A"]), statistics.median(results["B"])
     print(f"median A {a:,.0f} req/s, B {b:,.0f} req/s, B / A = {b / a:.3f}")
     return 0

@@ -8,9 +8,10 @@ from typing import Any
 import orjson
 
 from gateway.config import Settings
-from gateway.policy.acl import compile_acl, load_group_members, parse_uri_patterns
+from gateway.policy.acl import compile_acl, parse_uri_patterns
 from gateway.policy.ipmask import compile_ip_masks
 from gateway.policy.origins import compile_origins
+from gateway.store.groups import load_group_members
 from gateway.store.tokens import RedisStore
 from gateway.tokens import TOKEN_TYPES, Token, TokenType
 
@@ -80,4 +81,4 @@ class TokenCompiler:
         return token
 
     async def _group_members(self, token: Token) -> dict[str, frozenset[int]]:
-        return await self._store.call(lambda: load_group_members(self._store.client, self._store.prefix, token.acl))
+        return await self._store.call(lambda: load_group_members(self._store.client, self._store.keys, token.acl))

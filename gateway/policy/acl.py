@@ -17,16 +17,15 @@ Decisions the public material leaves open (validation's own are listed in its mo
 - The `all` rewrite lists every permitted id, so an entry with a very large id list (or group)
   makes a long upstream URL; that is the price of the upstream never seeing an unpermitted item.
 
-Group membership (`"ids": "in-groups"`) is kept in Redis by the upstream application: the set
-`{prefix}group:{group_id}:{uri}` holds the ids of the items of `uri` that belong to group
-`group_id`, and the set `{prefix}groups` lists every group id (read when the token reaches
-`"all"` groups). A token reaches the groups named by its own `gw/groups` entries.
+Group membership (`"ids": "in-groups"`) is kept in Redis by the upstream application and read by
+`store/groups.py` when a token is loaded; here it is only matched against. A token reaches the
+groups named by its own `gw/groups` entries.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from gateway.errors import Denied
 from gateway.policy.acl_validation import (
@@ -48,8 +47,6 @@ __all__ = [
     "UriPattern",
     "acl_problems",
     "compile_acl",
-    "group_members_key",
-    "load_group_members",
     "parse_uri_patterns",
 ]
 
@@ -369,52 +366,3 @@ def _all_permitted(selector: str, ids: frozenset[int], extra: frozenset[int]) ->
         if item not in ids and item not in extra:
             return False
     return True
-
-
-# --- group membership -------------------------------------------------------------------------
-
-
-def group_members_key(prefix: str, group_id: int, uri: str) -> str:
-    """The Redis set holding the ids of the items of `uri` that belong to group `group_id`."""
-    return f"{prefix}group:{group_id}:{uri}"
-
-
-async def load_group_members(redis: Any, prefix: str, acl: CompiledAcl) -> dict[str, frozenset[int]]:
-    """Read the members of every group the token reaches, per uri that needs them, in one pipeline."""
-    uris = acl.groups_needed()
-    if uris is None:
-        return {}
-    groups = await _reachable_group_ids(redis, prefix, acl)
-    keys = [(uri, group_members_key(prefix, group, uri)) for group in sorted(groups) for uri in uris]
-    replies = await _smembers_all(redis, [key for _, key in keys]) if keys else []
-    found: dict[str, set[int]] = {uri: set() for uri in uris}
-    for (uri, _), reply in zip(keys, replies, strict=True):
-        found[uri] |= _member_ids(reply)
-    return {uri: frozenset(ids) for uri, ids in found.items()}
-
-
-async def _reachable_group_ids(redis: Any, prefix: str, acl: CompiledAcl) -> frozenset[int]:
-    reachable = acl.reachable_groups()
-    if isinstance(reachable, frozenset):
-        return reachable
-    if reachable is None:
-        return _NO_IDS
-    return _member_ids(await redis.smembers(f"{prefix}groups"))
-
-
-async def _smembers_all(redis: Any, keys: list[str]) -> list[Iterable[bytes | str]]:
-    async with redis.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.smembers(key)
-        replies: list[Iterable[bytes | str]] = await pipe.execute()
-    return replies
-
-
-def _member_ids(members: Iterable[bytes | str]) -> frozenset[int]:
-    """Set members as ids; anything that is not a positive decimal id is ignored, never granted."""
-    ids: set[int] = set()
-    for member in members:
-        text = member.decode("ascii", "replace") if isinstance(member, bytes) else member
-        if text.isascii() and text.isdigit() and text[0] != "0":
-            ids.add(int(text))
-    return frozenset(ids)

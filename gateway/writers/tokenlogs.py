@@ -1,7 +1,7 @@
 """Recent log records kept in Redis per token and per account, for the logs API.
 
-`{gw}:logs:tok:<id>` and `{gw}:logs:acct:<cid>` are lists of JSON records, oldest first, trimmed
-to the configured caps; a Lua script (`LOG_PUSH`) appends to up to 64 lists in one call. The
+`logs:tok:<id>` and `logs:acct:<cid>` (`store/keys.py`) are lists of JSON records, oldest first, trimmed
+to the configured caps; a Lua script (`LOG_PUSH`, in `store/scripts.py`) appends to up to 64 lists in one call. The
 sink receives batches from the one LogWriter; a batch that cannot be written (Redis away) is kept
 and retried with the next one, up to `max_retained` records.
 """
@@ -14,31 +14,13 @@ import orjson
 
 from gateway.config import TokenLogSettings
 from gateway.errors import StoreUnavailable
+from gateway.store.scripts import LOG_PUSH
 from gateway.store.tokens import RedisStore
 
 PUSH_CHUNK = 512  # lines per list and LOG_PUSH call
 # Per LOG_PUSH call (one round trip), for ~0.5 ms of Redis time at most: token loads queue behind it.
 CALL_LINES = 1024
 CALL_KEYS = 64
-# KEYS: lists; ARGV, for each key in turn: its cap, how many lines, the lines. RPUSH answers the
-# list's length, so only a list past its cap is trimmed. unpack() goes 500 lines at a time: Lua's
-# C stack holds some 8,000 values.
-LOG_PUSH = """
-local at = 1
-for i = 1, #KEYS do
-  local cap, n = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
-  local first, last, length = at + 2, at + 1 + n, 0
-  for s = first, last, 500 do
-    length = redis.call('RPUSH', KEYS[i], unpack(ARGV, s, math.min(s + 499, last)))
-  end
-  if length > cap then
-    redis.call('LTRIM', KEYS[i], -cap, -1)
-  end
-  at = last + 1
-end
-return #KEYS
-"""
-
 
 class RedisLogSink:
     """Lines are grouped by list as they come (`add`) and written with one pipeline per batch
@@ -56,10 +38,10 @@ class RedisLogSink:
         self._push = store.script(LOG_PUSH)
 
     def token_key(self, token_id: int) -> str:
-        return f"{self._store.prefix}logs:tok:{token_id}"
+        return self._store.keys.token_logs(token_id)
 
     def account_key(self, cid: int) -> str:
-        return f"{self._store.prefix}logs:acct:{cid}"
+        return self._store.keys.account_logs(cid)
 
     def add(self, records: list[dict[str, Any]], lines: list[bytes]) -> None:
         pending, caps = self._pending, self._caps

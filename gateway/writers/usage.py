@@ -1,13 +1,13 @@
 """Usage blocking: per account and window, count API calls and traffic across every instance.
 
 Requests only bump in-process counters. Every `flush_interval` a Lua script (`USAGE_ADD`, one
-call per 128 tokens) adds them to `{gw}:usage:<window>:<account>` (hash `c:<token>` calls,
+call per 128 tokens) adds them to `usage:<window>:<account>` (hash `c:<token>` calls,
 `b:<token>` bytes); then one pipeline reads back the totals of the accounts this instance served,
 and the set of blocked tokens. Counts of an account with no limit are held in process for the
 current window instead, and written only if a limit comes before the window ends. Over a limit,
-the heaviest tokens are blocked until the rest fit (`HSETNX {gw}:blocked:<window>` makes the block,
+the heaviest tokens are blocked until the rest fit (`HSETNX blocked:<window>` makes the block,
 and its event 20, happen once whichever instance sees it first); at the next window they work
-again and event 21 is logged once (`HSETNX {gw}:unblocked:<window>`).
+again and event 21 is logged once (`HSETNX unblocked:<window>`; names in `store/keys.py`).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from gateway.aio import every
 from gateway.config import UsageSettings
 from gateway.errors import Denied, StoreUnavailable
 from gateway.store.accounts import AccountDirectory, Limits
+from gateway.store.scripts import USAGE_ADD
 from gateway.store.tokens import RedisStore
 from gateway.tokens import Token
 from gateway.writers.logs import LogWriter
@@ -67,23 +68,6 @@ HELD_SHIFT = 40  # no instance makes 2**40 calls with one token in a window
 HELD_CALLS = (1 << HELD_SHIFT) - 1
 # Tokens per USAGE_ADD call: ~0.5 ms of Redis time (512 held it for 2.5 ms, token loads queued behind).
 SCRIPT_TOKENS = 128
-# KEYS: usage hashes; ARGV[1]: seconds to keep them; then, for each key in turn, how many tokens,
-# and for each token its id, calls and bytes (added to the fields c:<id> and b:<id>).
-USAGE_ADD = """
-local keep, at = ARGV[1], 2
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  for _ = 1, tonumber(ARGV[at]) do
-    redis.call('HINCRBY', key, 'c:' .. ARGV[at + 1], ARGV[at + 2])
-    redis.call('HINCRBY', key, 'b:' .. ARGV[at + 1], ARGV[at + 3])
-    at = at + 3
-  end
-  at = at + 1
-  redis.call('EXPIRE', key, keep)
-end
-return #KEYS
-"""
-
 
 def parse_usage(raw: dict[bytes, bytes]) -> dict[int, tuple[int, int]]:
     usage: dict[int, list[int]] = {}
@@ -110,7 +94,7 @@ class UsageMeter:
         self._held_tokens = 0
         self._max_held = max_held
         self.blocked: dict[int, Block] = {}
-        self._prefix = store.prefix
+        self._keys = store.keys
         self._add = store.script(USAGE_ADD)
 
     def window(self, now: float) -> int:
@@ -217,7 +201,7 @@ class UsageMeter:
         by_hash: dict[str, list[tuple[int, int, int]]] = {}
         for entry in counts:
             win, cid, _ = entry
-            by_hash.setdefault(f"{self._prefix}usage:{win}:{cid}", []).append(entry)
+            by_hash.setdefault(self._keys.usage(win, cid), []).append(entry)
         rows = [(key, entry) for key, entries in by_hash.items() for entry in entries]
         done = 0
         try:
@@ -241,8 +225,8 @@ class UsageMeter:
         async def run() -> list[Any]:
             async with self._store.client.pipeline(transaction=False) as pipe:
                 for cid in accounts:
-                    pipe.hgetall(f"{self._prefix}usage:{window}:{cid}")
-                pipe.hgetall(f"{self._prefix}blocked:{window}")
+                    pipe.hgetall(self._keys.usage(window, cid))
+                pipe.hgetall(self._keys.blocked(window))
                 return await pipe.execute()
         replies = await self._store.call(run)
         return dict(zip(accounts, replies[:-1], strict=True)), replies[-1]
@@ -258,7 +242,7 @@ class UsageMeter:
             decisions.extend((cid, token_id, reason) for token_id, reason in chosen)
         if not decisions:
             return
-        key = f"{self._prefix}blocked:{window}"
+        key = self._keys.blocked(window)
 
         async def run() -> list[Any]:
             async with self._store.client.pipeline(transaction=False) as pipe:
@@ -282,7 +266,7 @@ class UsageMeter:
         async def run() -> list[Any]:
             async with self._store.client.pipeline(transaction=False) as pipe:
                 for token_id, block in ended:
-                    key = f"{self._prefix}unblocked:{self.window(block.until - 1)}"
+                    key = self._keys.unblocked(self.window(block.until - 1))
                     pipe.hsetnx(key, str(token_id), 1)
                     pipe.expire(key, self._settings.window * 3)
                 return await pipe.execute()

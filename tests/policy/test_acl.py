@@ -1,17 +1,11 @@
-"""Token ACLs: validation, compilation, matching, and group membership read from a real Redis."""
+"""Token ACLs: validation, compilation and matching (group membership is read in store/groups.py)."""
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
 import pytest
-import pytest_asyncio
-import redis.asyncio as aioredis
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -21,8 +15,6 @@ from gateway.policy.acl import (
     UriPattern,
     acl_problems,
     compile_acl,
-    group_members_key,
-    load_group_members,
     parse_uri_patterns,
 )
 from gateway.policy.paths import checked_path, forwarded_path
@@ -500,10 +492,6 @@ def test_members_do_not_widen_an_entry_that_is_not_in_groups() -> None:
     assert _decide(acl, "GET", "/gw/devices/all", members) == "/gw/devices/1"
 
 
-def test_group_members_key_layout() -> None:
-    assert group_members_key("{gw}:", 5, "gw/devices") == "{gw}:group:5:gw/devices"
-
-
 # --- uri patterns -----------------------------------------------------------------------------
 
 PATTERNS = parse_uri_patterns(
@@ -744,130 +732,3 @@ def test_a_malformed_acl_never_fails_compilation_nor_grants_by_accident(acl: lis
     if granted is not None:
         assert granted in (path, "/gw/devices/1/a")
         assert any(_grants_get_on_one(entry) for entry in acl)
-
-
-# --- group membership in a real Redis ---------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def redis_port() -> Iterator[int]:
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        _wait_for(port)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def _wait_for(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"redis-server did not start on port {port}")
-
-
-# Marked explicitly so these run whether pytest-asyncio is in strict or auto mode.
-@pytest_asyncio.fixture
-async def redis(redis_port: int) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis(port=redis_port)
-    await client.flushall()
-    yield client
-    await client.aclose()
-
-
-PREFIX = "{gw}:"
-
-
-async def _fill(client: aioredis.Redis) -> None:
-    await client.sadd(group_members_key(PREFIX, 5, "gw/devices"), 1, 2)
-    await client.sadd(group_members_key(PREFIX, 6, "gw/devices"), 3, "junk", "0", "-4", "07")
-    await client.sadd(group_members_key(PREFIX, 6, "gw/calcs"), 30)
-    await client.sadd(group_members_key(PREFIX, 7, "gw/devices"), 99)
-    await client.sadd(group_members_key(PREFIX, 8, "gw/devices"), 88)
-    await client.sadd("other:group:5:gw/devices", 77)
-    await client.sadd(f"{PREFIX}groups", 5, 8)
-
-
-@pytest.mark.asyncio
-async def test_members_of_the_reachable_groups(redis: aioredis.Redis) -> None:
-    await _fill(redis)
-    acl = compile_acl(
-        [
-            {"uri": "gw/groups", "methods": ["GET"], "ids": [5, 6]},
-            {"uri": "gw/devices", "methods": ["GET"], "ids": "in-groups"},
-            {"uri": "gw/calcs", "methods": ["GET"], "ids": "in-groups"},
-        ]
-    )
-    members = await load_group_members(redis, PREFIX, acl)
-    assert members == {"gw/devices": frozenset({1, 2, 3}), "gw/calcs": frozenset({30})}
-    assert acl.authorize("GET", "/gw/devices/all", members) == "/gw/devices/1,2,3"
-    with pytest.raises(Denied):
-        acl.authorize("GET", "/gw/devices/99", members)
-
-
-@pytest.mark.asyncio
-async def test_all_groups_are_listed_in_the_groups_set(redis: aioredis.Redis) -> None:
-    await _fill(redis)
-    acl = compile_acl([{**GROUPS, "ids": "all"}, {**GET, "ids": "in-groups"}])
-    assert await load_group_members(redis, PREFIX, acl) == {"gw/devices": frozenset({1, 2, 88})}
-
-
-@pytest.mark.asyncio
-async def test_decoded_replies_are_read_too(redis_port: int) -> None:
-    client = aioredis.Redis(port=redis_port, decode_responses=True)
-    try:
-        await client.flushall()
-        await _fill(client)
-        acl = compile_acl([GROUPS, {**GET, "ids": "in-groups"}])
-        assert await load_group_members(client, PREFIX, acl) == {"gw/devices": frozenset({1, 2})}
-    finally:
-        await client.aclose()
-
-
-@pytest.mark.asyncio
-async def test_no_reachable_group_means_no_members(redis: aioredis.Redis) -> None:
-    await _fill(redis)
-    assert await load_group_members(redis, PREFIX, compile_acl([{**GET, "ids": "in-groups"}])) == {
-        "gw/devices": frozenset()
-    }
-    await redis.delete(f"{PREFIX}groups")
-    acl = compile_acl([{**GROUPS, "ids": "all"}, {**GET, "ids": "in-groups"}])
-    assert await load_group_members(redis, PREFIX, acl) == {"gw/devices": frozenset()}
-
-
-@pytest.mark.asyncio
-async def test_nothing_is_read_when_no_entry_needs_groups() -> None:
-    class Untouchable:
-        def __getattr__(self, name: str) -> Any:
-            raise AssertionError(f"redis.{name} used")
-
-    assert await load_group_members(Untouchable(), PREFIX, compile_acl([GROUPS, GET])) == {}
-
-
-@pytest.mark.asyncio
-async def test_one_round_trip_for_explicit_groups(redis: aioredis.Redis) -> None:
-    await _fill(redis)
-    before = int((await redis.info("stats"))["total_commands_processed"])
-    acl = compile_acl([GROUPS, {**GROUPS, "ids": [6, 7]}, {**GET, "ids": "in-groups"}])
-    members = await load_group_members(redis, PREFIX, acl)
-    after = int((await redis.info("stats"))["total_commands_processed"])
-    assert members == {"gw/devices": frozenset({1, 2, 3, 99})}
-    assert after - before == 3 + 1  # one SMEMBERS per group, plus the first INFO itself

@@ -18,8 +18,8 @@ from gateway.auth.checks import RequestFacts
 from gateway.auth.compiler import TokenCompiler
 from gateway.config import CacheSettings, RedisSettings, Settings
 from gateway.errors import Denied, StoreUnavailable
-from gateway.policy.acl import group_members_key
 from gateway.store.cache import MAX_BATCH, TokenCache
+from gateway.store.keys import Keys
 from gateway.store.tokens import TokenStore, connect_redis
 from gateway.tokens import Token, TokenType, key_digest, new_key
 from gateway.writers.accessed import AccessedWriter
@@ -180,7 +180,7 @@ async def test_accessed_kept_by_earlier_builds_is_read_then_folded(env: Env) -> 
 
 
 async def test_acl_tokens_in_a_batch_get_their_group_members(env: Env) -> None:
-    await env.client.sadd(group_members_key(env.prefix, 5, "gw/devices"), 1, 2)
+    await env.client.sadd(Keys(env.prefix).group_members(5, "gw/devices"), 1, 2)
     acl = [{"uri": "gw/groups", "methods": ["GET"], "ids": [5]},
            {"uri": "gw/devices", "methods": ["GET"], "ids": "in-groups"}]
     with_groups = await env.add(3, access={"type": 2, "acl": acl})

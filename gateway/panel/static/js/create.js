@@ -2,7 +2,7 @@
 // full form; for the acting account or one of its subaccounts. The key is shown once.
 import {call} from "./api.js";
 import {button, checkbox, field, fill, h, uid} from "./dom.js";
-import {tokenFields} from "./form.js";
+import {submitFields, tokenFields} from "./form.js";
 import {prefs, session} from "./session.js";
 import {accountName, fail, go, isMaster, say, state} from "./ui.js";
 
@@ -88,17 +88,7 @@ function customForm(root) {
     h("div", {class: "actions"}, h("button", {type: "submit", class: "primary"}, "Create token"),
       button("Start from a template", () => offerTemplates(root), {id: "to-templates"}),
       h("a", {href: "#/tokens", class: "button"}, "Cancel")));
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    let body;
-    try {
-      body = fields.collect();
-    } catch (error) {
-      fail(error);
-      return;
-    }
-    await create(root, body, account.cid());
-  });
+  submitFields(form, fields, fail, (body) => create(root, body, account.cid()));
   fill(root, form);
   fields.focus();
 }

@@ -130,3 +130,21 @@ export function tokenFields(token) {
   };
   return {element, collect, focus: () => info.focus()};
 }
+
+/**
+ * On `form`'s submit: the fields' values go to `send(body)`; a value the form refuses is shown
+ * instead (`fail`) and nothing is sent.
+ */
+export function submitFields(form, fields, fail, send) {
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    let body;
+    try {
+      body = fields.collect();
+    } catch (error) {
+      fail(error);
+      return;
+    }
+    await send(body);
+  });
+}

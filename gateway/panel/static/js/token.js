@@ -2,7 +2,7 @@
 import {call, withData} from "./api.js";
 import {button, fill, h} from "./dom.js";
 import {EVENTS, lifetime, typeName, when} from "./format.js";
-import {tokenFields} from "./form.js";
+import {submitFields, tokenFields} from "./form.js";
 import {deniedBox, fail, go, say} from "./ui.js";
 
 const REFRESH_MS = 3000;
@@ -49,15 +49,7 @@ function settingsView(root, token, title) {
   const form = h("form", {class: "card token-form"}, facts, fields.element,
     h("div", {class: "actions"}, h("button", {type: "submit", class: "primary", id: "save-token"}, "Save"),
       h("a", {href: "#/tokens", class: "button"}, "Back to the list"), deleteButton), confirmBox);
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    let body;
-    try {
-      body = fields.collect();
-    } catch (error) {
-      fail(error);
-      return;
-    }
+  submitFields(form, fields, fail, async (body) => {
     try {
       const [saved] = await call("PUT", `/platform/tokens/${token.id}`, {body});
       Object.assign(token, saved);

@@ -1,0 +1,116 @@
+"""Instructions per proxied request, counted by callgrind, for two builds: a figure the machine's load
+does not move.
+
+    python bench/instructions.py --a /old/checkout/.venv/bin/python --b .venv/bin/python [--requests 5000]
+
+Throughput on these shared 2-core machines drifts by 10-20 % between rounds (ab_builds.py), more
+than the difference a refactor makes. Callgrind counts the instructions the gateway process runs,
+which depend on the code and the requests, not on what else the machine does. Each build runs
+under `valgrind --tool=callgrind` on its own redis-server, in front of nginx `return 200` (or
+bench/upstream.py): after a warm-up (the token cached, upstream connections open) the counters are
+zeroed, exactly `--requests` requests are sent over `--connections` keep-alive connections, and the
+counters are dumped. Background timers (date, sweeps, gc freezes) run per second, and a slow
+valgrind stretches seconds, so a second count with twice the requests is taken and the figure is
+the difference per extra request. Prints both builds and B / A.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from ab_builds import backends, start_gateway  # bench/ is the script's own directory
+
+
+async def _one_connection(port: int, request: bytes, count: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(count):
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            found = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            if not head.startswith(b"HTTP/1.1 200") or found is None:
+                raise SystemExit(f"unexpected reply: {head[:200]!r}")
+            await reader.readexactly(int(found.group(1)))
+    finally:
+        writer.close()
+
+
+def send(port: int, key: str, requests: int, connections: int) -> None:
+    """Exactly `requests` GETs, spread over `connections` keep-alive connections."""
+    request = (f"GET /hot HTTP/1.1\r\nHost: bench\r\nAuthorization: FlespiToken {key}\r\n\r\n").encode()
+    shares = [requests // connections + (1 if i < requests % connections else 0) for i in range(connections)]
+
+    async def run() -> None:
+        await asyncio.gather(*(_one_connection(port, request, share) for share in shares if share))
+    asyncio.run(run())
+
+
+def dumped_instructions(out_dir: Path, before: set[Path]) -> int:
+    """The instruction total of the dump files that appeared since `before`."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        new = set(out_dir.glob("cg.out*")) - before
+        totals = [re.search(r"^totals:\s+(\d+)", path.read_text(errors="replace"), re.M) for path in new]
+        if new and all(totals):
+            return sum(int(t.group(1)) for t in totals if t)
+        time.sleep(0.5)
+    raise SystemExit(f"no callgrind dump in {out_dir}")
+
+
+def counted(pid: int, port: int, key: str, requests: int, connections: int, out_dir: Path) -> int:
+    subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
+    send(port, key, requests, connections)
+    before = set(out_dir.glob("cg.out*"))
+    subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
+    return dumped_instructions(out_dir, before)
+
+
+def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
+            requests: int, connections: int) -> float:
+    out_dir = work / f"cg-{name}"
+    out_dir.mkdir()
+    wrapper = ["valgrind", "--tool=callgrind", "--trace-children=no", "--dump-instr=no",
+               f"--callgrind-out-file={out_dir}/cg.out.%p"]
+    process, port, key = start_gateway(python, upstream, redis_port, work, name, wrapper=wrapper, timeout=300)
+    try:
+        send(port, key, 500, connections)  # warm-up: cached token, open upstream connections, warm caches
+        small = counted(process.pid, port, key, requests, connections, out_dir)
+        large = counted(process.pid, port, key, 2 * requests, connections, out_dir)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    per_request = (large - small) / requests
+    print(f"{name}: {small / requests:,.0f} instructions/request over {requests}, "
+          f"{large / (2 * requests):,.0f} over {2 * requests}; marginal {per_request:,.0f}", flush=True)
+    return per_request
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--a", required=True, help="python of build A")
+    parser.add_argument("--b", required=True, help="python of build B")
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--connections", type=int, default=8)
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("needs valgrind (Debian's package valgrind)")
+    work = Path(tempfile.mkdtemp(prefix="gw-instr-"))
+    with backends(work) as (upstream_port, redis_port, _):
+        a = measure(args.a, "A", upstream_port, redis_port, work, args.requests, args.connections)
+        b = measure(args.b, "B", upstream_port, redis_port, work, args.requests, args.connections)
+    print(f"instructions per proxied request: A {a:,.0f}, B {b:,.0f}, B / A = {b / a:.3f} (dumps in {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
