@@ -90,15 +90,15 @@ class Upstream(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def answers(url: str) -> bool:
-    """Whether GET `url` is answered at all by the gateway with something other than 404."""
+def status_of(url: str) -> int:
+    """The status of GET `url`, 0 when nothing answers."""
     try:
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5):
-            return True
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as reply:
+            return int(reply.status)
     except urllib.error.HTTPError as error:
-        return error.code != 404
+        return error.code
     except OSError:
-        return False
+        return 0
 
 
 def call(method: str, url: str, key: str, body: Any = None) -> tuple[int, Any]:
@@ -156,9 +156,11 @@ def check(work: Path) -> int:
     try:
         deadline = time.monotonic() + 60
         url = f"http://127.0.0.1:{port}"
-        while gateway.poll() is None and time.monotonic() < deadline and not answers(f"{url}/_gateway/health"):
+        while gateway.poll() is None and time.monotonic() < deadline and not status_of(f"{url}/_gateway/health"):
             time.sleep(0.5)
-        if not answers(f"{url}/_gateway/ready"):
+        # The readiness endpoint answers 200 or 503 without a token; a build without it sends the
+        # path on as any other, where it needs a token (401).
+        if status_of(f"{url}/_gateway/ready") not in (200, 503):
             # A build without the readiness endpoint: the command's mechanics (the port from the
             # environment, exec form, the exit status) are checked against liveness instead.
             health = [part.replace("sready'", "shealth'") for part in health]
