@@ -35,7 +35,7 @@ from gateway.policy.ipmask import ip_mask_problems
 from gateway.policy.origins import origin_problems
 from gateway.policy.paths import AUTH_INFO
 from gateway.proxy.cors import CorsPolicy
-from gateway.proxy.flow import RequestFlow
+from gateway.proxy.flow import NARROWING, RequestFlow
 from gateway.proxy.relay import Proxy
 from gateway.proxy.replies import error_response, invalid_input_response
 from gateway.proxy.routing import upstream_url
@@ -145,6 +145,35 @@ class Gateway:
                                       request.scheme, request.host)
         return await self.proxy.forward(request, url, self.proxy.request_headers(request.headers, extra),
                                         partial(self._finish, request=request, facts=facts, request_id=request_id))
+
+    async def decide(self, request: web.Request) -> web.StreamResponse:
+        """Decision mode, for a check the fast path hands over (HEAD, HTTP/1.0, `Expect`): the
+        same answer as `proxy.decision` writes, made by the same flow and authenticator."""
+        flow = self.flow
+        started, now = time.perf_counter(), time.time()
+        headers = request.headers
+        trusted = flow.is_trusted_peer(request.remote)
+        request_id = flow.request_id(headers.get(flow.request_id_header), trusted)
+        facts: RequestFacts | None = None
+        served: Token | None = None
+        response: web.Response
+        try:
+            method, target = flow.original_request(
+                request.method, request.raw_path, headers.get("X-Original-URI"), headers.get("X-Original-Method"),
+                headers.get("X-Forwarded-Uri"), headers.get("X-Forwarded-Method"))
+            facts = flow.decision_facts(method, target, headers.get("x-flespi-cid"), headers.get("Origin"),
+                                        flow.client_address(request.remote or "", headers), now,
+                                        headers.get(NARROWING))
+            served = await flow.auth.authenticate(extract_key(headers.get("Authorization")), facts)
+            response = web.Response(status=200, headers=flow.decision_headers(served, facts, request_id))
+        except (Denied, StoreUnavailable) as error:
+            denied = flow.refusal(error)
+            response = error_response(flow, denied.status, denied.reason, denied.headers)
+            response.headers[flow.request_id_header] = request_id
+        if facts is not None:
+            flow.finish(facts, facts.token, served, headers.get("x-flespi-app", ""), response.status, started, 0, 0,
+                        request_id)
+        return response
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"result": [{"status": "ok", "pid": os.getpid(), "tokens_cached": len(self.cache),
@@ -338,6 +367,9 @@ def create_app(settings: Settings) -> web.Application:
     async def health(request: web.Request) -> web.StreamResponse:
         return await request.app[GATEWAY].health(request)
 
+    async def decide(request: web.Request) -> web.StreamResponse:
+        return await request.app[GATEWAY].decide(request)
+
     document = openapi_document()
 
     async def openapi(request: web.Request) -> web.StreamResponse:
@@ -346,6 +378,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(context)
     app.router.add_get(settings.internal_prefix + "health", health)
     app.router.add_get(settings.internal_prefix + "openapi.json", openapi)
+    # Decision mode: any method, any client (proxies call it); the fast path answers most checks.
+    app.router.add_route("*", settings.internal_prefix + "auth", decide)
+    app.router.add_route("*", settings.internal_prefix + "auth/{original:.*}", decide)
     install_panel(app, settings)  # the token panel's static files, <internal_prefix>panel/
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)

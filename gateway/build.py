@@ -15,8 +15,8 @@ from pathlib import Path
 # here: modules that take API input as it comes (acl, validation, api), where mypyc's run-time
 # type checks would turn malformed data into TypeErrors. `compiler` takes stored records, typed
 # `Any` throughout, and a record that fails to compile fails alone (`compile_each`).
-COMPILED = ("proxy.listener", "proxy.front", "proxy.exchange", "proxy.bridge", "proxy.flow", "proxy.routing",
-            "proxy.replies", "proxy.upstream", "auth.authenticator", "auth.checks", "auth.compiler",
+COMPILED = ("proxy.listener", "proxy.front", "proxy.exchange", "proxy.decision", "proxy.bridge", "proxy.flow",
+            "proxy.routing", "proxy.replies", "proxy.upstream", "auth.authenticator", "auth.checks", "auth.compiler",
             "store.cache", "store.resp", "policy.paths", "writers.accessed", "writers.logs",
             "writers.tokenlogs", "writers.usage", "tokens")
 HERE = Path(__file__).resolve().parent

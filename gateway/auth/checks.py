@@ -25,7 +25,7 @@ class RequestFacts:
     """
 
     __slots__ = ("method", "path", "forward_path", "query", "client_ip", "origin", "acting_cid", "now", "token",
-                 "origin_allowed")
+                 "origin_allowed", "may_narrow")
 
     def __init__(self, method: str, path: str, forward_path: str, query: str, client_ip: str, origin: str | None,
                  acting_cid: int | None, now: float, token: Token | None = None, origin_allowed: bool = False) -> None:
@@ -39,6 +39,9 @@ class RequestFacts:
         self.now = now
         self.token = token
         self.origin_allowed = origin_allowed
+        # False when what forwards the request cannot send the ACL's narrowed path (a proxy asking
+        # for a decision says so): a request the ACL would narrow is then refused instead.
+        self.may_narrow = True
 
     def account_of(self, token: Token) -> int:
         """The account the request acts for: `x-flespi-cid` when given (checked), else the token's."""
@@ -111,6 +114,8 @@ def type_check(platform_prefixes: Sequence[str], open_paths: frozenset[str]) -> 
             if token.acl is None:
                 raise Denied(403, f"access to {describe(facts)} is denied by token ACL")
             authorized = token.acl.authorize(facts.method, facts.path, token.group_members)
+            if authorized != facts.path and not facts.may_narrow:
+                raise Denied(403, f"access to {describe(facts)} is narrowed by token ACL, which the proxy cannot send")
             facts.forward_path = forwarded_path(facts.forward_path, facts.path, authorized)
 
     return check_type

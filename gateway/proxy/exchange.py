@@ -24,6 +24,7 @@ from gateway.errors import (
     Denied,
     StoreUnavailable,
 )
+from gateway.proxy.decision import allowed_bytes, original_facts
 from gateway.proxy.flow import CORS_PREFIX
 from gateway.proxy.front import Front, Incoming, Lane
 from gateway.proxy.replies import error_bytes
@@ -51,6 +52,7 @@ class Exchange:
         "chunked_reply",
         "close_after",
         "conn",
+        "decision",
         "digest",
         "done",
         "facts",
@@ -72,8 +74,9 @@ class Exchange:
         "token",
     )
 
-    def __init__(self, front: Front, lane: Lane, incoming: Incoming) -> None:
+    def __init__(self, front: Front, lane: Lane, incoming: Incoming, decision: bool = False) -> None:
         self.front = front
+        self.decision = decision  # a proxy's check (decision.py): answered here, never forwarded
         self.lane = lane
         self.flow = lane.flow
         self.incoming = incoming
@@ -107,9 +110,13 @@ class Exchange:
         self.request_id = flow.request_id(incoming_id.decode("latin-1") if incoming_id is not None else None,
                                           trusted).encode()
         try:
-            self.facts = facts = flow.facts(incoming.method.decode(), incoming.url.decode("utf-8", "surrogateescape"),
-                                            _text(index.get(b"x-flespi-cid")), None, self._client_ip(), now)
-            if flow.is_own(facts.path):
+            if self.decision:
+                self.facts = facts = original_facts(flow, incoming, self._client_ip(), now)
+            else:
+                method, target = incoming.method.decode(), incoming.url.decode("utf-8", "surrogateescape")
+                self.facts = facts = flow.facts(method, target, _text(index.get(b"x-flespi-cid")), None,
+                                                self._client_ip(), now)
+            if not self.decision and flow.is_own(facts.path):
                 front.hand_over(incoming)
                 return
             incoming.target = self
@@ -208,6 +215,9 @@ class Exchange:
     def _forward(self) -> None:
         lane, facts = self.lane, self.facts
         assert facts is not None  # _forward runs only for a request its checks let through
+        if self.decision:
+            self._allow(facts)
+            return
         try:
             route = self.flow.route(facts.path)
         except Denied as denied:
@@ -288,6 +298,19 @@ class Exchange:
     @staticmethod
     def _framed(data: bytes) -> bytes:
         return b"%x\r\n%s\r\n" % (len(data), data)
+
+    def _allow(self, facts: RequestFacts) -> None:
+        """A decision's answer when its checks passed: the proxy forwards the request itself."""
+        served = self.served
+        assert served is not None
+        self.status = 200
+        lane = self.lane
+        if not self.incoming.complete and (self.incoming.chunked or self.incoming.length):
+            self.close_after = True  # as `fail`: a check's body is never read
+        self.front.write(allowed_bytes(self.flow, served, facts, self.request_id.decode(), lane.date(),
+                                       self.close_after or lane.closing))
+        self.replied = True
+        self._finish()
 
     # request body, after the head was sent (called by FrontProtocol)
 

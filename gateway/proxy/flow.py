@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from multidict import MultiMapping
+from multidict import CIMultiDict, MultiMapping
 
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.checks import RequestFacts, request_facts
 from gateway.config import Route, Settings
 from gateway.errors import INTERNAL_ERROR, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
 from gateway.policy.clientaddr import TrustedProxies, client_address, forwarded_for
-from gateway.policy.paths import AUTH_INFO, PLATFORM
+from gateway.policy.paths import AUTH_INFO, INVALID_PATH, PLATFORM
 from gateway.proxy.routing import pick_route
 from gateway.tokens import Token
 from gateway.writers.logs import LogWriter, RequestIds, request_record
@@ -43,6 +43,17 @@ REQUEST_DROP = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-f
 # The gateway alone decides which pages may read a reply (see cors.py); the upstream cannot know.
 CORS_PREFIX = "access-control-"
 MAX_REQUEST_ID = 128
+NO_HEADERS: CIMultiDict[str] = CIMultiDict()
+# Decision mode (<internal_prefix>auth): the URI an allowed request may go on with, the ACL's
+# narrowing applied; always in an allowed answer, so a proxy can copy it unconditionally.
+AUTHORIZED_URI = "X-Authorized-Uri"
+NO_ORIGINAL_URI = "no original request URI: send X-Original-URI or X-Forwarded-Uri, or append it to the path"
+INVALID_METHOD = "invalid original request method"
+CONFLICTING_ORIGINAL = "conflicting original request: its headers name different URIs or methods"
+MAX_METHOD = 32
+# Sent by a proxy that cannot forward AUTHORIZED_URI (Traefik, Envoy): a request the ACL would
+# narrow is refused rather than forwarded whole. Anyone may send it: it only ever refuses more.
+NARROWING = "x-gateway-narrowing"
 # Client-given values went through the parser as bytes: surrogateescape gives back the same bytes.
 UTF8: Final = "utf-8"
 SAME_BYTES: Final = "surrogateescape"
@@ -66,6 +77,8 @@ class RequestFlow:
         # Paths that start with none of these are never the API's nor the gateway's own.
         # Every path under a platform prefix is the API's (404 there if unknown), never proxied.
         self.own_prefixes = (*settings.platform_prefixes, PLATFORM, AUTH_INFO, settings.internal_prefix)
+        # Decision mode's endpoint: "may this request pass?", asked by a proxy in front.
+        self.decision_path = settings.internal_prefix + "auth"
         self.realm_challenge = f'FlespiToken realm="{settings.realm}"'
         self.request_id_header = proxy.request_id_header
         self.token_id_header = proxy.token_id_header
@@ -146,6 +159,58 @@ class RequestFlow:
         # Else only Host is the client's: the rest is ours (ids, the peer's address, the scheme).
         return self.added_template % (token_id.encode(), account_id.encode(), rid.encode(), chain.encode(),
                                       proto.encode(), forwarded_host.encode(UTF8, SAME_BYTES))
+
+    # -- decision mode ---------------------------------------------------------------------------
+
+    def is_decision(self, target: str) -> bool:
+        """Whether a request target (path and query, as received) asks the decision endpoint."""
+        endpoint = self.decision_path
+        if not target.startswith(endpoint):
+            return False
+        return len(target) == len(endpoint) or target[len(endpoint)] in "/?"
+
+    def original_request(self, method: str, target: str, original_uri: str | None, original_method: str | None,
+                         forwarded_uri: str | None, forwarded_method: str | None) -> tuple[str, str]:
+        """The method and target of the request a decision is asked about, from X-Original-URI and
+        X-Original-Method (nginx), X-Forwarded-Uri and X-Forwarded-Method (Caddy, Traefik), or the
+        path after the endpoint with the check's own method (Envoy).
+
+        A proxy sets its own names and passes the client's other headers on, so a client could
+        claim another request in the names its proxy does not set: every source present must name
+        the same request, or it is refused. The check's own query string with no path after the
+        endpoint is no source (Caddy 2.6 keeps the original's there)."""
+        tail = target[len(self.decision_path):]
+        envoy = tail.startswith("/")
+        uris = [uri for uri in (original_uri, forwarded_uri, tail if envoy else None) if uri]
+        methods = [named for named in (original_method, forwarded_method, method if envoy else None) if named]
+        if not uris:
+            raise Denied(400, NO_ORIGINAL_URI)
+        uri = uris[0]
+        chosen = methods[0] if methods else method
+        if any(other != uri for other in uris) or any(other != chosen for other in methods):
+            raise Denied(400, CONFLICTING_ORIGINAL)
+        # Printable ASCII only: the URI goes back in a header (AUTHORIZED_URI) and into the log.
+        if not uri.isascii() or not uri.isprintable() or " " in uri:
+            raise Denied(400, INVALID_PATH)
+        if len(chosen) > MAX_METHOD or not chosen.isascii() or not chosen.replace("-", "").isalpha():
+            raise Denied(400, INVALID_METHOD)
+        return chosen, uri
+
+    def decision_facts(self, method: str, target: str, cid: str | None, origin: str | None, client_ip: str,
+                       now: float, narrowing: str | None) -> RequestFacts:
+        """A decision's facts: those of its original request, and whether it may be narrowed."""
+        facts = self.facts(method, target, cid, origin, client_ip, now)
+        facts.may_narrow = narrowing is None or narrowing.strip().lower() != "refuse"
+        return facts
+
+    def decision_headers(self, token: Token, facts: RequestFacts, request_id: str) -> list[tuple[str, str]]:
+        """What an allowed decision answers: who made the request, and the URI it may go on with
+        (its `all` selector narrowed by the ACL, as a proxied request's would be)."""
+        # The identity values exactly as a forwarded request gets them (the rest needs no peer).
+        token_id, account_id, rid, *_ = self.added_values(token, facts, request_id, "", False, NO_HEADERS, "", "")
+        uri = facts.forward_path + "?" + facts.query if facts.query else facts.forward_path
+        return [(self.token_id_header, token_id), (self.account_id_header, account_id), (self.request_id_header, rid),
+                (AUTHORIZED_URI, uri)]
 
     # -- refusals --------------------------------------------------------------------------------
 

@@ -85,6 +85,7 @@ class Lane:
         self.request_id_header = proxy.request_id_header.lower().encode()
         self.request_id_name = proxy.request_id_header.encode()
         self.preserve_host = proxy.preserve_host
+        self.decision_path = flow.decision_path.encode()  # what a check's URL starts with
         # Requests answered by an Exchange, and connections handed to aiohttp (for tests and stats).
         self.served_fast = 0
         self.handed_over = 0

@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 
 from gateway.config import LimitsSettings
 from gateway.errors import INTERNAL_ERROR
+from gateway.proxy import decision
 from gateway.proxy.bridge import Bridge
 from gateway.proxy.exchange import MAX_BUFFERED, Exchange
 from gateway.proxy.flow import RequestFlow
@@ -355,11 +356,23 @@ class FrontProtocol(Front):
             return  # requests parsed after the reply that ends the connection are not served
         self.idle_since = None
         index = incoming.index
+        shared = self.lane.shared
+        if incoming.url.startswith(shared.decision_path) and shared.flow.is_decision(incoming.url.decode("latin-1")):
+            self._decide(incoming)
+            return
         if (incoming.method not in FAST_METHODS or incoming.version != "1.1" or incoming.upgrade
                 or not incoming.url.startswith(b"/") or any(name in index for name in SLOW_HEADERS)):
             self.hand_over(incoming)
             return
         self.exchange = Exchange(self, self.lane.shared, incoming)
+        self.exchange.start()
+
+    def _decide(self, incoming: Incoming) -> None:
+        """A proxy's check (decision.py): any method; aiohttp answers what the fast path does not."""
+        if not decision.serves(incoming):
+            self.hand_over(incoming)
+            return
+        self.exchange = Exchange(self, self.lane.shared, incoming, True)
         self.exchange.start()
 
     def hand_over(self, incoming: Incoming) -> None:

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from support.gateways import GatewayFactory, GatewayHandle, error, logged_hosts
-from support.servers import Upstream, free_port, wait_for_port
+from support.servers import Upstream, free_port, nginx_binary, wait_for_port
 
 LOCATION = error(401, "using token from unauthorized location")
 
@@ -47,13 +47,6 @@ http {{
     }}
 }}
 """
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin:/usr/local/sbin")
-    if found is None:
-        pytest.fail("nginx is not installed (.ci/run installs it)")  # never a skip: CI must run this
-    return found
 
 
 class NginxProcess:

@@ -218,3 +218,17 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise AssertionError(f"nothing listening on {port}")
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin:/usr/local/sbin")
+    if found is None:
+        pytest.fail("nginx is not installed (.ci/run installs it)")  # never a skip: CI must run this
+    return found
+
+
+def caddy_binary() -> str:
+    found = shutil.which("caddy")
+    if found is None:
+        pytest.fail("caddy is not installed (.ci/run installs it)")  # never a skip: CI must run this
+    return found
