@@ -29,6 +29,8 @@ from gateway.auth.compiler import TokenCompiler
 from gateway.build import fast_path_compiled
 from gateway.config import Settings
 from gateway.errors import Denied, FieldProblem, InvalidInput, StoreUnavailable
+from gateway.mqtt.front import MqttFront
+from gateway.mqtt.websocket import serve as serve_mqtt_websocket
 from gateway.panel import install as install_panel
 from gateway.policy.acl import acl_problems
 from gateway.policy.ipmask import ip_mask_problems
@@ -41,8 +43,8 @@ from gateway.proxy.replies import error_response, invalid_input_response
 from gateway.proxy.routing import upstream_url
 from gateway.store.accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
 from gateway.store.cache import TokenCache
-from gateway.store.resp import RespClient, lean_client
-from gateway.store.tokens import TokenStore, connect_redis
+from gateway.store.clients import SENTINEL_POLL, Clients, open_clients
+from gateway.store.tokens import TokenStore
 from gateway.tokens import Token, key_digest, new_key
 from gateway.writers.accessed import AccessedWriter
 from gateway.writers.housekeeping import Housekeeper
@@ -51,8 +53,6 @@ from gateway.writers.tokenlogs import RedisLogSink
 from gateway.writers.usage import UsageMeter
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
     from gateway.store.embedded import EmbeddedStore
 
 log = logging.getLogger("gateway")
@@ -97,6 +97,7 @@ class Gateway:
         self.flow = RequestFlow(settings, self.auth, services.usage, services.logs, self.api.handles)
         self.proxy = Proxy(settings.proxy, services.session, self.flow.request_drop)
         self.open_connections: Callable[[], int] = lambda: 0  # the listener's count, once it runs
+        self.mqtt: MqttFront | None = None  # the MQTT front's shared state, when configured
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         flow = self.flow
@@ -268,19 +269,20 @@ def open_session(settings: Settings, upstream_tls: ssl.SSLContext) -> aiohttp.Cl
 
 async def services(app: web.Application, settings: Settings) -> AsyncIterator[None]:
     embedded: EmbeddedStore | None = None
-    lean: RespClient | None = None
-    lean_loads: RespClient | None = None
-    client: Redis
     if settings.redis.embedded:
         from gateway.store.embedded import open_embedded  # fakeredis: imported only when it is used
         embedded = open_embedded(settings.redis.data_file)
-        client = embedded.client
+        clients = Clients(embedded.client)  # the client is closed with the store's files, below
     else:
-        client = connect_redis(settings.redis)
-        lean = lean_client(settings.redis.url, settings.redis.socket_timeout, settings.redis.connect_timeout)
-        lean_loads = lean_client(settings.redis.url, settings.redis.socket_timeout, settings.redis.connect_timeout)
-    prefix = settings.redis.key_prefix
-    store, accounts = TokenStore(client, prefix, lean, lean_loads), AccountStore(client, prefix)
+        clients = open_clients(settings.redis)
+    prefix, client = settings.redis.key_prefix, clients.client
+    store = TokenStore(client, prefix, clients.lean, clients.lean_loads)
+    accounts = AccountStore(client, prefix)
+    if clients.listener is not None:
+        store.listener = accounts.listener = clients.listener
+    if clients.waiter is not None:
+        for acknowledged in (store, accounts):
+            acknowledged.require_replicas(clients.waiter, settings.redis.replicas_to_wait, settings.redis.wait_timeout)
     if embedded is not None:
         for persisted in (store, accounts):
             persisted.after_change = embedded.sync  # an API change is on disk before it is answered
@@ -302,13 +304,17 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         housekeeper=Housekeeper(store, settings.housekeeping, logs), session=open_session(settings, upstream_tls),
         compiler=compiler, upstream_tls=upstream_tls,
     )
-    app[GATEWAY] = Gateway(settings, built, app[CORS])
+    gateway = app[GATEWAY] = Gateway(settings, built, app[CORS])
+    if settings.mqtt is not None:
+        gateway.mqtt = MqttFront(settings.mqtt, gateway.auth, cache, built.usage, logs, settings.platform_prefixes)
     jobs: list[Coroutine[Any, Any, None]] = [
         cache.run_subscriber(), built.accessed.run(), logs.run(), built.usage.run(), built.housekeeper.run(),
         directory.run(settings.cache.refresh_interval),
     ]
     if embedded is not None:
         jobs.append(embedded.run())
+    if clients.watch is not None:
+        jobs.append(clients.watch.run(SENTINEL_POLL))
     # Usable as soon as the port opens; only if the store is away does it wait in background.
     master_key = settings.bootstrap_master_token
     make_master: tuple[str, Callable[[], Awaitable[None]]] = (
@@ -319,10 +325,14 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
     except Exception as exc:
         log.warning("%s not yet created (%s); retrying in background", make_master[0], exc)
         jobs.append(_keep_trying(*make_master))
+    if gateway.mqtt is not None:
+        jobs.append(gateway.mqtt.run())
     tasks = [asyncio.ensure_future(job) for job in jobs]
     try:
         yield
     finally:
+        if gateway.mqtt is not None:
+            await gateway.mqtt.shutdown()
         await cancel_all(tasks)
         await cache.close()
         await _quietly(built.accessed.flush())
@@ -331,13 +341,9 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         if sink is not None:
             sink.close()
         await built.session.close()
-        for connection in (lean, lean_loads):
-            if connection is not None:
-                await connection.close()
+        await clients.close()
         if embedded is not None:
             await embedded.close()  # the journal's last frames, then the lock goes
-        else:
-            await client.aclose()
 
 
 async def _quietly(job: Coroutine[Any, Any, None]) -> None:
@@ -382,6 +388,14 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route("*", settings.internal_prefix + "auth", decide)
     app.router.add_route("*", settings.internal_prefix + "auth/{original:.*}", decide)
     install_panel(app, settings)  # the token panel's static files, <internal_prefix>panel/
+    if settings.mqtt is not None and settings.mqtt.websocket_path:
+        async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
+            gateway = request.app[GATEWAY]
+            assert gateway.mqtt is not None
+            client_ip = gateway.flow.client_address(request.remote or "", request.headers)
+            return await serve_mqtt_websocket(gateway.mqtt, request, client_ip)
+
+        app.router.add_get(settings.mqtt.websocket_path, mqtt_websocket)
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)
     app[CORS].install(app, app.router.add_route("*", "/{tail:.*}", handle))

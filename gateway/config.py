@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 import yaml
 from yarl import URL
 
+from gateway.policy.acl_validation import is_plain_path
 from gateway.policy.clientaddr import TrustedProxies
 from gateway.policy.origins import preset_problems
 
@@ -312,6 +313,100 @@ REDIS_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
 REDIS_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
+def host_port(key: str, value: Any, what: str) -> tuple[str, int]:
+    """`host:port` (`[::1]:26379` for IPv6), as one item of a list of servers."""
+    problem = f"{value!r} is not host:port" if isinstance(value, str) else f"must be a list of {what} as host:port"
+    if not isinstance(value, str):
+        raise ConfigError(key, problem)
+    host, colon, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(key, problem)
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelSettings:
+    """The master is whichever server the sentinels name for `service`; credentials and TLS are
+    those of a `redis://`/`rediss://` URL, given as keys (the sentinels may have a password of
+    their own)."""
+
+    hosts: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    username: str = ""
+    password: str = field(default="", repr=False)
+    sentinel_username: str = ""
+    sentinel_password: str = field(default="", repr=False)
+    ssl: bool = False
+    ssl_ca_certs: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+
+    @classmethod
+    def parse(cls, table: Table) -> SentinelSettings:
+        hosts_key = table.name("hosts")
+        raw_hosts = table.get("hosts")
+        if raw_hosts is None:
+            raise ConfigError(hosts_key, "required: the sentinels, as host:port")
+        if isinstance(raw_hosts, str) or not isinstance(raw_hosts, (list, tuple)) or not raw_hosts:
+            raise ConfigError(hosts_key, "must be a non-empty list of sentinels as host:port")
+        hosts = tuple(host_port(hosts_key, item, "sentinels") for item in raw_hosts)
+        if len(set(hosts)) != len(hosts):
+            raise ConfigError(hosts_key, "names a sentinel twice")
+        if table.get("service") is None:
+            raise ConfigError(table.name("service"), "required: the name the sentinels monitor the master by")
+        settings = cls(
+            hosts=hosts,
+            service=table.text("service", "", empty=False),
+            db=table.integer("db", 0, at_least=0),
+            username=table.text("username", ""),
+            password=table.text("password", ""),
+            sentinel_username=table.text("sentinel_username", ""),
+            sentinel_password=table.text("sentinel_password", ""),
+            ssl=table.flag("ssl", False),
+            ssl_ca_certs=table.text("ssl_ca_certs", ""),
+            ssl_certfile=table.text("ssl_certfile", ""),
+            ssl_keyfile=table.text("ssl_keyfile", ""),
+        )
+        files = {name: value for name in REDIS_TLS_FILES if (value := getattr(settings, name))}
+        if files and not settings.ssl:
+            raise ConfigError(table.name(next(iter(files))), "needs ssl: true")
+        try:
+            _check_redis_tls_files(files)
+        except ConfigError as exc:
+            raise ConfigError(table.name(exc.key), exc.problem) from exc
+        if settings.username and not settings.password:
+            raise ConfigError(table.name("username"), "needs a password")
+        if settings.sentinel_username and not settings.sentinel_password:
+            raise ConfigError(table.name("sentinel_username"), "needs a sentinel_password")
+        return settings
+
+    def connection_options(self) -> dict[str, Any]:
+        """What redis-py takes for a connection to the master or a replica."""
+        options: dict[str, Any] = {"db": self.db}
+        if self.password:
+            options["password"] = self.password
+        if self.username:
+            options["username"] = self.username
+        if self.ssl:
+            options["ssl"] = True
+            options.update({name: value for name in REDIS_TLS_FILES if (value := getattr(self, name))})
+        return options
+
+    def sentinel_options(self) -> dict[str, Any]:
+        """What redis-py takes for a connection to a sentinel (TLS as for the master)."""
+        options: dict[str, Any] = {}
+        if self.sentinel_password:
+            options["password"] = self.sentinel_password
+        if self.sentinel_username:
+            options["username"] = self.sentinel_username
+        if self.ssl:
+            options["ssl"] = True
+            options.update({name: value for name in REDIS_TLS_FILES if (value := getattr(self, name))})
+        return options
+
+
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str = "memory://"
@@ -319,10 +414,21 @@ class RedisSettings:
     socket_timeout: float = 0.5
     connect_timeout: float = 0.5
     data_file: str = "gateway-data.json"
+    sentinel: SentinelSettings | None = None
+    # Replicas that must hold an API change before it is acknowledged (Redis WAIT); None: 1 with
+    # sentinel (a failover would otherwise lose what was acknowledged), 0 (no WAIT) otherwise.
+    wait_replicas: int | None = None
+    wait_timeout: float = 0.5
 
     @property
     def embedded(self) -> bool:
-        return self.url.startswith("memory://")
+        return self.sentinel is None and self.url.startswith("memory://")
+
+    @property
+    def replicas_to_wait(self) -> int:
+        if self.wait_replicas is not None:
+            return self.wait_replicas
+        return 1 if self.sentinel is not None else 0
 
     @classmethod
     def parse(cls, table: Table, base: Path | None = None) -> RedisSettings:
@@ -333,17 +439,30 @@ class RedisSettings:
         data_file = table.text("data_file", defaults.data_file, empty=False)
         if base is not None and not os.path.isabs(data_file):
             data_file = str(base / data_file)
+        sentinel = None
+        if table.get("sentinel") is not None:
+            sentinel = SentinelSettings.parse(table.section("sentinel", SentinelSettings))
+            if table.get("url") is not None:
+                raise ConfigError(table.name("sentinel"), f"cannot be used together with {table.name('url')}")
+        wait = table.get("wait_replicas", MISSING)
         settings = cls(
             url=table.text("url", defaults.url),
             key_prefix=table.text("key_prefix", defaults.key_prefix),
             socket_timeout=table.number("socket_timeout", defaults.socket_timeout, above=0),
             connect_timeout=table.number("connect_timeout", defaults.connect_timeout, above=0),
             data_file=data_file,
+            sentinel=sentinel,
+            wait_replicas=None if wait is MISSING else table.integer("wait_replicas", 0, at_least=0),
+            wait_timeout=table.number("wait_timeout", defaults.wait_timeout, above=0),
         )
+        if sentinel is not None:
+            return settings
         key = table.name("url")
         if not settings.url.startswith(REDIS_SCHEMES):
             raise ConfigError(key, f"must start with {', '.join(REDIS_SCHEMES[:-1])} or {REDIS_SCHEMES[-1]}")
         if settings.embedded:
+            if settings.replicas_to_wait:
+                raise ConfigError(table.name("wait_replicas"), "the embedded store (memory://) has no replicas")
             # Loaded at start; its journal, lock and next snapshot are created beside it.
             data_key = table.name("data_file")
             if _kind(data_key, Path(settings.data_file)) != "missing":
@@ -639,6 +758,91 @@ class PanelSettings:
         return cls(enabled=table.flag("enabled", cls().enabled))
 
 
+MQTT_SCHEMES = {"mqtt": 1883, "mqtts": 8883}
+MQTT_PORT = 1883
+MQTT_WEBSOCKET_PATH = "/mqtt"
+MQTT_MAX_PACKET = 1024 * 1024
+MQTT_LARGEST = 268_435_455 + 5  # the largest remaining length MQTT can encode, with its fixed header
+MQTT_CONNECT_TIMEOUT = 10.0
+MQTT_CHECK_INTERVAL = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """The MQTT broker behind the gateway: `mqtt://user:password@host:port` (`mqtts://` for TLS).
+
+    The gateway logs in with these credentials; a client's key never goes further than the gateway.
+    The password is kept out of `repr` (and so out of any message or log line).
+    """
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, key: str, value: Any) -> BrokerAddress:
+        # The URL is never echoed in a message: it may carry the broker's password.
+        problem = "must be an mqtt:// or mqtts:// URL with a host (mqtt://user:password@host:port)"
+        if not isinstance(value, str):
+            raise ConfigError(key, problem)
+        try:
+            url = URL(value)
+            port = url.port
+        except ValueError as exc:
+            raise ConfigError(key, problem) from exc
+        if url.scheme not in MQTT_SCHEMES or not url.host:
+            raise ConfigError(key, problem)
+        if url.path not in ("", "/") or url.query_string or url.fragment:
+            raise ConfigError(key, "must not have a path, query or fragment")
+        if url.password is not None and not url.user:
+            raise ConfigError(key, "a password needs a user name")
+        return cls(host=url.host, port=port or MQTT_SCHEMES[url.scheme], tls=url.scheme == "mqtts",
+                   username=url.user or None, password=url.password)
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    """The MQTT front (docs/mqtt.md): present only when the `mqtt` section is."""
+
+    broker: BrokerAddress
+    listen: ListenSettings = field(default_factory=lambda: ListenSettings(port=MQTT_PORT))
+    websocket_path: str = MQTT_WEBSOCKET_PATH  # on the HTTP listener; "" for none
+    max_packet_size: int = MQTT_MAX_PACKET  # bytes, a packet's whole size, either way
+    connect_timeout: float = MQTT_CONNECT_TIMEOUT  # for the client's CONNECT, and for the broker's CONNACK
+    check_interval: float = MQTT_CHECK_INTERVAL  # live sessions re-checked: expiry, usage blocks, accessed
+    broker_ca_file: str | None = None  # PEM CAs for an mqtts:// broker; None: the system trust store
+
+    def broker_tls(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.broker_ca_file) if self.broker.tls else None
+
+    @classmethod
+    def parse(cls, table: Table) -> MqttSettings:
+        if table.get("broker") is None:
+            raise ConfigError(table.name("broker"), "required (mqtt://user:password@host:port)")
+        broker = BrokerAddress.parse(table.name("broker"), table.get("broker"))
+        listen = table.section("listen", ListenSettings)
+        path = table.text("websocket_path", MQTT_WEBSOCKET_PATH)
+        if path and (not path.startswith("/") or not is_plain_path(path)):
+            raise ConfigError(table.name("websocket_path"), 'must be a plain path that starts with / (or "" for none)')
+        ca_file = table.get("broker_ca_file")
+        if ca_file is not None:
+            ca_certificates(table.name("broker_ca_file"), text(table.name("broker_ca_file"), ca_file, empty=False))
+            if not broker.tls:
+                raise ConfigError(table.name("broker_ca_file"), "needs an mqtts:// broker")
+        return cls(
+            broker=broker,
+            listen=ListenSettings(host=listen.text("host", "127.0.0.1", empty=False),
+                                  port=listen.integer("port", MQTT_PORT, at_least=0, at_most=65535)),
+            websocket_path=path,
+            max_packet_size=table.integer("max_packet_size", MQTT_MAX_PACKET, at_least=64, at_most=MQTT_LARGEST),
+            connect_timeout=table.number("connect_timeout", MQTT_CONNECT_TIMEOUT, above=0),
+            check_interval=table.number("check_interval", MQTT_CHECK_INTERVAL, above=0),
+            broker_ca_file=ca_file,
+        )
+
+
 def parse_presets(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     if value is None:
         return (("flespi", FLESPI_ORIGINS),)
@@ -688,6 +892,7 @@ class Settings:
     acl: AclSettings = field(default_factory=AclSettings)
     cors: CorsSettings = field(default_factory=CorsSettings)
     panel: PanelSettings = field(default_factory=PanelSettings)
+    mqtt: MqttSettings | None = None  # the MQTT front, when configured
     origin_presets: tuple[tuple[str, tuple[str, ...]], ...] = (("flespi", FLESPI_ORIGINS),)
     bootstrap_master_token: str | None = None
     platform_prefixes: tuple[str, ...] = ("/platform/", "/auth/")
@@ -728,6 +933,7 @@ class Settings:
             acl=AclSettings.parse(top.section("acl", AclSettings), platform_prefixes),
             cors=CorsSettings.parse(top.section("cors", CorsSettings)),
             panel=PanelSettings.parse(top.section("panel", PanelSettings)),
+            mqtt=None if top.get("mqtt") is None else MqttSettings.parse(top.section("mqtt", MqttSettings)),
             origin_presets=parse_presets(top.get("origin_presets")),
             bootstrap_master_token=master_token(top.get("bootstrap_master_token")),
             platform_prefixes=platform_prefixes,
@@ -737,13 +943,17 @@ class Settings:
             workers=top.integer("workers", defaults.workers, at_least=1),
             accessed_flush_interval=top.number("accessed_flush_interval", defaults.accessed_flush_interval, above=0),
         )
+        mqtt = settings.mqtt
+        if mqtt is not None and mqtt.websocket_path and mqtt.websocket_path.startswith(
+                (*platform_prefixes, internal_prefix)):
+            raise ConfigError("mqtt.websocket_path", "must not lie under platform_prefixes or internal_prefix")
         if settings.redis.embedded and settings.workers > 1:
             raise ConfigError("workers", "the embedded store (redis.url memory://) serves one process; "
                                          "set redis.url to share")
         return settings
 
 
-SECTIONS = tuple(each.name for each in fields(Settings) if each.default_factory is not MISSING)
+SECTIONS = (*(each.name for each in fields(Settings) if each.default_factory is not MISSING), "mqtt")
 TOP_LEVEL_KEYS = frozenset(settable(Settings)) - {"routes"} | {"upstream", "routes"}
 
 

@@ -55,6 +55,10 @@ TOKEN_DISABLED = "token is disabled"
 UNAUTHORIZED_LOCATION = "using token from unauthorized location"
 UNAUTHORIZED_ORIGIN = "using token from unauthorized origin"
 STORAGE_UNAVAILABLE = "token storage unavailable"
+# The change is made on the master and every instance was told, but no replica confirmed it in
+# time (redis.wait_replicas, redis.wait_timeout): a failover now could undo it.
+NOT_REPLICATED = ("token storage unavailable: the change was made but not confirmed by a replica, "
+                  "so a failover may undo it")
 UPSTREAM_UNAVAILABLE = "upstream unavailable"
 UPSTREAM_TIMEOUT = "upstream timeout"
 INTERNAL_ERROR = "internal gateway error"

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.app import GATEWAY, create_app
 from gateway.config import Settings
+from gateway.mqtt.listener import listen as listen_mqtt
 from gateway.proxy.listener import FastLane
 
 log = logging.getLogger("gateway.server")
@@ -137,6 +138,7 @@ class GatewayServer:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                     shutdown_timeout=SHUTDOWN_TIMEOUT)
         self.site: GatewaySite | None = None
+        self.mqtt: asyncio.Server | None = None  # the MQTT listener, when configured
         self._closed = False
 
     @property
@@ -148,12 +150,23 @@ class GatewayServer:
         await self.runner.setup()  # services first: the port opens once the gateway can answer
         self.site = GatewaySite(self.runner, host, port, reuse_port)
         await self.site.start()
+        front, mqtt = self.app[GATEWAY].mqtt, self.settings.mqtt
+        if front is not None and mqtt is not None:
+            self.mqtt = await listen_mqtt(front, mqtt.listen.host, mqtt.listen.port, reuse_port)
+
+    @property
+    def mqtt_port(self) -> int:
+        assert self.mqtt is not None
+        port: int = self.mqtt.sockets[0].getsockname()[1]
+        return port
 
     async def close(self) -> None:
         """Stop serving; a second call (e.g. a test that closed it, then its fixture) does nothing."""
         if self._closed:
             return
         self._closed = True
+        if self.mqtt is not None:
+            self.mqtt.close()  # no new MQTT clients; the sessions end with the app's services
         await self.runner.cleanup()
 
 

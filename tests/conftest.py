@@ -16,6 +16,7 @@ from gateway.config import build_settings
 from gateway.server import GatewayServer
 
 from support.gateways import GatewayFactory, GatewayHandle, base_config, wait_for_master
+from support.sentinel import SentinelSet
 from support.servers import RedisProcess, Upstream, running_upstream
 
 
@@ -38,6 +39,16 @@ def own_redis() -> Iterator[RedisProcess]:
     server.start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def sentinel_set() -> Iterator[SentinelSet]:
+    """A master, a replica and three sentinels, for the session; tests that fail a server over
+    leave the set healthy again (a master and a replica in sync)."""
+    servers = SentinelSet()
+    servers.start()
+    yield servers
+    servers.cleanup()
 
 
 @pytest.fixture

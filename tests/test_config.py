@@ -22,9 +22,13 @@ from yarl import URL
 
 import gateway
 from gateway.config import (
+    BrokerAddress,
     ConfigError,
+    ListenSettings,
     LogSettings,
+    MqttSettings,
     Route,
+    SentinelSettings,
     Settings,
     build_settings,
     load_settings,
@@ -86,6 +90,11 @@ KEYS = [
         ("missing/store.json", "'missing/store.json': directory 'missing' does not exist"),
         (".", "'.' is not a file"),
     ]),
+    Key("redis.sentinel", None, {"hosts": ["127.0.0.1:26379"], "service": "gw"},
+        SentinelSettings(hosts=(("127.0.0.1", 26379),), service="gw"), [(5, "must be a mapping")]),
+    Key("redis.wait_replicas", None, 0, 0, [
+        *[(value, INT_0) for value, _ in SIZE], (2, "the embedded store (memory://) has no replicas")]),
+    Key("redis.wait_timeout", 0.5, 2, 2.0, POSITIVE),
     Key("cache.max_age", 30.0, 10, 10.0, POSITIVE),
     Key("cache.refresh_after", 0.0, 12.5, 12.5,
         [*NON_NEGATIVE, (31, "must be from 0 (a third of max_age) to cache.max_age (30)")]),
@@ -158,6 +167,9 @@ KEYS = [
                                                           (["Retry-After", "*"], "'*' (any) must be the only item")]),
     Key("cors.max_age", 600, 0, 0, SIZE),
     Key("panel.enabled", True, False, False, FLAGS),
+    # The whole section: absent is no MQTT front; its own keys are covered by the mqtt tests below.
+    Key("mqtt", None, {"broker": "mqtt://127.0.0.1:1884"}, MqttSettings(BrokerAddress("127.0.0.1", 1884)),
+        [(5, "must be a mapping"), ([], "must be a mapping")]),
     Key("origin_presets", (("flespi", gateway.config.FLESPI_ORIGINS),), {"mine": ["https://*.example.com"]},
         (("flespi", gateway.config.FLESPI_ORIGINS), ("mine", ("https://*.example.com",))), [
             ({"mine": "https://a.example.com"}, "must map preset names to lists of origins"),
@@ -275,6 +287,75 @@ def test_secrets_are_never_repeated() -> None:
 
 
 # -- keys that act together ----------------------------------------------------------------------
+
+SENTINEL = {"hosts": ["127.0.0.1:26379", "[::1]:26380"], "service": "gw"}
+
+
+def test_sentinel_reads_every_key(ca_file: str) -> None:
+    redis = build_settings({"upstream": UPSTREAM, "redis": {"sentinel": {
+        **SENTINEL, "db": 3, "username": "gw", "password": "pw", "sentinel_username": "watch",
+        "sentinel_password": "spw", "ssl": True, "ssl_ca_certs": ca_file}}}).redis
+    sentinel = redis.sentinel
+    assert sentinel is not None and not redis.embedded and redis.replicas_to_wait == 1
+    assert sentinel.hosts == (("127.0.0.1", 26379), ("::1", 26380)) and sentinel.service == "gw"
+    assert sentinel.connection_options() == {"db": 3, "username": "gw", "password": "pw", "ssl": True,
+                                             "ssl_ca_certs": ca_file}
+    assert sentinel.sentinel_options() == {"username": "watch", "password": "spw", "ssl": True,
+                                           "ssl_ca_certs": ca_file}
+    assert "pw" not in repr(redis)  # settings may be logged; passwords never are
+    plain = build_settings({"upstream": UPSTREAM, "redis": {"sentinel": SENTINEL, "wait_replicas": 0}}).redis
+    assert plain.replicas_to_wait == 0 and plain.sentinel is not None
+    assert plain.sentinel.connection_options() == {"db": 0} and plain.sentinel.sentinel_options() == {}
+    assert build_settings(with_key("redis.url", "redis://h:6379/0")).redis.replicas_to_wait == 0
+
+
+@pytest.mark.parametrize(("sentinel", "message"), [
+    ({"service": "gw"}, "redis.sentinel.hosts: required: the sentinels, as host:port"),
+    ({**SENTINEL, "hosts": []}, "redis.sentinel.hosts: must be a non-empty list of sentinels as host:port"),
+    ({**SENTINEL, "hosts": "h:26379"}, "redis.sentinel.hosts: must be a non-empty list of sentinels as host:port"),
+    ({**SENTINEL, "hosts": ["h"]}, "redis.sentinel.hosts: 'h' is not host:port"),
+    ({**SENTINEL, "hosts": ["h:0"]}, "redis.sentinel.hosts: 'h:0' is not host:port"),
+    ({**SENTINEL, "hosts": ["h:65536"]}, "redis.sentinel.hosts: 'h:65536' is not host:port"),
+    ({**SENTINEL, "hosts": [":26379"]}, "redis.sentinel.hosts: ':26379' is not host:port"),
+    ({**SENTINEL, "hosts": ["h:x"]}, "redis.sentinel.hosts: 'h:x' is not host:port"),
+    ({**SENTINEL, "hosts": [26379]}, "redis.sentinel.hosts: must be a list of sentinels as host:port"),
+    ({**SENTINEL, "hosts": ["h:1", "h:1"]}, "redis.sentinel.hosts: names a sentinel twice"),
+    ({"hosts": ["h:1"]}, "redis.sentinel.service: required: the name the sentinels monitor the master by"),
+    ({**SENTINEL, "service": ""}, "redis.sentinel.service: must be a non-empty string"),
+    ({**SENTINEL, "service": 5}, "redis.sentinel.service: must be a non-empty string"),
+    ({**SENTINEL, "db": -1}, "redis.sentinel.db: must be an integer >= 0"),
+    ({**SENTINEL, "db": "0"}, "redis.sentinel.db: must be an integer >= 0"),
+    ({**SENTINEL, "password": 5}, "redis.sentinel.password: must be a string"),
+    ({**SENTINEL, "username": "gw"}, "redis.sentinel.username: needs a password"),
+    ({**SENTINEL, "sentinel_username": "w"}, "redis.sentinel.sentinel_username: needs a sentinel_password"),
+    ({**SENTINEL, "sentinel_password": None}, "redis.sentinel.sentinel_password: must be a string"),
+    ({**SENTINEL, "ssl": "yes"}, "redis.sentinel.ssl: must be true or false"),
+    ({**SENTINEL, "ssl_ca_certs": "/nonexistent.pem"}, "redis.sentinel.ssl_ca_certs: needs ssl: true"),
+    ({**SENTINEL, "ssl": True, "ssl_ca_certs": "/nonexistent.pem"},
+     "redis.sentinel.ssl_ca_certs: ssl_ca_certs '/nonexistent.pem' is not a file"),
+    ({**SENTINEL, "ssl": True, "ssl_keyfile": "/nonexistent.pem"},
+     "redis.sentinel.ssl_keyfile: ssl_keyfile '/nonexistent.pem' is not a file"),
+    ({**SENTINEL, "master": "x"}, "redis.sentinel.master: unknown key"),
+])
+def test_sentinel_refuses(sentinel: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_settings({"upstream": UPSTREAM, "redis": {"sentinel": sentinel}})
+    assert str(raised.value) == message
+
+
+def test_sentinel_or_url_never_both() -> None:
+    with pytest.raises(ConfigError, match=r"^redis\.sentinel: cannot be used together with redis\.url$"):
+        build_settings({"upstream": UPSTREAM, "redis": {"url": "redis://h:6379/0", "sentinel": SENTINEL}})
+
+
+def test_sentinel_from_the_environment() -> None:
+    environ = {"GATEWAY_UPSTREAM": UPSTREAM, "GATEWAY_REDIS__SENTINEL__HOSTS": "[127.0.0.1:26379]",
+               "GATEWAY_REDIS__SENTINEL__SERVICE": "gw", "GATEWAY_REDIS__SENTINEL__PASSWORD": "pw"}
+    sentinel = load_settings(None, environ).redis.sentinel
+    assert sentinel == SentinelSettings(hosts=(("127.0.0.1", 26379),), service="gw", password="pw")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, {**environ, "GATEWAY_REDIS__SENTINEL__DB": "-2"})
+    assert str(raised.value) == "GATEWAY_REDIS__SENTINEL__DB: redis.sentinel.db: must be an integer >= 0"
 
 def test_upstream_is_one_route_for_every_path() -> None:
     settings = build_settings({"upstream": "https://api.example.com:8443/v2/"})
@@ -771,3 +852,114 @@ def test_version(tmp_path: Path) -> None:
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert (result.returncode, result.stdout) == (0, f"gateway {declared}\n")
     assert importlib.metadata.version("flespi-token-gateway") == gateway.__version__ == declared
+
+
+# -- the mqtt section ----------------------------------------------------------------------------------
+
+BROKER = "mqtt://127.0.0.1:1884"
+MQTT_URL = "must be an mqtt:// or mqtts:// URL with a host (mqtt://user:password@host:port)"
+
+
+def mqtt(**section: Any) -> MqttSettings:
+    settings = build_settings({"upstream": UPSTREAM, "mqtt": {"broker": BROKER, **section}}).mqtt
+    assert settings is not None
+    return settings
+
+
+def test_mqtt_defaults() -> None:
+    settings = mqtt()
+    assert settings.listen == ListenSettings("127.0.0.1", 1883)
+    assert (settings.websocket_path, settings.max_packet_size, settings.connect_timeout, settings.check_interval,
+            settings.broker_ca_file) == ("/mqtt", 1024 * 1024, 10.0, 0.5, None)
+    assert settings.broker_tls() is None
+
+
+@pytest.mark.parametrize(("url", "broker"), [
+    ("mqtt://h", BrokerAddress("h", 1883)),
+    ("mqtt://h:1999", BrokerAddress("h", 1999)),
+    ("mqtts://h", BrokerAddress("h", 8883, tls=True)),
+    ("mqtt://gw:s3cret@10.0.0.1:1884", BrokerAddress("10.0.0.1", 1884, False, "gw", "s3cret")),
+    ("mqtt://gw@h/", BrokerAddress("h", 1883, False, "gw", None)),
+])
+def test_mqtt_broker_urls(url: str, broker: BrokerAddress) -> None:
+    assert mqtt(broker=url).broker == broker
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://h:1883", MQTT_URL), ("mqtt://", MQTT_URL), ("h:1883", MQTT_URL), (1883, MQTT_URL), (None, None),
+    ("mqtt://h:99999", MQTT_URL), ("mqtt://h/topic", "must not have a path, query or fragment"),
+    ("mqtt://h?x=1", "must not have a path, query or fragment"), ("mqtt://:pw@h", "a password needs a user name"),
+])
+def test_mqtt_broker_refused(url: Any, problem: str | None) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_settings({"upstream": UPSTREAM, "mqtt": {"broker": url}})
+    assert str(raised.value) == f"mqtt.broker: {problem or 'required (mqtt://user:password@host:port)'}"
+
+
+def test_mqtt_broker_password_is_never_repeated() -> None:
+    settings = mqtt(broker="mqtt://gw:hunter2@h:1884")
+    assert "hunter2" not in repr(settings)
+    with pytest.raises(ConfigError) as raised:
+        build_settings({"upstream": UPSTREAM, "mqtt": {"broker": "mqtt://gw:hunter2@h:1884/x"}})
+    assert "hunter2" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("key", "value", "read"), [
+    ("listen", {"host": "0.0.0.0", "port": 0}, ListenSettings("0.0.0.0", 0)),
+    ("listen", {"port": 11883}, ListenSettings("127.0.0.1", 11883)),
+    ("websocket_path", "/ws/mqtt", "/ws/mqtt"),
+    ("websocket_path", "", ""),
+    ("max_packet_size", 4096, 4096),
+    ("connect_timeout", 2, 2.0),
+    ("check_interval", 0.1, 0.1),
+])
+def test_mqtt_valid_values(key: str, value: Any, read: Any) -> None:
+    got = getattr(mqtt(**{key: value}), key)
+    assert got == read and type(got) is type(read)
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    ("listen", 5, "mqtt.listen: must be a mapping"),
+    ("listen", {"port": 70000}, "mqtt.listen.port: must be an integer from 0 to 65535"),
+    ("listen", {"host": ""}, "mqtt.listen.host: must be a non-empty string"),
+    ("listen", {"hots": "x"}, "mqtt.listen.hots: unknown key; did you mean mqtt.listen.host?"),
+    ("websocket_path", "mqtt", 'mqtt.websocket_path: must be a plain path that starts with / (or "" for none)'),
+    ("websocket_path", "/a/../b", 'mqtt.websocket_path: must be a plain path that starts with / (or "" for none)'),
+    ("websocket_path", "/platform/mqtt", "mqtt.websocket_path: must not lie under platform_prefixes or "
+                                         "internal_prefix"),
+    ("websocket_path", "/_gateway/mqtt", "mqtt.websocket_path: must not lie under platform_prefixes or "
+                                         "internal_prefix"),
+    ("max_packet_size", 10, "mqtt.max_packet_size: must be an integer from 64 to 268435460"),
+    ("max_packet_size", 1.5, "mqtt.max_packet_size: must be an integer from 64 to 268435460"),
+    ("connect_timeout", 0, "mqtt.connect_timeout: must be a number > 0"),
+    ("check_interval", -1, "mqtt.check_interval: must be a number > 0"),
+    ("broker_ca_file", "/nonexistent.pem", None),
+    ("brokr", "x", "mqtt.brokr: unknown key; did you mean mqtt.broker?"),
+])
+def test_mqtt_invalid_values(key: str, value: Any, problem: str | None) -> None:
+    with pytest.raises(ConfigError) as raised:
+        mqtt(**{key: value})
+    if problem is None:
+        assert str(raised.value).startswith("mqtt.broker_ca_file: ")
+    else:
+        assert str(raised.value) == problem
+
+
+def test_mqtt_broker_ca_file(ca_file: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        mqtt(broker_ca_file=ca_file)
+    assert str(raised.value) == "mqtt.broker_ca_file: needs an mqtts:// broker"
+    settings = mqtt(broker="mqtts://h", broker_ca_file=ca_file)
+    assert settings.broker_ca_file == ca_file and settings.broker_tls() is not None
+
+
+def test_mqtt_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"upstream": UPSTREAM}))
+    settings = load_settings(path, {"GATEWAY_MQTT__BROKER": "mqtts://gw:pw@broker:8884",
+                                    "GATEWAY_MQTT__LISTEN__PORT": "1999"})
+    assert settings.mqtt is not None and settings.mqtt.broker == BrokerAddress("broker", 8884, True, "gw", "pw")
+    assert settings.mqtt.listen.port == 1999
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path, {"GATEWAY_MQTT__BROKER": "tcp://gw:pw@broker"})
+    assert str(raised.value) == f"GATEWAY_MQTT__BROKER: mqtt.broker: {MQTT_URL}"

@@ -78,6 +78,8 @@ class TokenCache:
         self.subscribed = asyncio.Event()
         # Other messages on the channel (e.g. "accounts") and who wants them; also told after a gap.
         self.listeners: dict[str, Callable[[], None]] = {}
+        # Told of every dropped entry (live MQTT sessions follow their token through it).
+        self.on_invalidate: Callable[[str], None] | None = None
         self.batches = 0  # store round trips made for misses, refreshes and revalidations
 
     def __len__(self) -> int:
@@ -136,6 +138,8 @@ class TokenCache:
         self._entries.pop(digest, None)
         if digest in self._waiters:
             self._dropped.add(digest)
+        if self.on_invalidate is not None:
+            self.on_invalidate(digest)
 
     def mark_all_stale(self) -> None:
         self._epoch += 1

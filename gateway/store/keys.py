@@ -18,6 +18,7 @@ run there too.
 - `blocked:<window>`, `unblocked:<window>`  hashes: token id -> why (made once by HSETNX)
 - `logs:tok:<id>`, `logs:acct:<cid>`        capped lists of JSON log records
 - `group:<group>:<uri>`, `groups`           sets kept by the upstream application (ACL groups)
+- `writes`                       counter, bumped before each WAIT (what the replicas must hold)
 - `invalidate`                   pub/sub channel: digests whose cached records must be dropped,
                                  and `accounts`
 """
@@ -29,7 +30,7 @@ class Keys:
     methods for the ones that carry an id."""
 
     __slots__ = ("prefix", "token_prefix", "ids", "used", "legacy_accessed", "expiry", "next_id", "bin",
-                 "bin_times", "accounts", "next_account_id", "groups", "channel")
+                 "bin_times", "accounts", "next_account_id", "groups", "writes", "channel")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -44,6 +45,7 @@ class Keys:
         self.accounts = f"{prefix}accounts"
         self.next_account_id = f"{prefix}next_account_id"
         self.groups = f"{prefix}groups"
+        self.writes = f"{prefix}writes"
         self.channel = f"{prefix}invalidate"
 
     def token(self, digest: str) -> str:

@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -60,6 +60,11 @@ def pack(commands: Sequence[Command]) -> bytes:
 
 
 Answer = Callable[[list[Any] | BaseException], None]
+Locate = Callable[[], Awaitable[tuple[str, int]]]
+# Error replies that say this server can no longer take the traffic (a demoted master, a replica
+# that lost its master, one still loading): the connection is dropped, so that the next command
+# goes wherever the master is now.
+WRONG_SERVER = ("READONLY", "MASTERDOWN", "LOADING")
 
 
 class _Request:
@@ -136,9 +141,13 @@ class _Connection(asyncio.Protocol):
                 return
             request = pending[0]
             request.replies.append(reply)
+            wrong = isinstance(reply, hiredis.ReplyError) and str(reply).startswith(WRONG_SERVER)
             if len(request.replies) == request.expected:
                 pending.popleft()
                 request.settle()
+            if wrong:
+                self.fail(RedisConnectionError(f"{self.where} no longer takes writes: {reply}"))
+                return
 
     def _timed_out(self) -> None:
         self.fail(RedisTimeoutError(f"Timeout reading from {self.where}"))
@@ -156,8 +165,12 @@ class _Connection(asyncio.Protocol):
 
 
 class RespClient:
-    def __init__(self, url: str, timeout: float, connect_timeout: float) -> None:
+    """`locate` (Sentinel): where the master is, asked again for every connection, which is
+    opened only once the server says it is a master (ROLE)."""
+
+    def __init__(self, url: str, timeout: float, connect_timeout: float, locate: Locate | None = None) -> None:
         options = parse_url(url)
+        self._locate = locate
         self._path: str | None = options.get("path") if options.get("connection_class") is \
             UnixDomainSocketConnection else None
         self._host = options.get("host", "localhost")
@@ -170,6 +183,8 @@ class RespClient:
             self._handshake.append(("AUTH", username, password) if username else ("AUTH", password))
         if int(options.get("db") or 0):
             self._handshake.append(("SELECT", int(options["db"])))
+        if locate is not None:
+            self._handshake.append(("ROLE",))
         self._where = self._path or f"{self._host}:{self._port}"
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
@@ -209,6 +224,9 @@ class RespClient:
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        if self._locate is not None:
+            self._host, self._port = await self._locate()
+            self._where = f"{self._host}:{self._port}"
 
         def factory() -> _Connection:
             return _Connection(self._timeout, self._where)
@@ -223,11 +241,21 @@ class RespClient:
         except OSError as exc:
             raise RedisConnectionError(f"Error connecting to {self._where}: {exc}") from None
         if self._handshake:
-            for reply in await connection.send(pack(self._handshake), len(self._handshake)):
+            replies = await connection.send(pack(self._handshake), len(self._handshake))
+            for reply in replies:
                 if isinstance(reply, hiredis.ReplyError):
                     connection.fail(RedisConnectionError("handshake refused"))
                     raise RedisConnectionError(f"{self._where} refused the handshake: {reply}")
+            if self._locate is not None and not (isinstance(replies[-1], list) and replies[-1][:1] == [b"master"]):
+                connection.fail(RedisConnectionError("not the master"))
+                raise RedisConnectionError(f"{self._where} is not a master (any more)")
         return connection
+
+    def reset(self) -> None:
+        """Drop the connection (the master moved): what is in flight fails, the next call reconnects."""
+        if self._connection is not None:
+            self._connection.fail(RedisConnectionError(f"{self._where} is no longer the master"))
+            self._connection = None
 
     async def close(self) -> None:
         if self._connecting is not None:

@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.config import RedisSettings
-from gateway.errors import StoreUnavailable
+from gateway.errors import NOT_REPLICATED, Denied, StoreUnavailable
 from gateway.store.keys import Keys
 from gateway.store.resp import RespClient, reply_error, script_sha
 from gateway.store.scripts import FOLD_ACCESSED, TOUCH
@@ -89,6 +89,19 @@ class RedisStore:
         self.after_change: Callable[[], Awaitable[None]] | None = None
         # This process's own cache hears its changes at once, not a pub/sub round trip later.
         self.on_publish: Callable[[str], None] | None = None
+        # What `subscription` listens on (Sentinel: a client that never reconnects by itself, so
+        # that the cache hears of every gap and revalidates what it holds).
+        self.listener = client
+        # API changes are acknowledged once this many replicas hold them (`require_replicas`).
+        self.waiter: aioredis.Redis | None = None
+        self.replicas = 0
+        self.wait_ms = 0
+
+    def require_replicas(self, waiter: aioredis.Redis, replicas: int, timeout: float) -> None:
+        """`publish` (which follows every change the API makes) waits for `replicas` replicas to
+        hold what was written before it, `timeout` at most, on `waiter` (whose socket timeout is
+        longer than that)."""
+        self.waiter, self.replicas, self.wait_ms = waiter, replicas, max(1, round(timeout * 1000))
 
     async def changed(self) -> None:
         if self.after_change is not None:
@@ -133,25 +146,42 @@ class RedisStore:
             return await self.call(lambda: attempt(keys, args))
         return run
 
-    async def publish(self, messages: Iterable[str]) -> None:
+    async def publish(self, messages: Iterable[str], acknowledge: bool = True) -> None:
+        """Invalidate `messages` on every instance. With `require_replicas` (and `acknowledge`), then
+        wait until the replicas hold every write made before: Denied(503) if they do not in time,
+        the change made on the master (and published) but not safe from a failover.
+
+        WAIT counts what the replicas acknowledged of the writes made on its own connection; the
+        INCR before it, on that connection, is such a write and comes after the change."""
         messages = list(messages)
         if self.on_publish is not None:
             for message in messages:
                 self.on_publish(message)
+        waits = acknowledge and self.replicas > 0 and self.waiter is not None
+        client = self.waiter if waits and self.waiter is not None else self.client
 
-        async def run() -> None:
-            async with self.client.pipeline(transaction=False) as pipe:
+        async def run() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
                 for message in messages:
                     pipe.publish(self.channel, message)
-                await pipe.execute()
-        await self.call(run)
+                if waits:
+                    pipe.incr(self.keys.writes)
+                    pipe.execute_command("WAIT", self.replicas, self.wait_ms)
+                return await pipe.execute()
+        replies = await self.call(run)
+        if waits and int(replies[-1]) < self.replicas:
+            raise Denied(503, NOT_REPLICATED)
 
     @asynccontextmanager
     async def subscription(self) -> AsyncIterator[Any]:
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.listener.pubsub(ignore_subscribe_messages=True)
         try:
             await self.call(lambda: pubsub.subscribe(self.channel))
-            yield pubsub
+            subscription = _Subscription(pubsub)
+            try:
+                yield subscription
+            finally:
+                subscription.close()
         finally:
             with suppress(*STORE_ERRORS):
                 await pubsub.aclose()
@@ -473,6 +503,32 @@ class TokenStore(RedisStore):
         await self.call(run)
         await self.changed()
         return len(victims)
+
+
+class _Subscription:
+    """A subscription whose every gap is seen: redis-py reconnects a pub/sub connection by
+    itself and subscribes again, and what was published meanwhile is lost without a word (a
+    restarted Redis, a Sentinel failover). After such a reconnection `get_message` raises, so
+    the cache revalidates what it holds (`TokenCache.run_subscriber`)."""
+
+    def __init__(self, pubsub: Any) -> None:
+        self._pubsub = pubsub
+        self._reconnected = False
+        if pubsub.connection is not None:
+            pubsub.connection.register_connect_callback(self._connected)  # kept as a weak reference
+
+    async def _connected(self, connection: Any) -> None:
+        self._reconnected = True
+
+    def close(self) -> None:
+        if self._pubsub.connection is not None:
+            self._pubsub.connection.deregister_connect_callback(self._connected)
+
+    async def get_message(self, **options: Any) -> Any:
+        message = await self._pubsub.get_message(**options)
+        if self._reconnected:
+            raise redis.exceptions.ConnectionError("subscription re-established: messages may have been lost")
+        return message
 
 
 def _unavailable(error: BaseException) -> StoreUnavailable:

@@ -71,7 +71,7 @@ class Housekeeper:
             if token_id in still_valid or not await self._store.claim_expired(token_id) or record is None:
                 continue
             await self._store.remove([record], to_bin=False)
-            await self._store.publish([record["digest"]])
+            await self._store.publish([record["digest"]], acknowledge=False)  # it expired anyway
             self._logs.emit({"timestamp": now, "event_code": EVENT_EXPIRED, "token_id": token_id,
                              "cid": record.get("cid", 0), "reason": "token expired and has been deleted"})
             deleted += 1

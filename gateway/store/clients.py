@@ -1,0 +1,74 @@
+"""The Redis clients a process uses, for one Redis (`redis.url`) or a Sentinel-managed master
+(`redis.sentinel`): redis-py for the API, pub/sub and housekeeping, one with a longer timeout for
+WAIT, and the lean client (`store/resp.py`) for the batched traffic where it can serve (no TLS)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.config import RedisSettings
+from gateway.store.resp import RespClient, lean_client
+from gateway.store.sentinel import MasterWatch
+from gateway.store.tokens import connect_redis
+
+# How often the sentinels are asked where the master is (a failover is seen within this).
+SENTINEL_POLL = 0.25
+
+
+@dataclass(slots=True)
+class Clients:
+    client: aioredis.Redis
+    waiter: aioredis.Redis | None = None  # WAIT blocks up to redis.wait_timeout: a timeout above it
+    listener: aioredis.Redis | None = None  # pub/sub, when not `client`
+    lean: RespClient | None = None
+    lean_loads: RespClient | None = None
+    watch: MasterWatch | None = None
+    owned: list[aioredis.Redis] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for lean in (self.lean, self.lean_loads):
+            if lean is not None:
+                await lean.close()
+        for client in self.owned:
+            await client.aclose()
+        if self.watch is not None:
+            await self.watch.close()
+
+
+def open_clients(settings: RedisSettings) -> Clients:
+    """Nothing is connected yet: every client connects on first use."""
+    waits = settings.replicas_to_wait > 0
+    wait_timeout = settings.socket_timeout + settings.wait_timeout
+    sentinel = settings.sentinel
+    if sentinel is None:
+        client = connect_redis(settings)
+        waiter = aioredis.Redis.from_url(settings.url, socket_timeout=wait_timeout,
+                                         socket_connect_timeout=settings.connect_timeout,
+                                         retry=Retry(NoBackoff(), 1)) if waits else None
+        lean, lean_loads = (lean_client(settings.url, settings.socket_timeout, settings.connect_timeout)
+                            for _ in range(2))
+        clients = Clients(client, waiter, None, lean, lean_loads)
+        clients.owned = [client] + ([waiter] if waiter is not None else [])
+        return clients
+    watch = MasterWatch(settings, sentinel)
+    client, listener = watch.client(settings.socket_timeout), watch.client(settings.socket_timeout, retries=0)
+    waiter = watch.client(wait_timeout) if waits else None
+    clients = Clients(client, waiter, listener, watch=watch,
+                      owned=[client, listener] + ([waiter] if waiter is not None else []))
+    if not sentinel.ssl:  # the lean client speaks no TLS: redis-py pipelines then, as for rediss://
+        url = _lean_url(sentinel.username, sentinel.password, sentinel.db)
+        clients.lean = RespClient(url, settings.socket_timeout, settings.connect_timeout, watch.locate)
+        clients.lean_loads = RespClient(url, settings.socket_timeout, settings.connect_timeout, watch.locate)
+        for lean in (clients.lean, clients.lean_loads):
+            watch.on_move.append(lean.reset)
+    return clients
+
+
+def _lean_url(username: str, password: str, db: int) -> str:
+    """The credentials and database for the lean client; the address comes from the sentinels."""
+    auth = f"{quote(username, safe='')}:{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}sentinel-master/{db}"
