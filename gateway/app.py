@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ from gateway.store.cache import TokenCache
 from gateway.store.clients import SENTINEL_POLL, Clients, open_clients
 from gateway.store.health import StoreMonitor
 from gateway.store.tokens import TokenStore
-from gateway.tokens import Token, key_digest
+from gateway.tokens import Token, key_digest, new_key
 from gateway.writers.accessed import AccessedWriter
 from gateway.writers.housekeeping import Housekeeper
 from gateway.writers.logs import FileSink, LogWriter
@@ -67,7 +68,7 @@ from gateway.writers.tokenlogs import RedisLogSink
 from gateway.writers.usage import UsageMeter
 
 if TYPE_CHECKING:
-    from gateway.store.embedded import Snapshotter
+    from gateway.store.embedded import EmbeddedStore
 
 log = logging.getLogger("gateway")
 
@@ -432,26 +433,50 @@ CORS = web.AppKey("cors", CorsPolicy)
 BOOTSTRAP_EXPIRE = 4102444800  # 2100-01-01: a token must have ttl or expire (docs/tokens.md)
 
 
+def master_record(token_id: int, digest: str, info: str) -> dict[str, Any]:
+    return {"id": token_id, "digest": digest, "info": info, "enabled": True, "access": {"type": 1},
+            "expire": BOOTSTRAP_EXPIRE, "ttl": 0, "created": int(time.time()), "accessed": 0, "ips": "",
+            "origins": "*", "cid": 0, "metadata": {}}
+
+
 async def bootstrap_master(store: TokenStore, key: str) -> None:
     """Make the configured key a master token unless it exists (safe from several instances)."""
     digest = key_digest(key)
     if await store.load(digest) is None:
         [token_id] = await store.allocate_ids(1)
-        record = {"id": token_id, "digest": digest, "info": "bootstrap master token", "enabled": True,
-                  "access": {"type": 1}, "expire": BOOTSTRAP_EXPIRE, "ttl": 0, "created": int(time.time()),
-                  "accessed": 0, "ips": "", "origins": "*", "cid": 0, "metadata": {}}
-        if await store.insert_if_absent(record):
+        if await store.insert_if_absent(master_record(token_id, digest, "bootstrap master token")):
             log.info("bootstrap master token created with id %d", token_id)
     await store.publish([digest])  # drop "no such token" answers cached before it existed
 
 
-async def _keep_bootstrapping(store: TokenStore, key: str) -> None:
+async def first_master(store: TokenStore, announce: Callable[[int, str], None]) -> None:
+    """A store that never held a token, started with no bootstrap key, gets a master token whose
+    key is handed to `announce`, once: a restart finds `next_id` and makes nothing."""
+    key = new_key()
+    digest = key_digest(key)
+    if await store.insert_first(master_record(1, digest, "first master token")):
+        log.info("first master token created with id 1 (its key is shown once, on the console)")
+        announce(1, key)
+        await store.publish([digest])
+
+
+def announce_key(token_id: int, key: str) -> None:
+    """On the console, never through logging: log handlers may write to files and collectors."""
+    sys.stderr.write(
+        f"\ngateway: this store had no tokens, so master token {token_id} was created. Its key, shown only now:\n\n"
+        f"    {key}\n\n"
+        "Keep it: manage tokens with it (GATEWAY_MASTER_TOKEN for `gateway token ...`, or the panel at\n"
+        "/_gateway/panel/). A restart creates no other.\n\n")
+    sys.stderr.flush()
+
+
+async def _keep_trying(name: str, job: Callable[[], Awaitable[None]]) -> None:
     while True:
         try:
-            await bootstrap_master(store, key)
+            await job()
             return
         except Exception as exc:
-            log.warning("bootstrap master token not yet created (%s); retrying", exc)
+            log.warning("%s not yet created (%s); retrying", name, exc)
             await asyncio.sleep(1.0)
 
 
@@ -472,13 +497,11 @@ async def services(app: web.Application, settings: Settings, shared: str | None 
         sink = None if settings.log.path == "off" else FileSink(settings.log.path)
     except OSError as exc:  # writable at the check, and no longer: said as the check would, no traceback
         raise ConfigError("log.path", f"cannot open {settings.log.path!r} ({exc.strerror})") from exc
-    snapshotter: Snapshotter | None = None
+    embedded: EmbeddedStore | None = None
     if settings.redis.embedded:
         from gateway.store.embedded import open_embedded  # fakeredis: imported only when it is used
-        embedded, snapshotter = open_embedded(settings.redis.data_file)
-        loaded = await snapshotter.load()
-        log.info("embedded store: %d keys loaded from %s", loaded, settings.redis.data_file)
-        clients = Clients(embedded, owned=[embedded])
+        embedded = open_embedded(settings.redis.data_file)
+        clients = Clients(embedded.client)  # the client is closed with the store's files, below
     else:
         clients = open_clients(settings.redis)
     prefix, client = settings.redis.key_prefix, clients.client
@@ -489,10 +512,9 @@ async def services(app: web.Application, settings: Settings, shared: str | None 
     if clients.waiter is not None:
         for acknowledged in (store, accounts):
             acknowledged.require_replicas(clients.waiter, settings.redis.replicas_to_wait, settings.redis.wait_timeout)
-    if snapshotter is not None:
+    if embedded is not None:
         for persisted in (store, accounts):
-            persisted.after_change = snapshotter.save
-            persisted.after_touch = snapshotter.mark_dirty
+            persisted.after_change = embedded.sync  # an API change is on disk before it is answered
     logs = LogWriter(settings.log, [sink] if sink else [])
     token_logs = RedisLogSink(store, settings.token_logs) if settings.token_logs.enabled else None
     if token_logs is not None:
@@ -518,17 +540,20 @@ async def services(app: web.Application, settings: Settings, shared: str | None 
         cache.run_subscriber(), built.accessed.run(), logs.run(), built.usage.run(), built.housekeeper.run(),
         directory.run(settings.cache.refresh_interval), built.monitor.run(), gateway.metrics.run(),
     ]
-    if snapshotter is not None:
-        jobs.append(snapshotter.run())
+    if embedded is not None:
+        jobs.append(embedded.run())
     if clients.watch is not None:
         jobs.append(clients.watch.run(SENTINEL_POLL))
-    if settings.bootstrap_master_token:
-        # Usable as soon as the port opens; only if the store is away does it wait in background.
-        try:
-            await bootstrap_master(store, settings.bootstrap_master_token)
-        except Exception as exc:
-            log.warning("bootstrap master token not yet created (%s); retrying in background", exc)
-            jobs.append(_keep_bootstrapping(store, settings.bootstrap_master_token))
+    # Usable as soon as the port opens; only if the store is away does it wait in background.
+    master_key = settings.bootstrap_master_token
+    make_master: tuple[str, Callable[[], Awaitable[None]]] = (
+        ("bootstrap master token", partial(bootstrap_master, store, master_key)) if master_key else
+        ("first master token", partial(first_master, store, announce_key)))
+    try:
+        await make_master[1]()
+    except Exception as exc:
+        log.warning("%s not yet created (%s); retrying in background", make_master[0], exc)
+        jobs.append(_keep_trying(*make_master))
     if gateway.mqtt is not None:
         jobs.append(gateway.mqtt.run())
     tasks = [asyncio.ensure_future(job) for job in jobs]
@@ -546,9 +571,9 @@ async def services(app: web.Application, settings: Settings, shared: str | None 
         if built.request_log is not None:
             built.request_log.close()
         await built.session.close()
-        if snapshotter is not None:
-            await snapshotter.save()
         await clients.close()
+        if embedded is not None:
+            await embedded.close()  # the journal's last frames, then the lock goes
 
 
 async def _quietly(job: Coroutine[Any, Any, None]) -> None:

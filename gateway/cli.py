@@ -80,7 +80,10 @@ def check_startup(settings: Settings) -> None:
     """What would still stop a start after the file parsed: the port, the embedded store's file."""
     check_listen(settings.listen, reuse_port=settings.workers > 1)
     if settings.redis.embedded:
+        from gateway.store.embedded import check_files  # fakeredis: imported only when it is used
+
         check_snapshot(settings.redis.data_file)
+        check_files(settings.redis.data_file)
 
 
 def check_listen(listen: ListenSettings, reuse_port: bool) -> None:
@@ -149,6 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return run(settings, args.config or default_config())
-    except ConfigError as exc:  # what changed between the check and the start (a port taken meanwhile)
+    except ConfigError as exc:  # what changed since the check (a port taken meanwhile), or the store's lock
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -432,8 +432,14 @@ class RedisSettings:
         return 1 if self.sentinel is not None else 0
 
     @classmethod
-    def parse(cls, table: Table) -> RedisSettings:
+    def parse(cls, table: Table, base: Path | None = None) -> RedisSettings:
+        """`base`: the config file's directory, which a relative `data_file` is taken from (as nginx
+        takes relative paths from its prefix), so that where the gateway is started from does not
+        decide which store it opens."""
         defaults = cls()
+        data_file = table.text("data_file", defaults.data_file, empty=False)
+        if base is not None and not os.path.isabs(data_file):
+            data_file = str(base / data_file)
         sentinel = None
         if table.get("sentinel") is not None:
             sentinel = SentinelSettings.parse(table.section("sentinel", SentinelSettings))
@@ -445,7 +451,7 @@ class RedisSettings:
             key_prefix=table.text("key_prefix", defaults.key_prefix),
             socket_timeout=table.number("socket_timeout", defaults.socket_timeout, above=0),
             connect_timeout=table.number("connect_timeout", defaults.connect_timeout, above=0),
-            data_file=table.text("data_file", defaults.data_file, empty=False),
+            data_file=data_file,
             sentinel=sentinel,
             wait_replicas=None if wait is MISSING else table.integer("wait_replicas", 0, at_least=0),
             wait_timeout=table.number("wait_timeout", defaults.wait_timeout, above=0),
@@ -458,7 +464,7 @@ class RedisSettings:
         if settings.embedded:
             if settings.replicas_to_wait:
                 raise ConfigError(table.name("wait_replicas"), "the embedded store (memory://) has no replicas")
-            # Loaded at start and rewritten (through a temporary file beside it) after every change.
+            # Loaded at start; its journal, lock and next snapshot are created beside it.
             data_key = table.name("data_file")
             if _kind(data_key, Path(settings.data_file)) != "missing":
                 readable_file(data_key, settings.data_file)
@@ -935,7 +941,8 @@ class Settings:
     accessed_flush_interval: float = 0.1
 
     @classmethod
-    def parse(cls, raw: Any) -> Settings:
+    def parse(cls, raw: Any, base: Path | None = None) -> Settings:
+        """`base`: the config file's directory (None: no file; relative paths stay relative)."""
         top = Table("", raw, TOP_LEVEL_KEYS)
         defaults = cls(routes=())
         platform = top.get("platform_prefixes", list(defaults.platform_prefixes))
@@ -956,7 +963,7 @@ class Settings:
         settings = cls(
             routes=parse_routes(top),
             listen=ListenSettings.parse(top.section("listen", ListenSettings)),
-            redis=RedisSettings.parse(top.section("redis", RedisSettings)),
+            redis=RedisSettings.parse(top.section("redis", RedisSettings), base),
             cache=CacheSettings.parse(top.section("cache", CacheSettings)),
             proxy=ProxySettings.parse(top.section("proxy", ProxySettings)),
             limits=LimitsSettings.parse(top.section("limits", LimitsSettings)),
@@ -1044,9 +1051,10 @@ def reloaded_keys(running: Settings, effective: Settings) -> tuple[str, ...]:
 TOP_LEVEL_KEYS = frozenset(settable(Settings)) - {"routes"} | {"upstream", "routes"}
 
 
-def build_settings(raw: Any) -> Settings:
-    """Settings from an already-read mapping (the file's content with overrides applied)."""
-    return Settings.parse(raw)
+def build_settings(raw: Any, base: Path | None = None) -> Settings:
+    """Settings from an already-read mapping (the file's content with overrides applied); `base`:
+    the directory of the file it came from."""
+    return Settings.parse(raw, base)
 
 
 # -- reading the file and the environment -----------------------------------------------------------
@@ -1118,7 +1126,7 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
     if path is None and raw.get("upstream") is None and raw.get("routes") is None:
         raise ConfigError("config file", NO_CONFIG_FILE)
     try:
-        return build_settings(raw)
+        return build_settings(raw, Path(path).absolute().parent if path is not None else None)
     except ConfigError as exc:
         variable = source_of(exc.key, sources)
         if variable is None:

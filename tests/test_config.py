@@ -848,8 +848,19 @@ def test_check_config_unreadable_snapshot(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yaml", redis={"data_file": "store.json"})
     result = gateway_command("-t", "-c", str(path), cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith("gateway: configuration error: redis.data_file: 'store.json' is not a snapshot "
-                                    "of the embedded store (")
+    assert result.stderr.startswith(f"gateway: configuration error: redis.data_file: {str(tmp_path / 'store.json')!r} "
+                                    "is not a snapshot of the embedded store (")
+
+
+def test_data_file_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    """Not to the working directory: started from elsewhere, the gateway still opens its own store."""
+    (tmp_path / "etc").mkdir()
+    path = write_config(tmp_path / "etc" / "c.yaml", redis={"data_file": "store.json"})
+    assert load_settings(path, {}).redis.data_file == str(tmp_path / "etc" / "store.json")
+    assert load_settings(path, {"GATEWAY_REDIS__DATA_FILE": "/var/lib/g.json"}).redis.data_file == "/var/lib/g.json"
+    bare = write_config(tmp_path / "etc" / "bare.yaml")
+    assert load_settings(bare, {}).redis.data_file == str(tmp_path / "etc" / "gateway-data.json")
+    assert load_settings(None, {"GATEWAY_UPSTREAM": UPSTREAM}).redis.data_file == "gateway-data.json"  # no file: here
 
 
 def test_start_with_a_bad_configuration_exits_before_listening(tmp_path: Path) -> None:

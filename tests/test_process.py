@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from support.keys import MASTER_KEY
 from support.servers import ROOT, Upstream, free_port, run_gateway_process, wait_for_port
 
 AUTH = {"Authorization": f"FlespiToken {MASTER_KEY}"}
+FIRST_KEY_NOTICE = b"was created. Its key, shown only now:"
 
 
 def write_config(path: Path, config: dict[str, Any]) -> Path:
@@ -152,6 +154,7 @@ async def test_log_lines_equal_requests_after_sigterm(running: Any, client: aioh
     assert "?" not in sample["uri"] and sample["size"] > 0
     everything = (tmp_path / "requests.log").read_bytes() + stderr
     assert MASTER_KEY.encode() not in everything
+    assert FIRST_KEY_NOTICE not in stderr  # a bootstrap key is configured: nothing is made or shown
 
 
 async def test_token_events_logged_without_key(running: Any, client: aiohttp.ClientSession, tmp_path: Path) -> None:
@@ -251,3 +254,62 @@ async def test_a_port_taken_since_the_check_is_a_config_error_at_start(tmp_path:
             await server.start("127.0.0.1", port)
     await server.close()
     assert str(raised.value) == f"listen.port: cannot listen on 127.0.0.1:{port} (Address already in use)"
+
+
+def readme_run_command() -> str:
+    """The README's first command: the one that installs and runs."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("**Run it**", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    [command] = block.strip().splitlines()
+    return command
+
+
+async def test_readme_run_command_needs_no_key_and_shows_one_once(tmp_path: Path, upstream: Upstream,
+                                                                   client: aiohttp.ClientSession) -> None:
+    """What the README's command runs after its install (`.venv/bin/gateway --config config.yaml`,
+    here the tests' venv's), on a copy of the shipped config.yaml in a fresh directory, with no key
+    given: the first start makes a master token and prints its key once; a restart makes none."""
+    install, _, run = readme_run_command().rpartition(" && ")
+    assert install == "python3 -m venv .venv && .venv/bin/pip install -q ."
+    assert run == ".venv/bin/gateway --config config.yaml"
+    (tmp_path / "config.yaml").write_bytes((ROOT / "config.yaml").read_bytes())
+    script = Path(sys.executable).parent / "gateway"
+    argv = [str(script) if script.exists() else sys.executable, *([] if script.exists() else ["-m", "gateway"]),
+            *run.split()[1:]]
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY_")}
+    env.update(GATEWAY_LISTEN__PORT=str(port), GATEWAY_UPSTREAM=upstream.url)
+    headers: dict[str, str] = {}
+
+    async def serve(name: str, first: bool) -> tuple[list[dict[str, Any]], bytes, bytes]:
+        """Start, (on the first start read the key,) list the tokens with it, stop."""
+        out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        process = launch(argv, tmp_path, env, out, err)
+        try:
+            await asyncio.to_thread(wait_for_port, port, 30)
+            if first:  # printed before the port opens
+                keys = re.findall(rb"^    ([A-Za-z0-9]{64})$", err.read_bytes(), re.MULTILINE)
+                assert len(keys) == 1, err.read_bytes()
+                headers["Authorization"] = f"FlespiToken {keys[0].decode()}"
+            async with client.get(f"http://127.0.0.1:{port}/platform/tokens/all", headers=headers) as reply:
+                assert reply.status == 200
+                listed: list[dict[str, Any]] = (await reply.json())["result"]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(process.wait, 30) == 0
+        return listed, out.read_bytes(), err.read_bytes()
+
+    tokens, first_out, first_err = await serve("first", first=True)
+    key = headers["Authorization"].split()[1].encode()
+    assert first_err.count(key) == 1 and first_err.count(FIRST_KEY_NOTICE) == 1
+    assert key not in first_out  # the request log (stdout in config.yaml) never has it
+    assert [(token["id"], token["access"]) for token in tokens] == [(1, {"type": 1})]
+    again, again_out, again_err = await serve("again", first=False)
+    assert [(token["id"], token["created"]) for token in again] == [(1, tokens[0]["created"])]
+    assert FIRST_KEY_NOTICE not in again_err and key not in again_err + again_out
+    assert (tmp_path / "gateway-data.json.lock").exists()  # the store beside config.yaml
+
+
+def launch(argv: list[str], cwd: Path, env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=stdout, stderr=stderr)

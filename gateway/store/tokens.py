@@ -88,9 +88,8 @@ class RedisStore:
         self.prefix = prefix
         self.keys = Keys(prefix)
         self.channel = self.keys.channel
-        # The embedded store persists itself through these; Redis needs neither.
+        # The embedded store makes a change durable through this before the API answers.
         self.after_change: Callable[[], Awaitable[None]] | None = None
-        self.after_touch: Callable[[], None] | None = None
         # This process's own cache hears its changes at once, not a pub/sub round trip later.
         self.on_publish: Callable[[str], None] | None = None
         # What `subscription` listens on (Sentinel: a client that never reconnects by itself, so
@@ -112,10 +111,6 @@ class RedisStore:
     async def changed(self) -> None:
         if self.after_change is not None:
             await self.after_change()
-
-    def touched(self) -> None:
-        if self.after_touch is not None:
-            self.after_touch()
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -303,7 +298,6 @@ class TokenStore(RedisStore):
         pairs, step = _pairs(accessed), 2 * TOUCH_CHUNK
         for start in range(0, len(pairs), step):
             await self._touch([self._used], pairs[start:start + step])
-        self.touched()
 
     async def fold_legacy_accessed(self) -> int:
         """Move what the old `accessed` sorted set holds into the `used` hash; how many moved.
@@ -314,8 +308,6 @@ class TokenStore(RedisStore):
             moved += count
             if count < FOLD_CHUNK:
                 break
-        if moved:
-            self.touched()
         return moved
 
     # -- tokens API ---------------------------------------------------------------------------
@@ -342,6 +334,29 @@ class TokenStore(RedisStore):
     async def insert_if_absent(self, record: dict[str, Any]) -> bool:
         """Atomically create a record unless its key exists (bootstrap from several instances)."""
         return await self._write_if_absent(record)
+
+    async def insert_first(self, record: dict[str, Any]) -> bool:
+        """Create `record` as token 1 if no token was ever created here (`next_id` absent), in one
+        watched transaction: of several instances starting on a new Redis, one creates it."""
+        async def run() -> bool:
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(self._next_id)
+                if await pipe.exists(self._next_id):
+                    return False
+                pipe.multi()
+                pipe.set(self._next_id, record["id"])
+                self._write(pipe, record)
+                await pipe.execute()
+                return True
+        try:
+            written = await self.call(run)
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, redis.exceptions.WatchError):
+                return False
+            raise
+        if written:
+            await self.changed()
+        return written
 
     async def _write_if_absent(self, record: dict[str, Any], also: Callable[[Any], None] | None = None) -> bool:
         """Write a record (and `also`'s commands) in one transaction, unless its key is in use."""

@@ -107,7 +107,6 @@ class RedisLogSink:
             # twice).
             return
         self._pending, self._caps, self._held = {}, {}, 0
-        self._store.touched()
 
     async def read(self, keys: Iterable[str]) -> list[dict[str, Any]]:
         async def run() -> list[Any]:
