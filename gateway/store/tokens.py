@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -24,7 +25,7 @@ from gateway.config import RedisSettings
 from gateway.errors import NOT_REPLICATED, Denied, StoreUnavailable
 from gateway.store.keys import Keys
 from gateway.store.resp import RespClient, reply_error, script_sha
-from gateway.store.scripts import FOLD_ACCESSED, TOUCH
+from gateway.store.scripts import FOLD_ACCESSED, ROTATE, TOUCH, WRITE_IF_ABSENT
 from gateway.tokens import records_from_replies
 
 T = TypeVar("T")
@@ -78,6 +79,9 @@ class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str, lean: RespClient | None = None,
                  lean_loads: RespClient | None = None) -> None:
         self.client = client
+        # redis-py's cluster client: it routes each command by its key's slot, so a command
+        # without a key (SCRIPT LOAD, PUBLISH in a pipeline) is sent another way there.
+        self.cluster = isinstance(client, RedisCluster)
         self.lean = lean  # for `batch`: the hot, batched traffic
         # Token loads on a connection of their own: a request waits for them, and on the shared
         # one they queued behind the batched writes (Redis runs each client's commands in order).
@@ -145,6 +149,8 @@ class RedisStore:
                 return (await self.batch([command]))[0]
             except redis.exceptions.NoScriptError:
                 pass
+            if self.cluster:  # EVAL goes to the node of the keys, and leaves the script cached there
+                return (await self.batch([("EVAL", source, len(keys), *keys, *args)]))[0]
             return (await self.batch([("SCRIPT", "LOAD", source), command]))[1]
 
         async def run(keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -166,6 +172,8 @@ class RedisStore:
         client = self.waiter if waits and self.waiter is not None else self.client
 
         async def run() -> list[Any]:
+            if self.cluster:  # no pipeline for PUBLISH there; any node passes it to every node
+                return [await client.publish(self.channel, message) for message in messages]
             async with client.pipeline(transaction=False) as pipe:
                 for message in messages:
                     pipe.publish(self.channel, message)
@@ -202,6 +210,8 @@ class TokenStore(RedisStore):
         self._legacy_accessed = keys.legacy_accessed
         self._touch = self.script(TOUCH)
         self._fold = self.script(FOLD_ACCESSED)
+        self._write_absent = self.script(WRITE_IF_ABSENT)
+        self._rotate = self.script(ROTATE)
         self.expiry_key = keys.expiry
         self._next_id = keys.next_id
         self._bin = keys.bin
@@ -319,6 +329,8 @@ class TokenStore(RedisStore):
     async def _write_if_absent(self, record: dict[str, Any], also: Callable[[Any], None] | None = None) -> bool:
         """Write a record (and `also`'s commands) in one transaction, unless its key is in use."""
         key = self._tok(record["digest"])
+        if self.cluster:
+            return await self._write_if_absent_by_script(record, unbin=also is not None)
 
         async def run() -> bool:
             async with self.client.pipeline(transaction=True) as pipe:
@@ -337,6 +349,18 @@ class TokenStore(RedisStore):
             if isinstance(exc.__cause__, redis.exceptions.WatchError):
                 return False
             raise
+        if written:
+            await self.changed()
+        return written
+
+    async def _write_if_absent_by_script(self, record: dict[str, Any], unbin: bool) -> bool:
+        """`_write_if_absent` on a cluster (`WRITE_IF_ABSENT`); `unbin`: a restore, which takes
+        the record out of the recycle bin too."""
+        keys = [self._tok(record["digest"]), self._ids, self._account(int(record.get("cid", 0))), self.expiry_key]
+        if unbin:
+            keys += [self._bin, self._bin_times]
+        args = [orjson.dumps(record), str(record["id"]), record["digest"], expires_at(record)]
+        written = bool(await self._write_absent(keys, args))
         if written:
             await self.changed()
         return written
@@ -386,6 +410,18 @@ class TokenStore(RedisStore):
         moved = {**record, "digest": new_digest, "graced": graced}
         if not graced:
             del moved["graced"]
+
+        if self.cluster:
+            grace: list[Any] = ["", ""]
+            if grace_until is not None:
+                grace = [grace_until, orjson.dumps(grace_copy(moved, old, grace_until))]
+            rotated = await self._rotate(
+                [self._ids, self._tok(old), self._tok(new_digest), self._used, self._legacy_accessed],
+                [token_id, old, new_digest, orjson.dumps(moved), int(record.get("accessed", 0)), *grace])
+            if not rotated:
+                return None
+            await self.changed()
+            return moved
 
         async def run() -> bool:
             async with self.client.pipeline(transaction=True) as pipe:
