@@ -82,7 +82,10 @@ def open_cluster(settings: RedisSettings, cluster: ClusterSettings) -> RedisClus
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
         socket_timeout=settings.socket_timeout, socket_connect_timeout=settings.connect_timeout,
-        retry=Retry(NoBackoff(), 1), health_check_interval=10, **cluster.connection_options())
+        retry=Retry(NoBackoff(), 1), health_check_interval=10,
+        # The slot map is read again on every MOVED: redis-py's transactions would otherwise be
+        # sent to the old node until the fifth one.
+        reinitialize_steps=1, **cluster.connection_options())
 
 
 def _lean_url(username: str, password: str, db: int) -> str:

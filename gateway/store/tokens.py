@@ -35,6 +35,10 @@ NEVER = 2 ** 40
 # a million-field hash; the sorted set it replaced took 4.7 µs, 7 µs with the machine busy).
 TOUCH_CHUNK = 256
 FOLD_CHUNK = 1000
+# Redis Cluster: the replies that mean "not here, or not now" while slots move (`RedisStore.call`).
+CLUSTER_MOVING = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
+                  redis.exceptions.ClusterDownError)
+CLUSTER_RETRY_FOR = 2.0
 
 
 def connect_redis(settings: RedisSettings) -> aioredis.Redis:
@@ -117,10 +121,30 @@ class RedisStore:
             self.after_touch()
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        if self.cluster:
+            return await self._call_on_cluster(operation)
         try:
             return await operation()
         except STORE_ERRORS as exc:
             raise _unavailable(exc) from exc
+
+    async def _call_on_cluster(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """`call`, repeated while the slot is on the move: a redirection, or TRYAGAIN (a command
+        on several keys of a slot being migrated, some of them moved already), refuse a command
+        before it runs, so repeating it is safe; CLUSTERDOWN while a failover elects a master.
+        For CLUSTER_RETRY_FOR seconds at most, then the store is unavailable."""
+        deadline = time.monotonic() + CLUSTER_RETRY_FOR
+        pause = 0.01
+        while True:
+            try:
+                return await operation()
+            except CLUSTER_MOVING as exc:
+                if time.monotonic() + pause > deadline:
+                    raise _unavailable(exc) from exc
+            except STORE_ERRORS as exc:
+                raise _unavailable(exc) from exc
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
 
     async def batch(self, commands: Sequence[Sequence[Any]], urgent: bool = False) -> list[Any]:
         """Commands sent together, their replies in order (raw: bytes, ints, lists), the first

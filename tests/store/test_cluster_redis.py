@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 import redis
+from redis.crc import key_slot
 
 from gateway.config import build_settings
 from gateway.server import GatewayServer
@@ -151,3 +153,80 @@ async def test_a_killed_master_is_replaced_and_tokens_made_before_still_work(
         await _until(refused_by_first, 2)
     finally:
         redis_cluster.restore()
+
+
+def _node_id(redis_cluster: RedisClusterSet, port: int) -> str:
+    node = next(node for node in redis_cluster.nodes if node.port == port)
+    with redis_cluster.client(node) as client:
+        return str(client.execute_command("CLUSTER", "MYID").decode())
+
+
+def _owned_range(redis_cluster: RedisClusterSet, slot: int) -> tuple[int, int]:
+    with redis_cluster.client(redis_cluster.masters()[0]) as client:
+        for start, end, *_ in client.execute_command("CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                return int(start), int(end)
+    raise AssertionError("no master owns the slot")
+
+
+async def test_resharding_under_traffic_answers_no_error(
+        upstream: Upstream, redis_cluster: RedisClusterSet) -> None:
+    # A prefix whose slot is near the start of its master's range: `reshard` moves a master's
+    # slots from its first one on, so only a few need to move for this one to go too.
+    while True:
+        prefix = "{gwtest-" + uuid.uuid4().hex[:12] + "}:"
+        slot = key_slot((prefix + "ids").encode())
+        start, _ = _owned_range(redis_cluster, slot)
+        if slot - start < 40:
+            break
+    owner = _owner(redis_cluster, prefix + "ids")
+    target = next(node.port for node in redis_cluster.masters() if node.port != owner)
+    handles = []
+    for _ in range(2):
+        config = base_config(upstream.url, "", prefix)
+        config["redis"] = {"cluster": {"nodes": redis_cluster.hosts[:2]}, "key_prefix": prefix,
+                           "socket_timeout": 0.5, "connect_timeout": 0.5}
+        settings = build_settings(config)
+        server = GatewayServer(settings)
+        await server.start("127.0.0.1", 0)
+        handles.append(GatewayHandle(f"http://127.0.0.1:{server.port}", settings, server,
+                                     aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))))
+    first, second = handles
+    try:
+        await wait_for_master(first)
+        await wait_for_master(second)
+        # Enough keys in the slot that moving it takes many MIGRATE steps, answered with ASK meanwhile.
+        status, body = await first.call("POST", "/platform/tokens", json=[{"ttl": 600}] * 300)
+        assert status == 200, body
+        answers: list[int] = []
+        moving = True
+
+        unused = [token["key"] for token in body["result"]]
+
+        async def traffic() -> None:
+            # The first use of each token on `second` (a load from the slot), new tokens made
+            # through `first`, and lists; until the reshard is over.
+            while moving:
+                if unused:
+                    answers.append(await status_of(second, unused.pop()))
+                if len(answers) % 10 == 0:
+                    status, made = await first.call("POST", "/platform/tokens", json=[{"ttl": 600}])
+                    answers.append(status)
+                    if status == 200:
+                        unused.append(made["result"][0]["key"])
+                    answers.append((await second.call("GET", "/platform/tokens/all"))[0])
+        running = asyncio.gather(*[traffic() for _ in range(4)])
+        reshard = await asyncio.create_subprocess_exec(
+            "redis-cli", "--cluster", "reshard", redis_cluster.hosts[0],
+            "--cluster-from", _node_id(redis_cluster, owner), "--cluster-to", _node_id(redis_cluster, target),
+            "--cluster-slots", str(slot - start + 1), "--cluster-pipeline", "5", "--cluster-yes",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        assert await asyncio.wait_for(reshard.wait(), 60) == 0
+        moving = False
+        await running
+        assert _owner(redis_cluster, prefix + "ids") == target  # the data did move
+        assert len(answers) > 3 and set(answers) == {200}, answers
+    finally:
+        for handle in handles:
+            await handle.session.close()
+            await handle.server.close()
