@@ -26,8 +26,10 @@ from gateway.auth.authenticator import Authenticator, extract_key
 from gateway.auth.checks import RequestFacts, build_checks
 from gateway.auth.compiler import TokenCompiler
 from gateway.build import fast_path_compiled
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.errors import Denied, FieldProblem, InvalidInput, StoreUnavailable
+from gateway.mqtt.front import MqttFront
+from gateway.mqtt.websocket import serve as serve_mqtt_websocket
 from gateway.panel import install as install_panel
 from gateway.policy.acl import acl_problems
 from gateway.policy.ipmask import ip_mask_problems
@@ -71,6 +73,7 @@ class Services:
     session: aiohttp.ClientSession
     compiler: TokenCompiler
     upstream_tls: ssl.SSLContext  # the one context both proxy paths use for https upstreams
+    request_log: FileSink | None  # `log.path`'s sink (None: off), among `logs`'s sinks
 
 
 class Gateway:
@@ -85,18 +88,66 @@ class Gateway:
         self.accessed = services.accessed
         self.usage = services.usage
         self.logs = services.logs
-        self.api = PlatformApi(services.store, services.accounts, services.directory, token_validator(settings),
-                               services.logs, services.token_logs, settings.platform_prefixes)
-        self.api.body_limit = settings.limits.api_body_size
         checks = build_checks(settings.platform_prefixes, frozenset({AUTH_INFO}), services.directory, services.usage)
         self.auth = Authenticator(services.cache, services.accessed, checks)
-        # The rules every front applies (the fast path gets this same object).
-        self.flow = RequestFlow(settings, self.auth, services.usage, services.logs, self.api.handles)
-        self.proxy = Proxy(settings.proxy, services.session, self.flow.request_drop)
+        self.session_proxy = settings.proxy  # what the aiohttp relay's session was opened with
+        self._build(settings)
         self.open_connections: Callable[[], int] = lambda: 0  # the listener's count, once it runs
+        self.mqtt: MqttFront | None = None  # the MQTT front's shared state, when configured
+
+    def _build(self, settings: Settings) -> None:
+        """The parts a reload replaces: the API (its validator knows the origin presets and ACL
+        patterns), the flow (routes, trusted proxies, headers, realm) and the relay."""
+        services = self.services
+        api = PlatformApi(services.store, services.accounts, services.directory, token_validator(settings),
+                          services.logs, services.token_logs, settings.platform_prefixes)
+        api.body_limit = settings.limits.api_body_size
+        # The rules every front applies (the fast path gets this same object).
+        flow = RequestFlow(settings, self.auth, services.usage, services.logs, api.handles)
+        options: dict[str, Any] = {}
+        if settings.proxy != self.session_proxy:
+            proxy = settings.proxy
+            options = {"ssl": services.upstream_tls, "timeout": aiohttp.ClientTimeout(
+                total=None, connect=proxy.pool_timeout + proxy.connect_timeout, sock_connect=proxy.connect_timeout,
+                sock_read=proxy.read_timeout)}
+        self.settings, self.api, self.flow = settings, api, flow
+        self.proxy = Proxy(settings.proxy, services.session, flow.request_drop, options)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload (`config.reload_plan` kept what only a restart can change): what can fail
+        (opening a new log file, a CA file) is done first, so a failure leaves everything as it
+        was; then each part is swapped for requests that start from now on. Raises OSError or
+        ConfigError."""
+        services, running = self.services, self.settings
+        upstream_tls = services.upstream_tls
+        if settings.proxy != running.proxy:
+            try:
+                upstream_tls = settings.proxy.ssl_context()
+            except (OSError, ssl.SSLError) as exc:  # changed since the file was checked
+                raise ConfigError("proxy.ca_file", f"cannot be loaded ({exc})") from exc
+        request_log = services.request_log
+        if settings.log.path != running.log.path:
+            try:
+                request_log = None if settings.log.path == "off" else FileSink(settings.log.path)
+            except OSError as exc:
+                raise ConfigError("log.path", f"cannot open {settings.log.path!r} ({exc.strerror})") from exc
+        compiler = None
+        if (settings.origin_presets, settings.acl) != (running.origin_presets, running.acl):
+            compiler = TokenCompiler(settings, services.store)
+            services.compiler = compiler
+        services.cache.configure(settings.cache, compiler)
+        if request_log is not services.request_log:
+            services.logs.replace_sink(services.request_log, request_log)
+            if services.request_log is not None:
+                services.request_log.close()
+            services.request_log = request_log
+        services.logs.configure(settings.log)
+        services.upstream_tls = upstream_tls
+        self.cors.configure(settings.cors)
+        self._build(settings)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        flow = self.flow
+        flow = self.flow  # one request, one flow: a reload meanwhile applies to the next
         started, now = time.perf_counter(), time.time()
         trusted = flow.is_trusted_peer(request.remote)
         request_id = flow.request_id(request.headers.get(flow.request_id_header), trusted)
@@ -110,7 +161,7 @@ class Gateway:
                 facts = flow.facts(request.method, request.raw_path, headers.get("x-flespi-cid"), headers.get("Origin"),
                                    flow.client_address(request.remote or "", headers), now)
                 served = await flow.auth.authenticate(extract_key(headers.get("Authorization")), facts)
-                response = await self._dispatch(request, served, facts, request_id, trusted)
+                response = await self._dispatch(flow, request, served, facts, request_id, trusted)
         except (Denied, StoreUnavailable) as error:
             denied = flow.refusal(error)
             response = error_response(flow, denied.status, denied.reason, denied.headers)
@@ -131,9 +182,8 @@ class Gateway:
         origin_allowed = facts is not None and facts.origin_allowed
         self.cors.share(response.headers, request.headers.get("Origin"), origin_allowed)
 
-    async def _dispatch(self, request: web.Request, token: Token, facts: RequestFacts, request_id: str,
-                        trusted: bool) -> web.StreamResponse:
-        flow = self.flow
+    async def _dispatch(self, flow: RequestFlow, request: web.Request, token: Token, facts: RequestFacts,
+                        request_id: str, trusted: bool) -> web.StreamResponse:
         if flow.is_api(facts.path):
             return await self.api.dispatch(request, token, facts.path, facts.account_of(token))
         route = flow.route(facts.path)
@@ -240,6 +290,10 @@ def open_session(settings: Settings, upstream_tls: ssl.SSLContext) -> aiohttp.Cl
 
 
 async def services(app: web.Application, settings: Settings) -> AsyncIterator[None]:
+    try:  # first: nothing is open yet if it fails
+        sink = None if settings.log.path == "off" else FileSink(settings.log.path)
+    except OSError as exc:  # writable at the check, and no longer: said as the check would, no traceback
+        raise ConfigError("log.path", f"cannot open {settings.log.path!r} ({exc.strerror})") from exc
     snapshotter: Snapshotter | None = None
     if settings.redis.embedded:
         from gateway.store.embedded import open_embedded  # fakeredis: imported only when it is used
@@ -261,7 +315,6 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         for persisted in (store, accounts):
             persisted.after_change = snapshotter.save
             persisted.after_touch = snapshotter.mark_dirty
-    sink = None if settings.log.path == "off" else FileSink(settings.log.path)
     logs = LogWriter(settings.log, [sink] if sink else [])
     token_logs = RedisLogSink(store, settings.token_logs) if settings.token_logs.enabled else None
     if token_logs is not None:
@@ -277,9 +330,11 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         accessed=AccessedWriter(store, settings.accessed_flush_interval),
         usage=UsageMeter(store, settings.usage, directory, logs), logs=logs, token_logs=token_logs,
         housekeeper=Housekeeper(store, settings.housekeeping, logs), session=open_session(settings, upstream_tls),
-        compiler=compiler, upstream_tls=upstream_tls,
+        compiler=compiler, upstream_tls=upstream_tls, request_log=sink,
     )
-    app[GATEWAY] = Gateway(settings, built, app[CORS])
+    gateway = app[GATEWAY] = Gateway(settings, built, app[CORS])
+    if settings.mqtt is not None:
+        gateway.mqtt = MqttFront(settings.mqtt, gateway.auth, cache, built.usage, logs, settings.platform_prefixes)
     jobs: list[Coroutine[Any, Any, None]] = [
         cache.run_subscriber(), built.accessed.run(), logs.run(), built.usage.run(), built.housekeeper.run(),
         directory.run(settings.cache.refresh_interval),
@@ -295,17 +350,21 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         except Exception as exc:
             log.warning("bootstrap master token not yet created (%s); retrying in background", exc)
             jobs.append(_keep_bootstrapping(store, settings.bootstrap_master_token))
+    if gateway.mqtt is not None:
+        jobs.append(gateway.mqtt.run())
     tasks = [asyncio.ensure_future(job) for job in jobs]
     try:
         yield
     finally:
+        if gateway.mqtt is not None:
+            await gateway.mqtt.shutdown()
         await cancel_all(tasks)
         await cache.close()
         await _quietly(built.accessed.flush())
         await _quietly(built.usage.flush(final=True))
         await logs.flush()
-        if sink is not None:
-            sink.close()
+        if built.request_log is not None:
+            built.request_log.close()
         await built.session.close()
         if snapshotter is not None:
             await snapshotter.save()
@@ -354,6 +413,14 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route("*", settings.internal_prefix + "auth", decide)
     app.router.add_route("*", settings.internal_prefix + "auth/{original:.*}", decide)
     install_panel(app, settings)  # the token panel's static files, <internal_prefix>panel/
+    if settings.mqtt is not None and settings.mqtt.websocket_path:
+        async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
+            gateway = request.app[GATEWAY]
+            assert gateway.mqtt is not None
+            client_ip = gateway.flow.client_address(request.remote or "", request.headers)
+            return await serve_mqtt_websocket(gateway.mqtt, request, client_ip)
+
+        app.router.add_get(settings.mqtt.websocket_path, mqtt_websocket)
     # Built here, not with the services: aiohttp-cors registers with the app before it is frozen.
     app[CORS] = CorsPolicy(settings.cors)
     app[CORS].install(app, app.router.add_route("*", "/{tail:.*}", handle))

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib.metadata
 import logging
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,28 +84,14 @@ def check_startup(settings: Settings) -> None:
 
 
 def check_listen(listen: ListenSettings, reuse_port: bool) -> None:
-    """Bind the listen address the way the server will (asyncio's create_server: every address the
-    host resolves to, SO_REUSEADDR, SO_REUSEPORT with workers), then let it go. So a port held by
-    another process is refused unless the kernel would let the workers share it (it is held
-    through SO_REUSEPORT by the same user, as a running gateway with workers is)."""
-    try:
-        addresses = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError("listen.host", f"{listen.host!r} does not resolve ({exc.strerror})") from exc
-    for family, kind, protocol, _, address in set(addresses):
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                key = "listen.port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "listen.host"
-                host = str(address[0])
-                where = f"[{host}]:{listen.port}" if family == socket.AF_INET6 else f"{host}:{listen.port}"
-                raise ConfigError(key, f"cannot listen on {where} ({exc.strerror})") from exc
+    """Bind the listen address the way the server will (every address the host resolves to,
+    SO_REUSEADDR, SO_REUSEPORT with workers), then let it go. So a port held by another process is
+    refused unless the kernel would let the workers share it (it is held through SO_REUSEPORT by
+    the same user, as a running gateway with workers is)."""
+    from gateway.server import bind_listen
+
+    for sock in bind_listen(listen, reuse_port):
+        sock.close()
 
 
 def check_snapshot(data_file: str) -> None:
@@ -145,4 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from gateway.server import run
 
-    return run(settings)
+    try:
+        return run(settings, args.config or default_config())
+    except ConfigError as exc:  # what changed between the check and the start (a port taken meanwhile)
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2

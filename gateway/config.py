@@ -21,7 +21,7 @@ import re
 import ssl
 import stat
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from http import HTTPMethod
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 import yaml
 from yarl import URL
 
+from gateway.policy.acl_validation import is_plain_path
 from gateway.policy.clientaddr import TrustedProxies
 from gateway.policy.origins import preset_problems
 
@@ -823,6 +824,91 @@ class PanelSettings:
         return cls(enabled=table.flag("enabled", cls().enabled))
 
 
+MQTT_SCHEMES = {"mqtt": 1883, "mqtts": 8883}
+MQTT_PORT = 1883
+MQTT_WEBSOCKET_PATH = "/mqtt"
+MQTT_MAX_PACKET = 1024 * 1024
+MQTT_LARGEST = 268_435_455 + 5  # the largest remaining length MQTT can encode, with its fixed header
+MQTT_CONNECT_TIMEOUT = 10.0
+MQTT_CHECK_INTERVAL = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """The MQTT broker behind the gateway: `mqtt://user:password@host:port` (`mqtts://` for TLS).
+
+    The gateway logs in with these credentials; a client's key never goes further than the gateway.
+    The password is kept out of `repr` (and so out of any message or log line).
+    """
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, key: str, value: Any) -> BrokerAddress:
+        # The URL is never echoed in a message: it may carry the broker's password.
+        problem = "must be an mqtt:// or mqtts:// URL with a host (mqtt://user:password@host:port)"
+        if not isinstance(value, str):
+            raise ConfigError(key, problem)
+        try:
+            url = URL(value)
+            port = url.port
+        except ValueError as exc:
+            raise ConfigError(key, problem) from exc
+        if url.scheme not in MQTT_SCHEMES or not url.host:
+            raise ConfigError(key, problem)
+        if url.path not in ("", "/") or url.query_string or url.fragment:
+            raise ConfigError(key, "must not have a path, query or fragment")
+        if url.password is not None and not url.user:
+            raise ConfigError(key, "a password needs a user name")
+        return cls(host=url.host, port=port or MQTT_SCHEMES[url.scheme], tls=url.scheme == "mqtts",
+                   username=url.user or None, password=url.password)
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    """The MQTT front (docs/mqtt.md): present only when the `mqtt` section is."""
+
+    broker: BrokerAddress
+    listen: ListenSettings = field(default_factory=lambda: ListenSettings(port=MQTT_PORT))
+    websocket_path: str = MQTT_WEBSOCKET_PATH  # on the HTTP listener; "" for none
+    max_packet_size: int = MQTT_MAX_PACKET  # bytes, a packet's whole size, either way
+    connect_timeout: float = MQTT_CONNECT_TIMEOUT  # for the client's CONNECT, and for the broker's CONNACK
+    check_interval: float = MQTT_CHECK_INTERVAL  # live sessions re-checked: expiry, usage blocks, accessed
+    broker_ca_file: str | None = None  # PEM CAs for an mqtts:// broker; None: the system trust store
+
+    def broker_tls(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.broker_ca_file) if self.broker.tls else None
+
+    @classmethod
+    def parse(cls, table: Table) -> MqttSettings:
+        if table.get("broker") is None:
+            raise ConfigError(table.name("broker"), "required (mqtt://user:password@host:port)")
+        broker = BrokerAddress.parse(table.name("broker"), table.get("broker"))
+        listen = table.section("listen", ListenSettings)
+        path = table.text("websocket_path", MQTT_WEBSOCKET_PATH)
+        if path and (not path.startswith("/") or not is_plain_path(path)):
+            raise ConfigError(table.name("websocket_path"), 'must be a plain path that starts with / (or "" for none)')
+        ca_file = table.get("broker_ca_file")
+        if ca_file is not None:
+            ca_certificates(table.name("broker_ca_file"), text(table.name("broker_ca_file"), ca_file, empty=False))
+            if not broker.tls:
+                raise ConfigError(table.name("broker_ca_file"), "needs an mqtts:// broker")
+        return cls(
+            broker=broker,
+            listen=ListenSettings(host=listen.text("host", "127.0.0.1", empty=False),
+                                  port=listen.integer("port", MQTT_PORT, at_least=0, at_most=65535)),
+            websocket_path=path,
+            max_packet_size=table.integer("max_packet_size", MQTT_MAX_PACKET, at_least=64, at_most=MQTT_LARGEST),
+            connect_timeout=table.number("connect_timeout", MQTT_CONNECT_TIMEOUT, above=0),
+            check_interval=table.number("check_interval", MQTT_CHECK_INTERVAL, above=0),
+            broker_ca_file=ca_file,
+        )
+
+
 def parse_presets(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     if value is None:
         return (("flespi", FLESPI_ORIGINS),)
@@ -872,6 +958,7 @@ class Settings:
     acl: AclSettings = field(default_factory=AclSettings)
     cors: CorsSettings = field(default_factory=CorsSettings)
     panel: PanelSettings = field(default_factory=PanelSettings)
+    mqtt: MqttSettings | None = None  # the MQTT front, when configured
     origin_presets: tuple[tuple[str, tuple[str, ...]], ...] = (("flespi", FLESPI_ORIGINS),)
     bootstrap_master_token: str | None = None
     platform_prefixes: tuple[str, ...] = ("/platform/", "/auth/")
@@ -894,6 +981,9 @@ class Settings:
             raise ConfigError("internal_prefix", "must not be / (it would take every path)")
         if internal_prefix in platform_prefixes:
             raise ConfigError("internal_prefix", "must differ from platform_prefixes")
+        for prefix in platform_prefixes:  # one inside the other: which answers a path would be a guess
+            if internal_prefix.startswith(prefix) or prefix.startswith(internal_prefix):
+                raise ConfigError("internal_prefix", f"must not overlap platform_prefixes ({prefix})")
         realm = top.text("realm", defaults.realm)
         if not _REALM.fullmatch(realm):
             raise ConfigError("realm", 'must be printable ASCII without " or \\')
@@ -911,6 +1001,7 @@ class Settings:
             acl=AclSettings.parse(top.section("acl", AclSettings), platform_prefixes),
             cors=CorsSettings.parse(top.section("cors", CorsSettings)),
             panel=PanelSettings.parse(top.section("panel", PanelSettings)),
+            mqtt=None if top.get("mqtt") is None else MqttSettings.parse(top.section("mqtt", MqttSettings)),
             origin_presets=parse_presets(top.get("origin_presets")),
             bootstrap_master_token=master_token(top.get("bootstrap_master_token")),
             platform_prefixes=platform_prefixes,
@@ -920,13 +1011,69 @@ class Settings:
             workers=top.integer("workers", defaults.workers, at_least=1),
             accessed_flush_interval=top.number("accessed_flush_interval", defaults.accessed_flush_interval, above=0),
         )
+        mqtt = settings.mqtt
+        if mqtt is not None and mqtt.websocket_path and mqtt.websocket_path.startswith(
+                (*platform_prefixes, internal_prefix)):
+            raise ConfigError("mqtt.websocket_path", "must not lie under platform_prefixes or internal_prefix")
+        own = (*platform_prefixes, internal_prefix)
+        for route in settings.routes:
+            taken = next((prefix for prefix in own if route.prefix.startswith(prefix)), None)
+            if taken is not None:  # the gateway answers every path under its own prefixes itself
+                raise ConfigError(f"routes.{route.prefix}", f"is never proxied: paths under {taken} are the "
+                                                            "gateway's own (internal_prefix, platform_prefixes)")
+        if (settings.redis.embedded and settings.log.path not in ("-", "off")
+                and _same_file(settings.log.path, settings.redis.data_file)):
+            raise ConfigError("log.path", "must differ from redis.data_file (the embedded store's file)")
         if settings.redis.embedded and settings.workers > 1:
             raise ConfigError("workers", "the embedded store (redis.url memory://) serves one process; "
                                          "set redis.url to share")
         return settings
 
 
-SECTIONS = tuple(each.name for each in fields(Settings) if each.default_factory is not MISSING)
+def _same_file(one: str, other: str) -> bool:
+    return Path(one).resolve() == Path(other).resolve()
+
+
+SECTIONS = (*(each.name for each in fields(Settings) if each.default_factory is not MISSING), "mqtt")
+
+# -- reloading (SIGHUP) ---------------------------------------------------------------------------
+# What a running process cannot take over: the socket it listens on, the store connections every
+# service holds, the connection limits aiohttp was built with, the paths registered in its router,
+# the background writers' schedules and the process count. A reload keeps the running values of
+# these (and says so); everything else applies to the requests that start after it.
+RESTART_ONLY = ("listen", "redis", "limits", "usage", "housekeeping", "token_logs", "panel", "platform_prefixes",
+                "internal_prefix", "workers", "accessed_flush_interval", "bootstrap_master_token", "mqtt")
+# Within a reloadable section: aiohttp's relay holds one connector whose size is fixed.
+RESTART_ONLY_PROXY = ("pool_size",)
+
+
+def _changed(name: str, running: Any, loaded: Any) -> list[str]:
+    """The keys under `name` whose values differ (a section's own keys, one level down)."""
+    if running == loaded:
+        return []
+    if hasattr(running, "__dataclass_fields__") and type(running) is type(loaded):
+        return [f"{name}.{each.name}" for each in fields(running)
+                if getattr(running, each.name) != getattr(loaded, each.name)]
+    return [name]
+
+
+def reload_plan(running: Settings, loaded: Settings) -> tuple[Settings, tuple[str, ...]]:
+    """The settings a reload applies: `loaded`, with the keys only a restart can change kept as
+    they run; and those keys, where the file now says otherwise."""
+    kept = [key for name in RESTART_ONLY for key in _changed(name, getattr(running, name), getattr(loaded, name))]
+    proxy = loaded.proxy
+    for name in RESTART_ONLY_PROXY:
+        if getattr(proxy, name) != getattr(running.proxy, name):
+            kept.append(f"proxy.{name}")
+    proxy = replace(proxy, **{name: getattr(running.proxy, name) for name in RESTART_ONLY_PROXY})
+    effective = replace(loaded, proxy=proxy, **{name: getattr(running, name) for name in RESTART_ONLY})
+    return effective, tuple(kept)
+
+
+def reloaded_keys(running: Settings, effective: Settings) -> tuple[str, ...]:
+    """The keys a reload changes (for its log line)."""
+    return tuple(key for each in fields(Settings)
+                 for key in _changed(each.name, getattr(running, each.name), getattr(effective, each.name)))
 TOP_LEVEL_KEYS = frozenset(settable(Settings)) - {"routes"} | {"upstream", "routes"}
 
 

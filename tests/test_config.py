@@ -22,14 +22,19 @@ from yarl import URL
 
 import gateway
 from gateway.config import (
+    BrokerAddress,
     ClusterSettings,
     ConfigError,
+    ListenSettings,
     LogSettings,
+    MqttSettings,
     Route,
     SentinelSettings,
     Settings,
     build_settings,
     load_settings,
+    reload_plan,
+    reloaded_keys,
     settable,
 )
 
@@ -167,6 +172,9 @@ KEYS = [
                                                           (["Retry-After", "*"], "'*' (any) must be the only item")]),
     Key("cors.max_age", 600, 0, 0, SIZE),
     Key("panel.enabled", True, False, False, FLAGS),
+    # The whole section: absent is no MQTT front; its own keys are covered by the mqtt tests below.
+    Key("mqtt", None, {"broker": "mqtt://127.0.0.1:1884"}, MqttSettings(BrokerAddress("127.0.0.1", 1884)),
+        [(5, "must be a mapping"), ([], "must be a mapping")]),
     Key("origin_presets", (("flespi", gateway.config.FLESPI_ORIGINS),), {"mine": ["https://*.example.com"]},
         (("flespi", gateway.config.FLESPI_ORIGINS), ("mine", ("https://*.example.com",))), [
             ({"mine": "https://a.example.com"}, "must map preset names to lists of origins"),
@@ -185,6 +193,7 @@ KEYS = [
     Key("internal_prefix", "/_gateway/", "/_gw/", "/_gw/", [
         ("/", "must not be / (it would take every path)"), ("_gateway", "must be a path that starts and ends with /"),
         ("/platform/", "must differ from platform_prefixes"), (None, "must be a path that starts and ends with /"),
+        ("/platform/gw/", "must not overlap platform_prefixes (/platform/)"),
     ]),
     Key("trusted_proxies", (), ["127.0.0.1", "10.0.0.0/8", "::1"], ("127.0.0.1", "10.0.0.0/8", "::1"), [
         ("127.0.0.1", "must be a list of addresses or CIDR networks"),
@@ -459,6 +468,17 @@ def test_routes_longest_prefix_first() -> None:
     ({"upstream": UPSTREAM, "cors": ["GET"]}, "cors: must be a mapping"),
     ({"upstream": UPSTREAM, "workers": 2, "redis": {"url": "redis://127.0.0.1:6390"}, "listen": {"port": 1.5}},
      "listen.port: must be an integer from 0 to 65535"),
+    ({"routes": {"/": UPSTREAM, "/_gateway/x/": UPSTREAM}},
+     "routes./_gateway/x/: is never proxied: paths under /_gateway/ are the gateway's own (internal_prefix, "
+     "platform_prefixes)"),
+    ({"routes": {"/platform/": UPSTREAM}},
+     "routes./platform/: is never proxied: paths under /platform/ are the gateway's own (internal_prefix, "
+     "platform_prefixes)"),
+    ({"routes": {"/admin/x": UPSTREAM}, "platform_prefixes": ["/admin/"]},
+     "routes./admin/x: is never proxied: paths under /admin/ are the gateway's own (internal_prefix, "
+     "platform_prefixes)"),
+    ({"upstream": UPSTREAM, "platform_prefixes": ["/_gateway/x/"]},
+     "internal_prefix: must not overlap platform_prefixes (/_gateway/x/)"),
 ])
 def test_whole_configuration_refused(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as raised:
@@ -909,3 +929,148 @@ def test_version(tmp_path: Path) -> None:
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert (result.returncode, result.stdout) == (0, f"gateway {declared}\n")
     assert importlib.metadata.version("flespi-token-gateway") == gateway.__version__ == declared
+
+
+# -- the mqtt section ----------------------------------------------------------------------------------
+
+BROKER = "mqtt://127.0.0.1:1884"
+MQTT_URL = "must be an mqtt:// or mqtts:// URL with a host (mqtt://user:password@host:port)"
+
+
+def mqtt(**section: Any) -> MqttSettings:
+    settings = build_settings({"upstream": UPSTREAM, "mqtt": {"broker": BROKER, **section}}).mqtt
+    assert settings is not None
+    return settings
+
+
+def test_mqtt_defaults() -> None:
+    settings = mqtt()
+    assert settings.listen == ListenSettings("127.0.0.1", 1883)
+    assert (settings.websocket_path, settings.max_packet_size, settings.connect_timeout, settings.check_interval,
+            settings.broker_ca_file) == ("/mqtt", 1024 * 1024, 10.0, 0.5, None)
+    assert settings.broker_tls() is None
+
+
+@pytest.mark.parametrize(("url", "broker"), [
+    ("mqtt://h", BrokerAddress("h", 1883)),
+    ("mqtt://h:1999", BrokerAddress("h", 1999)),
+    ("mqtts://h", BrokerAddress("h", 8883, tls=True)),
+    ("mqtt://gw:s3cret@10.0.0.1:1884", BrokerAddress("10.0.0.1", 1884, False, "gw", "s3cret")),
+    ("mqtt://gw@h/", BrokerAddress("h", 1883, False, "gw", None)),
+])
+def test_mqtt_broker_urls(url: str, broker: BrokerAddress) -> None:
+    assert mqtt(broker=url).broker == broker
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://h:1883", MQTT_URL), ("mqtt://", MQTT_URL), ("h:1883", MQTT_URL), (1883, MQTT_URL), (None, None),
+    ("mqtt://h:99999", MQTT_URL), ("mqtt://h/topic", "must not have a path, query or fragment"),
+    ("mqtt://h?x=1", "must not have a path, query or fragment"), ("mqtt://:pw@h", "a password needs a user name"),
+])
+def test_mqtt_broker_refused(url: Any, problem: str | None) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_settings({"upstream": UPSTREAM, "mqtt": {"broker": url}})
+    assert str(raised.value) == f"mqtt.broker: {problem or 'required (mqtt://user:password@host:port)'}"
+
+
+def test_mqtt_broker_password_is_never_repeated() -> None:
+    settings = mqtt(broker="mqtt://gw:hunter2@h:1884")
+    assert "hunter2" not in repr(settings)
+    with pytest.raises(ConfigError) as raised:
+        build_settings({"upstream": UPSTREAM, "mqtt": {"broker": "mqtt://gw:hunter2@h:1884/x"}})
+    assert "hunter2" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("key", "value", "read"), [
+    ("listen", {"host": "0.0.0.0", "port": 0}, ListenSettings("0.0.0.0", 0)),
+    ("listen", {"port": 11883}, ListenSettings("127.0.0.1", 11883)),
+    ("websocket_path", "/ws/mqtt", "/ws/mqtt"),
+    ("websocket_path", "", ""),
+    ("max_packet_size", 4096, 4096),
+    ("connect_timeout", 2, 2.0),
+    ("check_interval", 0.1, 0.1),
+])
+def test_mqtt_valid_values(key: str, value: Any, read: Any) -> None:
+    got = getattr(mqtt(**{key: value}), key)
+    assert got == read and type(got) is type(read)
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    ("listen", 5, "mqtt.listen: must be a mapping"),
+    ("listen", {"port": 70000}, "mqtt.listen.port: must be an integer from 0 to 65535"),
+    ("listen", {"host": ""}, "mqtt.listen.host: must be a non-empty string"),
+    ("listen", {"hots": "x"}, "mqtt.listen.hots: unknown key; did you mean mqtt.listen.host?"),
+    ("websocket_path", "mqtt", 'mqtt.websocket_path: must be a plain path that starts with / (or "" for none)'),
+    ("websocket_path", "/a/../b", 'mqtt.websocket_path: must be a plain path that starts with / (or "" for none)'),
+    ("websocket_path", "/platform/mqtt", "mqtt.websocket_path: must not lie under platform_prefixes or "
+                                         "internal_prefix"),
+    ("websocket_path", "/_gateway/mqtt", "mqtt.websocket_path: must not lie under platform_prefixes or "
+                                         "internal_prefix"),
+    ("max_packet_size", 10, "mqtt.max_packet_size: must be an integer from 64 to 268435460"),
+    ("max_packet_size", 1.5, "mqtt.max_packet_size: must be an integer from 64 to 268435460"),
+    ("connect_timeout", 0, "mqtt.connect_timeout: must be a number > 0"),
+    ("check_interval", -1, "mqtt.check_interval: must be a number > 0"),
+    ("broker_ca_file", "/nonexistent.pem", None),
+    ("brokr", "x", "mqtt.brokr: unknown key; did you mean mqtt.broker?"),
+])
+def test_mqtt_invalid_values(key: str, value: Any, problem: str | None) -> None:
+    with pytest.raises(ConfigError) as raised:
+        mqtt(**{key: value})
+    if problem is None:
+        assert str(raised.value).startswith("mqtt.broker_ca_file: ")
+    else:
+        assert str(raised.value) == problem
+
+
+def test_mqtt_broker_ca_file(ca_file: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        mqtt(broker_ca_file=ca_file)
+    assert str(raised.value) == "mqtt.broker_ca_file: needs an mqtts:// broker"
+    settings = mqtt(broker="mqtts://h", broker_ca_file=ca_file)
+    assert settings.broker_ca_file == ca_file and settings.broker_tls() is not None
+
+
+def test_mqtt_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"upstream": UPSTREAM}))
+    settings = load_settings(path, {"GATEWAY_MQTT__BROKER": "mqtts://gw:pw@broker:8884",
+                                    "GATEWAY_MQTT__LISTEN__PORT": "1999"})
+    assert settings.mqtt is not None and settings.mqtt.broker == BrokerAddress("broker", 8884, True, "gw", "pw")
+    assert settings.mqtt.listen.port == 1999
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path, {"GATEWAY_MQTT__BROKER": "tcp://gw:pw@broker"})
+    assert str(raised.value) == f"GATEWAY_MQTT__BROKER: mqtt.broker: {MQTT_URL}"
+
+
+def test_log_path_must_not_be_the_embedded_store_file(tmp_path: Path) -> None:
+    data = str(tmp_path / "data.json")
+    raw = {"upstream": UPSTREAM, "redis": {"url": "memory://", "data_file": data}}
+    with pytest.raises(ConfigError, match=r"^log\.path: must differ from redis\.data_file \(the embedded store's "
+                                          r"file\)$"):
+        build_settings({**raw, "log": {"path": str(tmp_path / "." / "data.json")}})
+    assert build_settings({**raw, "log": {"path": str(tmp_path / "requests.log")}}).log.path.endswith("requests.log")
+
+
+# -- reloading -------------------------------------------------------------------------------------
+
+def test_reload_plan_keeps_what_needs_a_restart() -> None:
+    running = build_settings({"upstream": UPSTREAM, "listen": {"port": 9000}, "proxy": {"pool_size": 4}})
+    loaded = build_settings({"routes": {"/": UPSTREAM, "/v2/": "http://127.0.0.1:2/new/"}, "listen": {"port": 9001},
+                             "workers": 3, "redis": {"url": "redis://127.0.0.1:6390/0"},
+                             "proxy": {"pool_size": 8, "read_timeout": 5}, "cors": {"max_age": 7},
+                             "trusted_proxies": ["10.0.0.0/8"], "cache": {"max_entries": 10}})
+    effective, kept = reload_plan(running, loaded)
+    assert kept == ("listen.port", "redis.url", "workers", "proxy.pool_size")
+    assert (effective.listen, effective.redis, effective.workers) == (running.listen, running.redis, 1)
+    assert (effective.proxy.pool_size, effective.proxy.read_timeout) == (4, 5)
+    assert (effective.routes, effective.cors, effective.trusted_proxies, effective.cache) == (
+        loaded.routes, loaded.cors, loaded.trusted_proxies, loaded.cache)
+    assert reloaded_keys(running, effective) == ("routes", "cache.max_entries", "proxy.read_timeout", "cors.max_age",
+                                                 "trusted_proxies")
+
+
+def test_reload_plan_of_the_same_file_changes_nothing() -> None:
+    running = build_settings({"upstream": UPSTREAM, "origin_presets": {"mine": ["https://a.example"]}})
+    effective, kept = reload_plan(running, build_settings({"upstream": UPSTREAM,
+                                                           "origin_presets": {"mine": ["https://a.example"]}}))
+    assert (effective, kept, reloaded_keys(running, effective)) == (running, (), ())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -14,6 +15,9 @@ import aiohttp
 import orjson
 import pytest
 import yaml
+
+from gateway.config import ConfigError, build_settings
+from gateway.server import GatewayServer
 
 from support.keys import MASTER_KEY
 from support.servers import ROOT, Upstream, free_port, run_gateway_process, wait_for_port
@@ -219,3 +223,31 @@ async def test_workers_share_one_port_and_stop_cleanly(running: Any, client: aio
     assert code == 0, stderr
     lines = (tmp_path / "requests.log").read_bytes().splitlines()
     assert len([line for line in lines if b'"uri":"/x"' in line]) == 60
+
+
+async def test_a_log_path_gone_since_the_check_is_a_config_error_at_start(tmp_path: Path, upstream: Upstream) -> None:
+    """Valid when checked, unwritable when the start opens it: one line naming the key, no traceback."""
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    settings = build_settings({"upstream": upstream.url, "log": {"path": str(directory / "requests.log")},
+                               "redis": {"url": "memory://", "data_file": str(tmp_path / "data.json")}})
+    directory.rmdir()
+    server = GatewayServer(settings)
+    with pytest.raises(ConfigError) as raised:
+        await server.start("127.0.0.1", free_port())
+    assert str(raised.value) == f"log.path: cannot open {str(directory / 'requests.log')!r} (No such file or directory)"
+    await server.close()
+
+
+async def test_a_port_taken_since_the_check_is_a_config_error_at_start(tmp_path: Path, upstream: Upstream) -> None:
+    settings = build_settings({"upstream": upstream.url, "log": {"path": "off"},
+                               "redis": {"url": "memory://", "data_file": str(tmp_path / "data.json")}})
+    port = free_port()
+    server = GatewayServer(settings)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        with pytest.raises(ConfigError) as raised:
+            await server.start("127.0.0.1", port)
+    await server.close()
+    assert str(raised.value) == f"listen.port: cannot listen on 127.0.0.1:{port} (Address already in use)"

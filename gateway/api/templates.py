@@ -8,9 +8,9 @@ expanded before validation, so a template can never produce what a hand-written 
 - `trackit`: follow one device: GET on it, its messages and telemetry only.
 - `support`: device manufacturer support: GET device, messages, logs, telemetry; GET/PUT settings;
   valid for 7 days (`expire`) unless `expire` or `ttl` is given.
-- `mqtt-messages`: MQTT subscription to the device's messages plus GET on its messages. ACL
-  topics under `flespi/` are reserved (docs/acl.md, MQTT entries), so the topic is
-  `message/gw/devices/<id>` (a gateway deployment's own broker namespace, not flespi's reserved one).
+- `mqtt-messages`: GET on the device and its messages; over MQTT that grants a subscription to
+  flespi's own topic `flespi/message/gw/devices/<id>`, which follows the REST ACL (docs/mqtt.md),
+  so no mqtt entry is needed (and none may name a `flespi/` topic).
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ TEMPLATES: dict[str, Builder] = {
     "support": lambda item: [{"uri": DEVICES, "methods": ["GET"], "ids": [item], "submodules": [
         _get("messages"), _get("logs"), _get("telemetry"), {"name": "settings", "methods": ["GET", "PUT"]}]}],
     "mqtt-messages": lambda item: [
-        {"uri": "mqtt", "topic": f"message/gw/devices/{item}", "actions": ["subscribe"]},
         {"uri": DEVICES, "methods": ["GET"], "ids": [item], "submodules": [_get("messages")]}],
 }
 

@@ -80,10 +80,24 @@ class Authenticator:
         `authenticate`."""
         return self._cache.load_then(digest, callback)
 
+    async def authenticate_digest(self, digest: str, facts: RequestFacts) -> Token:
+        """`authenticate` for a key known only by its digest (a live MQTT session re-checked)."""
+        try:
+            return await self._checked(await self.find_digest(digest, facts.now), facts)
+        except Denied:
+            raise
+        except StoreUnavailable:
+            raise Denied(503, STORAGE_UNAVAILABLE) from None
+        except Exception:
+            log.exception("unexpected error while authenticating; request denied")
+            raise Denied(500, INTERNAL_ERROR) from None
+
     async def find(self, key: str | None, now: float) -> Token:
         if key is None:
             raise Denied(401, INVALID_TOKEN)
-        digest = key_digest(key)
+        return await self.find_digest(key_digest(key), now)
+
+    async def find_digest(self, digest: str, now: float) -> Token:
         token = await self._cache.lookup(digest)
         if token is not None and not token.valid_at(now):
             token = await self._cache.revalidate(digest)
@@ -92,7 +106,9 @@ class Authenticator:
         return token
 
     async def _authenticate(self, key: str | None, facts: RequestFacts) -> Token:
-        token = await self.find(key, facts.now)
+        return await self._checked(await self.find(key, facts.now), facts)
+
+    async def _checked(self, token: Token, facts: RequestFacts) -> Token:
         facts.token = token
         for check in self._checks:
             check(token, facts)

@@ -25,7 +25,7 @@ class RequestFacts:
     """
 
     __slots__ = ("method", "path", "forward_path", "query", "client_ip", "origin", "acting_cid", "now", "token",
-                 "origin_allowed", "may_narrow")
+                 "origin_allowed", "may_narrow", "mqtt")
 
     def __init__(self, method: str, path: str, forward_path: str, query: str, client_ip: str, origin: str | None,
                  acting_cid: int | None, now: float, token: Token | None = None, origin_allowed: bool = False) -> None:
@@ -42,6 +42,8 @@ class RequestFacts:
         # False when what forwards the request cannot send the ACL's narrowed path (a proxy asking
         # for a decision says so): a request the ACL would narrow is then refused instead.
         self.may_narrow = True
+        self.mqtt = False  # an MQTT session (gateway.mqtt): no path; what it may do is its topics'
+
 
     def account_of(self, token: Token) -> int:
         """The account the request acts for: `x-flespi-cid` when given (checked), else the token's."""
@@ -63,6 +65,13 @@ def request_facts(method: str, raw_path: str, query: str, cid_header: str | None
             raise Denied(400, "invalid x-flespi-cid header: must be an account id")
         acting_cid = int(cid)
     return RequestFacts(method, path, raw_path, query, client_ip, origin, acting_cid, now)
+
+
+def mqtt_facts(client_ip: str, now: float) -> RequestFacts:
+    """What the checks see of an MQTT session: its address and the time (no path, origin or cid)."""
+    facts = RequestFacts("MQTT", "/", "/", "", client_ip, None, None, now)
+    facts.mqtt = True
+    return facts
 
 
 def check_enabled(token: Token, facts: RequestFacts) -> None:
@@ -104,6 +113,8 @@ def type_check(platform_prefixes: Sequence[str], open_paths: frozenset[str]) -> 
             return
         if kind is TokenType.NOAPI:
             raise Denied(403, "NOAPI token cannot be used for API requests")
+        if facts.mqtt:
+            return  # its topics are checked per packet (gateway.policy.mqtt_topics)
         if facts.path in open_paths:
             return
         if is_platform(facts.path):

@@ -39,8 +39,10 @@ from gateway.policy.acl_validation import (
     is_item_id,
     is_plain_path,
     is_platform_path,
+    topic_problem,
     uri_problem,
 )
+from gateway.policy.mqtt_topics import NO_MQTT, MqttGrants, compile_mqtt
 
 __all__ = [
     "CompiledAcl",
@@ -254,6 +256,7 @@ def compile_acl(
         depths=tuple(sorted({prefix.count("/") for prefix in by_prefix}, reverse=True)),
         needs_groups=_groups_needed(http_entries, group_uri),
         reachable=_reachable_groups(http_entries, group_uri),
+        mqtt=compile_mqtt([e for e in acl if isinstance(e, dict) and e.get("uri") == MQTT_URI], topic_problem),
     )
 
 
@@ -293,6 +296,7 @@ class CompiledAcl:
     depths: tuple[int, ...]  # segment counts of the prefixes, longest first
     needs_groups: tuple[str, ...] | None
     reachable: frozenset[int] | Literal["all"] | None
+    mqtt: MqttGrants = NO_MQTT  # the `mqtt` entries (gateway.policy.mqtt_topics)
 
     def groups_needed(self) -> tuple[str, ...] | None:
         """The uris whose ids are `in-groups`, so group membership must be loaded for them."""

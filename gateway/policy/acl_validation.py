@@ -6,6 +6,8 @@ Choices where the public material is silent:
 - An empty `ids` list is valid and permits no item; an empty `submodules` list permits no submodule.
 - `PATCH` and `HEAD` are not ACL methods: at request time they count as PUT and GET.
 - A platform uri is refused case-insensitively, and so is an uri above a configured platform prefix.
+- An MQTT topic filter that could match a topic under `flespi/` (`#`, `+/x/#`, `$share/g/flespi/x`) is
+  refused: those topics follow the REST ACL (docs/mqtt.md), never an mqtt entry.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from gateway.errors import Denied, FieldProblem
+from gateway.policy.mqtt_topics import filter_problem, is_sys, may_match_reserved, strip_share
 from gateway.policy.paths import checked_path
 
 GROUP_URI = "gw/groups"
@@ -174,7 +177,7 @@ def _submodule_problems(submodule: object, at: str) -> list[FieldProblem]:
 
 def _mqtt_problems(entry: dict[str, object], at: str) -> list[FieldProblem]:
     problems = _unknown_keys(entry, _MQTT_KEYS, at)
-    found = {"topic": _topic_problem(entry.get("topic")), "actions": _actions_problem(entry.get("actions"))}
+    found = {"topic": topic_problem(entry.get("topic")), "actions": _actions_problem(entry.get("actions"))}
     return problems + [FieldProblem(f"{at}.{key}", reason) for key, reason in found.items() if reason]
 
 
@@ -184,16 +187,22 @@ def _actions_problem(actions: object) -> str | None:
     return f"actions must be a non-empty list of {', '.join(MQTT_ACTIONS)}"
 
 
-def _topic_problem(topic: object) -> str | None:
+def topic_problem(topic: object) -> str | None:
+    """Why `topic` can not be an ACL entry's topic filter, or None: the filter must be valid MQTT
+    and must not be able to match anything under the reserved `flespi/` namespace (`#`, `+/x`,
+    `$share/g/flespi/...` could), which only the REST ACL grants (docs/mqtt.md)."""
     if not isinstance(topic, str) or not topic:
         return "topic must be a non-empty string"
     if any(ord(char) < 0x20 or ord(char) == 0x7F for char in topic):
         return "topic must not contain control characters"
-    if topic.startswith("flespi/"):
+    problem = filter_problem(topic)
+    if problem is not None:
+        return problem.replace("a topic filter", "topic")
+    inner = strip_share(topic) or ""
+    if inner.startswith("flespi/"):
         return "topic may not start with flespi/"
-    levels = topic.split("/")
-    if any(level != "#" and "#" in level for level in levels) or "#" in levels[:-1]:
-        return "# may only be the whole last level of a topic"
-    if any(level != "+" and "+" in level for level in levels):
-        return "+ may only be a whole level of a topic"
+    if may_match_reserved(topic):
+        return "topic could match reserved flespi/ topics"
+    if is_sys(inner):
+        return "$SYS topics are for master tokens only"
     return None

@@ -75,21 +75,30 @@ def _any_or(names: tuple[str, ...]) -> str | tuple[str, ...]:
     return "*" if names == ("*",) else names
 
 
+def _options(settings: CorsSettings) -> aiohttp_cors.ResourceOptions:
+    return aiohttp_cors.ResourceOptions(allow_methods=_any_or(settings.allow_methods),
+                                        allow_headers=_any_or(settings.allow_headers), max_age=settings.max_age)
+
+
 class CorsPolicy:
     """Built from `cors` in the configuration; disabled, it answers no preflight and shares nothing."""
 
     def __init__(self, settings: CorsSettings) -> None:
+        self._adapter = _CatchAllAdapter(_options(settings))
         self.enabled = settings.enabled
         self._expose = ", ".join(settings.expose_headers)
-        self._adapter = _CatchAllAdapter(aiohttp_cors.ResourceOptions(
-            allow_methods=_any_or(settings.allow_methods), allow_headers=_any_or(settings.allow_headers),
-            max_age=settings.max_age,
-        ))
+
+    def configure(self, settings: CorsSettings) -> None:
+        """A reload: preflights and replies from now on follow `settings`. In place, because
+        aiohttp-cors keeps the adapter it was installed with (a started app takes no new one)."""
+        self._adapter._options = _options(settings)
+        self.enabled = settings.enabled
+        self._expose = ", ".join(settings.expose_headers)
 
     def install(self, app: web.Application, route: web.AbstractRoute) -> None:
-        """Register the catch-all route with aiohttp-cors, which hands over its preflight handler."""
-        if self.enabled:
-            aiohttp_cors.CorsConfig(app, router_adapter=self._adapter).add(route)
+        """Register the catch-all route with aiohttp-cors, which hands over its preflight handler;
+        even while disabled, so that a reload can enable it."""
+        aiohttp_cors.CorsConfig(app, router_adapter=self._adapter).add(route)
 
     def is_preflight(self, request: web.BaseRequest) -> bool:
         return self.enabled and is_preflight(request)

@@ -111,6 +111,25 @@ class Lane:
     def pools(self) -> list[UpstreamPool]:
         return [pool for pool, _ in self._pools.values()]
 
+    def take_over(self, previous: Lane) -> None:
+        """After a reload: keep the previous lane's pools this lane's routes still reach with the
+        same proxy settings (their idle connections stay warm); retire the others, whose
+        connections close as the requests using them finish."""
+        self.closing = previous.closing
+        self.served_fast, self.handed_over = previous.served_fast, previous.handed_over
+        same = self.proxy == previous.proxy and self.upstream_tls is previous.upstream_tls
+        wanted = {(route.upstream.raw_host or "localhost", route.upstream.port, route.upstream.scheme == "https")
+                  for route in self.flow.routes}
+        kept: set[int] = set()
+        for prefix, (pool, host_header) in previous._pools.items():
+            if same and (pool.host, pool.port, pool.tls is not None) in wanted:
+                # Under a key no prefix has (prefixes start with /): found by `pool`'s scan only.
+                self._pools["kept " + prefix] = (pool, host_header)
+                kept.add(id(pool))
+        for pool in previous.pools():
+            if id(pool) not in kept:
+                pool.retire()
+
     def date(self) -> bytes:
         now = int(time.time())
         if now != self._date_second:

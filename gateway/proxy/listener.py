@@ -106,6 +106,13 @@ class FastLane:
     def __call__(self) -> FrontProtocol:
         return FrontProtocol(self)
 
+    def reconfigure(self, flow: RequestFlow, upstream_tls: ssl.SSLContext) -> None:
+        """A reload: requests that start from now on use `flow` (on open connections too); those
+        in flight finish with the lane they started with."""
+        lane = Lane(flow, self.shared.handler_factory, upstream_tls)
+        lane.take_over(self.shared)
+        self.shared, self.flow = lane, flow
+
     def start(self) -> None:
         self._sweeper = asyncio.ensure_future(self._sweep())
 
@@ -148,6 +155,7 @@ class FrontProtocol(Front):
         self.queue: deque[Incoming] = deque()
         self.exchange: Exchange | None = None
         self.bridge: Bridge | None = None
+        self.flow: RequestFlow = lane.flow  # the flow `trusted_peer` and `peer_address` were worked out by
         self.raw = False  # bytes go to aiohttp unparsed
         self.raw_backlog: list[bytes] = []
         self.idle_since: float | None = lane.loop.time()
@@ -174,9 +182,7 @@ class FrontProtocol(Front):
         self.peer = peer[0] if isinstance(peer, tuple) else str(peer or "")
         # Per connection, not per request: whether the peer is a trusted proxy, and the address
         # a request from it has when it brings no X-Forwarded-For.
-        flow = self.lane.flow
-        self.trusted_peer = flow.is_trusted_peer(self.peer)
-        self.peer_address = flow.client_address(self.peer, _NO_HEADERS)
+        self._adopt(self.lane.flow)
         lane = self.lane
         full = len(lane.connections) >= lane.limits.max_connections
         lane.connections.add(self)  # counted while it drains, so the sweep bounds its close too
@@ -184,6 +190,13 @@ class FrontProtocol(Front):
             self.idle_since = None
             self.write(error_bytes(lane.flow, 503, TOO_MANY_CONNECTIONS, {}, b"", lane.shared.date(), close=True))
             self.linger(REFUSED_LINGER)
+
+    def _adopt(self, flow: RequestFlow) -> None:
+        """Per connection, not per request: whether the peer is a trusted proxy, and the address a
+        request from it has when it brings no X-Forwarded-For (again after a reload)."""
+        self.flow = flow
+        self.trusted_peer = flow.is_trusted_peer(self.peer)
+        self.peer_address = flow.client_address(self.peer, _NO_HEADERS)
 
     def data_received(self, data: bytes) -> None:
         if self.raw:
@@ -357,6 +370,8 @@ class FrontProtocol(Front):
         self.idle_since = None
         index = incoming.index
         shared = self.lane.shared
+        if shared.flow is not self.flow:  # reloaded since this connection's last request
+            self._adopt(shared.flow)
         if incoming.url.startswith(shared.decision_path) and shared.flow.is_decision(incoming.url.decode("latin-1")):
             self._decide(incoming)
             return

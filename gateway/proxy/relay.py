@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -40,9 +41,13 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 class Proxy:
     """`drop`: what the flow never forwards from a request (`RequestFlow.request_drop`)."""
 
-    def __init__(self, settings: ProxySettings, session: aiohttp.ClientSession, drop: frozenset[str]) -> None:
+    def __init__(self, settings: ProxySettings, session: aiohttp.ClientSession, drop: frozenset[str],
+                 options: dict[str, Any] | None = None) -> None:
+        """`options`: per-request arguments of the session's requests (`timeout`, `ssl`), when a
+        reload changed what the session was opened with."""
         self._settings = settings
         self._session = session
+        self._options = options or {}
         # aiohttp's client writes the upstream's Host itself unless the client's is kept.
         self._drop = drop if settings.preserve_host else drop | {"host"}
 
@@ -66,6 +71,7 @@ class Proxy:
                 request.method, url, headers=headers,
                 data=request.content if request.body_exists else None,
                 allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                **self._options,
             )
         except TimeoutError:
             raise Denied(504, UPSTREAM_TIMEOUT) from None
@@ -112,7 +118,8 @@ class Proxy:
                 del headers[name]
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         try:
-            upstream = await self._session.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
+            upstream = await self._session.ws_connect(url, headers=headers, protocols=protocols, autoping=False,
+                                                      ssl=self._options.get("ssl", True))
         except aiohttp.WSServerHandshakeError as exc:
             raise Denied(502, UPSTREAM_UNAVAILABLE) from exc
         except TimeoutError:

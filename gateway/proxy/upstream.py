@@ -376,6 +376,14 @@ class UpstreamPool:
                 waiter.set_result(None)
                 return
 
+    def retire(self) -> None:
+        """No longer used for new requests (a reload): idle connections close now, the others
+        when their request is done (`release`)."""
+        self._closed = True
+        for conn in self._idle:
+            conn._close()
+        self._idle.clear()
+
     def close(self) -> None:
         self._closed = True
         for conn in list(self._open):

@@ -78,10 +78,26 @@ class TokenCache:
         self.subscribed = asyncio.Event()
         # Other messages on the channel (e.g. "accounts") and who wants them; also told after a gap.
         self.listeners: dict[str, Callable[[], None]] = {}
+        # Told of every dropped entry (live MQTT sessions follow their token through it).
+        self.on_invalidate: Callable[[str], None] | None = None
         self.batches = 0  # store round trips made for misses, refreshes and revalidations
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def configure(self, settings: CacheSettings, compiler: Compiler | None) -> None:
+        """A reload's bounds, from the next lookup on; with a new `compiler` (origin presets or ACL
+        patterns changed) every entry is compiled again on its next use, as after a pub/sub gap:
+        reloaded then, or served as it was while the store cannot answer."""
+        self._settings = settings
+        self._refresh_after = settings.refresh_interval
+        self._max_age = settings.max_age
+        self._negative_ttl = settings.negative_ttl
+        if compiler is not None:
+            self._compiler = compiler
+            self._epoch += 1
+        if len(self._entries) > settings.max_entries:
+            self._evict()
 
     async def lookup(self, digest: str) -> Token | None:
         """The token for a key digest, or None if no such token; raises StoreUnavailable."""
@@ -136,6 +152,8 @@ class TokenCache:
         self._entries.pop(digest, None)
         if digest in self._waiters:
             self._dropped.add(digest)
+        if self.on_invalidate is not None:
+            self.on_invalidate(digest)
 
     def mark_all_stale(self) -> None:
         self._epoch += 1

@@ -60,8 +60,8 @@ class FileSink:
     """Append JSON lines to a file (or stdout for "-"); one write call per batch."""
 
     def __init__(self, path: str) -> None:
-        self._path = path
-        self._fd = sys.stdout.fileno() if path == "-" else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self.path = path
+        self._fd = sys.stdout.fileno() if path == "-" else _open_log(path)
 
     def add(self, records: list[dict[str, Any]], lines: list[bytes]) -> None:
         view = memoryview(b"".join(lines))
@@ -72,9 +72,27 @@ class FileSink:
     async def flush(self) -> None:
         return None
 
+    def reopen(self) -> None:
+        """Open the path anew (SIGUSR1, after logrotate moved the file); if it cannot be opened,
+        lines keep going to the file open so far."""
+        if self.path == "-":
+            return
+        try:
+            fd = _open_log(self.path)
+        except OSError as exc:
+            log.error("log.path: cannot reopen %r (%s); still writing to the file open before", self.path,
+                      exc.strerror)
+            return
+        os.close(self._fd)
+        self._fd = fd
+
     def close(self) -> None:
-        if self._path != "-":
+        if self.path != "-":
             os.close(self._fd)
+
+
+def _open_log(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
 
 class LogWriter:
@@ -90,6 +108,22 @@ class LogWriter:
 
     def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
+
+    def replace_sink(self, old: Sink | None, new: Sink | None) -> None:
+        """Swap one sink for another (a reload's `log.path`), keeping its place; None: none. Done
+        between two slices: `_write_batch` hands each slice to the sinks in one go."""
+        if old is not None and old in self._sinks:
+            place = self._sinks.index(old)
+            if new is None:
+                del self._sinks[place]
+            else:
+                self._sinks[place] = new
+        elif new is not None:
+            self._sinks.insert(0, new)
+
+    def configure(self, settings: LogSettings) -> None:
+        """A reload's queue bound and flush interval, from the next record and the next wait on."""
+        self._settings = settings
 
     def emit(self, record: dict[str, Any]) -> None:
         if len(self._queue) >= self._settings.queue_size:

@@ -217,7 +217,7 @@ EXAMPLE_ACL: list[dict[str, object]] = [
         ],
     },
     {"uri": "gw/channels", "methods": ["GET", "POST"], "ids": "all"},
-    {"uri": "mqtt", "topic": "#", "actions": ["publish", "subscribe"]},
+    {"uri": "mqtt", "topic": "my/#", "actions": ["publish", "subscribe"]},
 ]
 
 

@@ -1,0 +1,131 @@
+"""A live session follows its token, on every instance: deleted, disabled, expired, usage-blocked or
+with a narrower ACL, the session ends within a second (5.0: DISCONNECT 0x87); `accessed` advances
+while it is up; usage counts its messages; its connect and disconnect are in the token's logs."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from support.gateways import GatewayFactory, GatewayHandle
+from support.keys import MASTER_KEY
+from support.mqtt import Client
+
+ACL = [{"uri": "mqtt", "topic": "live/#", "actions": ["publish", "subscribe"]}]
+
+
+async def session(gw: GatewayHandle, key: str, version: int = 5) -> Client:
+    client = Client(gw.server.mqtt_port, key, version)
+    assert await client.connect() == 0
+    return client
+
+
+async def ended_within(client: Client, seconds: float) -> int | None:
+    started = time.monotonic()
+    code = await client.wait_disconnect(seconds + 1)
+    assert time.monotonic() - started < seconds, "the session outlived its token by more than a second"
+    return code
+
+
+@pytest.fixture
+async def pair(make_mqtt_gateway: GatewayFactory) -> tuple[GatewayHandle, GatewayHandle]:
+    """Two instances on one Redis: the session on the first, the change made through the second."""
+    return await make_mqtt_gateway(), await make_mqtt_gateway()
+
+
+@pytest.mark.parametrize(("change", "body"), [
+    ("delete", None),
+    ("disable", {"enabled": False}),
+    ("narrow", {"access": {"type": 2, "acl": [{"uri": "mqtt", "topic": "live/other", "actions": ["subscribe"]}]}}),
+    ("ips", {"ips": "10.1.2.3"}),
+])
+async def test_revoked_on_another_instance(pair: tuple[GatewayHandle, GatewayHandle], change: str,
+                                           body: dict[str, Any] | None) -> None:
+    serving, other = pair
+    token = await other.create_token(access={"type": 2, "acl": ACL})
+    client = await session(serving, token["key"])
+    try:
+        assert await client.subscribe("live/+") == [1]
+        path = f"/platform/tokens/{token['id']}"
+        status, reply = await (other.call("DELETE", path) if body is None else other.call("PUT", path, json=body))
+        assert status == 200, reply
+        assert await ended_within(client, 1.0) == 0x87
+    finally:
+        client.close()
+
+
+async def test_a_change_that_keeps_the_grants_keeps_the_session(pair: tuple[GatewayHandle, GatewayHandle]) -> None:
+    serving, other = pair
+    token = await other.create_token(access={"type": 2, "acl": ACL})
+    client = await session(serving, token["key"])
+    master = await session(serving, MASTER_KEY)
+    try:
+        assert await client.subscribe("live/+") == [1]
+        status, reply = await other.call("PUT", f"/platform/tokens/{token['id']}", json={"info": "renamed"})
+        assert status == 200, reply
+        await asyncio.sleep(0.5)
+        await master.publish("live/x", b"still here", qos=1)
+        assert (await client.message()).payload == b"still here"
+        assert not client.disconnected.is_set()
+    finally:
+        client.close()
+        master.close()
+
+
+async def test_3_1_1_sessions_are_closed(pair: tuple[GatewayHandle, GatewayHandle]) -> None:
+    serving, other = pair
+    token = await other.create_token(access={"type": 0})
+    client = await session(serving, token["key"], 4)
+    try:
+        assert (await other.call("DELETE", f"/platform/tokens/{token['id']}"))[0] == 200
+        assert await ended_within(client, 1.0) != 0
+    finally:
+        client.close()
+
+
+async def test_expiry_ends_the_session(mgw: GatewayHandle) -> None:
+    token = await mgw.create_token(access={"type": 0}, ttl=0, expire=int(time.time()) + 2)
+    client = await session(mgw, token["key"])
+    try:
+        code = await client.wait_disconnect(4)
+        assert code == 0x87 and time.time() < token["expire"] + 1.0
+    finally:
+        client.close()
+
+
+async def test_accessed_advances_and_events_are_logged(mgw: GatewayHandle) -> None:
+    token = await mgw.create_token(access={"type": 0})
+    client = await session(mgw, token["key"])
+    try:
+        status, body = await mgw.call("GET", f"/platform/tokens/{token['id']}")
+        first = body["result"][0]["accessed"]
+        await asyncio.sleep(2.2)
+        status, body = await mgw.call("GET", f"/platform/tokens/{token['id']}")
+        assert status == 200 and body["result"][0]["accessed"] >= first + 2
+    finally:
+        client.close()
+    for _ in range(100):
+        _, body = await mgw.call("GET", f"/platform/tokens/{token['id']}/logs")
+        events = [record["uri"] for record in body["result"] if record.get("method") == "MQTT"]
+        if len(events) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert events[0] == "connect" and events[1].startswith("disconnect")
+    assert token["key"] not in str(body)
+
+
+async def test_usage_counts_messages_and_blocks(make_mqtt_gateway: GatewayFactory) -> None:
+    gw = await make_mqtt_gateway(usage={"api_calls": 40, "flush_interval": 0.1})
+    token = await gw.create_token(access={"type": 0})
+    client = await session(gw, token["key"])
+    try:
+        for index in range(60):
+            await client.publish("count/me", str(index).encode(), qos=0)
+        assert await client.wait_disconnect(3) == 0x87
+        again = Client(gw.server.mqtt_port, token["key"])
+        assert await again.connect() == 0x87  # blocked: not authorized
+        again.close()
+    finally:
+        client.close()
