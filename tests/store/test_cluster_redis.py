@@ -21,7 +21,7 @@ from gateway.config import build_settings
 from gateway.server import GatewayServer
 
 from support.cluster import RedisClusterSet
-from support.gateways import GatewayFactory, GatewayHandle, base_config, wait_for_master
+from support.gateways import GatewayFactory, GatewayHandle, base_config, logged_hosts, wait_for_master
 from support.servers import Upstream
 
 
@@ -78,6 +78,8 @@ async def test_tokens_work_through_the_cluster_and_revocation_reaches_the_other_
     first, second = await cluster_gateway(), await cluster_gateway()
     token = await first.create_token(info="on a cluster")
     assert await status_of(first, token["key"]) == 200 and await status_of(second, token["key"]) == 200
+    # The request log, written in batches by a script on the cluster, read back through the other instance.
+    assert await logged_hosts(second, token["id"], 2) == ["127.0.0.1", "127.0.0.1"]
     status, body = await second.call("GET", "/platform/tokens/all")
     assert status == 200 and token["id"] in [item["id"] for item in body["result"]]
     status, body = await second.call("PUT", f"/platform/tokens/{token['id']}", json={"info": "changed"})
