@@ -27,22 +27,26 @@ from gateway.auth.checks import RequestFacts, build_checks
 from gateway.auth.compiler import TokenCompiler
 from gateway.build import fast_path_compiled
 from gateway.config import ConfigError, Settings
-from gateway.errors import Denied, FieldProblem, InvalidInput, StoreUnavailable
+from gateway.errors import Denied, FieldProblem, InvalidInput, StoreUnavailable, error_body
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import Metrics, Sources
 from gateway.mqtt.front import MqttFront
 from gateway.mqtt.websocket import serve as serve_mqtt_websocket
 from gateway.panel import install as install_panel
 from gateway.policy.acl import acl_problems
+from gateway.policy.clientaddr import TrustedProxies
 from gateway.policy.ipmask import ip_mask_problems
 from gateway.policy.origins import origin_problems
 from gateway.policy.paths import AUTH_INFO
 from gateway.proxy.cors import CorsPolicy
 from gateway.proxy.flow import NARROWING, RequestFlow
-from gateway.proxy.relay import Proxy
+from gateway.proxy.relay import Proxy, body_size
 from gateway.proxy.replies import error_response, invalid_input_response
 from gateway.proxy.routing import upstream_url
 from gateway.store.accounts import CHANGED_MESSAGE, AccountDirectory, AccountStore
 from gateway.store.cache import TokenCache
 from gateway.store.clients import SENTINEL_POLL, Clients, open_clients
+from gateway.store.health import StoreMonitor
 from gateway.store.tokens import TokenStore
 from gateway.tokens import Token, key_digest
 from gateway.writers.accessed import AccessedWriter
@@ -74,12 +78,25 @@ class Services:
     compiler: TokenCompiler
     upstream_tls: ssl.SSLContext  # the one context both proxy paths use for https upstreams
     request_log: FileSink | None  # `log.path`'s sink (None: off), among `logs`'s sinks
+    monitor: StoreMonitor
+
+
+@dataclass(frozen=True, slots=True)
+class Internal:
+    """One of the gateway's own endpoints, at `<internal_prefix><path>`."""
+
+    path: str
+    handler: Callable[[Gateway, web.Request], Coroutine[Any, Any, web.StreamResponse]]
+    guarded: bool  # answered only to clients in `internal.allow`; the others get 403
+
+
+ALLOW_LIST_REFUSAL = "not served to this address (internal.allow)"
 
 
 class Gateway:
     """The aiohttp front: runs the requests aiohttp serves through the process's `RequestFlow`."""
 
-    def __init__(self, settings: Settings, services: Services, cors: CorsPolicy) -> None:
+    def __init__(self, settings: Settings, services: Services, cors: CorsPolicy, shared: str | None = None) -> None:
         self.settings = settings
         self.cors = cors
         self.services = services
@@ -91,19 +108,24 @@ class Gateway:
         checks = build_checks(settings.platform_prefixes, frozenset({AUTH_INFO}), services.directory, services.usage)
         self.auth = Authenticator(services.cache, services.accessed, checks)
         self.session_proxy = settings.proxy  # what the aiohttp relay's session was opened with
-        self._build(settings)
         self.open_connections: Callable[[], int] = lambda: 0  # the listener's count, once it runs
         self.mqtt: MqttFront | None = None  # the MQTT front's shared state, when configured
+        self.monitor = services.monitor
+        self._build(settings, None)
+        self.metrics = Metrics(Sources(flow=self.flow, cache=services.cache, store=services.store,
+                                       monitor=services.monitor, logs=services.logs, token_logs=services.token_logs,
+                                       usage=services.usage, connections=lambda: self.open_connections()), shared)
 
-    def _build(self, settings: Settings) -> None:
+    def _build(self, settings: Settings, previous: RequestFlow | None) -> None:
         """The parts a reload replaces: the API (its validator knows the origin presets and ACL
-        patterns), the flow (routes, trusted proxies, headers, realm) and the relay."""
+        patterns), the flow (routes, trusted proxies, headers, realm; it keeps `previous`'s
+        counters, which the metrics read), the relay and the internal allow list."""
         services = self.services
         api = PlatformApi(services.store, services.accounts, services.directory, token_validator(settings),
                           services.logs, services.token_logs, settings.platform_prefixes)
         api.body_limit = settings.limits.api_body_size
         # The rules every front applies (the fast path gets this same object).
-        flow = RequestFlow(settings, self.auth, services.usage, services.logs, api.handles)
+        flow = RequestFlow(settings, self.auth, services.usage, services.logs, api.handles, previous)
         options: dict[str, Any] = {}
         if settings.proxy != self.session_proxy:
             proxy = settings.proxy
@@ -111,7 +133,9 @@ class Gateway:
                 total=None, connect=proxy.pool_timeout + proxy.connect_timeout, sock_connect=proxy.connect_timeout,
                 sock_read=proxy.read_timeout)}
         self.settings, self.api, self.flow = settings, api, flow
-        self.proxy = Proxy(settings.proxy, services.session, flow.request_drop, options)
+        self.proxy = Proxy(settings.proxy, services.session, flow.request_drop, flow.upstream_latency, options)
+        # Matched like trusted proxies are: addresses and networks, IPv4-mapped peers as IPv4.
+        self.internal_allow = TrustedProxies.parse(settings.internal.allow)
 
     def reconfigure(self, settings: Settings) -> None:
         """A reload (`config.reload_plan` kept what only a restart can change): what can fail
@@ -144,7 +168,7 @@ class Gateway:
         services.logs.configure(settings.log)
         services.upstream_tls = upstream_tls
         self.cors.configure(settings.cors)
-        self._build(settings)
+        self._build(settings, self.flow)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         flow = self.flow  # one request, one flow: a reload meanwhile applies to the next
@@ -153,6 +177,7 @@ class Gateway:
         request_id = flow.request_id(request.headers.get(flow.request_id_header), trusted)
         facts: RequestFacts | None = None
         served: Token | None = None
+        reason: str | None = None
         try:
             if self.cors.is_preflight(request):
                 response = await self.cors.preflight(request)  # no token: never authorized, never forwarded
@@ -160,19 +185,26 @@ class Gateway:
                 headers = request.headers
                 facts = flow.facts(request.method, request.raw_path, headers.get("x-flespi-cid"), headers.get("Origin"),
                                    flow.client_address(request.remote or "", headers), now)
+                if flow.is_internal(facts.path):  # the known ones have routes of their own (`internal_endpoints`)
+                    raise Denied(404, f"unknown path {facts.path}")
                 served = await flow.auth.authenticate(extract_key(headers.get("Authorization")), facts)
                 response = await self._dispatch(flow, request, served, facts, request_id, trusted)
         except (Denied, StoreUnavailable) as error:
             denied = flow.refusal(error)
+            reason = denied.reason
             response = error_response(flow, denied.status, denied.reason, denied.headers)
         except InvalidInput as invalid:
+            reason = "invalid " + ", ".join(dict.fromkeys(problem.field for problem in invalid.problems))
             response = invalid_input_response(invalid.problems)
+        if facts is None and reason is not None:  # refused before its facts were made: the path as it came
+            facts = flow.unchecked_facts(request.method, request.raw_path,
+                                         flow.client_address(request.remote or "", request.headers), now)
         if not response.prepared:  # a proxied reply got these from the proxy, before its first byte
             self._finish(response, request, facts, request_id)
-        if facts is not None:
-            size = response.body_length
-            flow.finish(facts, facts.token, served, request.headers.get("x-flespi-app", ""), response.status, started,
-                        size, request.content.total_bytes + (size or 0), request_id)
+        size = body_size(request, response)
+        flow.finish(flow.aiohttp, facts, facts.token if facts is not None else None, served,
+                    request.headers.get("x-flespi-app", ""), response.status, started, size,
+                    request.content.total_bytes + size, request_id, reason)
         return response
 
     def _finish(self, response: web.StreamResponse, request: web.Request, facts: RequestFacts | None,
@@ -204,6 +236,7 @@ class Gateway:
         facts: RequestFacts | None = None
         served: Token | None = None
         response: web.Response
+        reason: str | None = None
         try:
             method, target = flow.original_request(
                 request.method, request.raw_path, headers.get("X-Original-URI"), headers.get("X-Original-Method"),
@@ -215,23 +248,77 @@ class Gateway:
             response = web.Response(status=200, headers=flow.decision_headers(served, facts, request_id))
         except (Denied, StoreUnavailable) as error:
             denied = flow.refusal(error)
+            reason = denied.reason
             response = error_response(flow, denied.status, denied.reason, denied.headers)
             response.headers[flow.request_id_header] = request_id
-        if facts is not None:
-            flow.finish(facts, facts.token, served, headers.get("x-flespi-app", ""), response.status, started, 0, 0,
-                        request_id)
+        if facts is None:  # refused before its facts were made: the check's own path
+            facts = flow.unchecked_facts(request.method, request.raw_path,
+                                         flow.client_address(request.remote or "", headers), now)
+        flow.finish(flow.decision, facts, facts.token, served, headers.get("x-flespi-app", ""), response.status,
+                    started, body_size(request, response), 0, request_id, reason)
         return response
 
-    async def health(self, request: web.Request) -> web.Response:
+    # -- the gateway's own endpoints (`internal_endpoints`) ----------------------------------------
+
+    def allows_internal(self, request: web.Request) -> bool:
+        """Whether the client (its address as the token checks see it) is in `internal.allow`."""
+        address = self.flow.client_address(request.remote or "", request.headers)
+        return self.internal_allow.is_trusted(address)
+
+    def refuse_internal(self, request: web.Request) -> web.Response:
+        """403 for a client outside `internal.allow`, in the request log like any refusal."""
+        flow, started, now = self.flow, time.perf_counter(), time.time()
+        client = flow.client_address(request.remote or "", request.headers)
+        reason = f"{request.path} is {ALLOW_LIST_REFUSAL}"
+        response = error_response(flow, 403, reason)
+        request_id = flow.request_id(None, False)
+        response.headers[flow.request_id_header] = request_id
+        facts = flow.unchecked_facts(request.method, request.raw_path, client, now)
+        flow.finish(flow.aiohttp, facts, None, None, "", 403, started, body_size(request, response), 0, request_id,
+                    reason)
+        return response
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        """Liveness: the process answers (and what it holds)."""
         return web.json_response({"result": [{"status": "ok", "pid": os.getpid(), "tokens_cached": len(self.cache),
-                                             "invalidation": self.cache.subscribed.is_set(),
+                                             "invalidation": self.monitor.invalidation_live(),
+                                             "store": "up" if self.monitor.available else "down",
                                              "connections": self.open_connections(), "tasks": len(asyncio.all_tasks()),
                                              "fast_path": "compiled" if fast_path_compiled() else "interpreted"}]})
+
+    async def ready(self, request: web.Request) -> web.StreamResponse:
+        """Readiness: 200 only while the store answers and invalidation is live (`store/health.py`)."""
+        reason = self.monitor.not_ready()
+        if reason is not None:
+            return web.Response(status=503, body=error_body(503, reason), content_type="application/json")
+        return web.json_response({"result": [{"status": "ready"}]})
+
+    async def metrics_text(self, request: web.Request) -> web.StreamResponse:
+        response = web.Response(body=self.metrics.exposition())
+        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+        return response
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=OPENAPI, content_type="application/json")
+
+
+# The gateway's own endpoints under `internal_prefix`, in one list: any other path there is a 404
+# (`Gateway.handle`), never proxied. The token panel's files (`<internal_prefix>panel/`, when
+# `panel.enabled`) are routed by `gateway/panel` and open to anyone, as `openapi.json` is.
+INTERNAL_ENDPOINTS = (
+    Internal("health", Gateway.health, guarded=True),
+    Internal("ready", Gateway.ready, guarded=True),
+    Internal("metrics", Gateway.metrics_text, guarded=True),
+    Internal("openapi.json", Gateway.openapi, guarded=False),
+)
 
 
 def openapi_document() -> bytes:
     """The platform API's OpenAPI 3.1 description, shipped as package data."""
     return (resources.files("gateway.api") / "openapi.json").read_bytes()
+
+
+OPENAPI = openapi_document()
 
 
 def token_validator(settings: Settings) -> TokenValidator:
@@ -251,6 +338,15 @@ def token_validator(settings: Settings) -> TokenValidator:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def internal_handler(endpoint: Internal) -> Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        gateway = request.app[GATEWAY]
+        if endpoint.guarded and not gateway.allows_internal(request):
+            return gateway.refuse_internal(request)
+        return await endpoint.handler(gateway, request)
+    return serve
 CORS = web.AppKey("cors", CorsPolicy)
 BOOTSTRAP_EXPIRE = 4102444800  # 2100-01-01: a token must have ttl or expire (docs/tokens.md)
 
@@ -289,7 +385,7 @@ def open_session(settings: Settings, upstream_tls: ssl.SSLContext) -> aiohttp.Cl
     )
 
 
-async def services(app: web.Application, settings: Settings) -> AsyncIterator[None]:
+async def services(app: web.Application, settings: Settings, shared: str | None = None) -> AsyncIterator[None]:
     try:  # first: nothing is open yet if it fails
         sink = None if settings.log.path == "off" else FileSink(settings.log.path)
     except OSError as exc:  # writable at the check, and no longer: said as the check would, no traceback
@@ -331,13 +427,14 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         usage=UsageMeter(store, settings.usage, directory, logs), logs=logs, token_logs=token_logs,
         housekeeper=Housekeeper(store, settings.housekeeping, logs), session=open_session(settings, upstream_tls),
         compiler=compiler, upstream_tls=upstream_tls, request_log=sink,
+        monitor=StoreMonitor(store, cache, settings.redis.connect_timeout + settings.redis.socket_timeout),
     )
-    gateway = app[GATEWAY] = Gateway(settings, built, app[CORS])
+    gateway = app[GATEWAY] = Gateway(settings, built, app[CORS], shared)
     if settings.mqtt is not None:
         gateway.mqtt = MqttFront(settings.mqtt, gateway.auth, cache, built.usage, logs, settings.platform_prefixes)
     jobs: list[Coroutine[Any, Any, None]] = [
         cache.run_subscriber(), built.accessed.run(), logs.run(), built.usage.run(), built.housekeeper.run(),
-        directory.run(settings.cache.refresh_interval),
+        directory.run(settings.cache.refresh_interval), built.monitor.run(), gateway.metrics.run(),
     ]
     if snapshotter is not None:
         jobs.append(snapshotter.run())
@@ -363,6 +460,7 @@ async def services(app: web.Application, settings: Settings) -> AsyncIterator[No
         await _quietly(built.accessed.flush())
         await _quietly(built.usage.flush(final=True))
         await logs.flush()
+        gateway.metrics.share()  # the other workers keep this one's counters in their sums
         if built.request_log is not None:
             built.request_log.close()
         await built.session.close()
@@ -379,8 +477,9 @@ async def _quietly(job: Coroutine[Any, Any, None]) -> None:
         log.warning("shutdown: could not flush (%s)", exc)
 
 
-def create_app(settings: Settings) -> web.Application:
-    """A pure builder: nothing is opened until the app starts (cleanup_ctx)."""
+def create_app(settings: Settings, shared: str | None = None) -> web.Application:
+    """A pure builder: nothing is opened until the app starts (cleanup_ctx). `shared`: the
+    directory the workers of one gateway share their metrics through (`workers: N`)."""
     limits = settings.limits
     # The listener's parser applies `limits` to every request before aiohttp sees it; aiohttp's
     # own bounds sit just above them, so it never refuses first (with a reply of its own).
@@ -389,26 +488,18 @@ def create_app(settings: Settings) -> web.Application:
         "max_headers": limits.max_headers + 1, "keepalive_timeout": limits.keepalive_timeout})
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        async for _ in services(app, settings):
+        async for _ in services(app, settings, shared):
             yield
 
     async def handle(request: web.Request) -> web.StreamResponse:
         return await request.app[GATEWAY].handle(request)
 
-    async def health(request: web.Request) -> web.StreamResponse:
-        return await request.app[GATEWAY].health(request)
-
     async def decide(request: web.Request) -> web.StreamResponse:
         return await request.app[GATEWAY].decide(request)
 
-    document = openapi_document()
-
-    async def openapi(request: web.Request) -> web.StreamResponse:
-        return web.Response(body=document, content_type="application/json")
-
     app.cleanup_ctx.append(context)
-    app.router.add_get(settings.internal_prefix + "health", health)
-    app.router.add_get(settings.internal_prefix + "openapi.json", openapi)
+    for endpoint in INTERNAL_ENDPOINTS:
+        app.router.add_get(settings.internal_prefix + endpoint.path, internal_handler(endpoint))
     # Decision mode: any method, any client (proxies call it); the fast path answers most checks.
     app.router.add_route("*", settings.internal_prefix + "auth", decide)
     app.router.add_route("*", settings.internal_prefix + "auth/{original:.*}", decide)

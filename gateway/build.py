@@ -18,7 +18,7 @@ from pathlib import Path
 COMPILED = ("proxy.listener", "proxy.front", "proxy.exchange", "proxy.decision", "proxy.bridge", "proxy.flow",
             "proxy.routing", "proxy.replies", "proxy.upstream", "auth.authenticator", "auth.checks", "auth.compiler",
             "store.cache", "store.resp", "policy.paths", "writers.accessed", "writers.logs",
-            "writers.tokenlogs", "writers.usage", "tokens")
+            "writers.tokenlogs", "writers.usage", "tokens", "counters")
 HERE = Path(__file__).resolve().parent
 
 

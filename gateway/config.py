@@ -15,6 +15,7 @@ message about a value that came from the environment starts with the variable's 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -581,6 +582,10 @@ class CacheSettings:
     max_entries: int = 200_000  # about 0.65 KB each (bench/cache_cost.py): ~130 MB
     negative_ttl: float = 5.0  # 0: unknown keys are not remembered
     revalidate_after: float = 0.5
+    # The invalidation subscription is PINGed this often; unanswered for `invalidation_deadline`,
+    # it is not taken as live (cached tokens are re-read before use until it answers).
+    invalidation_ping: float = 0.1
+    invalidation_deadline: float = 0.5
 
     @property
     def refresh_interval(self) -> float:
@@ -599,6 +604,8 @@ class CacheSettings:
             max_entries=table.integer("max_entries", defaults.max_entries, at_least=1),
             negative_ttl=table.number("negative_ttl", defaults.negative_ttl, at_least=0),
             revalidate_after=table.number("revalidate_after", defaults.revalidate_after, at_least=0),
+            invalidation_ping=table.number("invalidation_ping", defaults.invalidation_ping, above=0),
+            invalidation_deadline=table.number("invalidation_deadline", defaults.invalidation_deadline, above=0),
         )
 
 
@@ -691,11 +698,15 @@ class LimitsSettings:
         )
 
 
+LOG_FORMATS = ("text", "json")
+
+
 @dataclass(frozen=True, slots=True)
 class LogSettings:
     path: str = "-"  # "-": stdout; "off": no request log
     queue_size: int = 100_000
     flush_interval: float = 1.0
+    format: str = "text"  # of the application's own log (stderr); the request log is always JSON lines
 
     @classmethod
     def parse(cls, table: Table) -> LogSettings:
@@ -704,7 +715,33 @@ class LogSettings:
         if path not in ("-", "off"):
             writable_file(table.name("path"), path)
         return cls(path=path, queue_size=table.integer("queue_size", defaults.queue_size, at_least=1),
-                   flush_interval=table.number("flush_interval", defaults.flush_interval, above=0))
+                   flush_interval=table.number("flush_interval", defaults.flush_interval, above=0),
+                   format=one_of(table.name("format"), table.get("format", defaults.format), LOG_FORMATS,
+                                 "a log format"))
+
+
+@dataclass(frozen=True, slots=True)
+class InternalSettings:
+    """Who may read the gateway's health, readiness and metrics (`<internal_prefix>health`, ...).
+
+    Matched against the client address the token checks use: the peer, or, behind a trusted
+    proxy, the address that proxy forwarded (README, "The client address and trusted proxies"), so
+    a proxy in front on the same host does not open them to everyone it serves.
+    """
+
+    allow: tuple[str, ...] = ("127.0.0.0/8", "::1")
+
+    @classmethod
+    def parse(cls, table: Table) -> InternalSettings:
+        key = table.name("allow")
+        items = string_list(key, table.get("allow", list(cls().allow)), "addresses or CIDR networks",
+                            "address or CIDR network")
+        for item in items:
+            try:
+                ipaddress.ip_network(item.strip())
+            except ValueError as exc:
+                raise ConfigError(key, f"{item!r} is not an IP address or CIDR network ({exc})") from None
+        return cls(allow=items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -959,6 +996,7 @@ class Settings:
     cors: CorsSettings = field(default_factory=CorsSettings)
     panel: PanelSettings = field(default_factory=PanelSettings)
     mqtt: MqttSettings | None = None  # the MQTT front, when configured
+    internal: InternalSettings = field(default_factory=InternalSettings)
     origin_presets: tuple[tuple[str, tuple[str, ...]], ...] = (("flespi", FLESPI_ORIGINS),)
     bootstrap_master_token: str | None = None
     platform_prefixes: tuple[str, ...] = ("/platform/", "/auth/")
@@ -1002,6 +1040,7 @@ class Settings:
             cors=CorsSettings.parse(top.section("cors", CorsSettings)),
             panel=PanelSettings.parse(top.section("panel", PanelSettings)),
             mqtt=None if top.get("mqtt") is None else MqttSettings.parse(top.section("mqtt", MqttSettings)),
+            internal=InternalSettings.parse(top.section("internal", InternalSettings)),
             origin_presets=parse_presets(top.get("origin_presets")),
             bootstrap_master_token=master_token(top.get("bootstrap_master_token")),
             platform_prefixes=platform_prefixes,

@@ -67,3 +67,51 @@ INTERNAL_ERROR = "internal gateway error"
 def error_body(status: int, reason: str, **extra: object) -> bytes:
     body: bytes = orjson.dumps({"errors": [{"code": status, "reason": reason, **extra}]})
     return body
+
+
+# Refusals by kind, for the metrics: a bounded set of ids, never the reason's text (which may name
+# a path or an account). Exact reasons first, then the families whose text varies, then the status.
+REFUSAL_IDS = {
+    INVALID_TOKEN: "invalid_token",
+    TOKEN_DISABLED: "token_disabled",
+    UNAUTHORIZED_LOCATION: "unauthorized_location",
+    UNAUTHORIZED_ORIGIN: "unauthorized_origin",
+    STORAGE_UNAVAILABLE: "storage_unavailable",
+    UPSTREAM_UNAVAILABLE: "upstream_unavailable",
+    UPSTREAM_TIMEOUT: "upstream_timeout",
+    INTERNAL_ERROR: "internal_error",
+    "invalid request path": "invalid_path",
+    "invalid x-flespi-cid header: must be an account id": "invalid_cid",
+    "NOAPI token cannot be used for API requests": "token_type",
+    "request URI too long": "uri_too_long",
+    "request header too large": "header_too_large",
+    "request body too large": "body_too_large",
+    "request header timeout": "header_timeout",
+    "too many connections": "too_many_connections",
+    "malformed HTTP request": "malformed_request",
+}
+REFUSAL_FAMILIES = (
+    ("token is blocked", "usage_blocked"),
+    ("no upstream for ", "no_route"),
+    ("unknown path ", "unknown_path"),
+    ("request body larger than ", "body_too_large"),
+)
+REFUSAL_BY_STATUS = {400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                     405: "method_not_allowed", 413: "body_too_large", 429: "usage_blocked"}
+
+
+def refusal_id(status: int, reason: str) -> str:
+    """The kind of a refusal (`Denied`'s status and reason) as a short, stable id."""
+    known = REFUSAL_IDS.get(reason)
+    if known is not None:
+        return known
+    for start, kind in REFUSAL_FAMILIES:
+        if reason.startswith(start):
+            return kind
+    if status == 403 and reason.startswith("access to "):
+        if reason.endswith("by token ACL"):
+            return "acl"
+        if reason.endswith(("for standard token", "master token required")):
+            return "token_type"
+        return "forbidden"
+    return REFUSAL_BY_STATUS.get(status, "client_error" if status < 500 else "server_error")

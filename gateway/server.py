@@ -15,9 +15,11 @@ import gc
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -185,9 +187,9 @@ SHUTDOWN_TIMEOUT = 30.0
 class GatewayServer:
     """One running gateway in this process: the app, its services and the listening site."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, shared: str | None = None) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings, shared)
         self.app.cleanup_ctx.append(freeze_long_lived_objects)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                     shutdown_timeout=SHUTDOWN_TIMEOUT)
@@ -263,6 +265,7 @@ class Worker:
     sockets: tuple[socket.socket, ...]
     parent: int  # the supervisor's pid: the worker stops when it is gone
     ready: int  # the pipe the worker writes one byte to once it accepts connections
+    shared: str  # the directory the workers share their metrics through (gateway/metrics.py)
 
 
 PARENT_WATCH_INTERVAL = 1.0
@@ -286,7 +289,7 @@ def serve(settings: Settings, *, config_path: str | None = None, worker: Worker 
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        server = GatewayServer(settings)
+        server = GatewayServer(settings, worker.shared if worker is not None else None)
         source = config_path or "(environment)"
 
         def reload() -> None:
@@ -398,9 +401,11 @@ class Supervisor:
     failures: dict[int, int] = field(default_factory=dict)  # by slot: quick deaths in a row
     received: list[int] = field(default_factory=list)
     stopping: bool = False
+    shared: str = ""  # where the workers leave their metrics for each other; this run's only
 
     def run(self) -> int:
         self.sockets = bind_listen(self.settings.listen, reuse_port=True)
+        self.shared = tempfile.mkdtemp(prefix="gateway-workers-")
         wake_read, wake_write = os.pipe()
         os.set_blocking(wake_read, False)
         os.set_blocking(wake_write, False)
@@ -418,6 +423,7 @@ class Supervisor:
                 os.close(fd)
             for sock in self.sockets:
                 sock.close()
+            shutil.rmtree(self.shared, ignore_errors=True)
         log.info("supervisor stopped")
         sys.stdout.flush()
         return 0
@@ -469,7 +475,7 @@ class Supervisor:
                     if other.ready_pipe is not None:
                         os.close(other.ready_pipe)
                 die_with_parent(parent)
-                serve(settings, worker=Worker(tuple(self.sockets), parent, ready_write))
+                serve(settings, worker=Worker(tuple(self.sockets), parent, ready_write, self.shared))
             except ConfigError as exc:
                 log.error("worker %d: configuration error: %s", os.getpid(), exc)
                 code = 2

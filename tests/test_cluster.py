@@ -85,20 +85,25 @@ async def test_cached_token_makes_no_redis_round_trip(make_gateway: GatewayFacto
     # periodic work (usage exchange, refreshes) is made rare, so any per-request command would show
     # (`accessed` too: its flush every 0.1 s under traffic made this count depend on the machine's speed)
     gw = await make_gateway(redis={"url": own_redis.url}, usage={"flush_interval": 60.0},
-                            cache={"max_age": 120.0}, log={"flush_interval": 60.0}, accessed_flush_interval=60.0)
+                            cache={"max_age": 120.0, "invalidation_ping": 60.0}, log={"flush_interval": 60.0},
+                            accessed_flush_interval=60.0)
     token = await gw.create_token()
     assert await status_of(gw, token["key"]) == 200
     client = aioredis.Redis.from_url(own_redis.url)
     try:
         before = await commandstats(client)
+        started = time.monotonic()
         for _ in range(300):
             assert await status_of(gw, token["key"]) == 200
         await gw.gateway.accessed.flush()
         after = await commandstats(client)
+        elapsed = time.monotonic() - started
     finally:
         await client.aclose()
     delta = {name: after.get(name, 0) - before.get(name, 0) for name in after}
     delta.pop("info", None)
+    # the store probe's PUBLISH, once a second whatever the traffic (store/health.py)
+    assert delta.pop("publish", 0) <= elapsed + 2, delta
     # no per-request read of the token ...
     assert delta.get("get", 0) == 0 and delta.get("zscore", 0) == 0, delta
     # ... and only batched writes and periodic refreshes: far below one command per request

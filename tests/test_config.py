@@ -106,6 +106,8 @@ KEYS = [
     Key("cache.max_entries", 200_000, 50, 50, COUNT),
     Key("cache.negative_ttl", 5.0, 0, 0.0, NON_NEGATIVE),
     Key("cache.revalidate_after", 0.5, 0, 0.0, NON_NEGATIVE),
+    Key("cache.invalidation_ping", 0.1, 1, 1.0, POSITIVE),
+    Key("cache.invalidation_deadline", 0.5, 0.25, 0.25, POSITIVE),
     Key("proxy.connect_timeout", 5.0, 2, 2.0, POSITIVE),
     Key("proxy.read_timeout", 60.0, 0.25, 0.25, POSITIVE),
     Key("proxy.pool_size", 0, 32, 32, SIZE),
@@ -140,6 +142,9 @@ KEYS = [
     ]),
     Key("log.queue_size", 100_000, 10, 10, COUNT),
     Key("log.flush_interval", 1.0, 0.2, 0.2, POSITIVE),
+    Key("log.format", "text", "json", "json", [("xml", "'xml' is not a log format (text, json)"),
+                                               ("JSON", "'JSON' is not a log format (text, json)"),
+                                               (None, "None is not a log format (text, json)")]),
     Key("usage.window", 60, 120, 120, COUNT),
     Key("usage.flush_interval", 0.5, 2, 2.0, [*POSITIVE, (61, "must not be longer than usage.window (60)")]),
     Key("usage.api_calls", 0, 1000, 1000, SIZE),
@@ -175,6 +180,14 @@ KEYS = [
     # The whole section: absent is no MQTT front; its own keys are covered by the mqtt tests below.
     Key("mqtt", None, {"broker": "mqtt://127.0.0.1:1884"}, MqttSettings(BrokerAddress("127.0.0.1", 1884)),
         [(5, "must be a mapping"), ([], "must be a mapping")]),
+    Key("internal.allow", ("127.0.0.0/8", "::1"), ["10.0.0.0/8", "2001:db8::5", "192.0.2.7"],
+        ("10.0.0.0/8", "2001:db8::5", "192.0.2.7"), [
+            ("127.0.0.1", "must be a list of addresses or CIDR networks"),
+            (["127.0.0.1/8"], "'127.0.0.1/8' is not an IP address or CIDR network (127.0.0.1/8 has host bits set)"),
+            (["localhost"], "'localhost' is not an IP address or CIDR network ('localhost' does not appear to be an "
+                            "IPv4 or IPv6 network)"),
+            ([8], "8 is not a valid address or CIDR network"), (None, "must be a list of addresses or CIDR networks"),
+        ]),
     Key("origin_presets", (("flespi", gateway.config.FLESPI_ORIGINS),), {"mine": ["https://*.example.com"]},
         (("flespi", gateway.config.FLESPI_ORIGINS), ("mine", ("https://*.example.com",))), [
             ({"mine": "https://a.example.com"}, "must map preset names to lists of origins"),

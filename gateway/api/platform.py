@@ -34,6 +34,7 @@ from gateway.api.validation import (
     account_problems,
     customer_problems,
     grace_problems,
+    parse_json,
     validity_problems,
 )
 from gateway.errors import Denied, FieldProblem, InvalidInput
@@ -94,8 +95,10 @@ def parse_data(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
     if raw is None:
         return {}
     try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        data = parse_json(raw, "data")
+    except InvalidInput as refused:
+        if refused.problems[0].field != "data":  # a repeated key, named
+            raise
         raise InvalidInput([FieldProblem("data", "'data' must be a JSON object")]) from None
     if not isinstance(data, dict):
         raise InvalidInput([FieldProblem("data", "'data' must be a JSON object")])
@@ -122,10 +125,7 @@ async def read_json(request: web.Request, limit: int = MAX_BODY) -> Any:
         body += piece
     if len(body) > limit:
         raise Denied(413, f"request body larger than {limit} bytes")
-    try:
-        return orjson.loads(body or b"null")
-    except orjson.JSONDecodeError:
-        raise InvalidInput([FieldProblem("", "request body is not valid JSON")]) from None
+    return parse_json(body or b"null")
 
 
 def items_of(body: Any) -> list[Any]:

@@ -53,7 +53,7 @@ def expand_template(item: Any) -> tuple[Any, list[FieldProblem]]:
     name, target = spec.get("name"), spec.get("item")
     if not isinstance(name, str) or name not in TEMPLATES:  # a list or object name is no template
         problems.append(FieldProblem("template.name", f"unknown template; one of {', '.join(sorted(TEMPLATES))}"))
-    if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+    if type(target) is not int or target < 1:  # `type`: true is no item id
         problems.append(FieldProblem("template.item", "'template.item' must be a positive item id"))
     if "access" in item:
         problems.append(FieldProblem("access", "give either 'access' or 'template', not both"))

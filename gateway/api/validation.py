@@ -1,11 +1,14 @@
 """Validation of token objects sent to the tokens API: every problem is reported with its field."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.errors import FieldProblem
+import orjson
+
+from gateway.errors import FieldProblem, InvalidInput
 from gateway.tokens import TokenType
 
 WRITABLE = frozenset({"info", "enabled", "access", "expire", "ttl", "ips", "origins", "metadata"})
@@ -74,7 +77,7 @@ class TokenValidator:
         if not isinstance(access, dict):
             return [FieldProblem("access", "'access' must be an object with a 'type'")]
         kind = access.get("type")
-        if isinstance(kind, bool) or kind not in tuple(TokenType):
+        if type(kind) is not int or kind not in tuple(TokenType):  # 1.0 == 1 and True == 1: neither is a type
             return [FieldProblem("access.type", "'access.type' must be 0 (standard), 1 (master), 2 (ACL) or 3 (NOAPI)")]
         unknown = sorted(set(access) - {"type", "acl"})
         found = [FieldProblem(f"access.{name}", f"unknown field 'access.{name}'") for name in unknown]
@@ -89,7 +92,7 @@ class TokenValidator:
 
 
 def _non_negative_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return type(value) is int and value >= 0  # `type`, not isinstance: bool is an int subclass
 
 
 def validity_problems(record: Mapping[str, Any]) -> list[FieldProblem]:
@@ -156,3 +159,80 @@ def grace_problems(body: Any) -> list[FieldProblem]:
     if not _non_negative_int(grace) or grace > MAX_GRACE:
         found.append(FieldProblem("grace", f"'grace' must be a whole number of seconds from 0 to {MAX_GRACE}"))
     return found
+
+
+# -- request bodies -----------------------------------------------------------------------------
+
+class _Object(dict[str, Any]):
+    """A JSON object as the duplicate scan reads it, with the first key it found written twice."""
+
+    repeated: str | None = None
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    found = _Object(pairs)
+    if len(found) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                found.repeated = key
+                break
+            seen.add(key)
+    return found
+
+
+def _shape_only(text: str) -> None:
+    return None  # the scan reads keys only; no int() of a number's digits (Python caps those at 4300)
+
+
+Path = tuple[str | int, ...]
+
+
+def _repeated_at(value: Any, path: Path = ()) -> tuple[Path, str] | None:
+    """Where the first object with a repeated key is (keys and list indexes), and that key."""
+    if isinstance(value, _Object):
+        if value.repeated is not None:
+            return path, value.repeated
+        children: Any = value.items()
+    elif isinstance(value, list):
+        children = enumerate(value)
+    else:
+        return None
+    for name, child in children:
+        found = _repeated_at(child, (*path, name))
+        if found is not None:
+            return found
+    return None
+
+
+def field_name(path: Path) -> str:
+    """`("access", "acl", 0, "uri")` -> `access.acl[0].uri`, as problems name fields."""
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else part)
+    return name
+
+
+def parse_json(raw: bytes | str, field: str = "") -> Any:
+    """A request's JSON (the body, or the query parameter `field`), refused unless it is strict JSON whose
+    objects write each key once: a proxy in front that keeps the first of two values would
+    otherwise disagree with us (we keep the last) about what was asked for. A top-level list's
+    item is named by `index`, as validation names it."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidInput([FieldProblem(field, f"'{field}' is not valid JSON" if field
+                                         else "request body is not valid JSON")]) from None
+    if not isinstance(value, (dict, list)):
+        return value
+    # orjson read it, so it is strict JSON; the standard parser hands over each object's pairs.
+    found = _repeated_at(json.loads(raw, object_pairs_hook=_object, parse_int=_shape_only, parse_float=_shape_only))
+    if found is None:
+        return value
+    path, key = found
+    index: int | None = None
+    if isinstance(value, list) and not field and path:
+        index, path = int(path[0]), path[1:]
+    name = field_name(((field,) if field else ()) + path + (key,))
+    where = f"'{field}'" if field else "the request body"
+    raise InvalidInput([FieldProblem(name, f"key '{key}' appears more than once in {where}", index)])

@@ -47,15 +47,16 @@ class Authenticator:
             log.exception("unexpected error while authenticating; request denied")
             raise Denied(500, INTERNAL_ERROR) from None
 
-    def authenticate_cached(self, digest: str | None, facts: RequestFacts) -> Token | None:
+    def authenticate_cached(self, digest: str | None, facts: RequestFacts, waited: bool = False) -> Token | None:
         """The same decision without waiting, when the cache alone can make it; None means "ask
         `authenticate`". It takes the key's digest (`key_digest`, None for no key): a request
         that has to wait for its record asks again, and hashes once. Raises `Denied` like
-        `authenticate`, and any other failure denies too."""
+        `authenticate`, and any other failure denies too. `waited`: asked again once the record's
+        load settled (`when_loaded`), so not counted as a cache hit."""
         try:
             if digest is None:
                 raise Denied(401, INVALID_TOKEN)
-            known, token = self._cache.peek(digest)
+            known, token = self._cache.peek(digest, not waited)
             if not known:
                 return None
             if token is None:

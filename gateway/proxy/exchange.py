@@ -62,10 +62,12 @@ class Exchange:
         "incoming",
         "lane",
         "out",
+        "reason",
         "received_bytes",
         "replied",
         "request_id",
         "retried",
+        "sent_at",
         "sent_bytes",
         "served",
         "started",
@@ -88,6 +90,8 @@ class Exchange:
         self.conn: UpstreamConnection | None = None
         self.task: asyncio.Task[None] | None = None
         self.status = 0
+        self.reason: str | None = None  # a refusal's, for the log record and the metrics
+        self.sent_at = 0.0  # when the request went upstream (the upstream latency's start)
         self.replied = False  # the reply's head went to the client
         self.out: list[bytes] = []
         self.chunked_reply = False
@@ -131,6 +135,9 @@ class Exchange:
             token = flow.auth.authenticate_cached(digest, facts)
         except Exception as error:
             incoming.target = self
+            if self.facts is None:  # refused before its facts were made: logged with the path as it came
+                self.facts = flow.unchecked_facts(incoming.method.decode(), incoming.url.decode("utf-8", "replace"),
+                                                  self._client_ip(), now)
             self._refuse(error)
             return
         if token is not None:
@@ -153,7 +160,7 @@ class Exchange:
             facts = self.facts
             assert facts is not None  # set by `start` before it waited
             # Another request's load may have filled the entry even if this one failed.
-            token = self.flow.auth.authenticate_cached(digest, facts)
+            token = self.flow.auth.authenticate_cached(digest, facts, True)
         except Exception as error:
             self._refuse(error)
             return
@@ -246,6 +253,7 @@ class Exchange:
 
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn
+        self.sent_at = time.perf_counter()
         if self.front.paused_writing:
             conn.pause_reply()  # the client is not reading what came before yet
         incoming = self.incoming
@@ -343,6 +351,7 @@ class Exchange:
     def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]], length: int | None,
                 chunked: bool) -> None:
         lane = self.lane
+        self.flow.upstream_latency.observe(time.perf_counter() - self.sent_at)
         self.status = status
         drop = lane.reply_drop
         named: set[bytes] | None = None
@@ -441,12 +450,15 @@ class Exchange:
             self.conn.abandon()
             self.conn = None
         self.status = status
+        self.reason = reason
         incoming = self.incoming
         if not incoming.complete and (incoming.chunked or incoming.length):
             self.close_after = True  # the rest of the body would have to be read and thrown away
         lane = self.lane
-        self.front.write(error_bytes(self.flow, status, reason, extra, self.request_id, lane.date(),
-                                     self.close_after or lane.closing))
+        reply = error_bytes(self.flow, status, reason, extra, self.request_id, lane.date(),
+                            self.close_after or lane.closing)
+        self.front.write(reply)
+        self.received_bytes = len(reply) - reply.find(b"\r\n\r\n") - 4  # the body: the size logged
         self.replied = True
         self._finish()
 
@@ -470,11 +482,11 @@ class Exchange:
         self.done = True
         self.lane.served_fast += 1
         self.front.resume("upload")
-        facts, token = self.facts, self.token
-        if facts is not None and token is not None:
-            self.flow.finish(facts, token, self.served, _text(self.incoming.index.get(b"x-flespi-app")) or "",
-                             self.status, self.started, self.received_bytes, self.sent_bytes + self.received_bytes,
-                             self.request_id.decode())
+        flow = self.flow
+        app = _text(self.incoming.index.get(b"x-flespi-app")) or ""
+        counts = flow.decision if self.decision else flow.fast
+        flow.finish(counts, self.facts, self.token, self.served, app, self.status, self.started, self.received_bytes,
+                    self.sent_bytes + self.received_bytes, self.request_id.decode(), self.reason)
         if self.incoming.complete or self.close_after:
             self.front.exchange_done(self, self.close_after)
         # else: FrontProtocol reads the rest of the body (request_body ignores it) and then calls

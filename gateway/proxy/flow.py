@@ -23,7 +23,8 @@ from multidict import CIMultiDict, MultiMapping
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.checks import RequestFacts, request_facts
 from gateway.config import Route, Settings
-from gateway.errors import INTERNAL_ERROR, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
+from gateway.counters import LATENCY_BOUNDS, Buckets, StatusCounts
+from gateway.errors import INTERNAL_ERROR, STORAGE_UNAVAILABLE, Denied, StoreUnavailable, refusal_id
 from gateway.policy.clientaddr import TrustedProxies, client_address, forwarded_for
 from gateway.policy.paths import AUTH_INFO, INVALID_PATH, PLATFORM
 from gateway.proxy.routing import pick_route
@@ -63,7 +64,7 @@ class RequestFlow:
     """Per process: the settings and services every request's rules need, and the rules."""
 
     def __init__(self, settings: Settings, auth: Authenticator, usage: UsageMeter, logs: LogWriter,
-                 is_api: Callable[[str], bool]) -> None:
+                 is_api: Callable[[str], bool], previous: RequestFlow | None = None) -> None:
         proxy = settings.proxy
         self.settings = settings
         self.auth = auth
@@ -95,6 +96,15 @@ class RequestFlow:
         self.request_drop = frozenset(drop)
         # From the upstream's reply: hop-by-hop, whatever its Connection names, and CORS_PREFIX.
         self.reply_drop = HOP_BY_HOP
+        # Counted for the metrics (gateway/metrics.py reads them at scrape time): replies by front,
+        # refusals by kind (`errors.refusal_id`), and the time from a request sent upstream to its
+        # reply's head. A reload's new flow carries on with `previous`'s counts.
+        self.fast: StatusCounts = previous.fast if previous is not None else StatusCounts()
+        self.aiohttp: StatusCounts = previous.aiohttp if previous is not None else StatusCounts()
+        self.decision: StatusCounts = previous.decision if previous is not None else StatusCounts()
+        self.refusals: dict[str, int] = previous.refusals if previous is not None else {}
+        self.upstream_latency: Buckets = (previous.upstream_latency if previous is not None
+                                          else Buckets(LATENCY_BOUNDS))
 
     # -- the request -----------------------------------------------------------------------------
 
@@ -115,6 +125,16 @@ class RequestFlow:
         """What the checks see; refuses an ambiguous path or a malformed x-flespi-cid with 400."""
         raw_path, _, query = target.partition("?")
         return request_facts(method, raw_path, query, cid, origin, client_ip, now)
+
+    def unchecked_facts(self, method: str, target: str, client_ip: str, now: float) -> RequestFacts:
+        """For the log record of a request refused before its facts could be made (an ambiguous
+        path, a malformed x-flespi-cid): the path as it came."""
+        raw_path = target.partition("?")[0]
+        return RequestFacts(method, raw_path, raw_path, "", client_ip, None, None, now)
+
+    def is_internal(self, path: str) -> bool:
+        """Under the gateway's own prefix: answered by the gateway (404 when unknown), never proxied."""
+        return path.startswith(self.internal_prefix)
 
     def is_own(self, path: str) -> bool:
         """Whether the gateway answers this path itself (the API, /auth/info, its own pages)."""
@@ -233,13 +253,26 @@ class RequestFlow:
 
     # -- the end ---------------------------------------------------------------------------------
 
-    def finish(self, facts: RequestFacts | None, token: Token | None, served: Token | None, app: str, status: int,
-               started: float, size: int, traffic: int, request_id: str) -> None:
-        """The log record of a request whose token was found (`token`, refused or not), and the
-        usage count of one that was served (`served`): `traffic` bytes both ways."""
-        if facts is None or token is None:
+    def finish(self, front: StatusCounts, facts: RequestFacts | None, token: Token | None, served: Token | None,
+               app: str, status: int, started: float, size: int, traffic: int, request_id: str,
+               reason: str | None) -> None:
+        """The end of every request a front served: counted by `front`; the usage count of one
+        that was served (`served`: `traffic` bytes both ways); the log record of one whose token
+        was found (`token`, refused or not) or that was refused (`reason`, the refusal's text:
+        then also counted by kind). `size`: the reply body's bytes as sent."""
+        front.count(status)
+        kind = ""
+        if reason is not None:
+            kind = refusal_id(status, reason)
+            self.refusals[kind] = self.refusals.get(kind, 0) + 1
+        if facts is None or (token is None and reason is None):
             return
         if served is not None:
             self.usage.record(served, served.cid, traffic, facts.now)
-        self.logs.emit(request_record(facts.now, token.id, token.cid, facts.client_ip, app, facts.method, facts.path,
-                                      status, time.perf_counter() - started, size, request_id))
+        record = request_record(facts.now, token.id if token is not None else None,
+                                token.cid if token is not None else None, facts.client_ip, app, facts.method,
+                                facts.path, status, time.perf_counter() - started, size, request_id)
+        if reason is not None:
+            record["reason"] = reason
+            record["refusal"] = kind
+        self.logs.emit(record)

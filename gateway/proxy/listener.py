@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -188,7 +189,7 @@ class FrontProtocol(Front):
         lane.connections.add(self)  # counted while it drains, so the sweep bounds its close too
         if full:
             self.idle_since = None
-            self.write(error_bytes(lane.flow, 503, TOO_MANY_CONNECTIONS, {}, b"", lane.shared.date(), close=True))
+            self._write_refusal(503, TOO_MANY_CONNECTIONS)
             self.linger(REFUSED_LINGER)
 
     def _adopt(self, flow: RequestFlow) -> None:
@@ -446,8 +447,22 @@ class FrontProtocol(Front):
         if (bridge is not None and not bridge.idle()) or exchange is not None or self.transport is None:
             self.close()  # a reply is on its way: the stream cannot carry another
             return
-        self.write(error_bytes(self.lane.flow, status, reason, {}, b"", self.lane.shared.date(), close=True))
+        self._write_refusal(status, reason)
         self.linger()
+
+    def _write_refusal(self, status: int, reason: str) -> None:
+        """A refusal of the byte stream itself, before any exchange: answered, counted and logged
+        with what was parsed of the request (if anything)."""
+        started = time.perf_counter()
+        flow = self.lane.flow
+        reply = error_bytes(flow, status, reason, {}, b"", self.lane.shared.date(), close=True)
+        self.write(reply)
+        incoming = self.incoming
+        method = incoming.method.decode("latin-1") if incoming is not None else ""
+        target = incoming.url.decode("utf-8", "replace") if incoming is not None else ""
+        facts = flow.unchecked_facts(method, target, self.peer_address, time.time())
+        flow.finish(flow.fast, facts, None, None, "", status, started, len(reply) - reply.find(b"\r\n\r\n") - 4, 0,
+                    "", reason)
 
     def check_timeouts(self, now: float, limits: LimitsSettings) -> None:
         """Called by the lane's sweep: drop a connection whose client stalls, idles or dawdles."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config import ProxySettings
+from gateway.counters import Buckets
 from gateway.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Denied
 from gateway.proxy.flow import CORS_PREFIX, HOP_BY_HOP
 
@@ -38,15 +40,38 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return headers
 
 
+class RelayedResponse(web.StreamResponse):
+    """A relayed reply, with the body bytes it passed on (the size logged; aiohttp counts the head
+    and the chunk framing too)."""
+
+    body_sent = 0
+
+
+def body_size(request: web.Request, response: web.StreamResponse) -> int:
+    """The bytes of a reply's body as it is (or was) sent: relayed, or made by the gateway."""
+    if request.method == "HEAD" or response.status in NO_BODY_STATUSES:
+        return 0
+    if isinstance(response, RelayedResponse):
+        return response.body_sent
+    if isinstance(response, web.Response):
+        body = response.body
+        if isinstance(body, (bytes, bytearray)):
+            return len(body)
+        return (body.size or 0) if body is not None else 0
+    return 0
+
+
 class Proxy:
-    """`drop`: what the flow never forwards from a request (`RequestFlow.request_drop`)."""
+    """`drop`: what the flow never forwards from a request (`RequestFlow.request_drop`); `latency`:
+    where the time to the upstream reply's head is counted (`RequestFlow.upstream_latency`)."""
 
     def __init__(self, settings: ProxySettings, session: aiohttp.ClientSession, drop: frozenset[str],
-                 options: dict[str, Any] | None = None) -> None:
+                 latency: Buckets, options: dict[str, Any] | None = None) -> None:
         """`options`: per-request arguments of the session's requests (`timeout`, `ssl`), when a
         reload changed what the session was opened with."""
         self._settings = settings
         self._session = session
+        self._latency = latency
         self._options = options or {}
         # aiohttp's client writes the upstream's Host itself unless the client's is kept.
         self._drop = drop if settings.preserve_host else drop | {"host"}
@@ -66,6 +91,7 @@ class Proxy:
         """Relay the upstream's reply; `finish` sets the gateway's own reply headers before it starts."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._forward_websocket(request, url, headers)
+        sent = time.perf_counter()
         try:
             upstream = await self._session.request(
                 request.method, url, headers=headers,
@@ -77,6 +103,7 @@ class Proxy:
             raise Denied(504, UPSTREAM_TIMEOUT) from None
         except (aiohttp.ClientError, OSError):
             raise Denied(502, UPSTREAM_UNAVAILABLE) from None
+        self._latency.observe(time.perf_counter() - sent)
         try:
             return await self._relay(request, upstream, finish)
         finally:
@@ -84,7 +111,7 @@ class Proxy:
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
                      finish: Finish) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response = RelayedResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(response_headers(upstream.headers))
         finish(response)
         body_allowed = request.method != "HEAD" and upstream.status not in NO_BODY_STATUSES
@@ -99,6 +126,7 @@ class Proxy:
             chunk = first
             while chunk:
                 await response.write(chunk)
+                response.body_sent += len(chunk)
                 chunk = await upstream.content.readany()
             await response.write_eof()
         except ConnectionResetError:

@@ -2,9 +2,13 @@
 
 An entry is trusted for `max_age` seconds at most. Changes made through any instance arrive by
 pub/sub and drop the entry at once; hot entries are refreshed in the background after
-`refresh_after`, so a busy token never waits for Redis. If the subscription was lost, every entry
-loaded before the loss is revalidated on its next use (messages may have been missed meanwhile),
-and while the store is unreachable entries inside `max_age` keep serving.
+`refresh_after`, so a busy token never waits for Redis. The cache knows whether invalidation is
+live (`invalidation_live`): the subscription is confirmed and answers a PING every
+`invalidation_ping` seconds within `invalidation_deadline`. redis-py re-subscribes by itself after a
+lost connection, so every confirmation after the first is a gap: messages may have been missed.
+On any gap every entry loaded before it is re-read on its next use, and while invalidation is not
+known live no entry is trusted without a re-read; only while the store cannot answer do entries
+inside `max_age` keep serving.
 
 Misses are loaded in batches: every key asked for during one event-loop iteration (misses,
 background refreshes, revalidations) is read with one round trip (`TokenStore.load_many`), and a
@@ -28,6 +32,13 @@ from gateway.tokens import Token
 log = logging.getLogger("gateway.store.cache")
 # Keys read by one MGET at most; more misses in the same loop iteration make several batches.
 MAX_BATCH = 256
+# The epoch of entries loaded while invalidation was not known live: never the current one, so
+# such an entry is re-read on every use until one is loaded while it is live.
+UNTRUSTED = -1
+PING_PREFIX = b"gw-live:"
+# A subscription that answers no PING for this many deadlines is dropped and made again: a
+# connection whose peer vanished without a reset may never answer.
+RESUBSCRIBE_AFTER = 4
 
 
 class Compiler(Protocol):
@@ -75,12 +86,21 @@ class TokenCache:
         self._background: set[asyncio.Task[Any]] = set()
         # Entries with an older epoch were loaded before a pub/sub gap and must be revalidated.
         self._epoch = 0
+        # Invalidation is live: subscribed, confirmed, and the last PING answered in time. Set
+        # only by the subscriber (`_set_live`); `subscribed` is the same fact for awaiting it.
+        self._live = False
         self.subscribed = asyncio.Event()
+        self.invalidation_gaps = 0  # times invalidation stopped being known live
+        self._ping_interval = settings.invalidation_ping
+        self._ping_deadline = settings.invalidation_deadline
         # Other messages on the channel (e.g. "accounts") and who wants them; also told after a gap.
         self.listeners: dict[str, Callable[[], None]] = {}
         # Told of every dropped entry (live MQTT sessions follow their token through it).
         self.on_invalidate: Callable[[str], None] | None = None
         self.batches = 0  # store round trips made for misses, refreshes and revalidations
+        # For the metrics: lookups answered from an entry, and lookups that waited for a load.
+        self.hits = 0
+        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -109,10 +129,13 @@ class TokenCache:
         if entry.epoch == self._epoch:
             if token is None:
                 if age < self._negative_ttl:
+                    self.hits += 1
                     return None
             elif age < self._refresh_after:
+                self.hits += 1
                 return token
             elif age < self._max_age:
+                self.hits += 1
                 self._refresh_in_background(digest, token)
                 return token
         try:
@@ -122,21 +145,30 @@ class TokenCache:
                 return token
             raise
 
-    def peek(self, digest: str) -> tuple[bool, Token | None]:
+    def peek(self, digest: str, counted: bool = True) -> tuple[bool, Token | None]:
         """`(True, token or None)` when the cache can answer without Redis, else `(False, None)`.
 
         The synchronous twin of `lookup` for the hot path: it answers exactly when `lookup` would
         answer from the entry (starting the same background refresh), and declines otherwise.
+        `counted`: False for a request that already waited for the load (its miss was counted).
         """
         entry = self._entries.get(digest)
         if entry is None or entry.epoch != self._epoch:
             return False, None
         age = self._clock() - entry.loaded
         if not isinstance(entry, Token):
-            return (True, None) if age < self._negative_ttl else (False, None)
+            if age < self._negative_ttl:
+                if counted:
+                    self.hits += 1
+                return True, None
+            return False, None
         if age < self._refresh_after:
+            if counted:
+                self.hits += 1
             return True, entry
         if age < self._max_age:
+            if counted:
+                self.hits += 1
             self._refresh_in_background(digest, entry)
             return True, entry
         return False, None
@@ -160,6 +192,28 @@ class TokenCache:
         for listener in self.listeners.values():
             listener()
 
+    @property
+    def invalidation_live(self) -> bool:
+        """Whether a change made through any instance is known to reach this one at once: the
+        one place that says so (health and readiness read it)."""
+        return self._live
+
+    def _set_live(self, live: bool) -> None:
+        if live == self._live:
+            return
+        self._live = live
+        if live:
+            self.subscribed.set()
+            return
+        self.subscribed.clear()
+        self.invalidation_gaps += 1
+        self.mark_all_stale()  # what was loaded may have changed unannounced
+
+    def _gap(self) -> None:
+        """Messages may have been lost, but the subscription stands again (redis-py re-subscribed)."""
+        self.invalidation_gaps += 1
+        self.mark_all_stale()
+
     # -- loading: concurrent misses share one round trip -------------------------------------
 
     def _load(self, digest: str) -> asyncio.Future[Token | None]:
@@ -182,6 +236,7 @@ class TokenCache:
 
     def _wait(self, digest: str, waiter: Waiter) -> None:
         """The waiter joins the key's load in progress, or the key joins the next batch."""
+        self.misses += 1
         waiters = self._waiters.get(digest)
         if waiters is None:
             self._waiters[digest] = [waiter]
@@ -206,7 +261,7 @@ class TokenCache:
         queued, self._queued = self._queued, []
         for start in range(0, len(queued), MAX_BATCH):
             digests = queued[start:start + MAX_BATCH]
-            epoch, started = self._epoch, self._clock()
+            epoch, started = (self._epoch if self._live else UNTRUSTED), self._clock()
             self.batches += 1
             try:
                 sent = self._store.load_many_then(
@@ -322,31 +377,66 @@ class TokenCache:
         self._enqueue(digest)
 
     async def run_subscriber(self, retry_delay: float = 0.5) -> None:
-        """Follow the invalidation channel for the life of the app, reconnecting after failures."""
-        connected_before = False
+        """Follow the invalidation channel for the life of the app, reconnecting after failures:
+        at once after a subscription that was live, then every `retry_delay`."""
         while True:
             try:
                 async with self._store.subscription() as pubsub:
-                    if connected_before:
-                        self.mark_all_stale()
-                    connected_before = True
-                    self.subscribed.set()
                     await self._follow(pubsub)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if self.subscribed.is_set():
-                    log.warning("token invalidation channel lost (%s); retrying", type(exc).__name__)
-                self.subscribed.clear()
-                self.mark_all_stale()
-                await asyncio.sleep(retry_delay)
+                was_live = self._live
+                if was_live:
+                    log.warning("token invalidation channel lost (%s); subscribing again", type(exc).__name__)
+                self._set_live(False)
+                if not was_live:
+                    await asyncio.sleep(retry_delay)
 
     async def _follow(self, pubsub: Any) -> None:
+        """Messages, subscription confirmations and PING answers, in the order Redis sent them:
+        an answer to a PING means every message published before it has arrived. (Real time
+        here, not the cache's clock, which only ages entries.)"""
+        clock = time.monotonic
+        confirmed = False
+        pending: dict[int, float] = {}  # PINGs sent and not answered: number -> when sent
+        sent = 0
+        next_ping = clock()
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None and message.get("type") == "message":
-                data = message["data"]
+            now = clock()
+            if now >= next_ping:
+                sent += 1
+                pending[sent] = now
+                await pubsub.ping(PING_PREFIX + str(sent).encode())
+                next_ping = now + self._ping_interval
+            if pending:
+                late = now - next(iter(pending.values()))
+                if late > self._ping_deadline:
+                    if self._live:
+                        log.warning("token invalidation channel silent for %.3f s", late)
+                    self._set_live(False)
+                    if late > self._ping_deadline * RESUBSCRIBE_AFTER:
+                        raise TimeoutError("the invalidation subscription stopped answering")
+            message = await pubsub.get_message(timeout=max(0.0, next_ping - clock()))
+            if message is None:
+                continue
+            kind, data = message.get("type"), message.get("data")
+            if kind == "message":
                 self.receive(data.decode() if isinstance(data, bytes) else str(data))
+            elif kind == "subscribe":
+                if confirmed:  # redis-py re-subscribed on a new connection: what came meanwhile is lost
+                    log.warning("token invalidation channel re-subscribed; cached tokens are re-read")
+                    self._gap()
+                confirmed = True
+                pending.clear()  # PINGs sent on the connection before this one will not be answered
+                self._set_live(True)
+            elif kind == "pong" and isinstance(data, bytes) and data.startswith(PING_PREFIX):
+                answered = int(data[len(PING_PREFIX):])
+                for number in [number for number in pending if number <= answered]:
+                    del pending[number]
+                oldest = next(iter(pending.values()), None)
+                if confirmed and (oldest is None or clock() - oldest <= self._ping_deadline):
+                    self._set_live(True)
 
     def receive(self, text: str) -> None:
         """One invalidation message: a token digest, or the name of a listener's topic."""

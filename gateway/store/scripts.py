@@ -45,11 +45,15 @@ end
 return #KEYS
 """
 
-# KEYS: usage hashes; ARGV[1]: seconds to keep them; then, for each key in turn, how many tokens,
-# and for each token its id, calls and bytes (added to the fields c:<id> and b:<id>).
-USAGE_ADD = """
-local keep, at = ARGV[1], 2
-for i = 1, #KEYS do
+# One usage exchange in one round trip (the totals come back with the increments, so an instance
+# near a limit learns the others' counts as soon as it sends its own). KEYS: first the usage hashes
+# added to, then the hashes to read back (accounts' usage, the blocked tokens); ARGV[1]: seconds to
+# keep the hashes added to, ARGV[2]: how many KEYS are added to; then for each of those, how many
+# tokens and for each token its id, calls and bytes (added to the fields c:<id> and b:<id>).
+# Returns the contents of each hash read, in order, as HGETALL gives them.
+USAGE_EXCHANGE = """
+local keep, adds, at = ARGV[1], tonumber(ARGV[2]), 3
+for i = 1, adds do
   local key = KEYS[i]
   for _ = 1, tonumber(ARGV[at]) do
     redis.call('HINCRBY', key, 'c:' .. ARGV[at + 1], ARGV[at + 2])
@@ -59,7 +63,11 @@ for i = 1, #KEYS do
   at = at + 1
   redis.call('EXPIRE', key, keep)
 end
-return #KEYS
+local read = {}
+for i = adds + 1, #KEYS do
+  read[#read + 1] = redis.call('HGETALL', KEYS[i])
+end
+return read
 """
 
 # Redis Cluster only, where redis-py's asyncio client cannot WATCH: the conditional writes of

@@ -22,6 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.config import RedisSettings
+from gateway.counters import BATCH_BOUNDS, Buckets
 from gateway.errors import NOT_REPLICATED, Denied, StoreUnavailable
 from gateway.store.keys import Keys
 from gateway.store.resp import RespClient, reply_error, script_sha
@@ -30,6 +31,8 @@ from gateway.tokens import records_from_replies
 
 T = TypeVar("T")
 STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+# No error is retried (so none reconnects inside the call that met it): see `subscription`.
+NO_RETRY = Retry(NoBackoff(), 0, supported_errors=())
 NEVER = 2 ** 40
 # Tokens per TOUCH call of the batched `accessed` writes: ~0.5 ms of Redis time (2.3 µs a token in
 # a million-field hash; the sorted set it replaced took 4.7 µs, 7 µs with the machine busy).
@@ -105,6 +108,8 @@ class RedisStore:
         self.waiter: aioredis.Redis | None = None
         self.replicas = 0
         self.wait_ms = 0
+        # Round trips of the batched traffic (`batch`, `load_many_then`), for the metrics.
+        self.batch_latency = Buckets(BATCH_BOUNDS)
 
     def require_replicas(self, waiter: aioredis.Redis, replicas: int, timeout: float) -> None:
         """`publish` (which follows every change the API makes) waits for `replicas` replicas to
@@ -151,12 +156,16 @@ class RedisStore:
         error reply raised; the lean client when there is one (`store/resp.py`), else a pipeline.
         `urgent`: a request is waiting for the replies (the loads' own connection)."""
         lean = self.lean_loads if urgent and self.lean_loads is not None else self.lean
+        started = time.perf_counter()
         if lean is not None:
-            return await lean.execute(commands)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            return await pipe.execute()
+            replies = await lean.execute(commands)
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = await pipe.execute()
+        self.batch_latency.observe(time.perf_counter() - started)
+        return replies
 
     def script(self, source: str) -> Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]:
         """A Lua script run with EVALSHA, loaded again if the server lost it (restart, SCRIPT FLUSH).
@@ -209,17 +218,33 @@ class RedisStore:
         if waits and int(replies[-1]) < self.replicas:
             raise Denied(503, NOT_REPLICATED)
 
+    async def heartbeat(self, message: str) -> None:
+        """One message on the invalidation channel, to the store itself (not `on_publish`): the
+        store's answer and the subscriber's hearing it back are what `store/health.py` watches."""
+        await self.call(lambda: self.client.publish(self.channel, message))
+
     @asynccontextmanager
     async def subscription(self) -> AsyncIterator[Any]:
-        pubsub = self.listener.pubsub(ignore_subscribe_messages=True)
+        """The invalidation channel's pub/sub (on `listener`). Its connection does not retry:
+        redis-py would reconnect and re-subscribe inside the failed read, silently, after round
+        trips that a busy loop makes long; a lost connection is raised at once instead, and the
+        caller subscribes again. Subscription confirmations are kept, and a reconnection redis-py
+        still makes by itself (a PING finding the connection closed) raises (`_Subscription`)."""
+        pubsub = self.listener.pubsub(ignore_subscribe_messages=False)
+        connection: Any = None
         try:
             await self.call(lambda: pubsub.subscribe(self.channel))
+            connection = pubsub.connection
+            if connection is not None:
+                kept, connection.retry = connection.retry, NO_RETRY
             subscription = _Subscription(pubsub)
             try:
                 yield subscription
             finally:
                 subscription.close()
         finally:
+            if connection is not None:
+                connection.retry = kept  # the pool lends it out again
             with suppress(*STORE_ERRORS):
                 await pubsub.aclose()
 
@@ -274,8 +299,10 @@ class TokenStore(RedisStore):
         lean = self.lean_loads
         if lean is None or not digests:
             return False
+        started = time.perf_counter()
 
         def answer(replies: list[Any] | BaseException) -> None:
+            self.batch_latency.observe(time.perf_counter() - started)
             # Every failure here is the store's: the connection fails with redis-py's errors only,
             # and an error reply is one of them (`reply_error`).
             if isinstance(replies, BaseException):
@@ -574,6 +601,12 @@ class _Subscription:
         if self._reconnected:
             raise redis.exceptions.ConnectionError("subscription re-established: messages may have been lost")
         return message
+
+    async def ping(self, payload: bytes) -> None:
+        """A PING on the subscription: its answer comes after every message published before it."""
+        await self._pubsub.ping(payload)
+        if self._reconnected:
+            raise redis.exceptions.ConnectionError("subscription re-established: messages may have been lost")
 
 
 def _unavailable(error: BaseException) -> StoreUnavailable:

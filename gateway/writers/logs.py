@@ -36,9 +36,10 @@ class RequestIds:
         return self._prefix + "%016x" % self._count  # noqa: UP031
 
 
-def request_record(now: float, token_id: int, cid: int, host: str, app: str, method: str, uri: str, status: int,
-                   duration: float, size: int, request_id: str) -> dict[str, Any]:
-    """The log record of one request (event 1000), whichever path served it."""
+def request_record(now: float, token_id: int | None, cid: int | None, host: str, app: str, method: str, uri: str,
+                   status: int, duration: float, size: int, request_id: str) -> dict[str, Any]:
+    """The log record of one request (event 1000), whichever path served it; `token_id` and `cid`
+    are None for a request refused before its token was known."""
     return {
         "timestamp": now, "event_code": 1000, "token_id": token_id, "cid": cid, "host": host,
         "app": app[:APP_HEADER_LIMIT], "method": method, "uri": uri, "status": status,

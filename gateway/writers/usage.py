@@ -1,16 +1,25 @@
 """Usage blocking: per account and window, count API calls and traffic across every instance.
 
-Requests only bump in-process counters. Every `flush_interval` a Lua script (`USAGE_ADD`, one
-call per 128 tokens) adds them to `usage:<window>:<account>` (hash `c:<token>` calls,
-`b:<token>` bytes); then one pipeline reads back the totals of the accounts this instance served,
-and the set of blocked tokens. Counts of an account with no limit are held in process for the
-current window instead, and written only if a limit comes before the window ends. Over a limit,
+Requests only bump in-process counters. Every `flush_interval` a Lua script (`USAGE_EXCHANGE`,
+one call per 128 tokens) adds them to `usage:<window>:<account>` (hash `c:<token>` calls,
+`b:<token>` bytes), and its last call reads back, in the same round trip, the totals of the
+accounts this instance served and the set of blocked tokens. Counts of an account with no limit
+are held in process for the current window instead, and written only if a limit comes before the
+window ends. Over a limit,
 the heaviest tokens are blocked until the rest fit (`HSETNX blocked:<window>` makes the block,
 and its event 20, happen once whichever instance sees it first); at the next window they work
 again and event 21 is logged once (`HSETNX unblocked:<window>`; names in `store/keys.py`).
+
+Between exchanges each instance watches its limited accounts (`Watch`): the totals the last
+exchange brought plus its own count since. Near a limit it exchanges early, once its own count
+reaches a quarter of what is left, and when the total it knows plus its own count passes the
+limit it blocks on its own at once (provisionally, until the next exchange confirms it from the
+totals). So the overshoot is what the other instances serve during one round trip, not during a
+flush interval, whatever the request rate; and a request still makes no Redis call.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -22,11 +31,11 @@ from typing import Any
 
 import orjson
 
-from gateway.aio import every
+from gateway.aio import wait_event
 from gateway.config import UsageSettings
 from gateway.errors import Denied, StoreUnavailable
 from gateway.store.accounts import AccountDirectory, Limits
-from gateway.store.scripts import USAGE_ADD
+from gateway.store.scripts import USAGE_EXCHANGE
 from gateway.store.tokens import RedisStore
 from gateway.tokens import Token
 from gateway.writers.logs import LogWriter
@@ -40,6 +49,56 @@ class Block:
     until: float
     reason: str
     cid: int
+    provisional: bool = False  # decided by this instance alone; the next exchange confirms or lifts it
+
+
+NEVER = 1 << 62
+# Near a limit an instance exchanges once its own count since the last exchange reaches this
+# fraction (1/NEAR_SHARE) of what is left: each round brings what is left down by a share.
+NEAR_SHARE = 4
+
+
+class Watch:
+    """One account in one window as this instance sees it: every instance's usage as of the last
+    exchange (`usage`), this instance's count not yet in it (`calls`, `size`), and the counts at
+    which it must exchange early or decide on its own (`NEVER` for an account with no limit)."""
+
+    __slots__ = ("cid", "window", "calls_limit", "traffic_limit", "usage", "calls", "size", "exchange_calls",
+                 "exchange_size", "stop_calls", "stop_size")
+
+    def __init__(self, cid: int, window: int, calls_limit: int, traffic_limit: int) -> None:
+        self.cid = cid
+        self.window = window
+        self.calls_limit = calls_limit
+        self.traffic_limit = traffic_limit
+        self.usage: dict[int, tuple[int, int]] = {}
+        self.calls = 0
+        self.size = 0
+        # Not exchanged yet: the first count asks for an exchange (the total is unknown), and the
+        # instance stops alone when its own count passes the limit.
+        self.exchange_calls = 1 if calls_limit else NEVER
+        self.exchange_size = 1 if traffic_limit else NEVER
+        self.stop_calls = calls_limit + 1 if calls_limit else NEVER
+        self.stop_size = traffic_limit + 1 if traffic_limit else NEVER
+
+    def aim(self, blocked: dict[int, Block], usage: dict[int, tuple[int, int]] | None = None) -> None:
+        """The next thresholds, from what the tokens that are not blocked used: `usage` when it
+        holds this instance's own counts already, else the exchange's plus the own count."""
+        unblocked = [counts for token_id, counts in (self.usage if usage is None else usage).items()
+                     if token_id not in blocked]
+        mine = (self.calls, self.size) if usage is None else (0, 0)
+        calls = sum(counts[0] for counts in unblocked) + mine[0]
+        size = sum(counts[1] for counts in unblocked) + mine[1]
+        self.exchange_calls, self.stop_calls = _thresholds(self.calls, calls, self.calls_limit)
+        self.exchange_size, self.stop_size = _thresholds(self.size, size, self.traffic_limit)
+
+
+def _thresholds(mine: int, total: int, limit: int) -> tuple[int, int]:
+    """(exchange at, stop at) for the own count `mine`, when the unblocked total is `total`."""
+    if not limit:
+        return NEVER, NEVER
+    left = limit - total
+    return mine + max(1, left // NEAR_SHARE), mine + max(1, left + 1)
 
 
 def choose_blocked(usage: dict[int, tuple[int, int]], already: set[int], calls_limit: int,
@@ -66,7 +125,7 @@ def choose_blocked(usage: dict[int, tuple[int, int]], already: set[int], calls_l
 MAX_HELD = 250_000
 HELD_SHIFT = 40  # no instance makes 2**40 calls with one token in a window
 HELD_CALLS = (1 << HELD_SHIFT) - 1
-# Tokens per USAGE_ADD call: ~0.5 ms of Redis time (512 held it for 2.5 ms, token loads queued behind).
+# Tokens per USAGE_EXCHANGE call: ~0.5 ms of Redis time (512 held it for 2.5 ms, token loads queued behind).
 SCRIPT_TOKENS = 128
 
 def parse_usage(raw: dict[bytes, bytes]) -> dict[int, tuple[int, int]]:
@@ -76,6 +135,11 @@ def parse_usage(raw: dict[bytes, bytes]) -> dict[int, tuple[int, int]]:
         counts = usage.setdefault(int(token_id), [0, 0])
         counts[0 if kind == "c" else 1] += int(value)
     return {token_id: (counts[0], counts[1]) for token_id, counts in usage.items()}
+
+
+def _as_hash(flat: list[bytes]) -> dict[bytes, bytes]:
+    """HGETALL's reply as a script returns it (field, value, field, value ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 class UsageMeter:
@@ -94,25 +158,65 @@ class UsageMeter:
         self._held_tokens = 0
         self._max_held = max_held
         self.blocked: dict[int, Block] = {}
+        self.blocks = 0  # tokens this process was the first to block (event 20), for the metrics
         self._keys = store.keys
-        self._add = store.script(USAGE_ADD)
+        self._exchange_script = store.script(USAGE_EXCHANGE)
+        self._watches: dict[int, Watch] = {}  # account -> its watch for the current window
+        self._sending: dict[tuple[int, int, int], list[int]] = {}  # counts of the exchange under way
+        self._wake = asyncio.Event()  # an exchange is wanted before the interval is over
+        self.early_exchanges = 0  # exchanges made sooner because an account neared its limit
 
     def window(self, now: float) -> int:
         return int(now // self._settings.window)
 
-    def record(self, token: Token, cid: int, size: int, now: float) -> None:
-        counts = self._counts.get((self.window(now), cid, token.id))
-        if counts is None:
-            self._counts[(self.window(now), cid, token.id)] = [1, size]
-        else:
-            counts[0] += 1
-            counts[1] += size
-
     def check(self, token: Token, now: float) -> None:
+        """Refuse a blocked token; else count the call now, as it passes the last check, so that
+        requests still in flight are in the count when the limit is reached, not after."""
         block = self.blocked.get(token.id)
         if block is not None and now < block.until:
             retry = max(1, math.ceil(block.until - now))
             raise Denied(429, f"token is blocked: {block.reason}", {"Retry-After": str(retry)})
+        self._count(token.id, token.cid, self.window(now), 1, 0)
+
+    def record(self, token: Token, cid: int, size: int, now: float) -> None:
+        """The traffic of a request that was served (its call was counted by `check`)."""
+        if size:
+            self._count(token.id, cid, self.window(now), 0, size)
+
+    def _count(self, token_id: int, cid: int, window: int, calls: int, size: int) -> None:
+        counts = self._counts.get((window, cid, token_id))
+        if counts is None:
+            self._counts[(window, cid, token_id)] = [calls, size]
+        else:
+            counts[0] += calls
+            counts[1] += size
+        watch = self._watches.get(cid)
+        if watch is None or watch.window != window:
+            calls_limit, traffic_limit = self.limits_for(cid)
+            watch = self._watches[cid] = Watch(cid, window, calls_limit, traffic_limit)
+        watch.calls += calls
+        watch.size += size
+        if watch.calls >= watch.exchange_calls or watch.size >= watch.exchange_size:
+            self._nearing(watch)
+
+    def _nearing(self, watch: Watch) -> None:
+        self._wake.set()
+        if watch.calls >= watch.stop_calls or watch.size >= watch.stop_size:
+            self._decide_alone(watch)
+
+    def _decide_alone(self, watch: Watch) -> None:
+        """Over a limit by what this instance knows: block as the exchange would, at once."""
+        usage = dict(watch.usage)
+        for counts in (self._sending, self._counts):
+            for (window, cid, token_id), (calls, size) in counts.items():
+                if window == watch.window and cid == watch.cid:
+                    known = usage.get(token_id, (0, 0))
+                    usage[token_id] = (known[0] + calls, known[1] + size)
+        already = {token_id for token_id in usage if token_id in self.blocked}
+        until = (watch.window + 1) * self._settings.window
+        for token_id, reason in choose_blocked(usage, already, watch.calls_limit, watch.traffic_limit):
+            self.blocked[token_id] = Block(until, reason, watch.cid, provisional=True)
+        watch.aim(self.blocked, usage)
 
     def limits_for(self, cid: int) -> tuple[int, int]:
         tree = self._directory.tree
@@ -122,7 +226,21 @@ class UsageMeter:
         return calls, traffic
 
     async def run(self) -> None:
-        await every(self._settings.flush_interval, self.flush, "usage flush")
+        """Exchange every `flush_interval`, or as soon as an account nears its limit."""
+        interval = self._settings.flush_interval
+        while True:
+            early = await wait_event(self._wake, interval)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except StoreUnavailable:
+                early = False
+                await asyncio.sleep(interval)  # not at once again, however often it is asked for
+            except Exception:
+                log.exception("usage flush failed")
+                await asyncio.sleep(interval)
+            if early:
+                self.early_exchanges += 1
 
     async def flush(self, final: bool = False) -> None:
         """Exchange counts with Redis; `final` (shutdown) also writes what is held in process."""
@@ -130,7 +248,11 @@ class UsageMeter:
         window = self.window(now)
         pending, self._counts = self._counts, {}
         counts = self._to_send(pending, window, final)
+        self._watches = {cid: watch for cid, watch in self._watches.items() if watch.window == window}
+        for watch in self._watches.values():  # a limit set or changed since
+            watch.calls_limit, watch.traffic_limit = self.limits_for(watch.cid)
         limited = {cid for cid in {cid for (win, cid, _) in counts if win == window} if any(self.limits_for(cid))}
+        self._sending = counts
         try:
             totals, blocked_raw = await self._exchange(counts, window, sorted(limited))
         except StoreUnavailable:
@@ -139,12 +261,33 @@ class UsageMeter:
                 mine[0] += calls
                 mine[1] += size
             raise
+        finally:
+            self._sending = {}
+        sent: dict[int, list[int]] = {}
+        for (win, cid, _), (calls, size) in counts.items():
+            if win == window:
+                mine = sent.setdefault(cid, [0, 0])
+                mine[0] += calls
+                mine[1] += size
+        for cid, raw in totals.items():  # what was sent is in the totals now, not the own count
+            seen = self._watches.get(cid)
+            if seen is not None:
+                seen.usage = parse_usage(raw)
+                calls, size = sent.get(cid, (0, 0))
+                seen.calls, seen.size = max(0, seen.calls - calls), max(0, seen.size - size)
         blocked = {int(token_id): orjson.loads(value) for token_id, value in blocked_raw.items()}
         await self._block_over_limit(window, totals, blocked, now)
+        for token_id in [token_id for token_id, block in self.blocked.items()
+                         if block.provisional and token_id not in blocked]:
+            del self.blocked[token_id]  # the totals did not bear it out (or its window is over)
         until = (window + 1) * self._settings.window
         await self._unblock_expired(now)
         for token_id, info in blocked.items():
             self.blocked[token_id] = Block(until, info["reason"], int(info["cid"]))
+        for watch in self._watches.values():
+            watch.aim(self.blocked)
+            if watch.calls >= watch.stop_calls or watch.size >= watch.stop_size:
+                self._decide_alone(watch)  # counted during the exchange, past the limit already
 
     def _to_send(self, pending: dict[tuple[int, int, int], list[int]], window: int,
                  final: bool) -> dict[tuple[int, int, int], list[int]]:
@@ -203,33 +346,31 @@ class UsageMeter:
             win, cid, _ = entry
             by_hash.setdefault(self._keys.usage(win, cid), []).append(entry)
         rows = [(key, entry) for key, entries in by_hash.items() for entry in entries]
+        # The last call reads back the accounts' totals and the blocked tokens, after every add.
+        reads = [self._keys.usage(window, cid) for cid in accounts] + [self._keys.blocked(window)]
+        starts = list(range(0, len(rows), SCRIPT_TOKENS)) or [0]
         done = 0
+        replies: list[Any] = []
         try:
-            for start in range(0, len(rows), SCRIPT_TOKENS):
+            for start in starts:
                 chunk = rows[start:start + SCRIPT_TOKENS]
                 keys: list[str] = []
-                args: list[int] = [self._settings.window * 3]
+                args: list[int] = [self._settings.window * 3, 0]
                 for key, group in groupby(chunk, key=itemgetter(0)):
                     entries = [entry for _, entry in group]
                     keys.append(key)
                     args.append(len(entries))
                     for entry in entries:
                         args += (entry[2], *counts[entry])
-                await self._add(keys, args)
+                args[1] = len(keys)
+                replies = await self._exchange_script(keys + reads if start == starts[-1] else keys, args)
                 done = start + len(chunk)
         except StoreUnavailable:
             for _, entry in rows[:done]:  # in Redis already: not to be counted again
                 del counts[entry]
             raise
-
-        async def run() -> list[Any]:
-            async with self._store.client.pipeline(transaction=False) as pipe:
-                for cid in accounts:
-                    pipe.hgetall(self._keys.usage(window, cid))
-                pipe.hgetall(self._keys.blocked(window))
-                return await pipe.execute()
-        replies = await self._store.call(run)
-        return dict(zip(accounts, replies[:-1], strict=True)), replies[-1]
+        hashes = [_as_hash(flat) for flat in replies]
+        return dict(zip(accounts, hashes[:-1], strict=True)), hashes[-1]
 
     async def _block_over_limit(self, window: int, totals: dict[int, dict[bytes, bytes]],
                                 blocked: dict[int, dict[str, Any]], now: float) -> None:
@@ -255,6 +396,7 @@ class UsageMeter:
         for (cid, token_id, reason), first in zip(decisions, replies[:-1], strict=True):  # last: expire
             blocked[token_id] = {"cid": cid, "reason": reason}
             if first:
+                self.blocks += 1
                 self._logs.emit({"timestamp": now, "event_code": EVENT_BLOCKED, "token_id": token_id, "cid": cid,
                                  "reason": reason, "until": until})
 

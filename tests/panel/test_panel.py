@@ -644,10 +644,10 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 
 async def test_panel_can_be_turned_off(make_gateway: Any, upstream: Upstream) -> None:
     gw = await make_gateway(panel={"enabled": False})
-    status, body = await gw.call("GET", PANEL, key=None)
-    assert status == 401  # an ordinary path now: it needs a token...
-    status, body = await gw.call("GET", PANEL)
-    assert status == 200 and body == {"method": "GET", "path": PANEL, "size": 0}  # ...and goes upstream
+    for key in (None, MASTER_KEY):  # an unknown internal path now: never proxied
+        assert await gw.call("GET", PANEL, key=key) == (404, {"errors": [{"code": 404,
+                                                                         "reason": f"unknown path {PANEL}"}]})
+    assert upstream.requests == []
     on = await make_gateway()
     async with on.request("GET", PANEL, key=None) as response:
         assert response.status == 200 and "Gateway tokens" in await response.text()

@@ -43,6 +43,7 @@ class Env:
     cache: TokenCache
     clock: Clock
     prefix: str
+    subscribers: list[asyncio.Task[None]]
 
     async def add(self, count: int, **fields: Any) -> list[tuple[str, dict[str, Any]]]:
         """`count` tokens written as the tokens API writes them: (key, record) pairs."""
@@ -56,9 +57,13 @@ class Env:
         await self.store.insert([record for _, record in made])
         return made
 
-    def build(self, **settings: Any) -> TokenCache:
+    async def build(self, **settings: Any) -> TokenCache:
+        """A cache following the invalidation channel: until it is live it trusts no entry."""
         self.cache = TokenCache(self.store, CacheSettings(**settings), TokenCompiler(Settings(routes=()), self.store),
                                 clock=self.clock)
+        self.subscribers.append(asyncio.create_task(self.cache.run_subscriber()))
+        async with asyncio.timeout(5):
+            await self.cache.subscribed.wait()
         return self.cache
 
     async def commands(self) -> dict[str, int]:
@@ -82,9 +87,12 @@ async def env(own_redis: RedisProcess, key_prefix: str) -> AsyncIterator[Env]:
     client = connect_redis(RedisSettings(url=own_redis.url, socket_timeout=0.3, connect_timeout=0.3))
     store = TokenStore(client, key_prefix)
     clock = Clock()
-    made = Env(own_redis, client, store, None, clock, key_prefix)  # type: ignore[arg-type]
-    made.build()
+    made = Env(own_redis, client, store, None, clock, key_prefix, [])  # type: ignore[arg-type]
+    await made.build()
     yield made
+    for task in made.subscribers:
+        task.cancel()
+    await asyncio.gather(*made.subscribers, return_exceptions=True)
     await made.cache.close()
     await client.aclose()
 
@@ -282,7 +290,7 @@ async def test_store_away_during_a_batch(env: Env) -> None:
 
 
 async def test_the_oldest_entries_make_room(env: Env) -> None:
-    cache = env.build(max_entries=64)
+    cache = await env.build(max_entries=64)
     made = await env.add(200)
     digests = [key_digest(key) for key, _ in made]
     for start in range(0, len(digests), 50):

@@ -81,33 +81,37 @@ async def test_counts_of_an_account_without_limit_are_held_until_a_limit_comes(
         return [Token(id=n, digest=f"{n:064x}", cid=5, type=TokenType.STANDARD, enabled=True, expire=0, ttl=0,
                       created=0, accessed=0, record_json=b"{}") for n in ids]
 
+    def served(token: Token, size: int) -> None:  # as a request: counted as it passes, its bytes at its end
+        meter.check(token, clock.now)
+        meter.record(token, 5, size, clock.now)
+
     async def stored(window: int) -> dict[int, tuple[int, int]]:
         return parse_usage(await redis_client.hgetall(f"{key_prefix}usage:{window}:5"))
 
     try:
         one, two, three = tokens(1, 2, 3)
         for token, size in ((one, 10), (two, 20), (one, 5)):
-            meter.record(token, 5, size, clock.now)
+            served(token, size)
         await meter.flush()
         assert await stored(100_000) == {}  # held: no limit, nobody reads them
-        meter.record(three, 5, 7, clock.now)  # a third token: past max_held, written at once
-        meter.record(one, 5, 1, clock.now)  # held already: stays held
+        served(three, 7)  # a third token: past max_held, written at once
+        served(one, 1)  # held already: stays held
         await meter.flush()
         assert await stored(100_000) == {3: (1, 7)}
 
         directory.tree = AccountTree({}, {5: Limits(api_calls=1000)})  # a limit comes mid-window
-        meter.record(three, 5, 3, clock.now)
+        served(three, 3)
         await meter.flush()
         assert await stored(100_000) == {1: (3, 16), 2: (1, 20), 3: (2, 10)}  # the whole window
 
         directory.tree = AccountTree({}, {})
         clock.now += 60  # window 100,001: held again, and dropped once it is over
-        meter.record(two, 5, 4, clock.now)
+        served(two, 4)
         await meter.flush()
         clock.now += 60
-        meter.record(two, 5, 6, clock.now)
+        served(two, 6)
         await meter.flush()
-        meter.record(one, 5, 8, clock.now)
+        served(one, 8)
         await meter.flush(final=True)  # shutdown: what is held goes to Redis
         assert await stored(100_001) == {}
         assert await stored(100_002) == {1: (1, 8), 2: (1, 6)}
