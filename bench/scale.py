@@ -10,7 +10,11 @@
 
     python bench/scale.py [--tokens 3000] [--rounds 50]
 
-Redis Cluster is not measured: the gateway does not support it yet (docs/redis.md).
+With `--cluster`, instead: cache-miss throughput through a gateway on a Redis Cluster of three
+masters and three replicas (redis-py's cluster client; the gateway's keys still share one slot,
+docs/redis.md) against one on a single Redis, alternated twice.
+
+    python bench/scale.py --cluster [--tokens 3000]
 """
 from __future__ import annotations
 
@@ -210,10 +214,71 @@ async def revocations_after(url_a: str, url_b: str, tokens: list[dict[str, Any]]
     return [seconds for seconds in found if seconds is not None]
 
 
+def start_cluster(procs: Processes, redis_server: str) -> list[int]:
+    """Three masters and three replicas (node timeout 1 s); ports whose bus port (+10000) is valid."""
+    import redis
+    ports: list[int] = []
+    while len(ports) < 6:
+        port = free_port()
+        if port < 55000 and port not in ports:
+            ports.append(port)
+    for index, port in enumerate(ports):
+        data = procs.workdir / f"node-{index}"
+        data.mkdir()
+        node = procs.start(f"node-{index}", [
+            redis_server, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(data),
+            "--cluster-enabled", "yes", "--cluster-config-file", str(data / "nodes.conf"),
+            "--cluster-node-timeout", "1000"])
+        wait_for_port(port, node)
+    cli = shutil.which("redis-cli") or "redis-cli"
+    subprocess.run([cli, "--cluster", "create", *[f"{HOST}:{port}" for port in ports], "--cluster-replicas", "1",
+                    "--cluster-yes"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = []
+        for port in ports:
+            with redis.Redis(host=HOST, port=port, socket_timeout=0.5) as client:
+                states.append("cluster_state:ok" in client.execute_command("CLUSTER", "INFO").decode())
+        if all(states):
+            return ports
+        time.sleep(0.2)
+    raise RuntimeError("the cluster did not become ok")
+
+
+def cluster_main(tokens: int, tools: dict[str, Any], procs: Processes) -> None:
+    redis_server = str(tools["redis-server"])
+    upstream, _, kind = start_upstream(procs, tools)
+    ports = start_cluster(procs, redis_server)
+    single_port = free_port()
+    single = procs.workdir / "single"
+    single.mkdir()
+    wait_for_port(single_port, procs.start("redis-single", [redis_server, "--port", str(single_port), "--bind", HOST,
+                                                            "--save", "", "--appendonly", "no", "--dir", str(single)]))
+    cluster = {"cluster": {"nodes": [f"{HOST}:{port}" for port in ports[:3]]}, "key_prefix": PREFIX}
+    on_cluster = start_gateway(procs, "gw-cluster", upstream, "", 1,
+                               settings={"redis": cluster, "log": {"path": "off"}})
+    on_one = start_gateway(procs, "gw-single", upstream, f"redis://{HOST}:{single_port}/0", 1,
+                           settings={"log": {"path": "off"}})
+    print(f"upstream: {kind}; cluster of 3 masters + 3 replicas, one Redis; load average {os.getloadavg()[0]:.1f}")
+    half = tokens // 2
+    keys = {name: [token["key"] for token in asyncio.run(create_tokens(url, tokens))]
+            for name, url in (("cluster", on_cluster.url), ("one Redis", on_one.url))}
+    rates: dict[str, list[float]] = {"cluster": [], "one Redis": []}
+    for step, (name, url) in enumerate([("cluster", on_cluster.url), ("one Redis", on_one.url)] * 2):
+        chunk = keys[name][(step // 2) * half:(step // 2 + 1) * half]
+        rates[name].append(asyncio.run(miss_throughput(url, chunk)))
+    print("\n| measurement | figure |\n|---|---:|")
+    for name, values in rates.items():
+        print(f"| cache-miss authentications/s, {name} (runs) | {' / '.join(f'{r:,.0f}' for r in values)} |")
+    print(f"| cluster / one Redis (best runs) | {max(rates['cluster']) / max(rates['one Redis']):.2f} |")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=3000, help="tokens for the cache-miss runs (each)")
     parser.add_argument("--rounds", type=int, default=50, help="revocation rounds after the failover")
+    parser.add_argument("--cluster", action="store_true", help="cache misses on a Redis Cluster against one Redis")
     args = parser.parse_args()
     tools = find_tools()
     if not tools["redis-server"]:
@@ -221,6 +286,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="gw-scale-"))
     procs = Processes(workdir)
     try:
+        if args.cluster:
+            cluster_main(args.tokens, tools, procs)
+            return
         upstream, _, kind = start_upstream(procs, tools)
         ports, servers, sentinel_ports = start_sentinel_set(procs, str(tools["redis-server"]))
         first = wait_settled(sentinel_ports)

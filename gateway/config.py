@@ -326,6 +326,47 @@ def host_port(key: str, value: Any, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _server_list(table: Table, name: str, what: str, one: str) -> tuple[tuple[str, int], ...]:
+    """A required, non-empty list of `host:port` items, none twice (`redis.sentinel.hosts`,
+    `redis.cluster.nodes`)."""
+    key = table.name(name)
+    raw = table.get(name)
+    if raw is None:
+        raise ConfigError(key, f"required: the {what}, as host:port")
+    if isinstance(raw, str) or not isinstance(raw, (list, tuple)) or not raw:
+        raise ConfigError(key, f"must be a non-empty list of {what} as host:port")
+    servers = tuple(host_port(key, item, what) for item in raw)
+    if len(set(servers)) != len(servers):
+        raise ConfigError(key, f"names a {one} twice")
+    return servers
+
+
+def _check_server_credentials(table: Table, settings: SentinelSettings | ClusterSettings) -> None:
+    """TLS files only with ssl, each a readable file; a username only with a password."""
+    files = {name: value for name in REDIS_TLS_FILES if (value := getattr(settings, name))}
+    if files and not settings.ssl:
+        raise ConfigError(table.name(next(iter(files))), "needs ssl: true")
+    try:
+        _check_redis_tls_files(files)
+    except ConfigError as exc:
+        raise ConfigError(table.name(exc.key), exc.problem) from exc
+    if settings.username and not settings.password:
+        raise ConfigError(table.name("username"), "needs a password")
+
+
+def _server_options(settings: SentinelSettings | ClusterSettings) -> dict[str, Any]:
+    """What redis-py takes for the credentials and TLS of a connection to a data node."""
+    options: dict[str, Any] = {}
+    if settings.password:
+        options["password"] = settings.password
+    if settings.username:
+        options["username"] = settings.username
+    if settings.ssl:
+        options["ssl"] = True
+        options.update({name: value for name in REDIS_TLS_FILES if (value := getattr(settings, name))})
+    return options
+
+
 @dataclass(frozen=True, slots=True)
 class SentinelSettings:
     """The master is whichever server the sentinels name for `service`; credentials and TLS are
@@ -346,15 +387,7 @@ class SentinelSettings:
 
     @classmethod
     def parse(cls, table: Table) -> SentinelSettings:
-        hosts_key = table.name("hosts")
-        raw_hosts = table.get("hosts")
-        if raw_hosts is None:
-            raise ConfigError(hosts_key, "required: the sentinels, as host:port")
-        if isinstance(raw_hosts, str) or not isinstance(raw_hosts, (list, tuple)) or not raw_hosts:
-            raise ConfigError(hosts_key, "must be a non-empty list of sentinels as host:port")
-        hosts = tuple(host_port(hosts_key, item, "sentinels") for item in raw_hosts)
-        if len(set(hosts)) != len(hosts):
-            raise ConfigError(hosts_key, "names a sentinel twice")
+        hosts = _server_list(table, "hosts", "sentinels", "sentinel")
         if table.get("service") is None:
             raise ConfigError(table.name("service"), "required: the name the sentinels monitor the master by")
         settings = cls(
@@ -370,15 +403,7 @@ class SentinelSettings:
             ssl_certfile=table.text("ssl_certfile", ""),
             ssl_keyfile=table.text("ssl_keyfile", ""),
         )
-        files = {name: value for name in REDIS_TLS_FILES if (value := getattr(settings, name))}
-        if files and not settings.ssl:
-            raise ConfigError(table.name(next(iter(files))), "needs ssl: true")
-        try:
-            _check_redis_tls_files(files)
-        except ConfigError as exc:
-            raise ConfigError(table.name(exc.key), exc.problem) from exc
-        if settings.username and not settings.password:
-            raise ConfigError(table.name("username"), "needs a password")
+        _check_server_credentials(table, settings)
         if settings.sentinel_username and not settings.sentinel_password:
             raise ConfigError(table.name("sentinel_username"), "needs a sentinel_password")
         return settings
@@ -409,6 +434,38 @@ class SentinelSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """A Redis Cluster, found through any of `nodes` (the client learns the rest and the slot map
+    from them); credentials and TLS as for `redis.sentinel`. A cluster has database 0 only."""
+
+    nodes: tuple[tuple[str, int], ...] = ()
+    username: str = ""
+    password: str = field(default="", repr=False)
+    ssl: bool = False
+    ssl_ca_certs: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+
+    @classmethod
+    def parse(cls, table: Table) -> ClusterSettings:
+        settings = cls(
+            nodes=_server_list(table, "nodes", "cluster nodes", "node"),
+            username=table.text("username", ""),
+            password=table.text("password", ""),
+            ssl=table.flag("ssl", False),
+            ssl_ca_certs=table.text("ssl_ca_certs", ""),
+            ssl_certfile=table.text("ssl_certfile", ""),
+            ssl_keyfile=table.text("ssl_keyfile", ""),
+        )
+        _check_server_credentials(table, settings)
+        return settings
+
+    def connection_options(self) -> dict[str, Any]:
+        """What redis-py takes for a connection to any node."""
+        return _server_options(self)
+
+
+@dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str = "memory://"
     key_prefix: str = "{gw}:"
@@ -416,6 +473,7 @@ class RedisSettings:
     connect_timeout: float = 0.5
     data_file: str = "gateway-data.json"
     sentinel: SentinelSettings | None = None
+    cluster: ClusterSettings | None = None
     # Replicas that must hold an API change before it is acknowledged (Redis WAIT); None: 1 with
     # sentinel (a failover would otherwise lose what was acknowledged), 0 (no WAIT) otherwise.
     wait_replicas: int | None = None
@@ -423,7 +481,7 @@ class RedisSettings:
 
     @property
     def embedded(self) -> bool:
-        return self.sentinel is None and self.url.startswith("memory://")
+        return self.sentinel is None and self.cluster is None and self.url.startswith("memory://")
 
     @property
     def replicas_to_wait(self) -> int:
@@ -445,6 +503,12 @@ class RedisSettings:
             sentinel = SentinelSettings.parse(table.section("sentinel", SentinelSettings))
             if table.get("url") is not None:
                 raise ConfigError(table.name("sentinel"), f"cannot be used together with {table.name('url')}")
+        cluster = None
+        if table.get("cluster") is not None:
+            cluster = ClusterSettings.parse(table.section("cluster", ClusterSettings))
+            for other in ("url", "sentinel"):
+                if table.get(other) is not None:
+                    raise ConfigError(table.name("cluster"), f"cannot be used together with {table.name(other)}")
         wait = table.get("wait_replicas", MISSING)
         settings = cls(
             url=table.text("url", defaults.url),
@@ -453,10 +517,18 @@ class RedisSettings:
             connect_timeout=table.number("connect_timeout", defaults.connect_timeout, above=0),
             data_file=data_file,
             sentinel=sentinel,
+            cluster=cluster,
             wait_replicas=None if wait is MISSING else table.integer("wait_replicas", 0, at_least=0),
             wait_timeout=table.number("wait_timeout", defaults.wait_timeout, above=0),
         )
         if sentinel is not None:
+            return settings
+        if cluster is not None:
+            # WAIT counts the replicas of the one node it is sent to: a change spread over
+            # several shards cannot be confirmed by one WAIT, so none is promised.
+            if settings.replicas_to_wait:
+                raise ConfigError(table.name("wait_replicas"), "must be 0 with redis.cluster (changes there are "
+                                  "not confirmed by replicas)")
             return settings
         key = table.name("url")
         if not settings.url.startswith(REDIS_SCHEMES):

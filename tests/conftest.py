@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from gateway.config import build_settings
 from gateway.server import GatewayServer
 
+from support.cluster import RedisClusterSet
 from support.gateways import GatewayFactory, GatewayHandle, base_config, wait_for_master
 from support.sentinel import SentinelSet
 from support.servers import RedisProcess, Upstream, running_upstream
@@ -49,6 +50,15 @@ def sentinel_set() -> Iterator[SentinelSet]:
     servers.start()
     yield servers
     servers.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterSet]:
+    """Three masters and three replicas, for the session; a test that kills a node restores it."""
+    nodes = RedisClusterSet()
+    nodes.start()
+    yield nodes
+    nodes.cleanup()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from yarl import URL
 import gateway
 from gateway.config import (
     BrokerAddress,
+    ClusterSettings,
     ConfigError,
     ListenSettings,
     LogSettings,
@@ -94,6 +95,8 @@ KEYS = [
     ]),
     Key("redis.sentinel", None, {"hosts": ["127.0.0.1:26379"], "service": "gw"},
         SentinelSettings(hosts=(("127.0.0.1", 26379),), service="gw"), [(5, "must be a mapping")]),
+    Key("redis.cluster", None, {"nodes": ["127.0.0.1:7000"]},
+        ClusterSettings(nodes=(("127.0.0.1", 7000),)), [(5, "must be a mapping")]),
     Key("redis.wait_replicas", None, 0, 0, [
         *[(value, INT_0) for value, _ in SIZE], (2, "the embedded store (memory://) has no replicas")]),
     Key("redis.wait_timeout", 0.5, 2, 2.0, POSITIVE),
@@ -372,6 +375,77 @@ def test_sentinel_from_the_environment() -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings(None, {**environ, "GATEWAY_REDIS__SENTINEL__DB": "-2"})
     assert str(raised.value) == "GATEWAY_REDIS__SENTINEL__DB: redis.sentinel.db: must be an integer >= 0"
+
+CLUSTER = {"nodes": ["127.0.0.1:7000", "[::1]:7001", "redis-3.local:7002"]}
+
+
+def test_cluster_reads_every_key(tmp_path: Path, ca_file: str) -> None:
+    cert = trustme.CA().issue_cert("redis.example")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    redis = build_settings({"upstream": UPSTREAM, "redis": {"cluster": {
+        **CLUSTER, "username": "gw", "password": "pw", "ssl": True, "ssl_ca_certs": ca_file,
+        "ssl_certfile": "cert.pem", "ssl_keyfile": "key.pem"}}}).redis
+    cluster = redis.cluster
+    assert cluster is not None and redis.sentinel is None and not redis.embedded and redis.replicas_to_wait == 0
+    assert cluster.nodes == (("127.0.0.1", 7000), ("::1", 7001), ("redis-3.local", 7002))
+    assert cluster.connection_options() == {"username": "gw", "password": "pw", "ssl": True, "ssl_ca_certs": ca_file,
+                                            "ssl_certfile": "cert.pem", "ssl_keyfile": "key.pem"}
+    assert "pw" not in repr(redis)
+    plain = build_settings({"upstream": UPSTREAM, "redis": {"cluster": CLUSTER, "wait_replicas": 0}}).redis
+    assert plain.cluster is not None and plain.cluster.connection_options() == {} and not plain.embedded
+
+
+@pytest.mark.parametrize(("cluster", "message"), [
+    ({}, "redis.cluster.nodes: required: the cluster nodes, as host:port"),
+    ({"nodes": []}, "redis.cluster.nodes: must be a non-empty list of cluster nodes as host:port"),
+    ({"nodes": "h:7000"}, "redis.cluster.nodes: must be a non-empty list of cluster nodes as host:port"),
+    ({"nodes": ["h"]}, "redis.cluster.nodes: 'h' is not host:port"),
+    ({"nodes": ["h:0"]}, "redis.cluster.nodes: 'h:0' is not host:port"),
+    ({"nodes": ["h:70000"]}, "redis.cluster.nodes: 'h:70000' is not host:port"),
+    ({"nodes": ["[]:7000"]}, "redis.cluster.nodes: '[]:7000' is not host:port"),
+    ({"nodes": [7000]}, "redis.cluster.nodes: must be a list of cluster nodes as host:port"),
+    ({"nodes": ["h:1", "h:1"]}, "redis.cluster.nodes: names a node twice"),
+    ({**CLUSTER, "username": "gw"}, "redis.cluster.username: needs a password"),
+    ({**CLUSTER, "username": 5}, "redis.cluster.username: must be a string"),
+    ({**CLUSTER, "password": 5}, "redis.cluster.password: must be a string"),
+    ({**CLUSTER, "ssl": "yes"}, "redis.cluster.ssl: must be true or false"),
+    ({**CLUSTER, "ssl_ca_certs": "/nonexistent.pem"}, "redis.cluster.ssl_ca_certs: needs ssl: true"),
+    ({**CLUSTER, "ssl_certfile": "/x.pem"}, "redis.cluster.ssl_certfile: needs ssl: true"),
+    ({**CLUSTER, "ssl": True, "ssl_certfile": "/nonexistent.pem"},
+     "redis.cluster.ssl_certfile: ssl_certfile '/nonexistent.pem' is not a file"),
+    ({**CLUSTER, "ssl": True, "ssl_keyfile": "/nonexistent.pem"},
+     "redis.cluster.ssl_keyfile: ssl_keyfile '/nonexistent.pem' is not a file"),
+    ({**CLUSTER, "db": 1}, "redis.cluster.db: unknown key"),
+])
+def test_cluster_refuses(cluster: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_settings({"upstream": UPSTREAM, "redis": {"cluster": cluster}})
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("other", [{"url": "redis://h:6379/0"}, {"sentinel": SENTINEL}])
+def test_cluster_never_with_url_or_sentinel(other: dict[str, Any]) -> None:
+    name = next(iter(other))
+    with pytest.raises(ConfigError, match=rf"^redis\.cluster: cannot be used together with redis\.{name}$"):
+        build_settings({"upstream": UPSTREAM, "redis": {**other, "cluster": CLUSTER}})
+
+
+def test_cluster_waits_for_no_replica() -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_settings({"upstream": UPSTREAM, "redis": {"cluster": CLUSTER, "wait_replicas": 1}})
+    assert str(raised.value).startswith("redis.wait_replicas: must be 0 with redis.cluster")
+
+
+def test_cluster_from_the_environment() -> None:
+    environ = {"GATEWAY_UPSTREAM": UPSTREAM, "GATEWAY_REDIS__CLUSTER__NODES": "[127.0.0.1:7000, 127.0.0.1:7001]",
+               "GATEWAY_REDIS__CLUSTER__PASSWORD": "pw"}
+    cluster = load_settings(None, environ).redis.cluster
+    assert cluster == ClusterSettings(nodes=(("127.0.0.1", 7000), ("127.0.0.1", 7001)), password="pw")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, {**environ, "GATEWAY_REDIS__CLUSTER__SSL": "maybe"})
+    assert str(raised.value).startswith("GATEWAY_REDIS__CLUSTER__SSL: redis.cluster.ssl: ")
+
 
 def test_upstream_is_one_route_for_every_path() -> None:
     settings = build_settings({"upstream": "https://api.example.com:8443/v2/"})

@@ -4,13 +4,15 @@ WAIT, and the lean client (`store/resp.py`) for the batched traffic where it can
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.config import RedisSettings
+from gateway.config import ClusterSettings, RedisSettings
 from gateway.store.resp import RespClient, lean_client
 from gateway.store.sentinel import MasterWatch
 from gateway.store.tokens import connect_redis
@@ -21,7 +23,7 @@ SENTINEL_POLL = 0.25
 
 @dataclass(slots=True)
 class Clients:
-    client: aioredis.Redis
+    client: aioredis.Redis  # a RedisCluster with redis.cluster (it speaks the same commands)
     waiter: aioredis.Redis | None = None  # WAIT blocks up to redis.wait_timeout: a timeout above it
     listener: aioredis.Redis | None = None  # pub/sub, when not `client`
     lean: RespClient | None = None
@@ -41,6 +43,12 @@ class Clients:
 
 def open_clients(settings: RedisSettings) -> Clients:
     """Nothing is connected yet: every client connects on first use."""
+    if settings.cluster is not None:
+        cluster = open_cluster(settings, settings.cluster)
+        # redis-py for everything: it follows MOVED/ASK and the slot map, which the lean client
+        # (one connection to one server) does not. Pub/sub: PUBLISH on any node of a cluster
+        # reaches the subscribers on every node, so one connection to one node hears it all.
+        return Clients(cast(aioredis.Redis, cluster), owned=[cast(aioredis.Redis, cluster)])
     waits = settings.replicas_to_wait > 0
     wait_timeout = settings.socket_timeout + settings.wait_timeout
     sentinel = settings.sentinel
@@ -66,6 +74,18 @@ def open_clients(settings: RedisSettings) -> Clients:
         for lean in (clients.lean, clients.lean_loads):
             watch.on_move.append(lean.reset)
     return clients
+
+
+def open_cluster(settings: RedisSettings, cluster: ClusterSettings) -> RedisCluster:
+    """A cluster client that fails fast like `connect_redis`: a command whose node does not
+    answer is retried once, after the slot map is read again (a failover moves the slot)."""
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
+        socket_timeout=settings.socket_timeout, socket_connect_timeout=settings.connect_timeout,
+        retry=Retry(NoBackoff(), 1), health_check_interval=10,
+        # The slot map is read again on every MOVED: redis-py's transactions would otherwise be
+        # sent to the old node until the fifth one.
+        reinitialize_steps=1, **cluster.connection_options())
 
 
 def _lean_url(username: str, password: str, db: int) -> str:

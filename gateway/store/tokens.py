@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -25,7 +26,7 @@ from gateway.counters import BATCH_BOUNDS, Buckets
 from gateway.errors import NOT_REPLICATED, Denied, StoreUnavailable
 from gateway.store.keys import Keys
 from gateway.store.resp import RespClient, reply_error, script_sha
-from gateway.store.scripts import FOLD_ACCESSED, TOUCH
+from gateway.store.scripts import FOLD_ACCESSED, ROTATE, TOUCH, WRITE_IF_ABSENT
 from gateway.tokens import records_from_replies
 
 T = TypeVar("T")
@@ -37,6 +38,10 @@ NEVER = 2 ** 40
 # a million-field hash; the sorted set it replaced took 4.7 µs, 7 µs with the machine busy).
 TOUCH_CHUNK = 256
 FOLD_CHUNK = 1000
+# Redis Cluster: the replies that mean "not here, or not now" while slots move (`RedisStore.call`).
+CLUSTER_MOVING = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
+                  redis.exceptions.ClusterDownError)
+CLUSTER_RETRY_FOR = 2.0
 
 
 def connect_redis(settings: RedisSettings) -> aioredis.Redis:
@@ -81,6 +86,9 @@ class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str, lean: RespClient | None = None,
                  lean_loads: RespClient | None = None) -> None:
         self.client = client
+        # redis-py's cluster client: it routes each command by its key's slot, so a command
+        # without a key (SCRIPT LOAD, PUBLISH in a pipeline) is sent another way there.
+        self.cluster = isinstance(client, RedisCluster)
         self.lean = lean  # for `batch`: the hot, batched traffic
         # Token loads on a connection of their own: a request waits for them, and on the shared
         # one they queued behind the batched writes (Redis runs each client's commands in order).
@@ -113,10 +121,30 @@ class RedisStore:
             await self.after_change()
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        if self.cluster:
+            return await self._call_on_cluster(operation)
         try:
             return await operation()
         except STORE_ERRORS as exc:
             raise _unavailable(exc) from exc
+
+    async def _call_on_cluster(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """`call`, repeated while the slot is on the move: a redirection, or TRYAGAIN (a command
+        on several keys of a slot being migrated, some of them moved already), refuse a command
+        before it runs, so repeating it is safe; CLUSTERDOWN while a failover elects a master.
+        For CLUSTER_RETRY_FOR seconds at most, then the store is unavailable."""
+        deadline = time.monotonic() + CLUSTER_RETRY_FOR
+        pause = 0.01
+        while True:
+            try:
+                return await operation()
+            except CLUSTER_MOVING as exc:
+                if time.monotonic() + pause > deadline:
+                    raise _unavailable(exc) from exc
+            except STORE_ERRORS as exc:
+                raise _unavailable(exc) from exc
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
 
     async def batch(self, commands: Sequence[Sequence[Any]], urgent: bool = False) -> list[Any]:
         """Commands sent together, their replies in order (raw: bytes, ints, lists), the first
@@ -149,6 +177,8 @@ class RedisStore:
                 return (await self.batch([command]))[0]
             except redis.exceptions.NoScriptError:
                 pass
+            if self.cluster:  # EVAL goes to the node of the keys, and leaves the script cached there
+                return (await self.batch([("EVAL", source, len(keys), *keys, *args)]))[0]
             return (await self.batch([("SCRIPT", "LOAD", source), command]))[1]
 
         async def run(keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -170,6 +200,8 @@ class RedisStore:
         client = self.waiter if waits and self.waiter is not None else self.client
 
         async def run() -> list[Any]:
+            if self.cluster:  # no pipeline for PUBLISH there; any node passes it to every node
+                return [await client.publish(self.channel, message) for message in messages]
             async with client.pipeline(transaction=False) as pipe:
                 for message in messages:
                     pipe.publish(self.channel, message)
@@ -222,6 +254,8 @@ class TokenStore(RedisStore):
         self._legacy_accessed = keys.legacy_accessed
         self._touch = self.script(TOUCH)
         self._fold = self.script(FOLD_ACCESSED)
+        self._write_absent = self.script(WRITE_IF_ABSENT)
+        self._rotate = self.script(ROTATE)
         self.expiry_key = keys.expiry
         self._next_id = keys.next_id
         self._bin = keys.bin
@@ -361,6 +395,8 @@ class TokenStore(RedisStore):
     async def _write_if_absent(self, record: dict[str, Any], also: Callable[[Any], None] | None = None) -> bool:
         """Write a record (and `also`'s commands) in one transaction, unless its key is in use."""
         key = self._tok(record["digest"])
+        if self.cluster:
+            return await self._write_if_absent_by_script(record, unbin=also is not None)
 
         async def run() -> bool:
             async with self.client.pipeline(transaction=True) as pipe:
@@ -379,6 +415,18 @@ class TokenStore(RedisStore):
             if isinstance(exc.__cause__, redis.exceptions.WatchError):
                 return False
             raise
+        if written:
+            await self.changed()
+        return written
+
+    async def _write_if_absent_by_script(self, record: dict[str, Any], unbin: bool) -> bool:
+        """`_write_if_absent` on a cluster (`WRITE_IF_ABSENT`); `unbin`: a restore, which takes
+        the record out of the recycle bin too."""
+        keys = [self._tok(record["digest"]), self._ids, self._account(int(record.get("cid", 0))), self.expiry_key]
+        if unbin:
+            keys += [self._bin, self._bin_times]
+        args = [orjson.dumps(record), str(record["id"]), record["digest"], expires_at(record)]
+        written = bool(await self._write_absent(keys, args))
         if written:
             await self.changed()
         return written
@@ -428,6 +476,18 @@ class TokenStore(RedisStore):
         moved = {**record, "digest": new_digest, "graced": graced}
         if not graced:
             del moved["graced"]
+
+        if self.cluster:
+            grace: list[Any] = ["", ""]
+            if grace_until is not None:
+                grace = [grace_until, orjson.dumps(grace_copy(moved, old, grace_until))]
+            rotated = await self._rotate(
+                [self._ids, self._tok(old), self._tok(new_digest), self._used, self._legacy_accessed],
+                [token_id, old, new_digest, orjson.dumps(moved), int(record.get("accessed", 0)), *grace])
+            if not rotated:
+                return None
+            await self.changed()
+            return moved
 
         async def run() -> bool:
             async with self.client.pipeline(transaction=True) as pipe:

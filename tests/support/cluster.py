@@ -1,0 +1,103 @@
+"""A Redis Cluster on loopback: three masters and three replicas, with a node timeout short enough
+for tests (a killed master's replica takes over within a few seconds)."""
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+import redis
+
+from .servers import RedisProcess
+
+NODE_TIMEOUT_MS = 1000
+# A node also listens on its port + 10000 (the cluster bus): ports from this range keep both valid.
+PORTS = range(20000, 55000)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_port(taken: set[int]) -> int:
+    """A free port whose bus port is free too."""
+    while True:
+        port = random.choice(PORTS)
+        if port not in taken and _free(port) and _free(port + 10000):
+            taken.add(port)
+            return port
+
+
+class RedisClusterSet:
+    """Six nodes; `create` makes them one cluster. A test that kills a master calls `restore()`
+    before it ends, so the set is whole again for the next."""
+
+    def __init__(self) -> None:
+        self.nodes = [RedisProcess(extra=["--cluster-enabled", "yes", "--cluster-node-timeout", str(NODE_TIMEOUT_MS)])
+                      for _ in range(6)]
+        taken: set[int] = set()
+        for node in self.nodes:
+            node.port = cluster_port(taken)
+            node.extra += ["--cluster-config-file", f"{node.dir}/nodes.conf"]
+
+    @property
+    def hosts(self) -> list[str]:
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    def start(self) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.fail("redis-cli is not installed (.ci/run installs redis-server, which has it)")
+        for node in self.nodes:
+            node.start()
+        subprocess.run([cli, "--cluster", "create", *self.hosts, "--cluster-replicas", "1", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        self.wait_ok()
+
+    def client(self, node: RedisProcess) -> redis.Redis:
+        return redis.Redis(port=node.port, socket_timeout=2)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every running node says the cluster is ok and sees three masters, each with a replica."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self._healthy(node) for node in self.nodes if node.process is not None):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the cluster did not become ok")
+
+    def _healthy(self, node: RedisProcess) -> bool:
+        try:
+            with self.client(node) as client:
+                info = client.execute_command("CLUSTER", "INFO").decode()
+                lines = client.execute_command("CLUSTER", "NODES").decode().splitlines()
+        except redis.RedisError:
+            return False
+        running = sum(1 for line in lines if "fail" not in line.split()[2] and "connected" in line)
+        return "cluster_state:ok" in info and running == sum(1 for n in self.nodes if n.process is not None)
+
+    def masters(self) -> list[RedisProcess]:
+        return [node for node in self.nodes if node.process is not None and self.role(node) == "master"]
+
+    def role(self, node: RedisProcess) -> str:
+        with self.client(node) as client:
+            return str(client.execute_command("ROLE")[0].decode())
+
+    def restore(self) -> None:
+        """Start every stopped node again (it rejoins as a replica of whoever took its slots)."""
+        for node in self.nodes:
+            if node.process is None:
+                node.start()
+        self.wait_ok()
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
