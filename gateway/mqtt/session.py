@@ -255,7 +255,7 @@ class Session:
         if allowed and token is not None:
             size = end - at
             self.traffic += size
-            self.front.usage.record(token, token.cid, size, self.front.now)
+            self.front.usage.record_message(token, token.cid, size, self.front.now)
             return True
         self._event(f"publish {topic[:128]}", 403)
         if self.version == V311:
@@ -481,7 +481,7 @@ class Session:
                     self._to_broker(codec.encode_ack(PUBREC, publish.packet_id, self.version))
                 return False
         self.traffic += size
-        self.front.usage.record(token, token.cid, size, self.front.now)
+        self.front.usage.record_message(token, token.cid, size, self.front.now)
         return True
 
     def _merged_suback(self, first: int, body: bytes) -> bytes:

@@ -183,6 +183,10 @@ class UsageMeter:
         if size:
             self._count(token.id, cid, self.window(now), 0, size)
 
+    def record_message(self, token: Token, cid: int, size: int, now: float) -> None:
+        """One MQTT message, a call and its bytes (no request check counted it)."""
+        self._count(token.id, cid, self.window(now), 1, size)
+
     def _count(self, token_id: int, cid: int, window: int, calls: int, size: int) -> None:
         counts = self._counts.get((window, cid, token_id))
         if counts is None:
