@@ -143,6 +143,12 @@ class RedisStore:
                     raise _unavailable(exc) from exc
             except STORE_ERRORS as exc:
                 raise _unavailable(exc) from exc
+            except AttributeError as exc:
+                # redis-py's cluster client, when a node's connection is torn down under a command
+                # while slots move, fails writing to it (`None.writelines`) before anything is
+                # sent: as safe to repeat as a redirection, and a store failure if it persists.
+                if time.monotonic() + pause > deadline:
+                    raise _unavailable(exc) from exc
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.2)
 
