@@ -228,6 +228,8 @@ async def test_sighup_replaces_workers_under_traffic(start: Callable[..., Any], 
     before = gateway.workers()
     assert len(before) == 2
     await reload_while_serving(gateway, upstream, "reload done")
+    for pid in before:  # the old generation finishes its requests and leaves; how long that takes is load's
+        assert (await gateway.logged(f"worker {pid} stopped")).endswith(f"worker {pid} stopped (status 0)")
     after = gateway.workers()
     assert len(after) == 2 and not after & before  # a new generation; the refused reload started none
     assert gateway.stop() == 0
