@@ -42,9 +42,9 @@ async def _one_connection(port: int, request: bytes, count: int) -> None:
         writer.close()
 
 
-def send(port: int, key: str, requests: int, connections: int) -> None:
-    """Exactly `requests` GETs, spread over `connections` keep-alive connections."""
-    request = (f"GET /hot HTTP/1.1\r\nHost: bench\r\nAuthorization: FlespiToken {key}\r\n\r\n").encode()
+def send(port: int, key: str, requests: int, connections: int, path: str = "/hot") -> None:
+    """Exactly `requests` GETs of `path`, spread over `connections` keep-alive connections."""
+    request = (f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: FlespiToken {key}\r\n\r\n").encode()
     shares = [requests // connections + (1 if i < requests % connections else 0) for i in range(connections)]
 
     async def run() -> None:
@@ -64,25 +64,25 @@ def dumped_instructions(out_dir: Path, before: set[Path]) -> int:
     raise SystemExit(f"no callgrind dump in {out_dir}")
 
 
-def counted(pid: int, port: int, key: str, requests: int, connections: int, out_dir: Path) -> int:
+def counted(pid: int, port: int, key: str, requests: int, connections: int, out_dir: Path, path: str) -> int:
     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
-    send(port, key, requests, connections)
+    send(port, key, requests, connections, path)
     before = set(out_dir.glob("cg.out*"))
     subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
     return dumped_instructions(out_dir, before)
 
 
 def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
-            requests: int, connections: int) -> float:
+            requests: int, connections: int, path: str) -> float:
     out_dir = work / f"cg-{name}"
     out_dir.mkdir()
     wrapper = ["valgrind", "--tool=callgrind", "--trace-children=no", "--dump-instr=no",
                f"--callgrind-out-file={out_dir}/cg.out.%p"]
     process, port, key = start_gateway(python, upstream, redis_port, work, name, wrapper=wrapper, timeout=300)
     try:
-        send(port, key, 500, connections)  # warm-up: cached token, open upstream connections, warm caches
-        small = counted(process.pid, port, key, requests, connections, out_dir)
-        large = counted(process.pid, port, key, 2 * requests, connections, out_dir)
+        send(port, key, 500, connections, path)  # warm-up: cached token, open upstream connections, warm caches
+        small = counted(process.pid, port, key, requests, connections, out_dir, path)
+        large = counted(process.pid, port, key, 2 * requests, connections, out_dir, path)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -101,14 +101,16 @@ def main() -> int:
     parser.add_argument("--b", required=True, help="python of build B")
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--path", default="/hot",
+                        help="what each request asks for (/_gateway/auth/hot counts decision checks)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("needs valgrind (Debian's package valgrind)")
     work = Path(tempfile.mkdtemp(prefix="gw-instr-"))
     with backends(work) as (upstream_port, redis_port, _):
-        a = measure(args.a, "A", upstream_port, redis_port, work, args.requests, args.connections)
-        b = measure(args.b, "B", upstream_port, redis_port, work, args.requests, args.connections)
-    print(f"instructions per proxied request: A {a:,.0f}, B {b:,.0f}, B / A = {b / a:.3f} (dumps in {work})")
+        a = measure(args.a, "A", upstream_port, redis_port, work, args.requests, args.connections, args.path)
+        b = measure(args.b, "B", upstream_port, redis_port, work, args.requests, args.connections, args.path)
+    print(f"instructions per request of {args.path}: A {a:,.0f}, B {b:,.0f}, B / A = {b / a:.3f} (dumps in {work})")
     return 0
 
 

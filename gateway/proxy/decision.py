@@ -5,7 +5,7 @@ gateway before they forward a request themselves. The decision is an `Exchange` 
 (same facts, same `Authenticator`, same refusal reply, log record and usage); what is here is
 only what differs on the wire: which request the check is about, and the allowed answer, which
 goes back to the proxy instead of to an upstream. The rules themselves are `RequestFlow`'s
-(`original_request`, `decision_headers`), so aiohttp answers a handed-over check the same way.
+(`original_request`, `decision_values`), so aiohttp answers a handed-over check the same way.
 """
 from __future__ import annotations
 
@@ -40,13 +40,7 @@ def original_facts(flow: RequestFlow, incoming: Incoming, client_ip: str, now: f
                                client_ip, now, _text(index.get(NARROWING_BYTES)))
 
 
-def allowed_bytes(flow: RequestFlow, token: Token, facts: RequestFacts, request_id: str, date: bytes,
+def allowed_bytes(flow: RequestFlow, token: Token, facts: RequestFacts, request_id: bytes, date: bytes,
                   close: bool) -> bytes:
     """The allowed answer: 200, no body, the identity headers for the proxy to copy upstream."""
-    head = [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nDate: %s\r\n" % date]
-    for name, value in flow.decision_headers(token, facts, request_id):
-        head.append(b"%s: %s\r\n" % (name.encode(), value.encode()))
-    if close:
-        head.append(b"Connection: close\r\n")
-    head.append(b"\r\n")
-    return b"".join(head)
+    return flow.decision_head(token, facts, request_id, date) + (b"Connection: close\r\n\r\n" if close else b"\r\n")

@@ -320,7 +320,7 @@ class Exchange:
         lane = self.lane
         if not self.incoming.complete and (self.incoming.chunked or self.incoming.length):
             self.close_after = True  # as `fail`: a check's body is never read
-        self.front.write(allowed_bytes(self.flow, served, facts, self.request_id.decode(), lane.date(),
+        self.front.write(allowed_bytes(self.flow, served, facts, self.request_id, lane.date(),
                                        self.close_after or lane.closing))
         self.replied = True
         self._finish()

@@ -102,6 +102,10 @@ class RequestFlow:
         self.added_names = (proxy.token_id_header, proxy.account_id_header, proxy.request_id_header,
                             "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
         self.added_template = "".join(f"{name}: %s\r\n" for name in self.added_names).encode()
+        # An allowed decision's head up to its framing: the date, then the `decision_values`.
+        self.decision_names = (proxy.token_id_header, proxy.account_id_header, proxy.request_id_header, AUTHORIZED_URI)
+        self.decision_template = ("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nDate: %s\r\n"
+                                  + "".join(f"{name}: %s\r\n" for name in self.decision_names)).encode()
         # Lowercased names the upstream never gets from the client: hop-by-hop, re-created, and
         # the identity headers (only the gateway says who made a request).
         drop = set(HOP_BY_HOP | REQUEST_DROP | METHOD_OVERRIDES)
@@ -269,14 +273,26 @@ class RequestFlow:
         facts.may_narrow = narrowing is None or narrowing.strip().lower() != "refuse"
         return facts
 
-    def decision_headers(self, token: Token, facts: RequestFacts, request_id: str) -> list[tuple[str, str]]:
-        """What an allowed decision answers: who made the request, and the URI it may go on with
-        (its `all` selector narrowed by the ACL, as a proxied request's would be)."""
+    def decision_values(self, token: Token, facts: RequestFacts, request_id: str) -> tuple[str, str, str, str]:
+        """What an allowed decision answers, in the order of `decision_names`: who made the request,
+        and the URI it may go on with (its `all` selector narrowed by the ACL, as a proxied
+        request's would be)."""
         # The identity values exactly as a forwarded request gets them (the rest needs no peer).
         token_id, account_id, rid, *_ = self.added_values(token, facts, request_id, "", False, NO_HEADERS, "", "")
         uri = facts.forward_path + "?" + facts.query if facts.query else facts.forward_path
-        return [(self.token_id_header, token_id), (self.account_id_header, account_id), (self.request_id_header, rid),
-                (AUTHORIZED_URI, uri)]
+        return token_id, account_id, rid, uri
+
+    def decision_headers(self, token: Token, facts: RequestFacts, request_id: str) -> list[tuple[str, str]]:
+        """`decision_values` as (name, value) pairs (aiohttp's answer)."""
+        return list(zip(self.decision_names, self.decision_values(token, facts, request_id), strict=True))
+
+    def decision_head(self, token: Token, facts: RequestFacts, request_id: bytes, date: bytes) -> bytes:
+        """`decision_values` in the fast path's reply head, without its last line: one formatting
+        of a template made once (the names and framing are ours; the URI is printable ASCII,
+        `original_request` refused anything else)."""
+        uri = facts.forward_path + "?" + facts.query if facts.query else facts.forward_path
+        return self.decision_template % (date, str(token.id).encode(), str(facts.account_of(token)).encode(),
+                                         request_id, uri.encode())
 
     # -- refusals --------------------------------------------------------------------------------
 
