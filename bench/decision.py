@@ -8,8 +8,10 @@ each): `proxy_pass` to the upstream, `proxy_pass` to the gateway, and `proxy_pas
 upstream behind `auth_request` to the gateway (docs/decision.md's configuration). wrk (1 thread,
 50 connections, the token in every request) runs against
 
-  1. nginx `return 200` (the ceiling of an HTTP server here), the gateway proxying to it, and the
-     decision endpoint hit directly (`/_gateway/auth/bench/ping`, Envoy's shape);
+  1. nginx `return 200` (the ceiling of an HTTP server here), bench/floor_server.py (uvloop and
+     httptools answering a fixed 200: the ceiling of a Python server on the fast path's stack),
+     the gateway proxying to nginx, and the decision endpoint hit directly
+     (`/_gateway/auth/bench/ping`, Envoy's shape);
   2. nginx `proxy_pass` alone, nginx -> gateway proxy, nginx + `auth_request` to the gateway;
 
 in rounds (the best round of each kept), and prints req/s, p99, the CPU of the gateway during
@@ -20,10 +22,12 @@ proxy. Loopback only; every process is stopped at the end.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from harness import HOST  # bench/ is the script's own directory
 from harness.client import create_token, fast_path_kind
-from harness.procs import free_port, others_percent, wait_for_port
+from harness.procs import free_port, others_percent, process_tree, wait_for_port
 from harness.servers import GatewayProcess, start_gateway, start_nginx, start_nginx_proxy
 from harness.session import Session, interrupt_on_termination
 from harness.tools import ensure_tools
@@ -62,6 +66,7 @@ AUTH_REQUEST = """    upstream gateway {{ server {gateway}; keepalive 64; keepal
 
 ROWS = [
     ("nginx return 200", "the ceiling of an HTTP server here"),
+    ("python floor", "uvloop + httptools, a fixed 200 (bench/floor_server.py)"),
     ("gateway proxy", "gateway 1 worker -> nginx return 200"),
     ("decision direct", "wrk -> gateway /_gateway/auth/bench/ping"),
     ("nginx proxy_pass", "nginx -> nginx return 200"),
@@ -97,22 +102,32 @@ def main() -> int:
                                 settings={"trusted_proxies": [HOST]})
         key = str(create_token(gateway.url)["key"])
         session.say(f"gateway {gateway.url} ({fast_path_kind(gateway.url)} fast path)")
-        proxy_alone, _ = start_nginx_proxy(session.procs, nginx, session.upstream)
+        proxy_alone, proxy_alone_process = start_nginx_proxy(session.procs, nginx, session.upstream)
         to_gateway_port = free_port()
         to_gateway = start_nginx(session.procs, nginx, "nginx-to-gateway", NGINX_TO_GATEWAY.format(
             gateway=f"{HOST}:{gateway.port}", host=HOST, port=to_gateway_port))
         wait_for_port(to_gateway_port, to_gateway)
         auth_request = start_auth_request_nginx(session, gateway)
-        urls = {"nginx return 200": session.upstream, "gateway proxy": gateway.url,
+        floor_port = free_port()
+        floor = session.procs.start("python-floor", [sys.executable, str(Path(__file__).with_name("floor_server.py")),
+                                                     "--port", str(floor_port)])
+        wait_for_port(floor_port, floor)
+        urls = {"nginx return 200": session.upstream, "python floor": f"http://{HOST}:{floor_port}",
+                "gateway proxy": gateway.url,
                 "decision direct": gateway.url + "/_gateway/auth", "nginx proxy_pass": proxy_alone,
                 "nginx -> gateway proxy": f"http://{HOST}:{to_gateway_port}", "nginx + auth_request": auth_request}
         session.say(f"others on the machine: {others_percent():.0f}% of one core before the runs")
         best: dict[str, WrkResult] = {}
+        # Each row's CPU is that of the server it measures first: the gateway's where it takes part.
+        assert session.upstream_process is not None
         pids = gateway.worker_pids()
+        served_by = {"nginx return 200": process_tree(session.upstream_process.pid), "python floor": [floor.pid],
+                     "nginx proxy_pass": process_tree(proxy_alone_process.pid)}
         for round_number in range(args.rounds):
             for name, _ in ROWS:
                 session.runner.wrk_run(urls[name], 1, key=key)  # warm-up
-                result = session.runner.wrk_run(urls[name], args.duration, key=key, pids=pids)
+                result = session.runner.wrk_run(urls[name], args.duration, key=key,
+                                                pids=served_by.get(name, pids))
                 if result.errors:
                     raise SystemExit(f"{name}: {result.non_2xx} non-2xx, {result.socket_errors} socket errors\n"
                                      f"{result.raw}")
@@ -122,16 +137,24 @@ def main() -> int:
                     best[name] = result
         print()
         # The gateway's CPU per request does not depend on how much of the machine others take.
-        print(f"{'target':<24} {'req/s':>9} {'p99 ms':>7} {'gw CPU %':>8} {'gw us/req':>9} {'others %':>8}  what")
+        # CPU: the gateway's where it takes part, else the one server's (nginx's worker, the floor).
+        print(f"{'target':<24} {'req/s':>9} {'p99 ms':>7} {'CPU %':>8} {'us/req':>9} {'others %':>8}  what")
         for name, what in ROWS:
             result = best[name]
-            involved = name not in ("nginx return 200", "nginx proxy_pass")
-            per_request = f"{result.cpu_percent * 1e4 / result.rps:.0f}" if involved else "-"
+            per_request = f"{result.cpu_percent * 1e4 / result.rps:.1f}"
             print(f"{name:<24} {result.rps:>9,.0f} {result.p99_ms:>7.2f} {result.cpu_percent:>8.0f} "
                   f"{per_request:>9} {result.others_percent:>8.0f}  {what}")
         decision = best["decision direct"].rps
+
+        def cpu_per_request(name: str) -> float:
+            return best[name].cpu_percent / best[name].rps
         print()
         print(f"decision / nginx return 200        = {decision / best['nginx return 200'].rps:.2f} (target >= 0.40)")
+        print(f"decision / python floor            = {decision / best['python floor'].rps:.2f}")
+        # Throughput ratios move with what others take of the machine; CPU per request does not.
+        ratio = cpu_per_request("nginx return 200") / cpu_per_request("decision direct")
+        print(f"nginx return 200 / decision, CPU per request = {ratio:.2f}")
+        print(f"python floor / nginx return 200    = {best['python floor'].rps / best['nginx return 200'].rps:.2f}")
         print(f"decision / gateway proxy           = {decision / best['gateway proxy'].rps:.2f}")
         auth = best["nginx + auth_request"].rps
         print(f"auth_request / nginx -> gateway    = {auth / best['nginx -> gateway proxy'].rps:.2f} (target >= 0.70)")
