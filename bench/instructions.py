@@ -2,6 +2,7 @@
 does not move.
 
     python bench/instructions.py --a /old/checkout/.venv/bin/python --b .venv/bin/python [--requests 5000]
+                                 [--idle-seconds 10] [--path /_gateway/auth/hot]
 
 Throughput on these shared 2-core machines drifts by 10-20 % between rounds (ab_builds.py), more
 than the difference a refactor makes. Callgrind counts the instructions the gateway process runs,
@@ -9,9 +10,15 @@ which depend on the code and the requests, not on what else the machine does. Ea
 under `valgrind --tool=callgrind` on its own redis-server, in front of nginx `return 200` (or
 bench/upstream.py): after a warm-up (the token cached, upstream connections open) the counters are
 zeroed, exactly `--requests` requests are sent over `--connections` keep-alive connections, and the
-counters are dumped. Background timers (date, sweeps, gc freezes) run per second, and a slow
-valgrind stretches seconds, so a second count with twice the requests is taken and the figure is
-the difference per extra request. Prints both builds and B / A.
+counters are dumped. What is paid once cancels out: a second count with twice the requests is
+taken and the figure is the difference per extra request. Background timers (the store probe,
+the date, sweeps, the invalidation PING) are paid per second, though, and under valgrind the
+extra requests take many seconds: `--idle-seconds S` counts S idle seconds first and takes their
+rate times the extra seconds off,
+
+    per request = (count(2N) - count(N) - idle_per_second * (t(2N) - t(N))) / N
+
+Prints both builds and B / A.
 """
 from __future__ import annotations
 
@@ -72,8 +79,17 @@ def counted(pid: int, port: int, key: str, requests: int, connections: int, out_
     return dumped_instructions(out_dir, before)
 
 
+def idle(pid: int, seconds: float, out_dir: Path) -> float:
+    """Instructions per second of a gateway that serves nothing."""
+    subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
+    time.sleep(seconds)
+    before = set(out_dir.glob("cg.out*"))
+    subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
+    return dumped_instructions(out_dir, before) / seconds
+
+
 def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
-            requests: int, connections: int, path: str) -> float:
+            requests: int, connections: int, path: str, idle_seconds: float) -> float:
     out_dir = work / f"cg-{name}"
     out_dir.mkdir()
     wrapper = ["valgrind", "--tool=callgrind", "--trace-children=no", "--dump-instr=no",
@@ -81,17 +97,24 @@ def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
     process, port, key = start_gateway(python, upstream, redis_port, work, name, wrapper=wrapper, timeout=300)
     try:
         send(port, key, 500, connections, path)  # warm-up: cached token, open upstream connections, warm caches
+        per_second = idle(process.pid, idle_seconds, out_dir) if idle_seconds else 0.0
+        started = time.monotonic()
         small = counted(process.pid, port, key, requests, connections, out_dir, path)
+        small_time, started = time.monotonic() - started, time.monotonic()
         large = counted(process.pid, port, key, 2 * requests, connections, out_dir, path)
+        large_time = time.monotonic() - started
     finally:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(120)
         except subprocess.TimeoutExpired:
             process.kill()
-    per_request = (large - small) / requests
+    # The timers' cost of the extra seconds the larger count took (none without --idle-seconds).
+    per_request = (large - small - per_second * (large_time - small_time)) / requests
+    idle_part = (f"; idle {per_second:,.0f}/s, {requests} requests took {small_time:.1f} s, {2 * requests} "
+                 f"took {large_time:.1f} s" if idle_seconds else "")
     print(f"{name}: {small / requests:,.0f} instructions/request over {requests}, "
-          f"{large / (2 * requests):,.0f} over {2 * requests}; marginal {per_request:,.0f}", flush=True)
+          f"{large / (2 * requests):,.0f} over {2 * requests}{idle_part}; marginal {per_request:,.0f}", flush=True)
     return per_request
 
 
@@ -101,6 +124,9 @@ def main() -> int:
     parser.add_argument("--b", required=True, help="python of build B")
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--idle-seconds", type=float, default=0.0,
+                        help="count this many idle seconds first, and take the timers' cost of the extra seconds "
+                             "the larger count took off the marginal figure")
     parser.add_argument("--path", default="/hot",
                         help="what each request asks for (/_gateway/auth/hot counts decision checks)")
     args = parser.parse_args()
@@ -108,8 +134,10 @@ def main() -> int:
         raise SystemExit("needs valgrind (Debian's package valgrind)")
     work = Path(tempfile.mkdtemp(prefix="gw-instr-"))
     with backends(work) as (upstream_port, redis_port, _):
-        a = measure(args.a, "A", upstream_port, redis_port, work, args.requests, args.connections, args.path)
-        b = measure(args.b, "B", upstream_port, redis_port, work, args.requests, args.connections, args.path)
+        a = measure(args.a, "A", upstream_port, redis_port, work, args.requests, args.connections, args.path,
+                    args.idle_seconds)
+        b = measure(args.b, "B", upstream_port, redis_port, work, args.requests, args.connections, args.path,
+                    args.idle_seconds)
     print(f"instructions per request of {args.path}: A {a:,.0f}, B {b:,.0f}, B / A = {b / a:.3f} (dumps in {work})")
     return 0
 
