@@ -5,37 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import shutil
-import socket
 import subprocess
-import tempfile
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .servers import free_port
+from .servers import LocalServer
 
 BROKER_USER = "gateway"
 BROKER_PASSWORD = "broker-secret-9"
 WAIT = 5.0
 
 
-class Mosquitto:
-    """Debian's mosquitto on a free loopback port, logging everything it receives to a file."""
+class Mosquitto(LocalServer):
+    """Debian's mosquitto, logging everything it receives to a file."""
+
+    binary = "mosquitto"
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="gw-mosquitto-"))
+        super().__init__("gw-mosquitto-")
         self.log = self.dir / "mosquitto.log"
-        self.process: subprocess.Popen[bytes] | None = None
         passwd = self.dir / "passwd"
         subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), BROKER_USER, BROKER_PASSWORD], check=True,
                        capture_output=True)
@@ -50,29 +44,7 @@ class Mosquitto:
         return f"mqtt://{BROKER_USER}:{BROKER_PASSWORD}@127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/sbin")
-        if binary is None:
-            pytest.fail("mosquitto is not installed (.ci/run installs it)")
-        self.process = subprocess.Popen([binary, "-c", str(self.dir / "mosquitto.conf")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.launch(["-c", str(self.dir / "mosquitto.conf")])
 
     def logged(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,22 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from .servers import RedisProcess, free_port
+from .servers import RedisProcess, free_port, wait_for_port
 
 SERVICE = "gwtest"
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 3000
-
-
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 class SentinelSet:
@@ -64,7 +52,7 @@ class SentinelSet:
             self.sentinels.append(subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL,
                                                    stderr=subprocess.DEVNULL))
         for port in self.sentinel_ports:
-            _wait_port(port)
+            wait_for_port(port, 10)
         self.wait_healthy()
 
     def sentinel(self, index: int = 0) -> redis.Redis:

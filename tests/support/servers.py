@@ -31,36 +31,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisProcess:
-    """A redis-server of our own, on a free loopback port, that a test may stop and restart."""
+class LocalServer:
+    """A server binary of the tests' own (Debian's), on a free loopback port, with a scratch
+    directory; a test may stop and start it again."""
 
-    def __init__(self, persistent: bool = False, extra: list[str] | None = None) -> None:
-        self.persistent = persistent
-        self.extra = extra or []  # more redis-server options, e.g. --requirepass
+    binary = ""
+
+    def __init__(self, prefix: str) -> None:
         self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="gw-redis-")
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self.process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (.ci/run installs it)")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
-             "--dir", self.dir, *self.extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+    def launch(self, arguments: list[str]) -> None:
+        found = shutil.which(self.binary) or shutil.which(self.binary, path="/usr/sbin:/sbin")
+        if found is None:
+            pytest.fail(f"{self.binary} is not installed (.ci/run installs it)")
+        self.process = subprocess.Popen([found, *arguments], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, 10)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -71,6 +58,26 @@ class RedisProcess:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisProcess(LocalServer):
+    """A redis-server of our own."""
+
+    binary = "redis-server"
+
+    def __init__(self, persistent: bool = False, extra: list[str] | None = None) -> None:
+        super().__init__("gw-redis-")
+        self.persistent = persistent
+        self.extra = extra or []  # more redis-server options, e.g. --requirepass
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.launch(["--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
+                     "--dir", str(self.dir), *self.extra])
 
 
 @dataclass
