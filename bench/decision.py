@@ -5,7 +5,8 @@
 Starts the bench Redis and the upstream (nginx `return 200 "ok"`, 1 worker), one gateway
 (`workers: 1`, requests logged to a file, one cached standard token), and three nginx (1 worker
 each): `proxy_pass` to the upstream, `proxy_pass` to the gateway, and `proxy_pass` to the
-upstream behind `auth_request` to the gateway (docs/decision.md's configuration). wrk (1 thread,
+upstream behind `auth_request` to the gateway (docs/decision.md's nginx configuration without
+its CORS and error mapping, with the keep-alive pools of the other nginx rows). wrk (1 thread,
 50 connections, the token in every request) runs against
 
   1. nginx `return 200` (the ceiling of an HTTP server here), bench/floor_server.py (uvloop and

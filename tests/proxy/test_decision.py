@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +28,7 @@ from gateway.proxy.listener import FastLane
 from support.gateways import GatewayFactory, GatewayHandle, error, logged_hosts
 from support.keys import MASTER_KEY
 from support.rawhttp import Client, Reply
-from support.servers import Upstream, caddy_binary, free_port, nginx_binary, wait_for_port
+from support.servers import ROOT, Upstream, caddy_binary, free_port, nginx_binary, wait_for_port
 
 ENDPOINT = "/_gateway/auth"
 INVALID = error(401, "invalid or expired access token")
@@ -284,117 +285,21 @@ http {{
 }}
 """
 
-# docs/decision.md, nginx: keep the two the same.
-NGINX_DECISION = """\
-    upstream gateway {{ server 127.0.0.1:{gateway_port}; keepalive 16; }}
-    upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 16; }}
-    map "$request_method:$http_access_control_request_method" $cors_preflight {{
-        default 0;
-        "~^OPTIONS:." 1;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
+def documented(language: str) -> str:
+    """The one configuration block of `language` in docs/decision.md: the tests run what the page
+    says, so the two cannot drift apart."""
+    blocks = re.findall(rf"^```{language}\n(.*?)^```$", (ROOT / "docs" / "decision.md").read_text(), re.S | re.M)
+    assert len(blocks) == 1, f"docs/decision.md should hold one {language} block, not {len(blocks)}"
+    return blocks[0]
 
-        location / {{
-            # CORS preflights carry no token: answered here (the rewrite phase, before
-            # auth_request), never asked about nor forwarded.
-            if ($cors_preflight) {{
-                add_header Access-Control-Allow-Origin $http_origin always;
-                add_header Access-Control-Allow-Methods "GET, POST, PUT, PATCH, DELETE" always;
-                add_header Access-Control-Allow-Headers "Authorization, Content-Type, x-flespi-cid" always;
-                add_header Access-Control-Max-Age 600 always;
-                add_header Vary Origin always;
-                return 204;
-            }}
-            # A page may read a reply only when its origin passed the token's check: refusals
-            # (401/403, without `always`) are not shared; the upstream's own CORS headers dropped.
-            proxy_hide_header Access-Control-Allow-Origin;
-            add_header Access-Control-Allow-Origin $http_origin;
-            add_header Vary Origin;
 
-            auth_request /_gateway/auth;
-            # What the gateway answered, for the upstream (and for the error mapping below).
-            auth_request_set $gw_token_id $upstream_http_x_token_id;
-            auth_request_set $gw_account_id $upstream_http_x_account_id;
-            auth_request_set $gw_request_id $upstream_http_x_request_id;
-            auth_request_set $gw_uri $upstream_http_x_authorized_uri;
-            auth_request_set $gw_status $upstream_status;
-            auth_request_set $gw_retry_after $upstream_http_retry_after;
-            error_page 500 = @gateway_error;
-
-            # The URI the gateway authorized: the original one, its `all` selector narrowed by the ACL.
-            proxy_pass http://backend$gw_uri;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header Authorization "";
-            proxy_set_header X-Token-Id $gw_token_id;
-            proxy_set_header X-Account-Id $gw_account_id;
-            proxy_set_header X-Request-ID $gw_request_id;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        }}
-
-        location = /_gateway/auth {{
-            internal;
-            proxy_pass http://gateway/_gateway/auth;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Original-URI $request_uri;
-            proxy_set_header X-Original-Method $request_method;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        }}
-
-        # auth_request turns any answer but 2xx, 401 and 403 into 500: give 429 and 503 back.
-        location @gateway_error {{
-            default_type application/json;
-            if ($gw_status = 429) {{
-                add_header Retry-After $gw_retry_after always;
-                return 429 '{{"errors":[{{"code":429,"reason":"token is blocked"}}]}}';
-            }}
-            if ($gw_status = 503) {{
-                return 503 '{{"errors":[{{"code":503,"reason":"token storage unavailable"}}]}}';
-            }}
-            return 500 '{{"errors":[{{"code":500,"reason":"internal gateway error"}}]}}';
-        }}
-    }}
-"""
-
-# docs/decision.md, Caddy: keep the two the same.
-CADDYFILE = """\
-{{
-    admin off
-    auto_https off
-}}
-
-http://127.0.0.1:{port} {{
-    # CORS preflights carry no token: answered here, never asked about nor forwarded.
-    @preflight {{
-        method OPTIONS
-        header Access-Control-Request-Method *
-    }}
-    handle @preflight {{
-        header Access-Control-Allow-Origin {{http.request.header.Origin}}
-        header Access-Control-Allow-Methods "GET, POST, PUT, PATCH, DELETE"
-        header Access-Control-Allow-Headers "Authorization, Content-Type, x-flespi-cid"
-        header Access-Control-Max-Age 600
-        header Vary Origin
-        respond 204
-    }}
-    route {{
-        forward_auth 127.0.0.1:{gateway_port} {{
-            uri /_gateway/auth
-            copy_headers X-Token-Id X-Account-Id X-Request-ID X-Authorized-Uri
-        }}
-        # The URI the gateway authorized: the original one, its `all` selector narrowed by the ACL.
-        rewrite * {{http.request.header.X-Authorized-Uri}}
-        request_header -X-Authorized-Uri
-        request_header -Authorization
-        reverse_proxy 127.0.0.1:{upstream_port}
-    }}
-}}
-"""
+def on_loopback(config: str, replaced: dict[str, str]) -> str:
+    """The documented addresses (gateway 127.0.0.1:8080, API 127.0.0.1:8000, the public listener)
+    replaced by the test's free ports; each must be there."""
+    for documented_text, actual in replaced.items():
+        assert documented_text in config, documented_text
+        config = config.replace(documented_text, actual)
+    return config
 
 
 class Proxy:
@@ -404,12 +309,14 @@ class Proxy:
         self.kind = kind
         self.prefix = Path(tempfile.mkdtemp(prefix=f"gw-{kind}-"))
         self.port = free_port()
-        ports = {"port": self.port, "gateway_port": gateway_port, "upstream_port": upstream_port}
+        addresses = {"127.0.0.1:8080": f"127.0.0.1:{gateway_port}", "127.0.0.1:8000": f"127.0.0.1:{upstream_port}"}
         if kind == "nginx":
-            config = NGINX_DECISION.format(**ports)
+            config = on_loopback(documented("nginx"), {**addresses, "listen 80;": f"listen 127.0.0.1:{self.port};"})
             (self.prefix / "nginx.conf").write_text(NGINX_CONF.format(prefix=self.prefix, config=config))
         else:
-            (self.prefix / "Caddyfile").write_text(CADDYFILE.format(**ports))
+            caddyfile = on_loopback(documented("caddyfile"), {**addresses, "http://api.example.com {":
+                                                              f"http://127.0.0.1:{self.port} {{"})
+            (self.prefix / "Caddyfile").write_text(caddyfile)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
