@@ -354,13 +354,16 @@ def _check_server_credentials(table: Table, settings: SentinelSettings | Cluster
         raise ConfigError(table.name("username"), "needs a password")
 
 
-def _server_options(settings: SentinelSettings | ClusterSettings) -> dict[str, Any]:
-    """What redis-py takes for the credentials and TLS of a connection to a data node."""
+def _server_options(settings: SentinelSettings | ClusterSettings,
+                    credentials: tuple[str, str] | None = None) -> dict[str, Any]:
+    """What redis-py takes for the credentials and TLS of a connection: to a data node, or with
+    other `credentials` (a sentinel's user name and password) and the same TLS."""
+    username, password = credentials if credentials is not None else (settings.username, settings.password)
     options: dict[str, Any] = {}
-    if settings.password:
-        options["password"] = settings.password
-    if settings.username:
-        options["username"] = settings.username
+    if password:
+        options["password"] = password
+    if username:
+        options["username"] = username
     if settings.ssl:
         options["ssl"] = True
         options.update({name: value for name in REDIS_TLS_FILES if (value := getattr(settings, name))})
@@ -410,27 +413,11 @@ class SentinelSettings:
 
     def connection_options(self) -> dict[str, Any]:
         """What redis-py takes for a connection to the master or a replica."""
-        options: dict[str, Any] = {"db": self.db}
-        if self.password:
-            options["password"] = self.password
-        if self.username:
-            options["username"] = self.username
-        if self.ssl:
-            options["ssl"] = True
-            options.update({name: value for name in REDIS_TLS_FILES if (value := getattr(self, name))})
-        return options
+        return {"db": self.db, **_server_options(self)}
 
     def sentinel_options(self) -> dict[str, Any]:
         """What redis-py takes for a connection to a sentinel (TLS as for the master)."""
-        options: dict[str, Any] = {}
-        if self.sentinel_password:
-            options["password"] = self.sentinel_password
-        if self.sentinel_username:
-            options["username"] = self.sentinel_username
-        if self.ssl:
-            options["ssl"] = True
-            options.update({name: value for name in REDIS_TLS_FILES if (value := getattr(self, name))})
-        return options
+        return _server_options(self, (self.sentinel_username, self.sentinel_password))
 
 
 @dataclass(frozen=True, slots=True)

@@ -325,6 +325,10 @@ def test_sentinel_reads_every_key(ca_file: str) -> None:
     plain = build_settings({"upstream": UPSTREAM, "redis": {"sentinel": SENTINEL, "wait_replicas": 0}}).redis
     assert plain.replicas_to_wait == 0 and plain.sentinel is not None
     assert plain.sentinel.connection_options() == {"db": 0} and plain.sentinel.sentinel_options() == {}
+    # The data nodes' password is not the sentinels': a sentinel without one gets none.
+    secured = build_settings({"upstream": UPSTREAM, "redis": {"sentinel": {**SENTINEL, "password": "pw"}}}).redis
+    assert secured.sentinel is not None and secured.sentinel.sentinel_options() == {}
+    assert secured.sentinel.connection_options() == {"db": 0, "password": "pw"}
     assert build_settings(with_key("redis.url", "redis://h:6379/0")).redis.replicas_to_wait == 0
 
 
