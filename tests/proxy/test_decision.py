@@ -219,6 +219,30 @@ async def test_untrusted_peer_cannot_claim_an_address(make_gateway: GatewayFacto
     assert await logged_hosts(gw, token["id"], 1) == ["127.0.0.1"]
 
 
+async def test_traefik_shape(make_gateway: GatewayFactory) -> None:
+    """Traefik's ForwardAuth, as docs/decision.md configures it (Traefik cannot run here): a GET of
+    the configured address with the client's allowed headers, `X-Forwarded-*` for the original
+    request and its client, and `X-Gateway-Narrowing: refuse` (Traefik cannot forward a rewritten
+    path)."""
+    gw = await make_gateway(trusted_proxies=["127.0.0.1"], log={"flush_interval": 0.05})
+    token = await gw.create_token(ips="10.1.2.0/24", access={"type": 2, "acl": ACL})
+    traefik = {"X-Forwarded-Method": "GET", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.com",
+               "X-Forwarded-Uri": "/gw/devices/12?fields=id", "X-Forwarded-For": "10.1.2.3",
+               "X-Gateway-Narrowing": "refuse", "X-Flespi-App": "traefik-test"}
+    allowed = await ask(gw, "GET", ENDPOINT, key=token["key"], headers=traefik)
+    assert (allowed.status, allowed.body) == (200, b"")
+    assert identity(allowed) == {"X-Token-Id": str(token["id"]), "X-Account-Id": "0",
+                                 "X-Authorized-Uri": "/gw/devices/12?fields=id"}
+    # `all` would be narrowed to the ACL's ids, which Traefik cannot pass on: refused instead.
+    everything = {**traefik, "X-Forwarded-Uri": "/gw/devices/all"}
+    narrowed = await ask(gw, "GET", ENDPOINT, key=token["key"], headers=everything)
+    assert (narrowed.status, narrowed.json()) == (403, error(403, "access to gw/devices/all (GET) is narrowed by "
+                                                                  "token ACL, which the proxy cannot send"))
+    outside = await ask(gw, "GET", ENDPOINT, key=token["key"], headers={**traefik, "X-Forwarded-For": "10.9.9.9"})
+    assert (outside.status, outside.json()) == (401, error(401, "using token from unauthorized location"))
+    assert await logged_hosts(gw, token["id"], 3) == ["10.1.2.3", "10.1.2.3", "10.9.9.9"]
+
+
 async def test_same_effects_as_a_proxied_request(make_gateway: GatewayFactory, tmp_path: Path) -> None:
     """`accessed` advances, the request is logged, and the key is nowhere: not in the log file, not
     in the answer."""
