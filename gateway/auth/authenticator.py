@@ -1,17 +1,22 @@
 """Authentication: find the token for a request and run the checks; the one decision point."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from gateway.auth.checks import Check, RequestFacts
-from gateway.errors import INTERNAL_ERROR, INVALID_TOKEN, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
+from gateway.errors import INTERNAL_ERROR, INVALID_TOKEN, STORAGE_UNAVAILABLE, Denied, StoreUnavailable, Undecided
 from gateway.store.cache import Outcome, TokenCache
 from gateway.tokens import KEY_LENGTH, Token, key_digest
 from gateway.writers.accessed import AccessedWriter
 
 log = logging.getLogger("gateway.auth.authenticator")
 SCHEME = "flespitoken"
+# A check that cannot decide at once (`Undecided`: usage near a limit) is asked again after what it
+# waits for, for this long at most; then the request gets the check's refusal.
+UNDECIDED_WAIT = 2.0
 
 
 def extract_key(authorization: str | None) -> str | None:
@@ -70,6 +75,8 @@ class Authenticator:
             return token
         except Denied:
             raise
+        except Undecided:
+            return None  # `authenticate` waits for what the check needs, then decides
         except Exception:
             log.exception("unexpected error while authenticating; request denied")
             raise Denied(500, INTERNAL_ERROR) from None
@@ -111,7 +118,19 @@ class Authenticator:
 
     async def _checked(self, token: Token, facts: RequestFacts) -> Token:
         facts.token = token
-        for check in self._checks:
-            check(token, facts)
+        deadline = 0.0
+        while True:
+            try:
+                for check in self._checks:  # pure but for the last (usage), which counts only a pass
+                    check(token, facts)
+                break
+            except Undecided as undecided:
+                now = time.monotonic()
+                deadline = deadline or now + UNDECIDED_WAIT
+                try:
+                    async with asyncio.timeout(deadline - now):
+                        await undecided.settled()
+                except TimeoutError:
+                    raise undecided.refusal from None
         self._accessed.note(token, int(facts.now))
         return token
