@@ -127,3 +127,38 @@ async def test_instances_never_serve_past_the_limit_whatever_the_rate(redis_url:
         assert stored[41][0] == served  # Redis counted what was served, and nothing refused
     finally:
         await client.aclose()
+
+
+async def test_a_lease_that_cannot_be_renewed_stops_the_calls(make_gateway: GatewayFactory, own_redis: Any) -> None:
+    """With Redis gone the cached token still passes its checks, but an account with a calls limit
+    is served only while its lease lasts: then a call waits for an exchange that cannot happen and
+    is refused (429, retry), never served unseen past what the lease allowed."""
+    gw = await make_gateway(redis={"url": own_redis.url, "socket_timeout": 0.2, "connect_timeout": 0.2},
+                            usage={"flush_interval": 0.1})
+    account = {"name": "leased", "limits": {"api_calls": 10_000}}
+    status, body = await gw.call("POST", "/platform/subaccounts", json=account)
+    assert status == 200, body
+    cid = body["result"][0]["id"]
+    status, body = await gw.call("POST", "/platform/tokens", json={"ttl": 600}, headers={"x-flespi-cid": str(cid)})
+    assert status == 200, body
+    key = body["result"][0]["key"]
+    await asyncio.sleep(0.3)  # the gateway has the account's limits
+    assert (await gw.call("GET", "/x", key=key))[0] == 200
+    await asyncio.sleep(0.3)  # exchanged: a lease far larger than the calls below
+    for _ in range(3):
+        assert (await gw.call("GET", "/x", key=key))[0] == 200
+    own_redis.stop()
+    try:
+        refused = None
+        for _ in range(10):  # the lease's own time (1.5 s), then the 2 s a call may wait
+            status, body = await gw.call("GET", "/x", key=key)
+            if status != 200:
+                refused = status, body
+                break
+            await asyncio.sleep(0.5)
+        assert refused is not None, "served with no lease for 5 s"
+        status, body = refused
+        assert status == 429, body
+        assert body["errors"][0]["reason"].startswith("its account's usage limit is nearly reached"), body
+    finally:
+        own_redis.start()
