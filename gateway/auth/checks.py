@@ -102,10 +102,10 @@ def canonical_method(method: str) -> str:
 
 def type_check(platform_prefixes: Sequence[str], open_paths: frozenset[str]) -> Check:
     """Master may call anything; standard anything but platform paths; NOAPI nothing."""
-    prefixes = tuple(platform_prefixes) + tuple(prefix.rstrip("/") for prefix in platform_prefixes)
-
-    def is_platform(path: str) -> bool:
-        return path.startswith(prefixes[: len(platform_prefixes)]) or path in prefixes[len(platform_prefixes):]
+    # Under a platform prefix, or the prefix itself without its slash. Made once: the check runs
+    # for every request, and (compiled) a nested function is an object called like any Python one.
+    starts = tuple(platform_prefixes)
+    bare = frozenset(prefix.rstrip("/") for prefix in platform_prefixes)
 
     def check_type(token: Token, facts: RequestFacts) -> None:
         kind = token.type
@@ -117,7 +117,8 @@ def type_check(platform_prefixes: Sequence[str], open_paths: frozenset[str]) -> 
             return  # its topics are checked per packet (gateway.policy.mqtt_topics)
         if facts.path in open_paths:
             return
-        if is_platform(facts.path):
+        path = facts.path
+        if path.startswith(starts) or path in bare:
             if kind is TokenType.ACL:
                 raise Denied(403, f"access to {describe(facts)} is denied by token ACL")
             raise Denied(403, f"access to {describe(facts)} is denied for standard token")

@@ -189,6 +189,7 @@ class UsageMeter:
                  clock: Callable[[], float] = time.time, max_held: int = MAX_HELD) -> None:
         self._store = store
         self._settings = settings
+        self._window_length = float(settings.window)  # read twice a request: native, not the settings' attribute
         self._directory = directory
         self._logs = logs
         self._clock = clock
@@ -214,7 +215,7 @@ class UsageMeter:
         self._exchanged: asyncio.Future[None] | None = None  # what they wait for: the next exchange's end
 
     def window(self, now: float) -> int:
-        return int(now // self._settings.window)
+        return int(now // self._window_length)
 
     def check(self, token: Token, now: float) -> None:
         """Refuse a blocked token; else count the call now, as it passes the last check, so that
