@@ -4,9 +4,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from gateway.auth.checks import Check, RequestFacts
+from gateway.auth.checks import Checks, RequestFacts
 from gateway.errors import INTERNAL_ERROR, INVALID_TOKEN, STORAGE_UNAVAILABLE, Denied, StoreUnavailable, Undecided
 from gateway.store.cache import Outcome, TokenCache
 from gateway.tokens import KEY_LENGTH, Token, key_digest
@@ -35,10 +35,10 @@ def extract_key(authorization: str | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, cache: TokenCache, accessed: AccessedWriter, checks: Sequence[Check]) -> None:
+    def __init__(self, cache: TokenCache, accessed: AccessedWriter, checks: Checks) -> None:
         self._cache = cache
         self._accessed = accessed
-        self._checks = tuple(checks)
+        self._checks = checks
 
     async def authenticate(self, key: str | None, facts: RequestFacts) -> Token:
         """The token allowed to make this request, or `Denied`; any other failure denies too."""
@@ -69,8 +69,7 @@ class Authenticator:
             if not token.valid_at(facts.now):
                 return None  # `find` reloads it: another instance may have used it since
             facts.token = token
-            for check in self._checks:
-                check(token, facts)
+            self._checks.run(token, facts)
             self._accessed.note(token, int(facts.now))
             return token
         except Denied:
@@ -121,8 +120,7 @@ class Authenticator:
         deadline = 0.0
         while True:
             try:
-                for check in self._checks:  # pure but for the last (usage), which counts only a pass
-                    check(token, facts)
+                self._checks.run(token, facts)  # pure but for the usage check, which counts only a pass
                 break
             except Undecided as undecided:
                 now = time.monotonic()
