@@ -12,6 +12,13 @@ zeroed, exactly `--requests` requests are sent over `--connections` keep-alive c
 counters are dumped. Background timers (date, sweeps, gc freezes) run per second, and a slow
 valgrind stretches seconds, so a second count with twice the requests is taken and the figure is
 the difference per extra request. Prints both builds and B / A.
+
+That whole-process figure still carries what the gateway does per second of valgrind's slow time
+(the invalidation PING, the batched log and usage writes, timers), so it moves by several per cent
+between runs of one build. The request path alone (callgrind's inclusive count of the two
+callbacks every proxied request runs in, the client side's and the upstream side's
+`data_received`; needs `callgrind_annotate`) moves by well under one per cent: it is printed too,
+with its own B / A.
 """
 from __future__ import annotations
 
@@ -64,6 +71,25 @@ def dumped_instructions(out_dir: Path, before: set[Path]) -> int:
     raise SystemExit(f"no callgrind dump in {out_dir}")
 
 
+# Every proxied request runs in these two callbacks (compiled names): their inclusive count is the
+# request path's instructions, without the timers and batched writes that run per second.
+REQUEST_PATH = ("CPyPy_listener___FrontProtocol___data_received", "CPyPy_upstream___UpstreamConnection___data_received")
+
+
+def request_path(dump: Path) -> int:
+    """The inclusive instructions of REQUEST_PATH in one callgrind dump (0 without callgrind_annotate)."""
+    if shutil.which("callgrind_annotate") is None:
+        return 0
+    out = subprocess.run(["callgrind_annotate", "--auto=no", "--inclusive=yes", "--threshold=100", str(dump)],
+                         capture_output=True, text=True, check=True).stdout
+    total = 0
+    for line in out.splitlines():
+        found = re.match(r"\s*([\d,]+) \([\d. %]+\)\s+\S*?:(\S+)", line)
+        if found and found.group(2) in REQUEST_PATH:
+            total += int(found.group(1).replace(",", ""))
+    return total
+
+
 def counted(pid: int, port: int, key: str, requests: int, connections: int, out_dir: Path) -> int:
     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
     send(port, key, requests, connections)
@@ -73,7 +99,7 @@ def counted(pid: int, port: int, key: str, requests: int, connections: int, out_
 
 
 def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
-            requests: int, connections: int) -> float:
+            requests: int, connections: int) -> tuple[float, float]:
     out_dir = work / f"cg-{name}"
     out_dir.mkdir()
     wrapper = ["valgrind", "--tool=callgrind", "--trace-children=no", "--dump-instr=no",
@@ -82,7 +108,9 @@ def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
     try:
         send(port, key, 500, connections)  # warm-up: cached token, open upstream connections, warm caches
         small = counted(process.pid, port, key, requests, connections, out_dir)
+        small_dumps = set(out_dir.glob("cg.out*"))
         large = counted(process.pid, port, key, 2 * requests, connections, out_dir)
+        large_dumps = set(out_dir.glob("cg.out*")) - small_dumps
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -90,9 +118,12 @@ def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
         except subprocess.TimeoutExpired:
             process.kill()
     per_request = (large - small) / requests
+    newest = max(small_dumps, key=lambda path: path.stat().st_mtime)
+    path = (sum(request_path(dump) for dump in large_dumps) - request_path(newest)) / requests
     print(f"{name}: {small / requests:,.0f} instructions/request over {requests}, "
-          f"{large / (2 * requests):,.0f} over {2 * requests}; marginal {per_request:,.0f}", flush=True)
-    return per_request
+          f"{large / (2 * requests):,.0f} over {2 * requests}; marginal {per_request:,.0f}; "
+          f"request path {path:,.0f}", flush=True)
+    return per_request, path
 
 
 def main() -> int:
@@ -106,9 +137,11 @@ def main() -> int:
         raise SystemExit("needs valgrind (Debian's package valgrind)")
     work = Path(tempfile.mkdtemp(prefix="gw-instr-"))
     with backends(work) as (upstream_port, redis_port, _):
-        a = measure(args.a, "A", upstream_port, redis_port, work, args.requests, args.connections)
-        b = measure(args.b, "B", upstream_port, redis_port, work, args.requests, args.connections)
+        a, a_path = measure(args.a, "A", upstream_port, redis_port, work, args.requests, args.connections)
+        b, b_path = measure(args.b, "B", upstream_port, redis_port, work, args.requests, args.connections)
     print(f"instructions per proxied request: A {a:,.0f}, B {b:,.0f}, B / A = {b / a:.3f} (dumps in {work})")
+    if a_path and b_path:
+        print(f"request path alone: A {a_path:,.0f}, B {b_path:,.0f}, B / A = {b_path / a_path:.3f}")
     return 0
 
 
