@@ -107,10 +107,11 @@ def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
     process, port, key = start_gateway(python, upstream, redis_port, work, name, wrapper=wrapper, timeout=300)
     try:
         send(port, key, 500, connections)  # warm-up: cached token, open upstream connections, warm caches
+        before = set(out_dir.glob("cg.out*"))
         small = counted(process.pid, port, key, requests, connections, out_dir)
-        small_dumps = set(out_dir.glob("cg.out*"))
+        after_small = set(out_dir.glob("cg.out*"))
         large = counted(process.pid, port, key, 2 * requests, connections, out_dir)
-        large_dumps = set(out_dir.glob("cg.out*")) - small_dumps
+        small_dumps, large_dumps = after_small - before, set(out_dir.glob("cg.out*")) - after_small
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -118,8 +119,7 @@ def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
         except subprocess.TimeoutExpired:
             process.kill()
     per_request = (large - small) / requests
-    newest = max(small_dumps, key=lambda path: path.stat().st_mtime)
-    path = (sum(request_path(dump) for dump in large_dumps) - request_path(newest)) / requests
+    path = (sum(request_path(dump) for dump in large_dumps) - sum(request_path(dump) for dump in small_dumps)) / requests
     print(f"{name}: {small / requests:,.0f} instructions/request over {requests}, "
           f"{large / (2 * requests):,.0f} over {2 * requests}; marginal {per_request:,.0f}; "
           f"request path {path:,.0f}", flush=True)
