@@ -24,10 +24,10 @@ on the timer), and a call past the lease asks for an exchange and waits for it (
 request is decided again after it, and refused with 429 if it cannot be within a bound): the
 calls served, over every instance, never pass the limit by more than what instances serve before
 their first exchange of a window (`INITIAL_SHARE`), whatever the request rate. Once the limit is
-reached and a call was refused for it, the heaviest tokens are blocked as before. A lease ends
-(`LEASE_TTL`) unless renewed, which every exchange does: a lost store stops an account's calls
-once its lease is over, rather than serving past the limit unseen. An account far from its limit
-still makes no Redis call per request.
+reached and a call waited for it, the heaviest tokens are blocked as before. A lease ends
+(`LEASE_INTERVALS` flush intervals, 2 s at least) unless renewed, which every exchange does: a
+lost store stops an account's calls once its lease is over, rather than serving past the limit
+unseen. An account far from its limit still makes no Redis call per request.
 """
 from __future__ import annotations
 
@@ -213,6 +213,7 @@ class UsageMeter:
         self._lease_ttl = max(2.0, LEASE_INTERVALS * settings.flush_interval)
         self.share_waits = 0  # calls that waited for an exchange because this instance's lease was used up
         self._exchanged: asyncio.Future[None] | None = None  # what they wait for: the next exchange's end
+        self._unreachable = False  # the last exchange found the store unavailable: no lease can come
 
     def window(self, now: float) -> int:
         return int(now // self._window_length)
@@ -232,7 +233,10 @@ class UsageMeter:
             self.share_waits += 1
             if now >= watch.ask_after:
                 self._wake.set()
-            raise Undecided(self.exchanged, Denied(429, SHARE_USED, {"Retry-After": "1"}))
+            refusal = Denied(429, SHARE_USED, {"Retry-After": "1"})
+            if self._unreachable:
+                raise refusal  # refused at once: waiting would hold the request for nothing
+            raise Undecided(self.exchanged, refusal)
         self._count_in(watch, token.id, token.cid, window, 1, 0)
 
     def record(self, token: Token, cid: int, size: int, now: float) -> None:
@@ -354,7 +358,9 @@ class UsageMeter:
         self._sending = counts
         try:
             totals, blocked_raw, grants = await self._exchange(counts, window, sorted(limited), leases, now)
+            self._unreachable = False
         except StoreUnavailable:
+            self._unreachable = True
             for key, (calls, size) in counts.items():  # keep them for the next flush
                 mine = self._counts.setdefault(key, [0, 0])
                 mine[0] += calls
