@@ -18,7 +18,10 @@ rate times the extra seconds off,
 
     per request = (count(2N) - count(N) - idle_per_second * (t(2N) - t(N))) / N
 
-Prints both builds and B / A.
+That whole-process figure still moves by several per cent between runs of one build. The request
+path alone (callgrind's inclusive count of the two callbacks every proxied request runs in, the
+client side's and the upstream side's `data_received`; needs `callgrind_annotate`) moves by well
+under one per cent: it is printed too, with its own B / A. Prints both builds and B / A.
 """
 from __future__ import annotations
 
@@ -71,6 +74,26 @@ def dumped_instructions(out_dir: Path, before: set[Path]) -> int:
     raise SystemExit(f"no callgrind dump in {out_dir}")
 
 
+# Every proxied request (and decision check) runs in these callbacks (compiled names): their
+# inclusive count is the request path's instructions, without the timers and batched writes that
+# run per second.
+REQUEST_PATH = ("CPyPy_listener___FrontProtocol___data_received", "CPyPy_upstream___UpstreamConnection___data_received")
+
+
+def request_path(dump: Path) -> int:
+    """The inclusive instructions of REQUEST_PATH in one callgrind dump (0 without callgrind_annotate)."""
+    if shutil.which("callgrind_annotate") is None:
+        return 0
+    out = subprocess.run(["callgrind_annotate", "--auto=no", "--inclusive=yes", "--threshold=100", str(dump)],
+                         capture_output=True, text=True, check=True).stdout
+    total = 0
+    for line in out.splitlines():
+        found = re.match(r"\s*([\d,]+) \([\d. %]+\)\s+\S*?:(\S+)", line)
+        if found and found.group(2) in REQUEST_PATH:
+            total += int(found.group(1).replace(",", ""))
+    return total
+
+
 def counted(pid: int, port: int, key: str, requests: int, connections: int, out_dir: Path, path: str) -> int:
     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
     send(port, key, requests, connections, path)
@@ -89,7 +112,7 @@ def idle(pid: int, seconds: float, out_dir: Path) -> float:
 
 
 def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
-            requests: int, connections: int, path: str, idle_seconds: float) -> float:
+            requests: int, connections: int, path: str, idle_seconds: float) -> tuple[float, float]:
     out_dir = work / f"cg-{name}"
     out_dir.mkdir()
     wrapper = ["valgrind", "--tool=callgrind", "--trace-children=no", "--dump-instr=no",
@@ -98,11 +121,13 @@ def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
     try:
         send(port, key, 500, connections, path)  # warm-up: cached token, open upstream connections, warm caches
         per_second = idle(process.pid, idle_seconds, out_dir) if idle_seconds else 0.0
-        started = time.monotonic()
+        before, started = set(out_dir.glob("cg.out*")), time.monotonic()
         small = counted(process.pid, port, key, requests, connections, out_dir, path)
         small_time, started = time.monotonic() - started, time.monotonic()
+        after_small = set(out_dir.glob("cg.out*"))
         large = counted(process.pid, port, key, 2 * requests, connections, out_dir, path)
         large_time = time.monotonic() - started
+        small_dumps, large_dumps = after_small - before, set(out_dir.glob("cg.out*")) - after_small
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -113,9 +138,11 @@ def measure(python: str, name: str, upstream: int, redis_port: int, work: Path,
     per_request = (large - small - per_second * (large_time - small_time)) / requests
     idle_part = (f"; idle {per_second:,.0f}/s, {requests} requests took {small_time:.1f} s, {2 * requests} "
                  f"took {large_time:.1f} s" if idle_seconds else "")
+    alone = (sum(map(request_path, large_dumps)) - sum(map(request_path, small_dumps))) / requests
     print(f"{name}: {small / requests:,.0f} instructions/request over {requests}, "
-          f"{large / (2 * requests):,.0f} over {2 * requests}{idle_part}; marginal {per_request:,.0f}", flush=True)
-    return per_request
+          f"{large / (2 * requests):,.0f} over {2 * requests}{idle_part}; marginal {per_request:,.0f}; "
+          f"request path {alone:,.0f}", flush=True)
+    return per_request, alone
 
 
 def main() -> int:
@@ -134,11 +161,13 @@ def main() -> int:
         raise SystemExit("needs valgrind (Debian's package valgrind)")
     work = Path(tempfile.mkdtemp(prefix="gw-instr-"))
     with backends(work) as (upstream_port, redis_port, _):
-        a = measure(args.a, "A", upstream_port, redis_port, work, args.requests, args.connections, args.path,
+        a, a_path = measure(args.a, "A", upstream_port, redis_port, work, args.requests, args.connections, args.path,
                     args.idle_seconds)
-        b = measure(args.b, "B", upstream_port, redis_port, work, args.requests, args.connections, args.path,
+        b, b_path = measure(args.b, "B", upstream_port, redis_port, work, args.requests, args.connections, args.path,
                     args.idle_seconds)
     print(f"instructions per request of {args.path}: A {a:,.0f}, B {b:,.0f}, B / A = {b / a:.3f} (dumps in {work})")
+    if a_path and b_path:
+        print(f"request path alone: A {a_path:,.0f}, B {b_path:,.0f}, B / A = {b_path / a_path:.3f}")
     return 0
 
 

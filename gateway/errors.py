@@ -2,6 +2,7 @@
 renders it as a reply, for aiohttp or as bytes)."""
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import orjson
@@ -21,6 +22,17 @@ class Denied(GatewayError):
         self.status = status
         self.reason = reason
         self.headers = headers or {}
+
+
+class Undecided(GatewayError):
+    """A check that cannot decide without waiting (an account's calls near its usage limit, this
+    instance's lease used up): `settled()` returns once asking again may decide; a request that is
+    still undecided after waiting gets `refusal`, never the call."""
+
+    def __init__(self, settled: Callable[[], Awaitable[None]], refusal: Denied) -> None:
+        super().__init__(refusal.status, refusal.reason)
+        self.settled = settled
+        self.refusal = refusal
 
 
 class StoreUnavailable(GatewayError, ConnectionError):
@@ -93,6 +105,7 @@ REFUSAL_IDS = {
 }
 REFUSAL_FAMILIES = (
     ("token is blocked", "usage_blocked"),
+    ("its account's usage limit is nearly reached", "usage_share"),
     ("no upstream for ", "no_route"),
     ("unknown path ", "unknown_path"),
     ("request body larger than ", "body_too_large"),

@@ -1,17 +1,22 @@
 """Authentication: find the token for a request and run the checks; the one decision point."""
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable
 
-from gateway.auth.checks import Check, RequestFacts
-from gateway.errors import INTERNAL_ERROR, INVALID_TOKEN, STORAGE_UNAVAILABLE, Denied, StoreUnavailable
+from gateway.auth.checks import Checks, RequestFacts
+from gateway.errors import INTERNAL_ERROR, INVALID_TOKEN, STORAGE_UNAVAILABLE, Denied, StoreUnavailable, Undecided
 from gateway.store.cache import Outcome, TokenCache
 from gateway.tokens import KEY_LENGTH, Token, key_digest
 from gateway.writers.accessed import AccessedWriter
 
 log = logging.getLogger("gateway.auth.authenticator")
 SCHEME = "flespitoken"
+# A check that cannot decide at once (`Undecided`: usage near a limit) is asked again after what it
+# waits for, for this long at most; then the request gets the check's refusal.
+UNDECIDED_WAIT = 2.0
 
 
 def extract_key(authorization: str | None) -> str | None:
@@ -30,10 +35,10 @@ def extract_key(authorization: str | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, cache: TokenCache, accessed: AccessedWriter, checks: Sequence[Check]) -> None:
+    def __init__(self, cache: TokenCache, accessed: AccessedWriter, checks: Checks) -> None:
         self._cache = cache
         self._accessed = accessed
-        self._checks = tuple(checks)
+        self._checks = checks
 
     async def authenticate(self, key: str | None, facts: RequestFacts) -> Token:
         """The token allowed to make this request, or `Denied`; any other failure denies too."""
@@ -64,12 +69,13 @@ class Authenticator:
             if not token.valid_at(facts.now):
                 return None  # `find` reloads it: another instance may have used it since
             facts.token = token
-            for check in self._checks:
-                check(token, facts)
+            self._checks.run(token, facts)
             self._accessed.note(token, int(facts.now))
             return token
         except Denied:
             raise
+        except Undecided:
+            return None  # `authenticate` waits for what the check needs, then decides
         except Exception:
             log.exception("unexpected error while authenticating; request denied")
             raise Denied(500, INTERNAL_ERROR) from None
@@ -111,7 +117,18 @@ class Authenticator:
 
     async def _checked(self, token: Token, facts: RequestFacts) -> Token:
         facts.token = token
-        for check in self._checks:
-            check(token, facts)
+        deadline = 0.0
+        while True:
+            try:
+                self._checks.run(token, facts)  # pure but for the usage check, which counts only a pass
+                break
+            except Undecided as undecided:
+                now = time.monotonic()
+                deadline = deadline or now + UNDECIDED_WAIT
+                try:
+                    async with asyncio.timeout(deadline - now):
+                        await undecided.settled()
+                except TimeoutError:
+                    raise undecided.refusal from None
         self._accessed.note(token, int(facts.now))
         return token

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections.abc import Callable
 from email.utils import formatdate
+from time import time as wall_clock  # bound: a module attribute is a lookup per use, compiled
 from typing import Any
 
 from gateway.config import LimitsSettings, ProxySettings, Route
@@ -76,7 +76,15 @@ class Lane:
         settings = flow.settings
         proxy = settings.proxy
         self.proxy: ProxySettings = proxy
-        self.limits: LimitsSettings = settings.limits
+        limits = settings.limits
+        self.limits: LimitsSettings = limits
+        # Read for every header of every request: native ints here, not attributes of the
+        # (interpreted) settings object, each a generic attribute lookup.
+        self.max_request_line: int = limits.max_request_line
+        self.max_header_size: int = limits.max_header_size
+        self.max_head_size: int = limits.max_head_size
+        self.max_headers: int = limits.max_headers
+        self.max_body_size: int = limits.max_body_size
         self.loop = asyncio.get_running_loop()
         self.closing = False
         # By route prefix (unique per route): hashing the Route itself hashes its URL, per request.
@@ -136,7 +144,7 @@ class Lane:
                 pool.retire()
 
     def date(self) -> bytes:
-        now = int(time.time())
+        now = int(wall_clock())
         if now != self._date_second:
             self._date_second = now
             self._date = formatdate(now, usegmt=True).encode()

@@ -85,6 +85,12 @@ class FastLane:
         self.loop = shared.loop
         self.limits: LimitsSettings = shared.limits
         limits = self.limits
+        # Read for every header of every request: native ints (the settings object is not compiled).
+        self.max_request_line: int = shared.max_request_line
+        self.max_header_size: int = shared.max_header_size
+        self.max_head_size: int = shared.max_head_size
+        self.max_headers: int = shared.max_headers
+        self.max_body_size: int = shared.max_body_size
         # The whole head may be buffered by the parser before any callback sees it (a header that
         # never ends): what a connection may feed it between two heads' ends.
         self.max_pending_head = limits.max_head_size + limits.max_request_line
@@ -316,16 +322,16 @@ class FrontProtocol(Front):
         incoming = self.incoming
         assert incoming is not None
         incoming.url += url
-        if len(incoming.url) > self.lane.limits.max_request_line:
+        if len(incoming.url) > self.lane.max_request_line:
             self._over_limit(414, URI_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         incoming = self.incoming
         assert incoming is not None
-        limits = self.lane.limits
+        lane = self.lane
         size = incoming.head_size = incoming.head_size + len(name) + len(value) + 4
-        if (len(name) + len(value) > limits.max_header_size or size > limits.max_head_size
-                or len(incoming.headers) >= limits.max_headers):
+        if (len(name) + len(value) > lane.max_header_size or size > lane.max_head_size
+                or len(incoming.headers) >= lane.max_headers):
             self._over_limit(431, HEAD_TOO_LARGE)
         if incoming.method:
             return  # a chunked body's trailer field (the method is known once the head is): never a header
@@ -362,7 +368,7 @@ class FrontProtocol(Front):
             incoming.chunked = True
         length = index.get(b"content-length")
         incoming.length = int(length) if length is not None and not incoming.chunked else None
-        max_body = self.lane.limits.max_body_size
+        max_body = self.lane.max_body_size
         if max_body and incoming.length is not None and incoming.length > max_body:
             self._over_limit(413, BODY_TOO_LARGE)
         if self.bridge is not None:
@@ -378,7 +384,7 @@ class FrontProtocol(Front):
         incoming = self.incoming
         assert incoming is not None
         incoming.received += len(body)
-        max_body = self.lane.limits.max_body_size
+        max_body = self.lane.max_body_size
         if max_body and incoming.received > max_body:  # a chunked body, without a length to refuse at once
             self._over_limit(413, BODY_TOO_LARGE)
         target = incoming.target

@@ -380,13 +380,22 @@ class TokenCache:
         """Follow the invalidation channel for the life of the app, reconnecting after failures:
         at once after a subscription that was live, then every `retry_delay`."""
         while True:
+            was_live = False
             try:
                 async with self._store.subscription() as pubsub:
-                    await self._follow(pubsub)
+                    try:
+                        await self._follow(pubsub)
+                    except Exception:
+                        # Not live from the moment the connection says so (a reset, an EOF):
+                        # leaving the subscription awaits its cleanup (the connection closed and
+                        # given back to the pool), and requests served meanwhile must re-read.
+                        was_live = self._live
+                        self._set_live(False)
+                        raise
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                was_live = self._live
+                was_live = was_live or self._live
                 if was_live:
                     log.warning("token invalidation channel lost (%s); subscribing again", type(exc).__name__)
                 self._set_live(False)

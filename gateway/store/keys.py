@@ -15,6 +15,8 @@ run there too.
 - `bin`, `bin_times`             hash: token id -> JSON of a deleted record; sorted set: when
 - `accounts`, `next_account_id`  hash: account id -> JSON; counter
 - `usage:<window>:<account>`     hash: `c:<token>` calls, `b:<token>` bytes
+- `lease:<window>:<account>`     hash: `g:<instance>` calls it may serve, `e:<instance>` until (ms)
+- `lease_instances`              hash: instance -> when it last leased calls (ms)
 - `blocked:<window>`, `unblocked:<window>`  hashes: token id -> why (made once by HSETNX)
 - `logs:tok:<id>`, `logs:acct:<cid>`        capped lists of JSON log records
 - `group:<group>:<uri>`, `groups`           sets kept by the upstream application (ACL groups)
@@ -30,7 +32,8 @@ class Keys:
     methods for the ones that carry an id."""
 
     __slots__ = ("prefix", "token_prefix", "ids", "used", "legacy_accessed", "expiry", "next_id", "bin",
-                 "bin_times", "accounts", "next_account_id", "groups", "writes", "channel")
+                 "bin_times", "accounts", "next_account_id", "groups", "writes", "lease_instances",
+                 "channel")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -46,6 +49,7 @@ class Keys:
         self.next_account_id = f"{prefix}next_account_id"
         self.groups = f"{prefix}groups"
         self.writes = f"{prefix}writes"
+        self.lease_instances = f"{prefix}lease_instances"
         self.channel = f"{prefix}invalidate"
 
     def token(self, digest: str) -> str:
@@ -62,6 +66,10 @@ class Keys:
 
     def usage(self, window: int, cid: int) -> str:
         return f"{self.prefix}usage:{window}:{cid}"
+
+    def lease(self, window: int, cid: int) -> str:
+        """The calls each instance may serve for an account before it exchanges again (usage.py)."""
+        return f"{self.prefix}lease:{window}:{cid}"
 
     def blocked(self, window: int) -> str:
         return f"{self.prefix}blocked:{window}"

@@ -47,10 +47,24 @@ return #KEYS
 
 # One usage exchange in one round trip (the totals come back with the increments, so an instance
 # near a limit learns the others' counts as soon as it sends its own). KEYS: first the usage hashes
-# added to, then the hashes to read back (accounts' usage, the blocked tokens); ARGV[1]: seconds to
-# keep the hashes added to, ARGV[2]: how many KEYS are added to; then for each of those, how many
-# tokens and for each token its id, calls and bytes (added to the fields c:<id> and b:<id>).
-# Returns the contents of each hash read, in order, as HGETALL gives them.
+# added to, then the hashes to read back (accounts' usage, the blocked tokens), then the lease
+# hashes of the accounts whose calls are leased; ARGV[1]: seconds to keep the hashes added to,
+# ARGV[2]: how many KEYS are added to; then for each of those, how many tokens and for each token
+# its id, calls and bytes (added to the fields c:<id> and b:<id>). Returns the contents of each hash
+# read, in order, as HGETALL gives them.
+#
+# Then, optionally: how many leases; the time now (ms), how long a lease lasts (ms), this
+# instance's name; and for each lease the index of its account's usage among the hashes read, the
+# account's calls limit, the least the grant must be (what the instance may serve while this call
+# is in flight) and 1 if it wants more (it served or refused calls since its last exchange). KEYS
+# then end with the lease hashes and the instance registry (instance -> when it last leased, ms).
+# A lease is the calls an instance may serve before it must exchange again: for one that wants
+# more, its share of what the limit leaves after every call counted (tokens not blocked), divided
+# by the instances that leased within a lease's time, at least 1, and never more than the other
+# instances' leases not yet ended leave; for one that does not, only the least (an idle lease is
+# given back). The lease hash holds g:<instance> (granted) and e:<instance> (ends, ms); ended ones
+# are removed. One more reply then follows the hashes: for each lease, the grant and the sum of
+# the other leases.
 USAGE_EXCHANGE = """
 local keep, adds, at = ARGV[1], tonumber(ARGV[2]), 3
 for i = 1, adds do
@@ -63,10 +77,82 @@ for i = 1, adds do
   at = at + 1
   redis.call('EXPIRE', key, keep)
 end
+local leases = tonumber(ARGV[at] or 0)
+local extra = 0
+if leases > 0 then
+  extra = leases + 1
+end
 local read = {}
-for i = adds + 1, #KEYS do
+for i = adds + 1, #KEYS - extra do
   read[#read + 1] = redis.call('HGETALL', KEYS[i])
 end
+if leases == 0 then
+  return read
+end
+local now, ttl, me = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), ARGV[at + 3]
+at = at + 4
+local registry = KEYS[#KEYS]
+redis.call('HSET', registry, me, now)
+local seen = redis.call('HGETALL', registry)
+local instances = 0
+for j = 1, #seen, 2 do
+  if tonumber(seen[j + 1]) > now - ttl then
+    instances = instances + 1
+  else
+    redis.call('HDEL', registry, seen[j])
+  end
+end
+redis.call('EXPIRE', registry, keep)
+local blocked = {}
+local listed = read[#read]
+for j = 1, #listed, 2 do
+  blocked[listed[j]] = true
+end
+local grants = {}
+for l = 1, leases do
+  local usage, limit, least = read[tonumber(ARGV[at])], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  local wants = ARGV[at + 3] == '1'
+  at = at + 4
+  local key = KEYS[#KEYS - extra + l]
+  local used = 0
+  for j = 1, #usage, 2 do
+    local field = usage[j]
+    if string.sub(field, 1, 2) == 'c:' and not blocked[string.sub(field, 3)] then
+      used = used + tonumber(usage[j + 1])
+    end
+  end
+  local held = redis.call('HGETALL', key)
+  local granted, ends = {}, {}
+  for j = 1, #held, 2 do
+    local kind, who = string.sub(held[j], 1, 2), string.sub(held[j], 3)
+    if kind == 'g:' then
+      granted[who] = tonumber(held[j + 1])
+    elseif kind == 'e:' then
+      ends[who] = tonumber(held[j + 1])
+    end
+  end
+  local others = 0
+  for who, ending in pairs(ends) do
+    if who ~= me then
+      if ending > now then
+        others = others + (granted[who] or 0)
+      else
+        redis.call('HDEL', key, 'g:' .. who, 'e:' .. who)
+      end
+    end
+  end
+  local left = limit - used - others
+  local grant = 0
+  if left >= 1 and wants then
+    grant = math.min(left, math.max(1, math.floor((limit - used) / instances), least))
+  elseif left >= 1 then
+    grant = math.min(left, least)
+  end
+  redis.call('HSET', key, 'g:' .. me, grant, 'e:' .. me, now + ttl)
+  redis.call('EXPIRE', key, keep)
+  grants[#grants + 1] = {grant, others}
+end
+read[#read + 1] = grants
 return read
 """
 

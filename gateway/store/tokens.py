@@ -624,8 +624,14 @@ class _Subscription:
         return message
 
     async def ping(self, payload: bytes) -> None:
-        """A PING on the subscription: its answer comes after every message published before it."""
-        await self._pubsub.ping(payload)
+        """A PING on the subscription: its answer comes after every message published before it.
+        Written on the connection itself: redis-py's command path (its retry wrapper, its
+        observability hooks) cost more than the PING, ten times a second, for the life of the
+        process. A closed connection is opened again by the write, which is a gap, as below."""
+        connection = self._pubsub.connection
+        if connection is None:
+            raise redis.exceptions.ConnectionError("subscription closed")
+        await connection.send_command("PING", payload, check_health=False)
         if self._reconnected:
             raise redis.exceptions.ConnectionError("subscription re-established: messages may have been lost")
 

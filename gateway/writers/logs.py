@@ -8,9 +8,10 @@ import os
 import secrets
 import sys
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import orjson
+from orjson import dumps  # bound: compiled, `orjson.dumps` is a lookup on the module per record
 
 from gateway.aio import wait_event
 from gateway.config import LogSettings
@@ -19,6 +20,7 @@ log = logging.getLogger("gateway.writers.logs")
 # Records serialized and handed to the sinks per step; the writer yields to requests in between,
 # so a second's worth of lines (tens of thousands) never holds the event loop for long.
 SLICE = 256
+APPEND_NEWLINE: Final = orjson.OPT_APPEND_NEWLINE  # a native constant, compiled
 APP_HEADER_LIMIT = 64  # characters of x-flespi-app kept in a log record
 
 
@@ -101,6 +103,11 @@ class LogWriter:
 
     def __init__(self, settings: LogSettings, sinks: Sequence[Sink]) -> None:
         self._settings = settings
+        # Read for every record: native ints, not attributes of the (interpreted) settings object.
+        self._queue_size = settings.queue_size
+        # Write before the queue gets near full, but otherwise once per interval: under steady
+        # load each flush is one large batch, not a stream of small ones.
+        self._early_flush = max(1, settings.queue_size // 4)
         self._sinks = list(sinks)
         self._queue: list[dict[str, Any]] = []
         self._wakeup = asyncio.Event()
@@ -125,20 +132,16 @@ class LogWriter:
     def configure(self, settings: LogSettings) -> None:
         """A reload's queue bound and flush interval, from the next record and the next wait on."""
         self._settings = settings
+        self._queue_size = settings.queue_size
+        self._early_flush = max(1, settings.queue_size // 4)
 
     def emit(self, record: dict[str, Any]) -> None:
-        if len(self._queue) >= self._settings.queue_size:
+        if len(self._queue) >= self._queue_size:
             self.dropped += 1
             return
         self._queue.append(record)
         if len(self._queue) == self._early_flush:
             self._wakeup.set()
-
-    @property
-    def _early_flush(self) -> int:
-        # Write before the queue gets near full, but otherwise once per interval: under steady
-        # load each flush is one large batch, not a stream of small ones.
-        return max(1, self._settings.queue_size // 4)
 
     async def run(self) -> None:
         while True:
@@ -164,7 +167,7 @@ class LogWriter:
             batch.reverse()
             # Exact-size copies: orjson's result keeps its 4 KiB write buffer, and a sink may hold
             # lines for a while (the Redis sink retains them while Redis is away).
-            lines = [memoryview(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)).tobytes() for record in batch]
+            lines = [memoryview(dumps(record, option=APPEND_NEWLINE)).tobytes() for record in batch]
             for sink in self._sinks:
                 try:
                     sink.add(batch, lines)

@@ -14,14 +14,27 @@ Between exchanges each instance watches its limited accounts (`Watch`): the tota
 exchange brought plus its own count since. Near a limit it exchanges early, once its own count
 reaches a quarter of what is left, and when the total it knows plus its own count passes the
 limit it blocks on its own at once (provisionally, until the next exchange confirms it from the
-totals). So the overshoot is what the other instances serve during one round trip, not during a
-flush interval, whatever the request rate; and a request still makes no Redis call.
+totals).
+
+Calls are also leased: an instance serves an account with a calls limit only as many calls as
+its lease (`lease:<window>:<account>`) allows, granted by the exchange in the same script from
+what the limit leaves after every call counted and the other instances' leases, shared among
+the instances that want calls. It exchanges again once half of its lease is used (on demand, not
+on the timer), and a call past the lease asks for an exchange and waits for it (`Undecided`: the
+request is decided again after it, and refused with 429 if it cannot be within a bound): the
+calls served, over every instance, never pass the limit by more than what instances serve before
+their first exchange of a window (`INITIAL_SHARE`), whatever the request rate. Once the limit is
+reached and a call waited for it, the heaviest tokens are blocked as before. A lease ends
+(`LEASE_INTERVALS` flush intervals, 2 s at least) unless renewed, which every exchange does: a
+lost store stops an account's calls once its lease is over, rather than serving past the limit
+unseen. An account far from its limit still makes no Redis call per request.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +46,7 @@ import orjson
 
 from gateway.aio import wait_event
 from gateway.config import UsageSettings
-from gateway.errors import Denied, StoreUnavailable
+from gateway.errors import Denied, StoreUnavailable, Undecided
 from gateway.store.accounts import AccountDirectory, Limits
 from gateway.store.scripts import USAGE_EXCHANGE
 from gateway.store.tokens import RedisStore
@@ -56,6 +69,18 @@ NEVER = 1 << 62
 # Near a limit an instance exchanges once its own count since the last exchange reaches this
 # fraction (1/NEAR_SHARE) of what is left: each round brings what is left down by a share.
 NEAR_SHARE = 4
+# Before its first exchange in a window an instance may serve this fraction of an account's calls
+# limit (at least one call): the only calls served without a lease, so what every other instance
+# serves this way bounds how far past the limit an account can go.
+INITIAL_SHARE = 200
+# A lease lasts this many flush intervals (2 s at least) unless renewed; the instance itself stops
+# using it after LEASE_USE of that time, ahead of the others' clocks.
+LEASE_INTERVALS = 4
+LEASE_USE = 0.75
+# With the rest leased to others, an instance waiting for calls asks again after this fraction of
+# a flush interval (not at every call), or when the timer comes.
+ASK_SOONER = 10
+SHARE_USED = "its account's usage limit is nearly reached: this instance's share is used up; retry"
 
 
 class Watch:
@@ -64,7 +89,8 @@ class Watch:
     which it must exchange early or decide on its own (`NEVER` for an account with no limit)."""
 
     __slots__ = ("cid", "window", "calls_limit", "traffic_limit", "usage", "calls", "size", "exchange_calls",
-                 "exchange_size", "stop_calls", "stop_size")
+                 "exchange_size", "stop_calls", "stop_size", "lease_left", "lease_until", "lease_least", "wanted",
+                 "ask_after")
 
     def __init__(self, cid: int, window: int, calls_limit: int, traffic_limit: int) -> None:
         self.cid = cid
@@ -80,6 +106,22 @@ class Watch:
         self.exchange_size = 1 if traffic_limit else NEVER
         self.stop_calls = calls_limit + 1 if calls_limit else NEVER
         self.stop_size = traffic_limit + 1 if traffic_limit else NEVER
+        # Calls this instance may still serve (its lease), and until when (the clock of `check`).
+        self.lease_left = NEVER
+        self.lease_until = float(NEVER)
+        self.lease_least = 0  # what it may serve while an exchange is in flight
+        self.wanted: dict[int, int] = {}  # token id -> calls refused for want of a lease since the last exchange
+        # A call waiting for a lease asks for an exchange at once, unless the last one found the
+        # rest leased by other instances: then not before this (they exchange as they use it).
+        self.ask_after = 0.0
+        self.lease_calls(calls_limit)
+
+    def lease_calls(self, calls_limit: int) -> None:
+        """The lease of an account whose calls limit is now `calls_limit` (0: none, no lease)."""
+        if not calls_limit:
+            self.lease_left, self.lease_until = NEVER, float(NEVER)
+        elif self.lease_left == NEVER:  # not exchanged yet: the share served before the first exchange
+            self.lease_left = max(1, calls_limit // INITIAL_SHARE)
 
     def aim(self, blocked: dict[int, Block], usage: dict[int, tuple[int, int]] | None = None) -> None:
         """The next thresholds, from what the tokens that are not blocked used: `usage` when it
@@ -147,6 +189,7 @@ class UsageMeter:
                  clock: Callable[[], float] = time.time, max_held: int = MAX_HELD) -> None:
         self._store = store
         self._settings = settings
+        self._window_length = float(settings.window)  # read twice a request: native, not the settings' attribute
         self._directory = directory
         self._logs = logs
         self._clock = clock
@@ -165,9 +208,15 @@ class UsageMeter:
         self._sending: dict[tuple[int, int, int], list[int]] = {}  # counts of the exchange under way
         self._wake = asyncio.Event()  # an exchange is wanted before the interval is over
         self.early_exchanges = 0  # exchanges made sooner because an account neared its limit
+        # This instance's name in the lease hashes, and how long a lease lasts.
+        self.instance = secrets.token_hex(8)
+        self._lease_ttl = max(2.0, LEASE_INTERVALS * settings.flush_interval)
+        self.share_waits = 0  # calls that waited for an exchange because this instance's lease was used up
+        self._exchanged: asyncio.Future[None] | None = None  # what they wait for: the next exchange's end
+        self._unreachable = False  # the last exchange found the store unavailable: no lease can come
 
     def window(self, now: float) -> int:
-        return int(now // self._settings.window)
+        return int(now // self._window_length)
 
     def check(self, token: Token, now: float) -> None:
         """Refuse a blocked token; else count the call now, as it passes the last check, so that
@@ -176,7 +225,19 @@ class UsageMeter:
         if block is not None and now < block.until:
             retry = max(1, math.ceil(block.until - now))
             raise Denied(429, f"token is blocked: {block.reason}", {"Retry-After": str(retry)})
-        self._count(token.id, token.cid, self.window(now), 1, 0)
+        window = self.window(now)
+        watch = self._watch(token.cid, window)
+        if watch.lease_left <= 0 or now >= watch.lease_until:
+            # Past this instance's lease: not to be served before an exchange brings a new one.
+            watch.wanted[token.id] = watch.wanted.get(token.id, 0) + 1
+            self.share_waits += 1
+            if now >= watch.ask_after:
+                self._wake.set()
+            refusal = Denied(429, SHARE_USED, {"Retry-After": "1"})
+            if self._unreachable:
+                raise refusal  # refused at once: waiting would hold the request for nothing
+            raise Undecided(self.exchanged, refusal)
+        self._count_in(watch, token.id, token.cid, window, 1, 0)
 
     def record(self, token: Token, cid: int, size: int, now: float) -> None:
         """The traffic of a request that was served (its call was counted by `check`)."""
@@ -187,19 +248,26 @@ class UsageMeter:
         """One MQTT message, a call and its bytes (no request check counted it)."""
         self._count(token.id, cid, self.window(now), 1, size)
 
+    def _watch(self, cid: int, window: int) -> Watch:
+        watch = self._watches.get(cid)
+        if watch is None or watch.window != window:
+            calls_limit, traffic_limit = self.limits_for(cid)
+            watch = self._watches[cid] = Watch(cid, window, calls_limit, traffic_limit)
+        return watch
+
     def _count(self, token_id: int, cid: int, window: int, calls: int, size: int) -> None:
+        self._count_in(self._watch(cid, window), token_id, cid, window, calls, size)
+
+    def _count_in(self, watch: Watch, token_id: int, cid: int, window: int, calls: int, size: int) -> None:
         counts = self._counts.get((window, cid, token_id))
         if counts is None:
             self._counts[(window, cid, token_id)] = [calls, size]
         else:
             counts[0] += calls
             counts[1] += size
-        watch = self._watches.get(cid)
-        if watch is None or watch.window != window:
-            calls_limit, traffic_limit = self.limits_for(cid)
-            watch = self._watches[cid] = Watch(cid, window, calls_limit, traffic_limit)
         watch.calls += calls
         watch.size += size
+        watch.lease_left -= calls
         if watch.calls >= watch.exchange_calls or watch.size >= watch.exchange_size:
             self._nearing(watch)
 
@@ -221,6 +289,17 @@ class UsageMeter:
         for token_id, reason in choose_blocked(usage, already, watch.calls_limit, watch.traffic_limit):
             self.blocked[token_id] = Block(until, reason, watch.cid, provisional=True)
         watch.aim(self.blocked, usage)
+
+    async def exchanged(self) -> None:
+        """Returns once the next exchange is over, whatever it brought."""
+        if self._exchanged is None:
+            self._exchanged = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._exchanged)  # a waiter that gives up leaves it to the others
+
+    def _tell_exchanged(self) -> None:
+        waiting, self._exchanged = self._exchanged, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
 
     def limits_for(self, cid: int) -> tuple[int, int]:
         tree = self._directory.tree
@@ -247,23 +326,50 @@ class UsageMeter:
                 self.early_exchanges += 1
 
     async def flush(self, final: bool = False) -> None:
-        """Exchange counts with Redis; `final` (shutdown) also writes what is held in process."""
+        """Exchange counts with Redis; `final` (shutdown) also writes what is held in process.
+        Calls waiting for a lease are told when it is over, whether it succeeded or not."""
+        try:
+            await self._flush(final)
+        finally:
+            self._tell_exchanged()
+
+    async def _flush(self, final: bool) -> None:
         now = self._clock()
         window = self.window(now)
         pending, self._counts = self._counts, {}
         counts = self._to_send(pending, window, final)
         self._watches = {cid: watch for cid, watch in self._watches.items() if watch.window == window}
+        leases: list[tuple[int, int, int, bool]] = []  # account, calls limit, least grant, wants more
+        refused: dict[int, dict[int, int]] = {}  # account -> calls waiting for a lease as this exchange is sent
         for watch in self._watches.values():  # a limit set or changed since
             watch.calls_limit, watch.traffic_limit = self.limits_for(watch.cid)
+            watch.lease_calls(watch.calls_limit)
+            if watch.calls_limit:
+                # While this exchange is in flight the instance serves half of what its lease has
+                # left at most (all of it for a single call), and the new lease covers that; one
+                # that served nothing since the last exchange gives its lease back.
+                wants = watch.calls > 0 or bool(watch.wanted)
+                refused[watch.cid], watch.wanted = watch.wanted, {}  # later ones are for the next exchange
+                left = max(0, watch.lease_left)
+                watch.lease_left = watch.lease_least = (left + 1) // 2 if wants else 0
+                leases.append((watch.cid, watch.calls_limit, watch.lease_least, wants))
         limited = {cid for cid in {cid for (win, cid, _) in counts if win == window} if any(self.limits_for(cid))}
+        limited.update(cid for cid, _, _, _ in leases)
         self._sending = counts
         try:
-            totals, blocked_raw = await self._exchange(counts, window, sorted(limited))
+            totals, blocked_raw, grants = await self._exchange(counts, window, sorted(limited), leases, now)
+            self._unreachable = False
         except StoreUnavailable:
+            self._unreachable = True
             for key, (calls, size) in counts.items():  # keep them for the next flush
                 mine = self._counts.setdefault(key, [0, 0])
                 mine[0] += calls
                 mine[1] += size
+            for cid, waiting in refused.items():  # and the calls still wanting a lease
+                held = self._watches.get(cid)
+                if held is not None:
+                    for token_id, count in waiting.items():
+                        held.wanted[token_id] = held.wanted.get(token_id, 0) + count
             raise
         finally:
             self._sending = {}
@@ -279,8 +385,21 @@ class UsageMeter:
                 seen.usage = parse_usage(raw)
                 calls, size = sent.get(cid, (0, 0))
                 seen.calls, seen.size = max(0, seen.calls - calls), max(0, seen.size - size)
+        reached: dict[int, dict[int, int]] = {}  # account -> calls refused past its limit, by token
+        for (cid, _, least, _), (grant, others) in zip(leases, grants, strict=True):
+            seen = self._watches.get(cid)
+            if seen is None:
+                continue
+            # What was served since the exchange was sent came out of `least`: the grant covers it.
+            seen.lease_left = int(grant) - (least - seen.lease_left)
+            seen.lease_until = now + self._lease_ttl * LEASE_USE
+            wanted = refused.get(cid)
+            if int(grant) == 0 and int(others) > 0:
+                seen.ask_after = now + self._settings.flush_interval / ASK_SOONER
+            if int(grant) == 0 and int(others) == 0 and wanted:
+                reached[cid] = wanted  # nothing left to lease, and calls were refused: over the limit
         blocked = {int(token_id): orjson.loads(value) for token_id, value in blocked_raw.items()}
-        await self._block_over_limit(window, totals, blocked, now)
+        await self._block_over_limit(window, totals, blocked, now, reached)
         for token_id in [token_id for token_id, block in self.blocked.items()
                          if block.provisional and token_id not in blocked]:
             del self.blocked[token_id]  # the totals did not bear it out (or its window is over)
@@ -290,6 +409,8 @@ class UsageMeter:
             self.blocked[token_id] = Block(until, info["reason"], int(info["cid"]))
         for watch in self._watches.values():
             watch.aim(self.blocked)
+            if watch.calls_limit:  # exchange again once half the lease is used
+                watch.exchange_calls = min(watch.exchange_calls, watch.calls + max(1, watch.lease_left // 2))
             if watch.calls >= watch.stop_calls or watch.size >= watch.stop_size:
                 self._decide_alone(watch)  # counted during the exchange, past the limit already
 
@@ -341,8 +462,9 @@ class UsageMeter:
                     sent[1] += size
         return send
 
-    async def _exchange(self, counts: dict[tuple[int, int, int], list[int]], window: int,
-                        accounts: list[int]) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes]]:
+    async def _exchange(self, counts: dict[tuple[int, int, int], list[int]], window: int, accounts: list[int],
+                        leases: list[tuple[int, int, int, bool]], now: float,
+                        ) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes], list[tuple[int, int]]]:
         # The increments go in script calls of at most SCRIPT_TOKENS tokens, one after the other:
         # with a new token per request, half a second's tokens are thousands of them.
         by_hash: dict[str, list[tuple[int, int, int]]] = {}
@@ -352,6 +474,13 @@ class UsageMeter:
         rows = [(key, entry) for key, entries in by_hash.items() for entry in entries]
         # The last call reads back the accounts' totals and the blocked tokens, after every add.
         reads = [self._keys.usage(window, cid) for cid in accounts] + [self._keys.blocked(window)]
+        leasing: list[Any] = []  # the last call's lease arguments (scripts.py), and the lease hashes
+        if leases:
+            leasing = [len(leases), int(now * 1000), int(self._lease_ttl * 1000), self.instance]
+            position = {cid: index + 1 for index, cid in enumerate(accounts)}
+            for cid, limit, least, wants in leases:
+                leasing += (position[cid], limit, least, 1 if wants else 0)
+            reads += [self._keys.lease(window, cid) for cid, _, _, _ in leases] + [self._keys.lease_instances]
         starts = list(range(0, len(rows), SCRIPT_TOKENS)) or [0]
         done = 0
         replies: list[Any] = []
@@ -367,20 +496,28 @@ class UsageMeter:
                     for entry in entries:
                         args += (entry[2], *counts[entry])
                 args[1] = len(keys)
-                replies = await self._exchange_script(keys + reads if start == starts[-1] else keys, args)
+                last = start == starts[-1]
+                replies = await self._exchange_script(keys + reads if last else keys, args + leasing if last else args)
                 done = start + len(chunk)
         except StoreUnavailable:
             for _, entry in rows[:done]:  # in Redis already: not to be counted again
                 del counts[entry]
             raise
+        grants = [(int(grant), int(others)) for grant, others in replies.pop()] if leases else []
         hashes = [_as_hash(flat) for flat in replies]
-        return dict(zip(accounts, hashes[:-1], strict=True)), hashes[-1]
+        return dict(zip(accounts, hashes[:-1], strict=True)), hashes[-1], grants
 
     async def _block_over_limit(self, window: int, totals: dict[int, dict[bytes, bytes]],
-                                blocked: dict[int, dict[str, Any]], now: float) -> None:
+                                blocked: dict[int, dict[str, Any]], now: float,
+                                reached: dict[int, dict[int, int]]) -> None:
+        """Block what is over a limit: the totals, with the calls refused at a reached limit added
+        (held to their leases, the instances never count past it)."""
         decisions: list[tuple[int, int, str]] = []
         for cid, raw in totals.items():
             usage = parse_usage(raw)
+            for token_id, refused in reached.get(cid, {}).items():
+                calls, size = usage.get(token_id, (0, 0))
+                usage[token_id] = (calls + refused, size)
             calls, traffic = self.limits_for(cid)
             already = {token_id for token_id in usage if token_id in blocked}
             chosen = choose_blocked(usage, already, calls, traffic)

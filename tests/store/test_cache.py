@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from gateway.api.validation import DEFAULTS
 from gateway.auth.authenticator import Authenticator
-from gateway.auth.checks import RequestFacts
+from gateway.auth.checks import Checks, RequestFacts
 from gateway.auth.compiler import TokenCompiler
 from gateway.config import CacheSettings, RedisSettings, Settings
 from gateway.errors import Denied, StoreUnavailable
@@ -226,7 +226,7 @@ async def test_a_bad_record_fails_alone_and_denies(env: Env) -> None:
     assert [token.id for token in found[:2] + found[3:]] == [record["id"] for _, record in good]
     assert len(env.cache) == 4  # nothing remembered for the bad record
 
-    auth = Authenticator(env.cache, AccessedWriter(env.store, 60.0), [])
+    auth = Authenticator(env.cache, AccessedWriter(env.store, 60.0), Checks())
     facts = RequestFacts(method="GET", path="/x", forward_path="/x", query="", client_ip="127.0.0.1", origin=None,
                          acting_cid=None, now=time.time())
     with pytest.raises(Denied) as denied:

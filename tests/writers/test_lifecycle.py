@@ -340,8 +340,11 @@ async def test_embedded_store_runs_the_batched_writes(make_gateway: GatewayFacto
     acting = {"x-flespi-cid": str(cid)}
     token = (await gw.call("POST", "/platform/tokens", json={"ttl": 600}, headers=acting))[1]["result"][0]
     await asyncio.sleep(0.3)  # the gateway knows the account's limits
-    for n in range(5):  # the fifth call goes over the limit, and the token is blocked on it
+    for n in range(4):  # the limit
         assert (await gw.call("GET", f"/e{n}", key=token["key"]))[0] == 200
+    # The fifth waits for the exchange, which finds the limit reached: the token is blocked on it.
+    status, body = await gw.call("GET", "/e4", key=token["key"])
+    assert status == 429 and body["errors"][0]["reason"].startswith("token is blocked: "), body
 
     async def logged() -> bool:  # LOG_PUSH appended and trimmed to the cap
         logs = (await gw.call("GET", f"/platform/tokens/{token['id']}/logs", headers=acting))[1]["result"]
