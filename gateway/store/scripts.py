@@ -108,3 +108,24 @@ else
 end
 return 1
 """
+
+# Redis Cluster layout (`store/sharded.py`), each on one id bucket's slot.
+# KEYS[1]: an id bucket of `ids`; ARGV: the id, the digest it must name, the new digest. 0 if it
+# names another (the token was rotated or deleted meanwhile).
+SWAP_ID = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+# KEYS: an id bucket of `ids`, the same bucket of `expiry`; ARGV: the id, the digest. Removes the
+# id from both if `ids` still names that digest (an index entry whose record is missing).
+CLEAR_ORPHAN = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""

@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from gateway.config import RedisSettings
 from gateway.counters import BATCH_BOUNDS, Buckets
 from gateway.errors import NOT_REPLICATED, Denied, StoreUnavailable
-from gateway.store.keys import Keys
+from gateway.store.keys import Keys, keys_for
 from gateway.store.resp import RespClient, reply_error, script_sha
 from gateway.store.scripts import FOLD_ACCESSED, ROTATE, TOUCH, WRITE_IF_ABSENT
 from gateway.tokens import records_from_replies
@@ -94,7 +94,8 @@ class RedisStore:
         # one they queued behind the batched writes (Redis runs each client's commands in order).
         self.lean_loads = lean_loads
         self.prefix = prefix
-        self.keys = Keys(prefix)
+        # On a cluster, the sharded layout (`ClusterKeys`); elsewhere the one that always was.
+        self.keys: Keys = keys_for(prefix, self.cluster)
         self.channel = self.keys.channel
         # The embedded store makes a change durable through this before the API answers.
         self.after_change: Callable[[], Awaitable[None]] | None = None
@@ -166,6 +167,72 @@ class RedisStore:
                     pipe.execute_command(*command)
                 replies = await pipe.execute()
         self.batch_latency.observe(time.perf_counter() - started)
+        return replies
+
+    async def pipelined(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Commands on redis-py, in one pipeline (not a transaction): on a cluster, one round trip
+        per node, each node's commands in order. The commands must be safe to send again (the whole
+        pipeline is, while slots move); replies in order, the first error raised."""
+        if not commands:
+            return []
+
+        async def run() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return await pipe.execute()
+        return await self.call(run)
+
+    async def scripts(self, source: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """One script run once per call (its KEYS, its ARGV), all in one pipeline: on a cluster
+        one round trip per node, where each call's keys must share a slot. A call refused while its
+        slot moves is sent again (alone: the others ran), for CLUSTER_RETRY_FOR at most; the script
+        is sent whole where a node lost it. Replies in order of the calls. On failure
+        `ScriptsFailed`, which says which calls ran (the others may or may not have)."""
+        sha = script_sha(source)
+        replies: list[Any] = [None] * len(calls)
+        done: set[int] = set()
+        whole: set[int] = set()
+        pending = list(range(len(calls)))
+        deadline = time.monotonic() + CLUSTER_RETRY_FOR
+        pause = 0.01
+        while pending:
+            async def run(todo: list[int] = pending) -> list[Any]:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for index in todo:
+                        keys, args = calls[index]
+                        if index in whole:
+                            pipe.execute_command("EVAL", source, len(keys), *keys, *args)
+                        else:
+                            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                    return await pipe.execute(raise_on_error=False)
+            try:
+                answers = await run()
+            except (*STORE_ERRORS, AttributeError) as exc:
+                raise ScriptsFailed(exc, done) from exc
+            again: list[int] = []
+            fatal: BaseException | None = None
+            moving: BaseException | None = None
+            for index, answer in zip(pending, answers, strict=True):
+                if isinstance(answer, redis.exceptions.NoScriptError):
+                    whole.add(index)
+                    again.append(index)
+                elif isinstance(answer, CLUSTER_MOVING):
+                    again.append(index)
+                    moving = answer
+                elif isinstance(answer, BaseException):
+                    fatal = fatal or answer
+                else:
+                    replies[index] = answer
+                    done.add(index)
+            if fatal is not None:
+                raise ScriptsFailed(fatal, done) from fatal
+            if moving is not None:
+                if time.monotonic() + pause > deadline:
+                    raise ScriptsFailed(moving, done) from moving
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.2)
+            pending = again
         return replies
 
     def script(self, source: str) -> Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]:
@@ -349,6 +416,11 @@ class TokenStore(RedisStore):
             if count < FOLD_CHUNK:
                 break
         return moved
+
+    async def sweep_orphans(self, now: float | None = None) -> int:
+        """Index entries a crash left without their record: none here (every change is one
+        transaction); the cluster layout's store has some to look for (`store/sharded.py`)."""
+        return 0
 
     # -- tokens API ---------------------------------------------------------------------------
 
@@ -628,6 +700,14 @@ class _Subscription:
         await self._pubsub.ping(payload)
         if self._reconnected:
             raise redis.exceptions.ConnectionError("subscription re-established: messages may have been lost")
+
+
+class ScriptsFailed(StoreUnavailable):
+    """`RedisStore.scripts` failed: `done` holds the indexes of the calls known to have run."""
+
+    def __init__(self, error: BaseException, done: set[int]) -> None:
+        super().__init__(f"token store: {type(error).__name__}")
+        self.done = set(done)
 
 
 def _unavailable(error: BaseException) -> StoreUnavailable:

@@ -36,7 +36,7 @@ from gateway.config import UsageSettings
 from gateway.errors import Denied, StoreUnavailable
 from gateway.store.accounts import AccountDirectory, Limits
 from gateway.store.scripts import USAGE_EXCHANGE
-from gateway.store.tokens import RedisStore
+from gateway.store.tokens import RedisStore, ScriptsFailed
 from gateway.tokens import Token
 from gateway.writers.logs import LogWriter
 
@@ -343,6 +343,8 @@ class UsageMeter:
 
     async def _exchange(self, counts: dict[tuple[int, int, int], list[int]], window: int,
                         accounts: list[int]) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes]]:
+        if self._store.cluster:
+            return await self._exchange_by_account(counts, window, accounts)
         # The increments go in script calls of at most SCRIPT_TOKENS tokens, one after the other:
         # with a new token per request, half a second's tokens are thousands of them.
         by_hash: dict[str, list[tuple[int, int, int]]] = {}
@@ -375,6 +377,57 @@ class UsageMeter:
             raise
         hashes = [_as_hash(flat) for flat in replies]
         return dict(zip(accounts, hashes[:-1], strict=True)), hashes[-1]
+
+    async def _exchange_by_account(self, counts: dict[tuple[int, int, int], list[int]], window: int,
+                                   accounts: list[int]) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes]]:
+        """`_exchange` on a cluster, where an account's usage hashes share a slot (their own) and
+        `blocked:<window>` is in another: a script call per account (SCRIPT_TOKENS tokens at most,
+        the account's totals read back by its last call), all in one pipeline (a round trip per
+        node), and the blocked tokens read beside them. A call that ran is not sent again."""
+        by_account: dict[int, list[tuple[int, int, int]]] = {}
+        for entry in counts:
+            by_account.setdefault(entry[1], []).append(entry)
+        for cid in accounts:
+            by_account.setdefault(cid, [])
+        wanted = set(accounts)
+        calls: list[tuple[list[str], list[Any]]] = []
+        sent: list[list[tuple[int, int, int]]] = []
+        reads: dict[int, int] = {}  # account -> the call that reads its totals
+        for cid, entries in by_account.items():
+            entries.sort()
+            starts = list(range(0, len(entries), SCRIPT_TOKENS)) or [0]
+            for start in starts:
+                chunk = entries[start:start + SCRIPT_TOKENS]
+                keys: list[str] = []
+                args: list[int] = [self._settings.window * 3, 0]
+                for win, group in groupby(chunk, key=itemgetter(0)):
+                    members = list(group)
+                    keys.append(self._keys.usage(win, cid))
+                    args.append(len(members))
+                    for entry in members:
+                        args += (entry[2], *counts[entry])
+                args[1] = len(keys)
+                if start == starts[-1] and cid in wanted:
+                    reads[cid] = len(calls)
+                    keys.append(self._keys.usage(window, cid))
+                calls.append((keys, args))
+                sent.append(chunk)
+
+        async def blocked() -> Any:
+            return await self._store.client.hgetall(self._keys.blocked(window))
+        replies, blocked_raw = await asyncio.gather(self._store.scripts(USAGE_EXCHANGE, calls),
+                                                    self._store.call(blocked), return_exceptions=True)
+        if isinstance(replies, ScriptsFailed):
+            for index in replies.done:  # in Redis already: not to be counted again
+                for entry in sent[index]:
+                    del counts[entry]
+        if isinstance(replies, BaseException):
+            raise replies
+        if isinstance(blocked_raw, BaseException):
+            counts.clear()  # every count is in Redis: only the answer is missing
+            raise blocked_raw
+        totals = {cid: _as_hash(replies[index][-1]) for cid, index in reads.items()}
+        return {cid: totals.get(cid, {}) for cid in accounts}, dict(blocked_raw)
 
     async def _block_over_limit(self, window: int, totals: dict[int, dict[bytes, bytes]],
                                 blocked: dict[int, dict[str, Any]], now: float) -> None:

@@ -1,0 +1,302 @@
+"""Token records on a Redis Cluster, spread over its slots (`ClusterKeys` in `store/keys.py`).
+
+A record, its id index entry, its account's id set and its expiry entry carry different hash
+tags, so one change can no longer be one transaction. Each change is a sequence of steps,
+ordered so that a crash between two of them never lets a key authenticate that should not:
+only the record (`tok:...`) authenticates, so
+
+- a creation or a restore writes the indexes first (id -> digest, the account's set, expiry) and
+  the record last; a restore takes the record out of the recycle bin only after that;
+- a deletion puts the record in the bin first (when binned), deletes the record (and its rotated
+  keys' grace copies) next, and the index entries last;
+- a rotation writes the new record, then deletes the old one (or makes its grace copy), and only
+  then moves the id index to the new digest, if it still names the old one (a script on the id's
+  slot); a rotation that loses that race deletes its new record again.
+
+What a crash can leave is an index entry without a record (the token is gone: it is not listed,
+and its id finds nothing), and a record no index names that only a new, never-answered key opens.
+The housekeeper removes index entries whose record stays missing (`sweep_orphans`). A change made
+through the API is acknowledged only after its last step; repeating one that got no answer is
+safe (each step is).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from gateway.store.keys import ID_BUCKETS, ClusterKeys, token_bucket
+from gateway.store.resp import RespClient
+from gateway.store.scripts import CLEAR_ORPHAN, SWAP_ID, TOUCH
+from gateway.store.tokens import TOUCH_CHUNK, TokenStore, _pairs, expires_at, grace_copy, grace_digests
+from gateway.tokens import records_from_replies
+
+# Id buckets whose entries the housekeeper checks per sweep; an entry whose record is missing is
+# removed once it was seen so twice, ORPHAN_AGE apart (a creation in progress writes the index
+# a moment before the record).
+ORPHAN_BUCKETS_PER_SWEEP = 8
+ORPHAN_AGE = 30.0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class ShardedTokenStore(TokenStore):
+    """`TokenStore` on a cluster: the same methods, each a sequence of one-slot steps."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, lean: RespClient | None = None,
+                 lean_loads: RespClient | None = None) -> None:
+        super().__init__(client, prefix, lean, lean_loads)
+        self.shards = cast(ClusterKeys, self.keys)
+        self._orphan_cursor = 0
+        self._suspects: dict[tuple[int, str], float] = {}
+
+    # -- hot path ------------------------------------------------------------------------------
+
+    async def load_many(self, digests: Sequence[str]) -> list[dict[str, Any] | None]:
+        """One pipeline: a GET per record and an HMGET per token bucket of `used` (a record and
+        its `used` field share a slot); redis-py sends each node its commands in one write."""
+        if not digests:
+            return []
+        keys = self.shards
+        count = len(digests)
+        buckets: dict[int, list[int]] = {}
+        commands: list[tuple[Any, ...]] = []
+        for index, digest in enumerate(digests):
+            bucket = token_bucket(digest)
+            buckets.setdefault(bucket, []).append(index)
+            commands.append(("GET", keys.token(digest)))
+        for bucket, indexes in buckets.items():
+            commands.append(("HMGET", keys.used_bucket(bucket), *[digests[index] for index in indexes]))
+
+        async def run() -> list[Any]:
+            return await self.batch(commands)
+        replies = await self.call(run)
+        used: list[Any] = [None] * count
+        for indexes, reply in zip(buckets.values(), replies[count:], strict=True):
+            for index, when in zip(indexes, reply, strict=True):
+                used[index] = when
+        return records_from_replies(digests, replies[:count], used, [None] * count)
+
+    async def touch(self, accessed: dict[str, int]) -> None:
+        """TOUCH per token bucket (all in one pipeline: a round trip per node)."""
+        if not accessed:
+            return
+        by_bucket: dict[int, dict[str, int]] = {}
+        for digest, when in accessed.items():
+            by_bucket.setdefault(token_bucket(digest), {})[digest] = when
+        calls: list[tuple[Sequence[str], Sequence[Any]]] = []
+        for bucket, members in by_bucket.items():
+            pairs, step = _pairs(members), 2 * TOUCH_CHUNK
+            for start in range(0, len(pairs), step):
+                calls.append(([self.shards.used_bucket(bucket)], pairs[start:start + step]))
+        await self.scripts(TOUCH, calls)
+
+    async def fold_legacy_accessed(self) -> int:
+        return 0  # the cluster layout has no old `accessed` sorted set
+
+    # -- tokens API ----------------------------------------------------------------------------
+
+    def _index_commands(self, record: dict[str, Any]) -> list[tuple[Any, ...]]:
+        keys, token_id = self.shards, int(record["id"])
+        return [("SADD", keys.account_tokens(int(record.get("cid", 0))), str(token_id)),
+                ("HSET", keys.ids_of(token_id), str(token_id), record["digest"]),
+                ("ZADD", keys.expiry_of(token_id), expires_at(record), str(token_id))]
+
+    async def insert(self, records: list[dict[str, Any]]) -> None:
+        """Indexes first, records last."""
+        await self.pipelined([command for record in records for command in self._index_commands(record)])
+        await self.pipelined([("SET", self.shards.token(record["digest"]), orjson.dumps(record))
+                              for record in records])
+        await self.changed()
+
+    async def insert_first(self, record: dict[str, Any]) -> bool:
+        """`next_id` made first (SET NX: one instance wins), then the token."""
+        if not await self.call(lambda: self.client.set(self._next_id, record["id"], nx=True)):
+            return False
+        await self.insert([record])
+        return True
+
+    async def _write_if_absent(self, record: dict[str, Any], also: Any = None) -> bool:
+        return await self._create_unless_taken(record, restoring=also is not None)
+
+    async def _create_unless_taken(self, record: dict[str, Any], restoring: bool) -> bool:
+        """Indexes, then the record if its key is free (SET NX), then (a restore) out of the bin.
+        A key held by another token: the index entries written are taken back, False."""
+        keys, token_id = self.shards, int(record["id"])
+        await self.pipelined(self._index_commands(record))
+        key = keys.token(record["digest"])
+        if not await self.call(lambda: self.client.set(key, orjson.dumps(record), nx=True)):
+            held = await self.call(lambda: self.client.get(key))
+            if held is None or int(orjson.loads(held).get("id", -1)) != token_id:
+                await self.scripts(CLEAR_ORPHAN, [([keys.ids_of(token_id), keys.expiry_of(token_id)],
+                                                   [str(token_id), record["digest"]])])
+                await self.pipelined([("SREM", keys.account_tokens(int(record.get("cid", 0))), str(token_id))])
+                return False
+            # The very token, written by an earlier attempt that got no answer: finish it.
+        if restoring:
+            await self.pipelined([("HDEL", keys.bin_of(token_id), str(token_id)),
+                                  ("ZREM", keys.bin_times_of(token_id), str(token_id))])
+        await self.changed()
+        return True
+
+    async def get_many(self, ids: Iterable[int]) -> list[dict[str, Any]]:
+        wanted = [int(token_id) for token_id in ids]
+        if not wanted:
+            return []
+        keys = self.shards
+        digests = await self.pipelined([("HGET", keys.ids_of(token_id), str(token_id)) for token_id in wanted])
+        found = [_text(digest) for digest in digests if digest is not None]
+        return [record for record in await self.load_many(found) if record is not None]
+
+    def _grace_commands(self, record: dict[str, Any]) -> list[tuple[Any, ...]]:
+        graced = record.get("graced") or {}
+        return [("SET", self.shards.token(digest), orjson.dumps(grace_copy(record, digest, int(graced[digest]))),
+                 "EXAT", int(graced[digest])) for digest in grace_digests(record)]
+
+    async def replace(self, record: dict[str, Any]) -> None:
+        """The expiry entry, the record, its grace copies (a crash between can leave a grace copy
+        as it was until its grace ends; the change was not acknowledged: repeat it)."""
+        keys, token_id = self.shards, int(record["id"])
+        await self.pipelined([("ZADD", keys.expiry_of(token_id), expires_at(record), str(token_id)),
+                              ("SET", keys.token(record["digest"]), orjson.dumps(record)),
+                              *self._grace_commands(record)])
+        await self.changed()
+
+    async def rotate(self, record: dict[str, Any], new_digest: str, grace_until: int | None) -> dict[str, Any] | None:
+        """New record, then the old one deleted (or its grace copy), then the id index moved if it
+        still names the old digest (`SWAP_ID`); None, the new record deleted again, if not."""
+        keys, token_id, old = self.shards, int(record["id"]), record["digest"]
+        current = await self.call(lambda: self.client.hget(keys.ids_of(token_id), str(token_id)))
+        if current is None or _text(current) != old:
+            return None
+        now = time.time()
+        graced = {digest: until for digest, until in (record.get("graced") or {}).items() if until > now}
+        if grace_until is not None:
+            graced[old] = grace_until
+        moved = {**record, "digest": new_digest, "graced": graced}
+        if not graced:
+            del moved["graced"]
+        await self.pipelined([("SET", keys.token(new_digest), orjson.dumps(moved)),
+                              ("HSET", keys.used_of(new_digest), new_digest, int(record.get("accessed", 0)))])
+        if grace_until is None:
+            await self.pipelined([("DEL", keys.token(old)), ("HDEL", keys.used_of(old), old)])
+        else:
+            await self.pipelined([("SET", keys.token(old), orjson.dumps(grace_copy(moved, old, grace_until)),
+                                   "EXAT", grace_until)])
+        [swapped] = await self.scripts(SWAP_ID, [([keys.ids_of(token_id)], [str(token_id), old, new_digest])])
+        if not swapped:
+            await self.pipelined([("DEL", keys.token(new_digest)), ("HDEL", keys.used_of(new_digest), new_digest)])
+            return None
+        await self.changed()
+        return moved
+
+    async def remove(self, records: list[dict[str, Any]], *, to_bin: bool) -> None:
+        """Into the bin first, the records (and grace copies) next, the index entries last."""
+        keys, now = self.shards, int(time.time())
+        binned: list[tuple[Any, ...]] = []
+        gone: list[tuple[Any, ...]] = []
+        unindexed: list[tuple[Any, ...]] = []
+        for record in records:
+            token_id = int(record["id"])
+            for digest in grace_digests(record):
+                gone += [("DEL", keys.token(digest)), ("HDEL", keys.used_of(digest), digest)]
+            record = {name: value for name, value in record.items() if name != "graced"}
+            digest = record["digest"]
+            if to_bin:
+                binned += [("HSET", keys.bin_of(token_id), str(token_id), orjson.dumps({**record, "deleted": now})),
+                           ("ZADD", keys.bin_times_of(token_id), now, str(token_id))]
+            gone.append(("DEL", keys.token(digest)))
+            unindexed += [("HDEL", keys.ids_of(token_id), str(token_id)),
+                          ("SREM", keys.account_tokens(int(record.get("cid", 0))), str(token_id)),
+                          ("HDEL", keys.used_of(digest), digest),
+                          ("ZREM", keys.expiry_of(token_id), str(token_id))]
+        for step in (binned, gone, unindexed):
+            await self.pipelined(step)
+        await self.changed()
+
+    async def claim_expired(self, token_id: int) -> bool:
+        key = self.shards.expiry_of(token_id)
+        return bool(await self.call(lambda: self.client.zrem(key, str(token_id))))
+
+    async def expiry_candidates(self, before: float, limit: int) -> list[int]:
+        """The due ids of every id bucket (one pipeline), `limit` at most."""
+        replies = await self.pipelined([("ZRANGEBYSCORE", self.shards.expiry_bucket(bucket), "-inf", before,
+                                         "LIMIT", 0, limit) for bucket in range(ID_BUCKETS)])
+        ids = sorted(int(member) for reply in replies for member in reply)
+        return ids[:limit]
+
+    async def set_expiry(self, expiries: dict[int, int]) -> None:
+        await self.pipelined([("ZADD", self.shards.expiry_of(token_id), when, str(token_id))
+                              for token_id, when in expiries.items()])
+
+    # -- recycle bin ---------------------------------------------------------------------------
+
+    async def binned(self, ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        keys = self.shards
+        raw: list[Any]
+        if ids is None:
+            hashes = await self.pipelined([("HVALS", keys.bin_bucket(bucket)) for bucket in range(ID_BUCKETS)])
+            raw = [value for values in hashes for value in values]
+        else:
+            raw = [value for value in await self.pipelined(
+                [("HGET", keys.bin_of(int(token_id)), str(token_id)) for token_id in ids]) if value]
+        return sorted((orjson.loads(value) for value in raw), key=lambda record: int(record["id"]))
+
+    async def purge_bin(self, older_than: float, ids: Iterable[int] | None = None) -> int:
+        keys = self.shards
+        if ids is None:
+            replies = await self.pipelined([("ZRANGEBYSCORE", keys.bin_times_bucket(bucket), "-inf", older_than)
+                                            for bucket in range(ID_BUCKETS)])
+            victims = [int(member) for reply in replies for member in reply]
+        else:
+            victims = [int(token_id) for token_id in ids]
+        if not victims:
+            return 0
+        await self.pipelined([command for token_id in victims for command in (
+            ("HDEL", keys.bin_of(token_id), str(token_id)), ("ZREM", keys.bin_times_of(token_id), str(token_id)))])
+        await self.changed()
+        return len(victims)
+
+    # -- what a crash between two steps left ---------------------------------------------------
+
+    async def sweep_orphans(self, now: float | None = None) -> int:
+        """Check the next ORPHAN_BUCKETS_PER_SWEEP id buckets: an id whose digest has no record,
+        seen so twice ORPHAN_AGE apart, is taken out of the id index and the expiry index
+        (`CLEAR_ORPHAN`: only if the index still names that digest). How many were removed."""
+        moment = time.monotonic() if now is None else now
+        keys = self.shards
+        buckets = [(self._orphan_cursor + step) % ID_BUCKETS for step in range(ORPHAN_BUCKETS_PER_SWEEP)]
+        self._orphan_cursor = (self._orphan_cursor + ORPHAN_BUCKETS_PER_SWEEP) % ID_BUCKETS
+        entries: list[tuple[int, str]] = []
+        for reply in await self.pipelined([("HGETALL", keys.ids_bucket(bucket)) for bucket in buckets]):
+            flat = list(reply.items()) if isinstance(reply, dict) else list(zip(reply[::2], reply[1::2], strict=True))
+            entries += [(int(token_id), _text(digest)) for token_id, digest in flat]
+        if not entries:
+            return 0
+        exists = await self.pipelined([("EXISTS", keys.token(digest)) for _, digest in entries])
+        missing = {entry for entry, there in zip(entries, exists, strict=True) if not int(there)}
+        checked = {int(token_id) % ID_BUCKETS for token_id, _ in entries} | set(buckets)
+        for entry in [entry for entry in self._suspects if entry[0] % ID_BUCKETS in checked and entry not in missing]:
+            del self._suspects[entry]  # its record came (a creation in progress), or the entry went
+        confirmed = [entry for entry in missing if moment - self._suspects.setdefault(entry, moment) >= ORPHAN_AGE]
+        if not confirmed:
+            return 0
+        replies = await self.scripts(CLEAR_ORPHAN, [([keys.ids_of(token_id), keys.expiry_of(token_id)],
+                                                     [str(token_id), digest]) for token_id, digest in confirmed])
+        for entry in confirmed:
+            self._suspects.pop(entry, None)
+        return sum(int(reply) for reply in replies)
+
+
+def open_token_store(client: aioredis.Redis, prefix: str, lean: RespClient | None = None,
+                     lean_loads: RespClient | None = None) -> TokenStore:
+    """The token store for `client`: the sharded one on a Redis Cluster."""
+    if isinstance(client, RedisCluster):
+        return ShardedTokenStore(client, prefix, lean, lean_loads)
+    return TokenStore(client, prefix, lean, lean_loads)
