@@ -276,7 +276,16 @@ class TokenCache:
     async def _fetch(self, digests: list[str], epoch: int, started: float) -> None:
         """One round trip for the batch, then every record compiled, remembered and handed out."""
         try:
-            records = await self._store.load_many(digests)
+            outcomes = await self._store.load_each(digests)
+            records: list[dict[str, Any] | None] = []
+            kept: list[str] = []
+            for digest, outcome in zip(digests, outcomes, strict=True):
+                if isinstance(outcome, StoreUnavailable):  # a cluster node that did not answer: the
+                    self._fail_batch([digest], outcome)     # others' tokens are still served
+                else:
+                    records.append(outcome)
+                    kept.append(digest)
+            digests = kept
             compiled = await self._compiler.compile_many([record for record in records if record is not None])
             self._hand_out(digests, records, compiled, epoch, started)
         except BaseException as exc:

@@ -21,18 +21,32 @@ safe (each step is).
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 
+from gateway.errors import StoreUnavailable
 from gateway.store.keys import ID_BUCKETS, ClusterKeys, token_bucket
 from gateway.store.resp import RespClient
 from gateway.store.scripts import CLEAR_ORPHAN, SWAP_ID, TOUCH
-from gateway.store.tokens import TOUCH_CHUNK, TokenStore, _pairs, expires_at, grace_copy, grace_digests
+from gateway.store.tokens import (
+    STORE_ERRORS,
+    TORN_RETRIES,
+    TOUCH_CHUNK,
+    TokenStore,
+    _pairs,
+    _unavailable,
+    expires_at,
+    grace_copy,
+    grace_digests,
+)
 from gateway.tokens import records_from_replies
 
 # Id buckets whose entries the housekeeper checks per sweep; an entry whose record is missing is
@@ -40,6 +54,7 @@ from gateway.tokens import records_from_replies
 # a moment before the record).
 ORPHAN_BUCKETS_PER_SWEEP = 8
 ORPHAN_AGE = 30.0
+SLOT_REFRESH = 0.25
 
 
 def _text(value: Any) -> str:
@@ -55,12 +70,23 @@ class ShardedTokenStore(TokenStore):
         self.shards = cast(ClusterKeys, self.keys)
         self._orphan_cursor = 0
         self._suspects: dict[tuple[int, str], float] = {}
+        self._refreshed = 0.0
+        self._refreshing: set[asyncio.Task[None]] = set()
 
     # -- hot path ------------------------------------------------------------------------------
 
     async def load_many(self, digests: Sequence[str]) -> list[dict[str, Any] | None]:
+        outcomes = await self.load_each(digests)
+        for outcome in outcomes:
+            if isinstance(outcome, StoreUnavailable):
+                raise outcome
+        return cast(list[dict[str, Any] | None], outcomes)
+
+    async def load_each(self, digests: Sequence[str]) -> list[dict[str, Any] | StoreUnavailable | None]:
         """One pipeline: a GET per record and an HMGET per token bucket of `used` (a record and
-        its `used` field share a slot); redis-py sends each node its commands in one write."""
+        its `used` field share a slot); redis-py sends each node its commands in one write, and
+        the nodes are asked at once. A node that does not answer fails only the digests it holds
+        (StoreUnavailable in their place): the others are answered."""
         if not digests:
             return []
         keys = self.shards
@@ -75,13 +101,58 @@ class ShardedTokenStore(TokenStore):
             commands.append(("HMGET", keys.used_bucket(bucket), *[digests[index] for index in indexes]))
 
         async def run() -> list[Any]:
-            return await self.batch(commands)
+            started = time.perf_counter()
+            replies: list[Any] = [None] * len(commands)
+            todo = list(range(len(commands)))
+            for _ in range(TORN_RETRIES + 1):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for index in todo:
+                        pipe.execute_command(*commands[index])
+                    answers = await pipe.execute(raise_on_error=False)
+                for index, answer in zip(todo, answers, strict=True):
+                    replies[index] = answer
+                # Sent again: what a connection torn down under it (`RedisStore.call`) failed.
+                todo = [index for index in todo if isinstance(replies[index], (redis.exceptions.ConnectionError,
+                                                                               AttributeError))]
+                if not todo:
+                    break
+            self.batch_latency.observe(time.perf_counter() - started)
+            return replies
         replies = await self.call(run)
+        failures: dict[int, StoreUnavailable] = {}
+        for index, reply in enumerate(replies[:count]):
+            if isinstance(reply, BaseException):
+                failures[index] = _unavailable(reply)
         used: list[Any] = [None] * count
         for indexes, reply in zip(buckets.values(), replies[count:], strict=True):
-            for index, when in zip(indexes, reply, strict=True):
-                used[index] = when
-        return records_from_replies(digests, replies[:count], used, [None] * count)
+            for position, index in enumerate(indexes):
+                if isinstance(reply, BaseException):
+                    failures.setdefault(index, _unavailable(reply))
+                else:
+                    used[index] = reply[position]
+        if failures:
+            self._refresh_slots_soon()
+        raws = [None if index in failures else reply for index, reply in enumerate(replies[:count])]
+        records: list[dict[str, Any] | StoreUnavailable | None] = list(
+            records_from_replies(digests, raws, used, [None] * count))
+        for index, failure in failures.items():
+            records[index] = failure
+        return records
+
+    def _refresh_slots_soon(self) -> None:
+        """A node failed some loads: read the slot map again (a failover may have moved its
+        slots), at most every SLOT_REFRESH seconds, in the background."""
+        now = time.monotonic()
+        if now - self._refreshed < SLOT_REFRESH:
+            return
+        self._refreshed = now
+
+        async def refresh() -> None:
+            with suppress(*STORE_ERRORS, AttributeError):
+                await cast(RedisCluster, self.client).nodes_manager.initialize()
+        task = asyncio.ensure_future(refresh())
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
 
     async def touch(self, accessed: dict[str, int]) -> None:
         """TOUCH per token bucket (all in one pipeline: a round trip per node)."""

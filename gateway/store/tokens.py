@@ -42,6 +42,7 @@ FOLD_CHUNK = 1000
 CLUSTER_MOVING = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
                   redis.exceptions.ClusterDownError)
 CLUSTER_RETRY_FOR = 2.0
+TORN_RETRIES = 2
 
 
 def connect_redis(settings: RedisSettings) -> aioredis.Redis:
@@ -136,11 +137,20 @@ class RedisStore:
         For CLUSTER_RETRY_FOR seconds at most, then the store is unavailable."""
         deadline = time.monotonic() + CLUSTER_RETRY_FOR
         pause = 0.01
+        torn = 0
         while True:
             try:
                 return await operation()
             except CLUSTER_MOVING as exc:
                 if time.monotonic() + pause > deadline:
+                    raise _unavailable(exc) from exc
+            except redis.exceptions.ConnectionError as exc:
+                # redis-py's cluster client closes every node connection when one of its pipelines
+                # meets a connection error (to read the slot map again), under the commands of
+                # other tasks: they read "Connection closed by server". Sent again, at most
+                # TORN_RETRIES times (a node really down is not waited for here).
+                torn += 1
+                if torn > TORN_RETRIES:
                     raise _unavailable(exc) from exc
             except STORE_ERRORS as exc:
                 raise _unavailable(exc) from exc
@@ -356,6 +366,11 @@ class TokenStore(RedisStore):
 
         raws, used, legacy = await self.call(lambda: self.batch(self._load_commands(digests), urgent=True))
         return records_from_replies(digests, raws, used, legacy)
+
+    async def load_each(self, digests: Sequence[str]) -> list[dict[str, Any] | StoreUnavailable | None]:
+        """`load_many`, where a digest that could not be read may get StoreUnavailable of its own
+        (a cluster node that does not answer); here the batch is read whole or not at all."""
+        return list(await self.load_many(digests))
 
     def load_many_then(self, digests: Sequence[str],
                        callback: Callable[[list[dict[str, Any] | None] | Exception], None]) -> bool:
