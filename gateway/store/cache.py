@@ -299,6 +299,17 @@ class TokenCache:
         if isinstance(loaded, Exception):
             self._fail_batch(digests, loaded)
             return
+        if any(isinstance(outcome, StoreUnavailable) for outcome in loaded):
+            # A cluster node that could not answer: its tokens fail, the others' are served.
+            kept: list[str] = []
+            records: list[dict[str, Any] | None] = []
+            for digest, outcome in zip(digests, loaded, strict=True):
+                if isinstance(outcome, StoreUnavailable):
+                    self._fail_batch([digest], outcome)
+                else:
+                    kept.append(digest)
+                    records.append(outcome)
+            digests, loaded = kept, records
         try:
             compiled, grouped = self._compiler.compile_each([record for record in loaded if record is not None])
             if grouped:  # ACL tokens whose group members must be read first: in a task

@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.config import ClusterSettings, RedisSettings
-from gateway.store.resp import RespClient, lean_client
+from gateway.store.resp import LeanNodes, RespClient, lean_client
 from gateway.store.sentinel import MasterWatch
 from gateway.store.tokens import connect_redis
 
@@ -29,12 +29,15 @@ class Clients:
     lean: RespClient | None = None
     lean_loads: RespClient | None = None
     watch: MasterWatch | None = None
+    lean_nodes: LeanNodes | None = None  # a cluster's: one lean client per master, for the loads
     owned: list[aioredis.Redis] = field(default_factory=list)
 
     async def close(self) -> None:
         for lean in (self.lean, self.lean_loads):
             if lean is not None:
                 await lean.close()
+        if self.lean_nodes is not None:
+            await self.lean_nodes.close()
         for client in self.owned:
             await client.aclose()
         if self.watch is not None:
@@ -48,7 +51,11 @@ def open_clients(settings: RedisSettings) -> Clients:
         # redis-py for everything: it follows MOVED/ASK and the slot map, which the lean client
         # (one connection to one server) does not. Pub/sub: PUBLISH on any node of a cluster
         # reaches the subscribers on every node, so one connection to one node hears it all.
-        return Clients(cast(aioredis.Redis, cluster), owned=[cast(aioredis.Redis, cluster)])
+        # Cache-miss loads only: the lean client, one per master, found through redis-py's slot
+        # map (`ShardedTokenStore.load_many_then`); not with TLS, which it does not speak.
+        nodes = None if settings.cluster.ssl else LeanNodes(
+            settings.cluster.username, settings.cluster.password, settings.socket_timeout, settings.connect_timeout)
+        return Clients(cast(aioredis.Redis, cluster), lean_nodes=nodes, owned=[cast(aioredis.Redis, cluster)])
     waits = settings.replicas_to_wait > 0
     wait_timeout = settings.socket_timeout + settings.wait_timeout
     sentinel = settings.sentinel

@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from typing import Any, cast
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from gateway.errors import StoreUnavailable
-from gateway.store.keys import ID_BUCKETS, ClusterKeys, token_bucket
-from gateway.store.resp import RespClient
+from gateway.store.keys import ID_BUCKETS, TOKEN_BUCKETS, ClusterKeys, token_bucket
+from gateway.store.resp import LeanNodes, RespClient
 from gateway.store.scripts import CLEAR_ORPHAN, SWAP_ID, TOUCH
 from gateway.store.tokens import (
     STORE_ERRORS,
@@ -67,11 +69,14 @@ class ShardedTokenStore(TokenStore):
     def __init__(self, client: aioredis.Redis, prefix: str, lean: RespClient | None = None,
                  lean_loads: RespClient | None = None) -> None:
         super().__init__(client, prefix, lean, lean_loads)
-        self.shards = cast(ClusterKeys, self.keys)
+        self.shards = keys = cast(ClusterKeys, self.keys)
         self._orphan_cursor = 0
         self._suspects: dict[tuple[int, str], float] = {}
         self._refreshed = 0.0
         self._refreshing: set[asyncio.Task[None]] = set()
+        # The lean clients of the masters, for `load_many_then`; None: redis-py for the loads too.
+        self.lean_nodes: LeanNodes | None = None
+        self._bucket_slots = [key_slot(keys.token(f"{bucket:03x}").encode()) for bucket in range(TOKEN_BUCKETS)]
 
     # -- hot path ------------------------------------------------------------------------------
 
@@ -138,6 +143,113 @@ class ShardedTokenStore(TokenStore):
         for index, failure in failures.items():
             records[index] = failure
         return records
+
+    def load_many_then(self, digests: Sequence[str], callback: Callable[[Any], None]) -> bool:
+        """The loads on the lean clients, a batch per master (found in redis-py's slot map), sent
+        at once, answered from their replies; `callback` gets the outcomes as `load_each` gives
+        them. What a master refused (a slot moved: MOVED, ASK, TRYAGAIN) or could not answer is
+        asked again through redis-py, which follows redirections and reads the slot map again;
+        a master that timed out fails its digests (StoreUnavailable). False, and nothing sent,
+        when the slot map is not known yet or a master's connection is not open yet (it is being
+        opened): `load_each` then."""
+        lean_nodes = self.lean_nodes
+        if lean_nodes is None or not digests:
+            return False
+        slots = cast(RedisCluster, self.client).nodes_manager.slots_cache
+        bucket_slots = self._bucket_slots
+        groups: dict[str, list[int]] = {}
+        buckets: list[int] = []
+        for index, digest in enumerate(digests):
+            bucket = token_bucket(digest)
+            buckets.append(bucket)
+            nodes = slots.get(bucket_slots[bucket])
+            if not nodes:
+                return False
+            groups.setdefault(nodes[0].name, []).append(index)
+        clients = {address: lean_nodes.client(address) for address in groups}
+        closed = [lean for lean in clients.values() if not lean.is_open]
+        if closed:
+            for lean in closed:
+                lean.open_soon()
+            return False
+        keys = self.shards
+        count = len(digests)
+        raws: list[Any] = [None] * count
+        used: list[Any] = [None] * count
+        failed: dict[int, StoreUnavailable] = {}
+        again: list[int] = []
+        waiting = [len(groups)]
+        started = time.perf_counter()
+
+        def finish() -> None:
+            self.batch_latency.observe(time.perf_counter() - started)
+            if again:
+                self._spawn_fallback(digests, raws, used, failed, again, callback)
+                return
+            callback(self._outcomes(digests, raws, used, failed))
+
+        def answer_for(indexes: list[int], by_bucket: dict[int, list[int]]) -> Callable[[Any], None]:
+            def answer(replies: list[Any] | BaseException) -> None:
+                if isinstance(replies, BaseException):
+                    if isinstance(replies, redis.exceptions.TimeoutError):
+                        for index in indexes:
+                            failed[index] = _unavailable(replies)
+                    else:
+                        again.extend(indexes)
+                elif any(isinstance(reply, hiredis.ReplyError) for reply in replies):
+                    again.extend(indexes)  # a slot moved (or is moving): redis-py follows it
+                else:
+                    for index, raw in zip(indexes, replies, strict=False):
+                        raws[index] = raw
+                    for members, reply in zip(by_bucket.values(), replies[len(indexes):], strict=True):
+                        for index, when in zip(members, reply, strict=True):
+                            used[index] = when
+                waiting[0] -= 1
+                if waiting[0] == 0:
+                    finish()
+            return answer
+
+        for address, indexes in groups.items():
+            by_bucket: dict[int, list[int]] = {}
+            commands: list[tuple[Any, ...]] = []
+            for index in indexes:
+                by_bucket.setdefault(buckets[index], []).append(index)
+                commands.append(("GET", keys.token(digests[index])))
+            for bucket, members in by_bucket.items():
+                commands.append(("HMGET", keys.used_bucket(bucket), *[digests[index] for index in members]))
+            if not clients[address].execute_then(commands, answer_for(indexes, by_bucket)):
+                again.extend(indexes)  # closed since: through redis-py
+                waiting[0] -= 1
+        if waiting[0] == 0:
+            finish()
+        return True
+
+    def _outcomes(self, digests: Sequence[str], raws: list[Any], used: list[Any],
+                  failed: dict[int, StoreUnavailable]) -> list[dict[str, Any] | StoreUnavailable | None]:
+        count = len(digests)
+        try:
+            records: list[dict[str, Any] | StoreUnavailable | None] = list(
+                records_from_replies(digests, raws, used, [None] * count))
+        except Exception as exc:  # a record that does not parse: the whole batch fails, as on one Redis
+            return [_unavailable(exc)] * count
+        for index, failure in failed.items():
+            records[index] = failure
+        return records
+
+    def _spawn_fallback(self, digests: Sequence[str], raws: list[Any], used: list[Any],
+                        failed: dict[int, StoreUnavailable], again: list[int], callback: Callable[[Any], None]) -> None:
+        async def fallback() -> None:
+            try:
+                outcomes = await self.load_each([digests[index] for index in again])
+            except Exception as exc:
+                outcomes = [exc if isinstance(exc, StoreUnavailable) else _unavailable(exc)] * len(again)
+            merged = self._outcomes(digests, raws, used, failed)
+            for index, outcome in zip(again, outcomes, strict=True):
+                merged[index] = outcome
+            callback(merged)
+        task = asyncio.ensure_future(fallback())
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
 
     def _refresh_slots_soon(self) -> None:
         """A node failed some loads: read the slot map again (a failover may have moved its
@@ -366,8 +478,10 @@ class ShardedTokenStore(TokenStore):
 
 
 def open_token_store(client: aioredis.Redis, prefix: str, lean: RespClient | None = None,
-                     lean_loads: RespClient | None = None) -> TokenStore:
+                     lean_loads: RespClient | None = None, lean_nodes: LeanNodes | None = None) -> TokenStore:
     """The token store for `client`: the sharded one on a Redis Cluster."""
     if isinstance(client, RedisCluster):
-        return ShardedTokenStore(client, prefix, lean, lean_loads)
+        store = ShardedTokenStore(client, prefix, lean, lean_loads)
+        store.lean_nodes = lean_nodes
+        return store
     return TokenStore(client, prefix, lean, lean_loads)
