@@ -26,7 +26,7 @@ from gateway.counters import BATCH_BOUNDS, Buckets
 from gateway.errors import NOT_REPLICATED, Denied, StoreUnavailable
 from gateway.store.keys import Keys, keys_for
 from gateway.store.resp import RespClient, reply_error, script_sha
-from gateway.store.scripts import FOLD_ACCESSED, ROTATE, TOUCH, WRITE_IF_ABSENT
+from gateway.store.scripts import FOLD_ACCESSED, TOUCH
 from gateway.tokens import records_from_replies
 
 T = TypeVar("T")
@@ -249,8 +249,8 @@ class RedisStore:
         """A Lua script run with EVALSHA, loaded again if the server lost it (restart, SCRIPT FLUSH).
 
         Batched writes use scripts rather than pipelines: one command and one reply for hundreds
-        of list pushes or counter increments. Every key a script touches is passed in KEYS and
-        carries the prefix's hash tag, so a script runs on a Redis Cluster too.
+        of list pushes or counter increments. Every key a script touches is passed in KEYS, all of
+        one slot (the prefix's hash tag, or on a cluster the tag its caller grouped them by).
         """
         sha = script_sha(source)
 
@@ -337,8 +337,6 @@ class TokenStore(RedisStore):
         self._legacy_accessed = keys.legacy_accessed
         self._touch = self.script(TOUCH)
         self._fold = self.script(FOLD_ACCESSED)
-        self._write_absent = self.script(WRITE_IF_ABSENT)
-        self._rotate = self.script(ROTATE)
         self.expiry_key = keys.expiry
         self._next_id = keys.next_id
         self._bin = keys.bin
@@ -488,8 +486,6 @@ class TokenStore(RedisStore):
     async def _write_if_absent(self, record: dict[str, Any], also: Callable[[Any], None] | None = None) -> bool:
         """Write a record (and `also`'s commands) in one transaction, unless its key is in use."""
         key = self._tok(record["digest"])
-        if self.cluster:
-            return await self._write_if_absent_by_script(record, unbin=also is not None)
 
         async def run() -> bool:
             async with self.client.pipeline(transaction=True) as pipe:
@@ -508,18 +504,6 @@ class TokenStore(RedisStore):
             if isinstance(exc.__cause__, redis.exceptions.WatchError):
                 return False
             raise
-        if written:
-            await self.changed()
-        return written
-
-    async def _write_if_absent_by_script(self, record: dict[str, Any], unbin: bool) -> bool:
-        """`_write_if_absent` on a cluster (`WRITE_IF_ABSENT`); `unbin`: a restore, which takes
-        the record out of the recycle bin too."""
-        keys = [self._tok(record["digest"]), self._ids, self._account(int(record.get("cid", 0))), self.expiry_key]
-        if unbin:
-            keys += [self._bin, self._bin_times]
-        args = [orjson.dumps(record), str(record["id"]), record["digest"], expires_at(record)]
-        written = bool(await self._write_absent(keys, args))
         if written:
             await self.changed()
         return written
@@ -569,18 +553,6 @@ class TokenStore(RedisStore):
         moved = {**record, "digest": new_digest, "graced": graced}
         if not graced:
             del moved["graced"]
-
-        if self.cluster:
-            grace: list[Any] = ["", ""]
-            if grace_until is not None:
-                grace = [grace_until, orjson.dumps(grace_copy(moved, old, grace_until))]
-            rotated = await self._rotate(
-                [self._ids, self._tok(old), self._tok(new_digest), self._used, self._legacy_accessed],
-                [token_id, old, new_digest, orjson.dumps(moved), int(record.get("accessed", 0)), *grace])
-            if not rotated:
-                return None
-            await self.changed()
-            return moved
 
         async def run() -> bool:
             async with self.client.pipeline(transaction=True) as pipe:
