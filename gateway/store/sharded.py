@@ -36,12 +36,13 @@ from redis.crc import key_slot
 
 from gateway.errors import StoreUnavailable
 from gateway.store.keys import ID_BUCKETS, TOKEN_BUCKETS, ClusterKeys, token_bucket
-from gateway.store.resp import LeanNodes, RespClient
+from gateway.store.resp import LeanNodes, RespClient, script_sha
 from gateway.store.scripts import CLEAR_ORPHAN, SWAP_ID, TOUCH
 from gateway.store.tokens import (
     STORE_ERRORS,
     TORN_RETRIES,
     TOUCH_CHUNK,
+    ScriptsFailed,
     TokenStore,
     _pairs,
     _unavailable,
@@ -51,10 +52,12 @@ from gateway.store.tokens import (
 )
 from gateway.tokens import records_from_replies
 
-# Id buckets whose entries the housekeeper checks per sweep; an entry whose record is missing is
-# removed once it was seen so twice, ORPHAN_AGE apart (a creation in progress writes the index
-# a moment before the record).
-ORPHAN_BUCKETS_PER_SWEEP = 8
+# Entries of the id index the housekeeper checks per sweep (~500 EXISTS: a few ms of CPU, so a
+# whole pass over 3,000,000 tokens takes hours); an entry whose record is missing is removed once
+# it was seen so twice, ORPHAN_AGE apart (a creation in progress writes the index a moment before
+# the record).
+ORPHAN_ENTRIES_PER_SWEEP = 500
+MAX_SUSPECTS = 100_000
 ORPHAN_AGE = 30.0
 SLOT_REFRESH = 0.25
 
@@ -70,7 +73,8 @@ class ShardedTokenStore(TokenStore):
                  lean_loads: RespClient | None = None) -> None:
         super().__init__(client, prefix, lean, lean_loads)
         self.shards = keys = cast(ClusterKeys, self.keys)
-        self._orphan_cursor = 0
+        self._orphan_cursor = 0  # the id bucket being checked, and the HSCAN cursor in it
+        self._orphan_scan = 0
         self._suspects: dict[tuple[int, str], float] = {}
         self._refreshed = 0.0
         self._refreshing: set[asyncio.Task[None]] = set()
@@ -223,6 +227,70 @@ class ShardedTokenStore(TokenStore):
         if waiting[0] == 0:
             finish()
         return True
+
+    async def scripts(self, source: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """`RedisStore.scripts` on the lean clients: the calls grouped by master (redis-py's slot
+        map), each master's sent at once. What a master refused (NOSCRIPT, a slot moved) or lost
+        with its connection goes through redis-py (`RedisStore.scripts`, which sends the script
+        whole where needed and follows redirections); a master that timed out fails its calls
+        (`ScriptsFailed`, which says which ran)."""
+        lean_nodes = self.lean_nodes
+        if lean_nodes is None or not calls:
+            return await super().scripts(source, calls)
+        slots = cast(RedisCluster, self.client).nodes_manager.slots_cache
+        groups: dict[str, list[int]] = {}
+        for index, (keys, _) in enumerate(calls):
+            nodes = slots.get(key_slot(keys[0].encode()))
+            if not nodes:
+                return await super().scripts(source, calls)
+            groups.setdefault(nodes[0].name, []).append(index)
+        clients = {address: lean_nodes.client(address) for address in groups}
+        closed = [lean for lean in clients.values() if not lean.is_open]
+        if closed:
+            for lean in closed:
+                lean.open_soon()
+            return await super().scripts(source, calls)
+        sha = script_sha(source)
+        loop = asyncio.get_running_loop()
+        sent: list[tuple[list[int], asyncio.Future[Any]]] = []
+        for address, indexes in groups.items():
+            future: asyncio.Future[Any] = loop.create_future()
+
+            def answer(replies: Any, future: asyncio.Future[Any] = future) -> None:
+                if not future.done():
+                    future.set_result(replies)
+            commands = [("EVALSHA", sha, len(calls[index][0]), *calls[index][0], *calls[index][1])
+                        for index in indexes]
+            if not clients[address].execute_then(commands, answer):
+                future.set_result(redis.exceptions.ConnectionError("closed"))
+            sent.append((indexes, future))
+        replies: list[Any] = [None] * len(calls)
+        done: set[int] = set()
+        again: list[int] = []
+        timed_out: BaseException | None = None
+        for indexes, future in sent:
+            result = await future
+            if isinstance(result, redis.exceptions.TimeoutError):
+                timed_out = result  # ran or not: unknown
+            elif isinstance(result, BaseException):
+                again += indexes
+            else:
+                for index, reply in zip(indexes, result, strict=True):
+                    if isinstance(reply, hiredis.ReplyError):
+                        again.append(index)
+                    else:
+                        replies[index] = reply
+                        done.add(index)
+        if timed_out is not None:
+            raise ScriptsFailed(timed_out, done)
+        if again:
+            try:
+                rest = await super().scripts(source, [calls[index] for index in again])
+            except ScriptsFailed as failed:
+                raise ScriptsFailed(failed, done | {again[position] for position in failed.done}) from failed
+            for index, reply in zip(again, rest, strict=True):
+                replies[index] = reply
+        return replies
 
     def _outcomes(self, digests: Sequence[str], raws: list[Any], used: list[Any],
                   failed: dict[int, StoreUnavailable]) -> list[dict[str, Any] | StoreUnavailable | None]:
@@ -449,25 +517,30 @@ class ShardedTokenStore(TokenStore):
     # -- what a crash between two steps left ---------------------------------------------------
 
     async def sweep_orphans(self, now: float | None = None) -> int:
-        """Check the next ORPHAN_BUCKETS_PER_SWEEP id buckets: an id whose digest has no record,
-        seen so twice ORPHAN_AGE apart, is taken out of the id index and the expiry index
-        (`CLEAR_ORPHAN`: only if the index still names that digest). How many were removed."""
+        """Check about ORPHAN_ENTRIES_PER_SWEEP entries of the id index, going round its buckets
+        (HSCAN, a cursor kept between sweeps): an id whose digest has no record, seen so twice
+        ORPHAN_AGE apart, is taken out of the id index and the expiry index (`CLEAR_ORPHAN`: only
+        if the index still names that digest). How many were removed."""
         moment = time.monotonic() if now is None else now
         keys = self.shards
-        buckets = [(self._orphan_cursor + step) % ID_BUCKETS for step in range(ORPHAN_BUCKETS_PER_SWEEP)]
-        self._orphan_cursor = (self._orphan_cursor + ORPHAN_BUCKETS_PER_SWEEP) % ID_BUCKETS
-        entries: list[tuple[int, str]] = []
-        for reply in await self.pipelined([("HGETALL", keys.ids_bucket(bucket)) for bucket in buckets]):
-            flat = list(reply.items()) if isinstance(reply, dict) else list(zip(reply[::2], reply[1::2], strict=True))
-            entries += [(int(token_id), _text(digest)) for token_id, digest in flat]
+        bucket, cursor = self._orphan_cursor, self._orphan_scan
+        next_cursor, found = await self.call(
+            lambda: self.client.hscan(keys.ids_bucket(bucket), cursor, count=ORPHAN_ENTRIES_PER_SWEEP))
+        self._orphan_scan = int(next_cursor)
+        if self._orphan_scan == 0:  # that bucket done: the next one at the next sweep
+            self._orphan_cursor = (bucket + 1) % ID_BUCKETS
+        pairs = found.items() if isinstance(found, dict) else zip(found[::2], found[1::2], strict=True)
+        entries = [(int(token_id), _text(digest)) for token_id, digest in pairs]
         if not entries:
             return 0
         exists = await self.pipelined([("EXISTS", keys.token(digest)) for _, digest in entries])
         missing = {entry for entry, there in zip(entries, exists, strict=True) if not int(there)}
-        checked = {int(token_id) % ID_BUCKETS for token_id, _ in entries} | set(buckets)
-        for entry in [entry for entry in self._suspects if entry[0] % ID_BUCKETS in checked and entry not in missing]:
-            del self._suspects[entry]  # its record came (a creation in progress), or the entry went
+        for entry in [entry for entry in entries if entry not in missing and entry in self._suspects]:
+            del self._suspects[entry]  # its record came (a creation in progress)
         confirmed = [entry for entry in missing if moment - self._suspects.setdefault(entry, moment) >= ORPHAN_AGE]
+        if len(self._suspects) > MAX_SUSPECTS:  # never more than this held: the oldest go
+            for entry in list(self._suspects)[:len(self._suspects) - MAX_SUSPECTS]:
+                del self._suspects[entry]
         if not confirmed:
             return 0
         replies = await self.scripts(CLEAR_ORPHAN, [([keys.ids_of(token_id), keys.expiry_of(token_id)],

@@ -271,7 +271,14 @@ async def test_resharding_under_traffic_answers_no_error(
     # Those whose records move are used last (`pop`), while the reshard runs.
     unused = sorted((token["key"] for token in body["result"]), key=lambda key: in_moving({"key": key}))
     assert sum(1 for token in body["result"] if in_moving(token)) >= 3
+    # Deleted tokens whose records were in the moving slots: refused before, during and after.
+    revoked = [token for token in body["result"] if in_moving(token)][:2]
+    for token in revoked:
+        unused.remove(token["key"])
+        status, _ = await first.call("DELETE", f"/platform/tokens/{token['id']}")
+        assert status == 200
     answers: list[int] = []
+    refusals: list[int] = []
     moving_now = True
 
     async def traffic() -> None:
@@ -280,6 +287,7 @@ async def test_resharding_under_traffic_answers_no_error(
         while moving_now:
             if unused:
                 answers.append(await status_of(second, unused.pop()))
+            refusals.extend([await status_of(gw, token["key"]) for gw in (first, second) for token in revoked])
             if len(answers) % 10 == 0:
                 status, made = await first.call("POST", "/platform/tokens", json=[{"ttl": 600}])
                 answers.append(status)
@@ -301,6 +309,7 @@ async def test_resharding_under_traffic_answers_no_error(
         await running
     assert moving <= set(_slots_of(redis_cluster, target))  # the slots did move
     assert len(answers) > 10 and set(answers) == {200}, answers
+    assert set(refusals) == {401}, refusals
 
 
 async def test_a_paused_master_gives_no_wrong_answer_and_its_tokens_come_back(
@@ -387,7 +396,7 @@ async def test_an_index_entry_a_crash_left_without_its_record_is_swept(
         assert [await store.load(item["digest"]) is None for item in (crashed, slow, kept)] == [True, True, False]
 
         async def sweep(now: float) -> int:
-            store._orphan_cursor = 1000 % ID_BUCKETS
+            store._orphan_cursor, store._orphan_scan = 1000 % ID_BUCKETS, 0
             return await store.sweep_orphans(now)
         assert await sweep(0.0) == 0  # seen once: perhaps a creation in progress
         await store.pipelined([("SET", keys.token(slow["digest"]), orjson.dumps(slow))])  # its record came
