@@ -506,7 +506,8 @@ async def services(app: web.Application, settings: Settings, shared: str | None 
     else:
         clients = open_clients(settings.redis)
     prefix, client = settings.redis.key_prefix, clients.client
-    store = open_token_store(client, prefix, clients.lean, clients.lean_loads, clients.lean_nodes)
+    store = open_token_store(client, prefix, clients.lean, clients.lean_loads, clients.lean_nodes,
+                             clients.lean_script_nodes)
     accounts = AccountStore(client, prefix)
     if clients.listener is not None:
         store.listener = accounts.listener = clients.listener

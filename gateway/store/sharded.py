@@ -80,6 +80,7 @@ class ShardedTokenStore(TokenStore):
         self._refreshing: set[asyncio.Task[None]] = set()
         # The lean clients of the masters, for `load_many_then`; None: redis-py for the loads too.
         self.lean_nodes: LeanNodes | None = None
+        self.lean_script_nodes: LeanNodes | None = None  # for `scripts`, on connections of their own
         self._bucket_slots = [key_slot(keys.token(f"{bucket:03x}").encode()) for bucket in range(TOKEN_BUCKETS)]
 
     # -- hot path ------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ class ShardedTokenStore(TokenStore):
         with its connection goes through redis-py (`RedisStore.scripts`, which sends the script
         whole where needed and follows redirections); a master that timed out fails its calls
         (`ScriptsFailed`, which says which ran)."""
-        lean_nodes = self.lean_nodes
+        lean_nodes = self.lean_script_nodes
         if lean_nodes is None or not calls:
             return await super().scripts(source, calls)
         slots = cast(RedisCluster, self.client).nodes_manager.slots_cache
@@ -551,10 +552,11 @@ class ShardedTokenStore(TokenStore):
 
 
 def open_token_store(client: aioredis.Redis, prefix: str, lean: RespClient | None = None,
-                     lean_loads: RespClient | None = None, lean_nodes: LeanNodes | None = None) -> TokenStore:
+                     lean_loads: RespClient | None = None, lean_nodes: LeanNodes | None = None,
+                     lean_script_nodes: LeanNodes | None = None) -> TokenStore:
     """The token store for `client`: the sharded one on a Redis Cluster."""
     if isinstance(client, RedisCluster):
         store = ShardedTokenStore(client, prefix, lean, lean_loads)
-        store.lean_nodes = lean_nodes
+        store.lean_nodes, store.lean_script_nodes = lean_nodes, lean_script_nodes
         return store
     return TokenStore(client, prefix, lean, lean_loads)
