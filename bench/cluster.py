@@ -30,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import HOST, PREFIX
-from harness.procs import Processes, free_port, wait_for_port
+from harness.procs import Processes, cpu_seconds, free_port, wait_for_port
 from harness.servers import start_gateway, start_upstream
 from harness.tokens import random_keys
 from harness.tools import find_tools
@@ -126,13 +126,13 @@ async def bulk_fill(ports: list[int], count: int, first_id: int) -> float:
     return time.perf_counter() - started
 
 
-def hot_rps(wrk: str, url: str, key: str, seconds: int = 5) -> float:
+def hot_rps(wrk: str, url: str, key: str, seconds: int = 5) -> tuple[float, int]:
     result = subprocess.run([wrk, "-t1", "-c32", f"-d{seconds}s", "-H", f"Authorization: FlespiToken {key}",
                              url + "/bench/hot"], capture_output=True, text=True, timeout=seconds + 30)
     parsed = parse_wrk(result.stdout)
     if parsed.errors:
         raise RuntimeError(f"hot run: {parsed.errors} errors")
-    return parsed.rps
+    return parsed.rps, parsed.requests
 
 
 async def kill_master(url: str, ports: list[int], spare: list[str], nodes: dict[int, Any]) -> dict[str, Any]:
@@ -206,32 +206,43 @@ def main() -> None:
                                settings={"log": {"path": "off"}})
         print(f"# bench/cluster.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; upstream: {kind}; "
               f"load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} cores, shared")
-        made = {name: [token["key"] for token in asyncio.run(create_tokens(url, args.tokens * args.rounds + 600))]
+        made = {name: [token["key"] for token in asyncio.run(create_tokens(url, args.tokens * args.rounds + 1500))]
                 for name, url in (("cluster", on_cluster.url), ("one Redis", on_one.url))}
+        gateways = {"cluster": on_cluster, "one Redis": on_one}
         rates: dict[str, list[float]] = {"cluster": [], "one Redis": []}
+        miss_cpu: dict[str, list[float]] = {"cluster": [], "one Redis": []}
         for step in range(args.rounds):
-            for name, url in (("cluster", on_cluster.url), ("one Redis", on_one.url)):
+            for name, gateway in gateways.items():
                 chunk = made[name][step * args.tokens:(step + 1) * args.tokens]
-                rates[name].append(asyncio.run(miss_throughput(url, chunk)))
+                before = cpu_seconds(gateway.worker_pids())
+                rates[name].append(asyncio.run(miss_throughput(gateway.url, chunk)))
+                miss_cpu[name].append((cpu_seconds(gateway.worker_pids()) - before) / len(chunk) * 1e6)
         rows = [(f"cache-miss authentications/s, {name} (runs)", " / ".join(f"{r:,.0f}" for r in values))
                 for name, values in rates.items()]
         medians = {name: sorted(values)[len(values) // 2] for name, values in rates.items()}
         rows.append(("cache-miss, cluster / one Redis (best runs; medians)",
                      f"{max(rates['cluster']) / max(rates['one Redis']):.2f}; "
                      f"{medians['cluster'] / medians['one Redis']:.2f}"))
+        rows += [(f"gateway CPU µs per cache miss, {name} (runs)", " / ".join(f"{v:,.0f}" for v in values))
+                 for name, values in miss_cpu.items()]
         hot: dict[str, list[float]] = {"cluster": [], "one Redis": []}
+        hot_cpu: dict[str, list[float]] = {"cluster": [], "one Redis": []}
         per_request: list[float] = []
         hot_keys = {"cluster": made["cluster"][-1], "one Redis": made["one Redis"][-1]}
         for _ in range(2):
-            for name, url in (("cluster", on_cluster.url), ("one Redis", on_one.url)):
+            for name, gateway in gateways.items():
                 before = commands_processed(ports) if name == "cluster" else 0
-                rps = hot_rps(str(tools["wrk"]), url, hot_keys[name])
+                cpu_before = cpu_seconds(gateway.worker_pids())
+                rps, requests = hot_rps(str(tools["wrk"]), gateway.url, hot_keys[name])
+                hot_cpu[name].append((cpu_seconds(gateway.worker_pids()) - cpu_before) / max(1, requests) * 1e6)
                 hot[name].append(rps)
                 if name == "cluster":
-                    per_request.append((commands_processed(ports) - before) / max(1.0, rps * 5))
+                    per_request.append((commands_processed(ports) - before) / max(1, requests))
         rows += [(f"hot (cached) requests/s, {name} (runs)", " / ".join(f"{r:,.0f}" for r in values))
                  for name, values in hot.items()]
         rows.append(("hot, cluster / one Redis (best runs)", f"{max(hot['cluster']) / max(hot['one Redis']):.2f}"))
+        rows += [(f"gateway CPU µs per hot request, {name} (runs)", " / ".join(f"{v:,.0f}" for v in values))
+                 for name, values in hot_cpu.items()]
         rows.append(("Redis commands per hot request on the cluster (all masters; background included)",
                      " / ".join(f"{value:.4f}" for value in per_request)))
         spare = made["cluster"][args.tokens * args.rounds:-1]
@@ -240,7 +251,7 @@ def main() -> None:
             rows.append((f"{args.bulk:,} tokens written straight into the cluster", f"{seconds:,.0f} s"))
             for port, (keys, memory) in sorted(masters(ports).items()):
                 rows.append((f"master :{port}: keys, used_memory", f"{keys:,}, {memory / 2**20:,.0f} MiB"))
-            sample = random.sample(spare, min(300, len(spare)))
+            sample = random.sample(spare, min(1000, len(spare) - 300))
             spare = [key for key in spare if key not in sample]
             rows.append((f"cache-miss authentications/s with {args.bulk:,} more tokens there (one run)",
                          f"{asyncio.run(miss_throughput(on_cluster.url, sample)):,.0f}"))

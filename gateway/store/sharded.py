@@ -229,6 +229,69 @@ class ShardedTokenStore(TokenStore):
             finish()
         return True
 
+    async def pipelined(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """`RedisStore.pipelined` on the lean clients (every command here names its one key
+        first): each master's commands sent at once, in order. What a master refused (a slot
+        moved) or lost with its connection goes through redis-py; a master that timed out fails
+        the call. Replies raw, as the lean client reads them (the commands sent here answer the
+        same through either)."""
+        lean_nodes = self.lean_script_nodes
+        if lean_nodes is None or not commands:
+            return await super().pipelined(commands)
+        groups = self._by_master([command[1] for command in commands])
+        if groups is None:
+            return await super().pipelined(commands)
+        replies: list[Any] = [None] * len(commands)
+        again: list[int] = []
+        for indexes, result in await self._send_by_master(lean_nodes, groups, [tuple(c) for c in commands]):
+            if isinstance(result, redis.exceptions.TimeoutError):
+                raise _unavailable(result)
+            if isinstance(result, BaseException):
+                again += indexes
+                continue
+            for index, reply in zip(indexes, result, strict=True):
+                if isinstance(reply, hiredis.ReplyError):
+                    again.append(index)
+                else:
+                    replies[index] = reply
+        if again:
+            for index, reply in zip(again, await super().pipelined([commands[index] for index in again]), strict=True):
+                replies[index] = reply
+        return replies
+
+    def _by_master(self, keys: Sequence[Any]) -> dict[str, list[int]] | None:
+        """Indexes of `keys` per master address, from redis-py's slot map; None if it does not
+        know a slot yet."""
+        slots = cast(RedisCluster, self.client).nodes_manager.slots_cache
+        groups: dict[str, list[int]] = {}
+        for index, key in enumerate(keys):
+            nodes = slots.get(key_slot(key.encode() if isinstance(key, str) else key))
+            if not nodes:
+                return None
+            groups.setdefault(nodes[0].name, []).append(index)
+        return groups
+
+    async def _send_by_master(self, lean_nodes: LeanNodes, groups: dict[str, list[int]],
+                              commands: Sequence[tuple[Any, ...]]) -> list[tuple[list[int], Any]]:
+        """Each master's commands on its lean client, all at once; per master its replies or the
+        exception (a connection not open yet: opened meanwhile, and ConnectionError here)."""
+        loop = asyncio.get_running_loop()
+        sent: list[tuple[list[int], asyncio.Future[Any]]] = []
+        for address, indexes in groups.items():
+            future: asyncio.Future[Any] = loop.create_future()
+            lean = lean_nodes.client(address)
+
+            def answer(replies: Any, future: asyncio.Future[Any] = future) -> None:
+                if not future.done():
+                    future.set_result(replies)
+            if not lean.is_open:
+                lean.open_soon()
+                future.set_result(redis.exceptions.ConnectionError("not open yet"))
+            elif not lean.execute_then([commands[index] for index in indexes], answer):
+                future.set_result(redis.exceptions.ConnectionError("closed"))
+            sent.append((indexes, future))
+        return [(indexes, await future) for indexes, future in sent]
+
     async def scripts(self, source: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
         """`RedisStore.scripts` on the lean clients: the calls grouped by master (redis-py's slot
         map), each master's sent at once. What a master refused (NOSCRIPT, a slot moved) or lost
@@ -238,39 +301,17 @@ class ShardedTokenStore(TokenStore):
         lean_nodes = self.lean_script_nodes
         if lean_nodes is None or not calls:
             return await super().scripts(source, calls)
-        slots = cast(RedisCluster, self.client).nodes_manager.slots_cache
-        groups: dict[str, list[int]] = {}
-        for index, (keys, _) in enumerate(calls):
-            nodes = slots.get(key_slot(keys[0].encode()))
-            if not nodes:
-                return await super().scripts(source, calls)
-            groups.setdefault(nodes[0].name, []).append(index)
-        clients = {address: lean_nodes.client(address) for address in groups}
-        closed = [lean for lean in clients.values() if not lean.is_open]
-        if closed:
-            for lean in closed:
-                lean.open_soon()
+        groups = self._by_master([keys[0] for keys, _ in calls])
+        if groups is None:
             return await super().scripts(source, calls)
         sha = script_sha(source)
-        loop = asyncio.get_running_loop()
-        sent: list[tuple[list[int], asyncio.Future[Any]]] = []
-        for address, indexes in groups.items():
-            future: asyncio.Future[Any] = loop.create_future()
-
-            def answer(replies: Any, future: asyncio.Future[Any] = future) -> None:
-                if not future.done():
-                    future.set_result(replies)
-            commands = [("EVALSHA", sha, len(calls[index][0]), *calls[index][0], *calls[index][1])
-                        for index in indexes]
-            if not clients[address].execute_then(commands, answer):
-                future.set_result(redis.exceptions.ConnectionError("closed"))
-            sent.append((indexes, future))
+        commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+        sent = await self._send_by_master(lean_nodes, groups, commands)
         replies: list[Any] = [None] * len(calls)
         done: set[int] = set()
         again: list[int] = []
         timed_out: BaseException | None = None
-        for indexes, future in sent:
-            result = await future
+        for indexes, result in sent:
             if isinstance(result, redis.exceptions.TimeoutError):
                 timed_out = result  # ran or not: unknown
             elif isinstance(result, BaseException):

@@ -405,6 +405,13 @@ async def test_an_index_entry_a_crash_left_without_its_record_is_swept(
             slow["id"], kept["id"]]
         assert await client.hget(keys.ids_of(1000), "1000") is None
         assert await client.zscore(keys.expiry_of(1000), "1000") is None
+        # The first token of a new store: `next_id` claimed first (SET NX), once.
+        first = record(1)
+        assert await store.insert_first(first) is True
+        assert await store.insert_first({**record(1), "digest": key_digest("another")}) is False
+        loaded = await store.load(first["digest"])
+        assert loaded is not None and loaded["id"] == 1
+        assert await store.allocate_ids(2) == [2, 3]
     finally:
         await client.aclose()
 
