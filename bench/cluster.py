@@ -85,44 +85,51 @@ async def bulk_fill(ports: list[int], count: int, first_id: int) -> float:
     from gateway.tokens import key_digest
 
     keys = ClusterKeys(PREFIX)
-    owners = slot_owners(ports[0])
-    clients = {port: RespClient(f"redis://{HOST}:{port}/0", 60, 5) for port in set(owners.values())}
     started = time.perf_counter()
     now = int(time.time())
-    chunk = 20_000
-    in_flight: list[asyncio.Future[Any]] = []
-    try:
-        for start in range(0, count, chunk):
-            per_node: dict[int, list[tuple[Any, ...]]] = {port: [] for port in clients}
-            account: list[tuple[Any, ...]] = []
-            ids = []
-            for offset, key in enumerate(random_keys(min(chunk, count - start))):
-                token_id = first_id + start + offset
-                digest = key_digest(key)
-                record = {**DEFAULTS, "ttl": 86400, "info": "", "id": token_id, "digest": digest, "created": now,
-                          "accessed": 0, "cid": 0}
-                name = keys.token(digest)
-                per_node[owners[key_slot(name.encode())]].append(("SET", name, orjson.dumps(record)))
-                ids_key, expiry_key = keys.ids_of(token_id), keys.expiry_of(token_id)
-                node = owners[key_slot(ids_key.encode())]
-                per_node[node].append(("HSET", ids_key, token_id, digest))
-                per_node[node].append(("ZADD", expiry_key, expires_at(record), token_id))
-                ids.append(token_id)
-            account_key = keys.account_tokens(0)
-            account.append(("SADD", account_key, *ids))
-            per_node[owners[key_slot(account_key.encode())]] += account
-            for port, commands in per_node.items():
-                in_flight.append(asyncio.ensure_future(clients[port].execute(commands)))
-            if len(in_flight) >= 12:
-                await asyncio.gather(*in_flight)
-                in_flight = []
-        await asyncio.gather(*in_flight)
-        with_next = RespClient(f"redis://{HOST}:{owners[key_slot(keys.next_id.encode())]}/0", 10, 5)
-        await with_next.execute([("SET", keys.next_id, first_id + count)])
-        await with_next.close()
-    finally:
-        for client in clients.values():
-            await client.close()
+    chunk = 10_000
+    stalls = 0
+    for start in range(0, count, chunk):
+        commands: list[tuple[str, tuple[Any, ...]]] = []  # (key, command)
+        ids = []
+        for offset, key in enumerate(random_keys(min(chunk, count - start))):
+            token_id = first_id + start + offset
+            digest = key_digest(key)
+            record = {**DEFAULTS, "ttl": 86400, "info": "", "id": token_id, "digest": digest, "created": now,
+                      "accessed": 0, "cid": 0}
+            name = keys.token(digest)
+            ids_key, expiry_key = keys.ids_of(token_id), keys.expiry_of(token_id)
+            commands += [(ids_key, ("HSET", ids_key, token_id, digest)),
+                         (expiry_key, ("ZADD", expiry_key, expires_at(record), token_id)),
+                         (name, ("SET", name, orjson.dumps(record)))]
+            ids.append(token_id)
+        account_key = keys.account_tokens(0)
+        commands.append((account_key, ("SADD", account_key, *ids)))
+        while True:  # the writes are idempotent: a chunk refused (a node too busy to answer its
+            try:     # peers in time, on a loaded machine) is written again where the slots are now
+                owners = slot_owners(ports[0])
+                per_node: dict[int, list[tuple[Any, ...]]] = {}
+                for name, command in commands:
+                    per_node.setdefault(owners[key_slot(name.encode())], []).append(command)
+                clients = [RespClient(f"redis://{HOST}:{port}/0", 60, 5) for port in per_node]
+                try:
+                    await asyncio.gather(*(client.execute(part) for client, part in zip(clients, per_node.values(),
+                                                                                         strict=True)))
+                finally:
+                    for client in clients:
+                        await client.close()
+                break
+            except Exception:
+                stalls += 1
+                if stalls > 20:
+                    raise
+                await asyncio.sleep(2)
+    owners = slot_owners(ports[0])
+    with_next = RespClient(f"redis://{HOST}:{owners[key_slot(keys.next_id.encode())]}/0", 10, 5)
+    await with_next.execute([("SET", keys.next_id, first_id + count)])
+    await with_next.close()
+    if stalls:
+        print(f"(bulk fill: {stalls} chunks written again after the cluster refused them)")
     return time.perf_counter() - started
 
 
