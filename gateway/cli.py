@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     direction = migrate.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from", dest="source", metavar="URL", help="redis://... to copy into the cluster")
     direction.add_argument("--to", dest="destination", metavar="URL", help="redis://... to copy the cluster into")
+    direction.add_argument("--in-place", action="store_true",
+                           help="the cluster's own data as earlier builds kept it (all in the prefix's slot)")
     migrate.add_argument("--prefix", default=None,
                          help="key prefix on that Redis (default: redis.key_prefix of the configuration)")
     migrate.add_argument("--usage", action="store_true", help="copy the usage counters and blocked tokens too")
@@ -93,7 +95,7 @@ def migrate_command(args: argparse.Namespace) -> int:
     """`gateway migrate --from URL` / `--to URL`: between one Redis and the configured cluster."""
     import redis.exceptions
 
-    from gateway.store.migrate import MigrationRefused, migrate, open_cluster_side, open_single
+    from gateway.store.migrate import MigrationRefused, migrate, one_slot_side, open_cluster_side, open_single
     try:
         settings = read_settings(args.config)
     except ConfigError as exc:
@@ -104,9 +106,10 @@ def migrate_command(args: argparse.Namespace) -> int:
         print("gateway migrate: the configuration has no redis.cluster to copy into or out of", file=sys.stderr)
         return 2
     prefix = settings.redis.key_prefix
-    single = open_single(args.source or args.destination, args.prefix or prefix)
     sharded = open_cluster_side(cluster, prefix)
-    source, target = (single, sharded) if args.source else (sharded, single)
+    single = one_slot_side(sharded) if args.in_place else open_single(args.source or args.destination,
+                                                                       args.prefix or prefix)
+    source, target = (sharded, single) if args.destination else (single, sharded)
     print(f"gateway migrate: from {source.name} to {target.name}")
     try:
         migrate(source, target, usage=args.usage, logs=args.logs, force=args.force)
@@ -117,7 +120,8 @@ def migrate_command(args: argparse.Namespace) -> int:
         print(f"gateway migrate: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
-        single.client.close()
+        if single.client is not sharded.client:
+            single.client.close()
         sharded.client.close()
     print("gateway migrate: done")
     return 0

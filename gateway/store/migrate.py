@@ -87,6 +87,13 @@ def open_single(url: str, prefix: str, timeout: float = 10.0) -> Side:
     return Side(client, Keys(prefix), f"{shown} prefix {prefix}")
 
 
+def one_slot_side(cluster: Side) -> Side:
+    """The same cluster read in the one-Redis layout, as builds before the sharded layout wrote
+    it there (every key under the prefix's hash tag, in one slot)."""
+    name = cluster.name.replace(" prefix ", " (one-slot layout) prefix ")
+    return Side(cluster.client, Keys(cluster.keys.prefix), name)
+
+
 def open_cluster_side(cluster: ClusterSettings, prefix: str, timeout: float = 10.0) -> Side:
     client = RedisCluster(startup_nodes=[ClusterNode(host, port)  # type: ignore[no-untyped-call]
                                          for host, port in cluster.nodes],
@@ -146,9 +153,11 @@ def _account_of(key: str, sharded: bool, family_prefix: str) -> tuple[int, str]:
 
 # -- the copy ---------------------------------------------------------------------------------
 
-def is_empty(side: Side) -> bool:
+def is_empty(side: Side, records_only: bool = False) -> bool:
+    """No counter, no accounts, no token record (`records_only`: no record, for a copy in place,
+    whose counters and accounts are the source's own)."""
     keys = side.keys
-    if any(side.client.exists(name) for name in (keys.next_id, keys.accounts)):
+    if not records_only and any(side.client.exists(name) for name in (keys.next_id, keys.accounts)):
         return False
     pattern = _sharded_pattern(side, "tok:*")
     return next(side.scan(pattern), None) is None
@@ -157,7 +166,8 @@ def is_empty(side: Side) -> bool:
 def migrate(source: Side, target: Side, *, usage: bool = False, logs: bool = False, force: bool = False,
             say: Callable[[str], None] = print) -> Report:
     marker = target.keys.prefix + MARKER
-    if not is_empty(target):
+    in_place = source.client is target.client  # a cluster's one-slot layout into its sharded one
+    if not is_empty(target, records_only=in_place):
         previous = target.client.get(marker)
         if not force and (previous is None or _text(previous) != source.name):
             raise MigrationRefused(
@@ -311,6 +321,8 @@ def _records(source: Side, target: Side, report: Report) -> None:
     for key in source.scan(pattern):
         if source.sharded and "}" not in key:
             continue
+        if not source.sharded and key[len(skeys.token_prefix):].startswith("{"):
+            continue  # the cluster layout's, under a prefix without braces
         batch.append(key)
         if len(batch) >= BATCH:
             count += flush()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -145,3 +146,37 @@ async def test_a_store_on_one_redis_moves_to_the_cluster_and_back(
     assert [await status_of(returned, token["key"]) for token in (made[1], new, customer_token)] == [200] * 3
     status, body = await returned.call("GET", "/platform/tokens/all")
     assert {token["id"] for token in made} - {made[2]["id"]} <= {item["id"] for item in body["result"]}
+
+
+async def test_a_cluster_kept_as_earlier_builds_kept_it_is_copied_in_place(
+        upstream: Upstream, redis_cluster: RedisClusterSet, gateways: list[GatewayHandle], tmp_path: Path) -> None:
+    """Earlier builds kept everything under the prefix's hash tag, in one slot, on a cluster too:
+    `--in-place` copies that into the sharded layout of the same cluster."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    from gateway.tokens import key_digest
+    prefix = "{gwtest-" + uuid.uuid4().hex[:12] + "}:"
+    key = "K" * 64
+    record = {"id": 2, "info": "old", "enabled": True, "access": {"type": 0}, "expire": 0, "ttl": 3600,
+              "created": 1_900_000_000, "accessed": 0, "ips": "", "origins": "*", "cid": 0, "metadata": {}}
+    host, port = redis_cluster.hosts[0].split(":")
+    with RedisCluster(startup_nodes=[ClusterNode(host, int(port))]) as client:
+        client.set(prefix + "tok:" + key_digest(key), json.dumps(record))
+        client.hset(prefix + "ids", "2", key_digest(key))
+        client.sadd(prefix + "cid:0", "2")
+        client.zadd(prefix + "expiry", {"2": 1_900_003_600})
+        client.hset(prefix + "used", key_digest(key), 1_900_000_100)
+        client.set(prefix + "next_id", 2)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "upstream": upstream.url, "redis": {"cluster": {"nodes": redis_cluster.hosts[:2]}, "key_prefix": prefix}}))
+    code, out, err = await asyncio.to_thread(run_cli, "--config", str(config), "migrate", "--in-place")
+    assert code == 0, err
+    assert "token records: 1" in out and "next_id: 2" in out, out
+    code, out, err = await asyncio.to_thread(run_cli, "--config", str(config), "migrate", "--in-place")
+    assert code == 0, err  # again: the same
+    on_cluster = await start(gateways, upstream, {"cluster": {"nodes": redis_cluster.hosts[:2]}}, prefix)
+    assert await status_of(on_cluster, key) == 200
+    status, body = await on_cluster.call("GET", "/platform/tokens/2")
+    assert status == 200 and body["result"][0]["accessed"] == 1_900_000_100
+    assert (await on_cluster.create_token())["id"] > 2
