@@ -29,8 +29,9 @@ tag `{...}` names the slot group of each key, and every script or MULTI touches 
 
 - `<base>tok:{t.<b>}<digest>`    the record; `<b>`: the digest's first three hex digits (4096
                                  token buckets), so records spread over every master by digest
-- `<base>used:{t.<b>}`           hash: digest -> last `accessed`, in the record's own slot (a
-                                 cache miss reads both from one node)
+- `<base>used:{u.<uu>}`          hash: digest -> last `accessed`; `<uu>`: the digest's first two
+                                 hex digits (256 buckets: a second's `accessed` writes are a few
+                                 hundred script calls, not one per token)
 - `<base>ids:{i.<n>}`            hash: token id -> digest; `<n>`: the id modulo ID_BUCKETS (256)
 - `<base>expiry:{i.<n>}`         sorted set: token id -> when it stops being valid
 - `<base>bin:{i.<n>}`, `<base>bin_times:{i.<n>}`  the recycle bin, by id bucket too
@@ -50,6 +51,7 @@ from __future__ import annotations
 import zlib
 
 TOKEN_BUCKETS = 4096  # the cluster layout's token buckets: the first three hex digits of a digest
+USED_BUCKETS = 256  # its `used` buckets: the first two
 ID_BUCKETS = 256  # the cluster layout's id buckets (ids, expiry, recycle bin)
 
 
@@ -116,6 +118,11 @@ def token_bucket(digest: str) -> int:
         return zlib.crc32(digest.encode("utf-8", "surrogateescape")) % TOKEN_BUCKETS
 
 
+def used_bucket(digest: str) -> int:
+    """The `used` bucket (cluster layout) of a key digest: its first two hex digits."""
+    return token_bucket(digest) >> 4
+
+
 class ClusterKeys(Keys):
     """The cluster layout (module docstring): per-digest, per-id-bucket and per-account hash tags.
     Names that still exist as plain attributes (`ids`, `used`, `expiry`, `bin`, `bin_times`,
@@ -134,10 +141,10 @@ class ClusterKeys(Keys):
         return "%s{t.%x}%s" % (self.token_prefix, token_bucket(digest), digest)  # noqa: UP031
 
     def used_bucket(self, bucket: int) -> str:
-        return "%sused:{t.%x}" % (self.base, bucket)  # noqa: UP031
+        return "%sused:{u.%02x}" % (self.base, bucket)  # noqa: UP031
 
     def used_of(self, digest: str) -> str:
-        return self.used_bucket(token_bucket(digest))
+        return self.used_bucket(used_bucket(digest))
 
     def ids_bucket(self, bucket: int) -> str:
         return f"{self.base}ids:{{i.{bucket}}}"

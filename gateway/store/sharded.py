@@ -35,7 +35,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from gateway.errors import StoreUnavailable
-from gateway.store.keys import ID_BUCKETS, TOKEN_BUCKETS, ClusterKeys, token_bucket
+from gateway.store.keys import ID_BUCKETS, TOKEN_BUCKETS, USED_BUCKETS, ClusterKeys, token_bucket, used_bucket
 from gateway.store.resp import LeanNodes, RespClient, script_sha
 from gateway.store.scripts import CLEAR_ORPHAN, SWAP_ID, TOUCH
 from gateway.store.tokens import (
@@ -82,6 +82,7 @@ class ShardedTokenStore(TokenStore):
         self.lean_nodes: LeanNodes | None = None
         self.lean_script_nodes: LeanNodes | None = None  # for `scripts`, on connections of their own
         self._bucket_slots = [key_slot(keys.token(f"{bucket:03x}").encode()) for bucket in range(TOKEN_BUCKETS)]
+        self._used_slots = [key_slot(keys.used_bucket(bucket).encode()) for bucket in range(USED_BUCKETS)]
 
     # -- hot path ------------------------------------------------------------------------------
 
@@ -93,10 +94,10 @@ class ShardedTokenStore(TokenStore):
         return cast(list[dict[str, Any] | None], outcomes)
 
     async def load_each(self, digests: Sequence[str]) -> list[dict[str, Any] | StoreUnavailable | None]:
-        """One pipeline: a GET per record and an HMGET per token bucket of `used` (a record and
-        its `used` field share a slot); redis-py sends each node its commands in one write, and
-        the nodes are asked at once. A node that does not answer fails only the digests it holds
-        (StoreUnavailable in their place): the others are answered."""
+        """One pipeline: a GET per record and an HMGET per bucket of `used`; redis-py sends each
+        node its commands in one write, and the nodes are asked at once. A node that does not
+        answer fails only the digests it holds (StoreUnavailable in their place): the others are
+        answered."""
         if not digests:
             return []
         keys = self.shards
@@ -104,8 +105,7 @@ class ShardedTokenStore(TokenStore):
         buckets: dict[int, list[int]] = {}
         commands: list[tuple[Any, ...]] = []
         for index, digest in enumerate(digests):
-            bucket = token_bucket(digest)
-            buckets.setdefault(bucket, []).append(index)
+            buckets.setdefault(used_bucket(digest), []).append(index)
             commands.append(("GET", keys.token(digest)))
         for bucket, indexes in buckets.items():
             commands.append(("HMGET", keys.used_bucket(bucket), *[digests[index] for index in indexes]))
@@ -161,69 +161,79 @@ class ShardedTokenStore(TokenStore):
         if lean_nodes is None or not digests:
             return False
         slots = cast(RedisCluster, self.client).nodes_manager.slots_cache
-        bucket_slots = self._bucket_slots
-        groups: dict[str, list[int]] = {}
-        buckets: list[int] = []
+        bucket_slots, used_slots = self._bucket_slots, self._used_slots
+        keys = self.shards
+        # Per master: its commands, and what each reply fills (a record's index, or the indexes
+        # whose `accessed` an HMGET brings).
+        per_node: dict[str, tuple[list[tuple[Any, ...]], list[int | list[int]]]] = {}
+        by_used: dict[int, list[int]] = {}
         for index, digest in enumerate(digests):
             bucket = token_bucket(digest)
-            buckets.append(bucket)
             nodes = slots.get(bucket_slots[bucket])
             if not nodes:
                 return False
-            groups.setdefault(nodes[0].name, []).append(index)
-        clients = {address: lean_nodes.client(address) for address in groups}
+            entry = per_node.get(nodes[0].name)
+            if entry is None:
+                entry = per_node[nodes[0].name] = ([], [])
+            entry[0].append(("GET", keys.token(digest)))
+            entry[1].append(index)
+            by_used.setdefault(bucket >> 4, []).append(index)
+        for bucket, members in by_used.items():
+            nodes = slots.get(used_slots[bucket])
+            if not nodes:
+                return False
+            entry = per_node.get(nodes[0].name)
+            if entry is None:
+                entry = per_node[nodes[0].name] = ([], [])
+            entry[0].append(("HMGET", keys.used_bucket(bucket), *[digests[index] for index in members]))
+            entry[1].append(members)
+        clients = {address: lean_nodes.client(address) for address in per_node}
         closed = [lean for lean in clients.values() if not lean.is_open]
         if closed:
             for lean in closed:
                 lean.open_soon()
             return False
-        keys = self.shards
         count = len(digests)
         raws: list[Any] = [None] * count
         used: list[Any] = [None] * count
         failed: dict[int, StoreUnavailable] = {}
-        again: list[int] = []
-        waiting = [len(groups)]
+        again: set[int] = set()
+        waiting = [len(per_node)]
         started = time.perf_counter()
 
         def finish() -> None:
             self.batch_latency.observe(time.perf_counter() - started)
             if again:
-                self._spawn_fallback(digests, raws, used, failed, again, callback)
+                self._spawn_fallback(digests, raws, used, failed, sorted(again), callback)
                 return
             callback(self._outcomes(digests, raws, used, failed))
 
-        def answer_for(indexes: list[int], by_bucket: dict[int, list[int]]) -> Callable[[Any], None]:
+        def touched(targets: list[int | list[int]]) -> list[int]:
+            return [index for target in targets for index in (target if isinstance(target, list) else [target])]
+
+        def answer_for(targets: list[int | list[int]]) -> Callable[[Any], None]:
             def answer(replies: list[Any] | BaseException) -> None:
-                if isinstance(replies, BaseException):
-                    if isinstance(replies, redis.exceptions.TimeoutError):
-                        for index in indexes:
-                            failed[index] = _unavailable(replies)
-                    else:
-                        again.extend(indexes)
-                elif any(isinstance(reply, hiredis.ReplyError) for reply in replies):
-                    again.extend(indexes)  # a slot moved (or is moving): redis-py follows it
+                if isinstance(replies, redis.exceptions.TimeoutError):
+                    for index in touched(targets):
+                        failed[index] = _unavailable(replies)
+                elif isinstance(replies, BaseException) or any(
+                        isinstance(reply, hiredis.ReplyError) for reply in replies):
+                    again.update(touched(targets))  # a slot moved (or is moving): redis-py follows it
                 else:
-                    for index, raw in zip(indexes, replies, strict=False):
-                        raws[index] = raw
-                    for members, reply in zip(by_bucket.values(), replies[len(indexes):], strict=True):
-                        for index, when in zip(members, reply, strict=True):
-                            used[index] = when
+                    for target, reply in zip(targets, replies, strict=True):
+                        if isinstance(target, list):
+                            for index, when in zip(target, reply, strict=True):
+                                used[index] = when
+                        else:
+                            raws[target] = reply
                 waiting[0] -= 1
                 if waiting[0] == 0:
                     finish()
             return answer
 
-        for address, indexes in groups.items():
-            by_bucket: dict[int, list[int]] = {}
-            commands: list[tuple[Any, ...]] = []
-            for index in indexes:
-                by_bucket.setdefault(buckets[index], []).append(index)
-                commands.append(("GET", keys.token(digests[index])))
-            for bucket, members in by_bucket.items():
-                commands.append(("HMGET", keys.used_bucket(bucket), *[digests[index] for index in members]))
-            if not clients[address].execute_then(commands, answer_for(indexes, by_bucket)):
-                again.extend(indexes)  # closed since: through redis-py
+        for address, (commands, targets) in per_node.items():
+            if not clients[address].execute_then(commands, answer_for(targets)):
+                again.update(touched(targets))  # closed since: through redis-py
                 waiting[0] -= 1
         if waiting[0] == 0:
             finish()
@@ -377,12 +387,12 @@ class ShardedTokenStore(TokenStore):
         task.add_done_callback(self._refreshing.discard)
 
     async def touch(self, accessed: dict[str, int]) -> None:
-        """TOUCH per token bucket (all in one pipeline: a round trip per node)."""
+        """TOUCH per `used` bucket (256 at most), each master's calls sent at once."""
         if not accessed:
             return
         by_bucket: dict[int, dict[str, int]] = {}
         for digest, when in accessed.items():
-            by_bucket.setdefault(token_bucket(digest), {})[digest] = when
+            by_bucket.setdefault(used_bucket(digest), {})[digest] = when
         calls: list[tuple[Sequence[str], Sequence[Any]]] = []
         for bucket, members in by_bucket.items():
             pairs, step = _pairs(members), 2 * TOUCH_CHUNK
