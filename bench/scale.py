@@ -11,8 +11,9 @@
     python bench/scale.py [--tokens 3000] [--rounds 50]
 
 With `--cluster`, instead: cache-miss throughput through a gateway on a Redis Cluster of three
-masters and three replicas (redis-py's cluster client; the gateway's keys still share one slot,
-docs/redis.md) against one on a single Redis, alternated twice.
+masters and three replicas (the cluster key layout, docs/redis.md) against one on a single Redis,
+alternated twice. `bench/cluster.py` measures the cluster further (hot throughput, a bulk of
+tokens and each master's memory, a master killed).
 
     python bench/scale.py --cluster [--tokens 3000]
 """

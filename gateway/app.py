@@ -59,6 +59,7 @@ from gateway.store.accounts import CHANGED_MESSAGE, AccountDirectory, AccountSto
 from gateway.store.cache import TokenCache
 from gateway.store.clients import SENTINEL_POLL, Clients, open_clients
 from gateway.store.health import StoreMonitor
+from gateway.store.sharded import open_token_store
 from gateway.store.tokens import TokenStore
 from gateway.tokens import Token, key_digest, new_key
 from gateway.writers.accessed import AccessedWriter
@@ -505,7 +506,8 @@ async def services(app: web.Application, settings: Settings, shared: str | None 
     else:
         clients = open_clients(settings.redis)
     prefix, client = settings.redis.key_prefix, clients.client
-    store = TokenStore(client, prefix, clients.lean, clients.lean_loads)
+    store = open_token_store(client, prefix, clients.lean, clients.lean_loads, clients.lean_nodes,
+                             clients.lean_script_nodes)
     accounts = AccountStore(client, prefix)
     if clients.listener is not None:
         store.listener = accounts.listener = clients.listener

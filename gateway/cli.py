@@ -43,6 +43,21 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), help="Python logging level")
     commands = parse.add_subparsers(dest="command")
     commands.add_parser("keygen", help="print a new random 64-character token key (for bootstrap_master_token)")
+    migrate = commands.add_parser(
+        "migrate", help="copy a store from one Redis into the Redis Cluster of the configuration (or back)",
+        description="Copy every token record, index, the recycle bin, accounts and counters between one "
+                    "Redis (its own key layout) and the Redis Cluster that redis.cluster configures (the "
+                    "sharded layout, docs/redis.md). Safe to run again: the result is the same.")
+    direction = migrate.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from", dest="source", metavar="URL", help="redis://... to copy into the cluster")
+    direction.add_argument("--to", dest="destination", metavar="URL", help="redis://... to copy the cluster into")
+    direction.add_argument("--in-place", action="store_true",
+                           help="the cluster's own data as earlier builds kept it (all in the prefix's slot)")
+    migrate.add_argument("--prefix", default=None,
+                         help="key prefix on that Redis (default: redis.key_prefix of the configuration)")
+    migrate.add_argument("--usage", action="store_true", help="copy the usage counters and blocked tokens too")
+    migrate.add_argument("--logs", action="store_true", help="copy the token and account log lists too")
+    migrate.add_argument("--force", action="store_true", help="copy even into a target that already holds data")
     add_commands(commands)
     return parse
 
@@ -74,6 +89,42 @@ def api_command(args: argparse.Namespace) -> int:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return run_command(args, url, key)
+
+
+def migrate_command(args: argparse.Namespace) -> int:
+    """`gateway migrate --from URL` / `--to URL`: between one Redis and the configured cluster."""
+    import redis.exceptions
+
+    from gateway.store.migrate import MigrationRefused, migrate, one_slot_side, open_cluster_side, open_single
+    try:
+        settings = read_settings(args.config)
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    cluster = settings.redis.cluster
+    if cluster is None:
+        print("gateway migrate: the configuration has no redis.cluster to copy into or out of", file=sys.stderr)
+        return 2
+    prefix = settings.redis.key_prefix
+    sharded = open_cluster_side(cluster, prefix)
+    single = one_slot_side(sharded) if args.in_place else open_single(args.source or args.destination,
+                                                                       args.prefix or prefix)
+    source, target = (sharded, single) if args.destination else (single, sharded)
+    print(f"gateway migrate: from {source.name} to {target.name}")
+    try:
+        migrate(source, target, usage=args.usage, logs=args.logs, force=args.force)
+    except MigrationRefused as exc:
+        print(f"gateway migrate: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, redis.exceptions.RedisError) as exc:
+        print(f"gateway migrate: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if single.client is not sharded.client:
+            single.client.close()
+        sharded.client.close()
+    print("gateway migrate: done")
+    return 0
 
 
 def check_startup(settings: Settings) -> None:
@@ -137,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in ("token", "account"):
         return api_command(args)
+    if args.command == "migrate":
+        return migrate_command(args)
     try:
         settings = read_settings(args.config)
         if args.command != "token":  # a start, or its rehearsal

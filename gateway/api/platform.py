@@ -345,11 +345,11 @@ class PlatformApi:
         selector = await self._scope(call, parse_selector(call.parts[1], TOKEN_NAMES))
         assert selector.cid is not None
         if selector.ids is not None:
-            keys = [reader.token_key(i) for i in selector.ids]
+            keys = [reader.token_key(i, selector.cid) for i in selector.ids]
         elif selector.match is None:
             keys = [reader.account_key(selector.cid)]
         else:
-            keys = [reader.token_key(int(record["id"])) for record in await self._select_tokens(call)]
+            keys = [reader.token_key(int(record["id"]), selector.cid) for record in await self._select_tokens(call)]
         records = [r for r in await reader.read(keys) if int(r.get("cid") or 0) == selector.cid] if keys else []
         return select(records, data.get("from"), data.get("to"), None, data.get("count"))
 

@@ -276,7 +276,16 @@ class TokenCache:
     async def _fetch(self, digests: list[str], epoch: int, started: float) -> None:
         """One round trip for the batch, then every record compiled, remembered and handed out."""
         try:
-            records = await self._store.load_many(digests)
+            outcomes = await self._store.load_each(digests)
+            records: list[dict[str, Any] | None] = []
+            kept: list[str] = []
+            for digest, outcome in zip(digests, outcomes, strict=True):
+                if isinstance(outcome, StoreUnavailable):  # a cluster node that did not answer: the
+                    self._fail_batch([digest], outcome)     # others' tokens are still served
+                else:
+                    records.append(outcome)
+                    kept.append(digest)
+            digests = kept
             compiled = await self._compiler.compile_many([record for record in records if record is not None])
             self._hand_out(digests, records, compiled, epoch, started)
         except BaseException as exc:
@@ -290,6 +299,17 @@ class TokenCache:
         if isinstance(loaded, Exception):
             self._fail_batch(digests, loaded)
             return
+        if any(isinstance(outcome, StoreUnavailable) for outcome in loaded):
+            # A cluster node that could not answer: its tokens fail, the others' are served.
+            kept: list[str] = []
+            records: list[dict[str, Any] | None] = []
+            for digest, outcome in zip(digests, loaded, strict=True):
+                if isinstance(outcome, StoreUnavailable):
+                    self._fail_batch([digest], outcome)
+                else:
+                    kept.append(digest)
+                    records.append(outcome)
+            digests, loaded = kept, records
         try:
             compiled, grouped = self._compiler.compile_each([record for record in loaded if record is not None])
             if grouped:  # ACL tokens whose group members must be read first: in a task

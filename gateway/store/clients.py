@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.config import ClusterSettings, RedisSettings
-from gateway.store.resp import RespClient, lean_client
+from gateway.store.resp import LeanNodes, RespClient, lean_client
 from gateway.store.sentinel import MasterWatch
 from gateway.store.tokens import connect_redis
 
@@ -29,12 +29,17 @@ class Clients:
     lean: RespClient | None = None
     lean_loads: RespClient | None = None
     watch: MasterWatch | None = None
+    lean_nodes: LeanNodes | None = None  # a cluster's: one lean client per master, for the loads
+    lean_script_nodes: LeanNodes | None = None  # and others for the batched scripts
     owned: list[aioredis.Redis] = field(default_factory=list)
 
     async def close(self) -> None:
         for lean in (self.lean, self.lean_loads):
             if lean is not None:
                 await lean.close()
+        for nodes in (self.lean_nodes, self.lean_script_nodes):
+            if nodes is not None:
+                await nodes.close()
         for client in self.owned:
             await client.aclose()
         if self.watch is not None:
@@ -48,7 +53,15 @@ def open_clients(settings: RedisSettings) -> Clients:
         # redis-py for everything: it follows MOVED/ASK and the slot map, which the lean client
         # (one connection to one server) does not. Pub/sub: PUBLISH on any node of a cluster
         # reaches the subscribers on every node, so one connection to one node hears it all.
-        return Clients(cast(aioredis.Redis, cluster), owned=[cast(aioredis.Redis, cluster)])
+        # Cache-miss loads only: the lean client, one per master, found through redis-py's slot
+        # map (`ShardedTokenStore.load_many_then`); not with TLS, which it does not speak.
+        # The batched scripts (`accessed`, logs, usage) on connections of their own, as on one
+        # Redis: loads, which requests wait for, do not queue behind them.
+        loads, scripts = (None if settings.cluster.ssl else LeanNodes(
+            settings.cluster.username, settings.cluster.password, settings.socket_timeout, settings.connect_timeout)
+            for _ in range(2))
+        return Clients(cast(aioredis.Redis, cluster), lean_nodes=loads, lean_script_nodes=scripts,
+                       owned=[cast(aioredis.Redis, cluster)])
     waits = settings.replicas_to_wait > 0
     wait_timeout = settings.socket_timeout + settings.wait_timeout
     sentinel = settings.sentinel
@@ -83,9 +96,12 @@ def open_cluster(settings: RedisSettings, cluster: ClusterSettings) -> RedisClus
         startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
         socket_timeout=settings.socket_timeout, socket_connect_timeout=settings.connect_timeout,
         retry=Retry(NoBackoff(), 1), health_check_interval=10,
-        # The slot map is read again on every MOVED: redis-py's transactions would otherwise be
-        # sent to the old node until the fifth one.
-        reinitialize_steps=1, **cluster.connection_options())
+        # A MOVED patches the slot map for that slot (redis-py's `move_slot`), never re-reads it
+        # whole: a re-read closes every node connection first (`aclose`), under the commands of
+        # every other request, which then fail as torn connections. (No transaction runs on a
+        # cluster, so nothing needs the whole map fresher; a lost node still makes redis-py read
+        # it again.)
+        reinitialize_steps=0, **cluster.connection_options())
 
 
 def _lean_url(username: str, password: str, db: int) -> str:

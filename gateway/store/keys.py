@@ -1,8 +1,10 @@
 """Every Redis key and channel name the gateway uses, in one place.
 
-Each name starts with the configured prefix (`{gw}:` by default). The prefix's hash tag puts
-every key in one Redis Cluster slot, so transactions and scripts that touch several of them
-run there too.
+Two layouts. `Keys`, for one Redis, Sentinel and the embedded store: each name starts with the
+configured prefix (`{gw}:` by default), whose hash tag would put every key in one Redis Cluster
+slot. `ClusterKeys`, for `redis.cluster`: the data is spread over the cluster's slots (below).
+
+The one-Redis layout:
 
 - `tok:<sha256 of key>`          the record as JSON (never the key itself)
 - `ids`                          hash: token id -> key digest
@@ -23,13 +25,43 @@ run there too.
 - `writes`                       counter, bumped before each WAIT (what the replicas must hold)
 - `invalidate`                   pub/sub channel: digests whose cached records must be dropped,
                                  and `accounts`
+
+The cluster layout (`ClusterKeys`). `<base>` is the prefix without its braces (`gw:`); a hash
+tag `{...}` names the slot group of each key, and every script or MULTI touches one such group:
+
+- `<base>tok:{t.<b>}<digest>`    the record; `<b>`: the digest's first three hex digits (4096
+                                 token buckets), so records spread over every master by digest
+- `<base>used:{u.<uu>}`          hash: digest -> last `accessed`; `<uu>`: the digest's first two
+                                 hex digits (256 buckets: a second's `accessed` writes are a few
+                                 hundred script calls, not one per token)
+- `<base>ids:{i.<n>}`            hash: token id -> digest; `<n>`: the id modulo ID_BUCKETS (256)
+- `<base>expiry:{i.<n>}`         sorted set: token id -> when it stops being valid
+- `<base>bin:{i.<n>}`, `<base>bin_times:{i.<n>}`  the recycle bin, by id bucket too
+- `<base>cid:{a.<cid>}`          set: ids of the account's tokens
+- `<base>usage:{a.<cid>}:<window>`                the account's usage counters
+- `<base>logs:acct:{a.<cid>}`, `<base>logs:tok:{a.<cid>}<id>`  logs, in their account's slot
+                                 (a token's log lines carry its account; one LOG_PUSH per account)
+- one slot, the prefix's own (`{gw}:`), for what is small and used one key at a time:
+  `next_id`, `accounts`, `next_account_id`, `blocked:<window>`, `unblocked:<window>`, `writes`,
+  and the `invalidate` channel (PUBLISH on a cluster reaches every node's subscribers anyway)
+- `group:<group>:<uri>`, `groups`: as in the one-Redis layout (the upstream application's)
+
+No legacy `accessed` sorted set on a cluster: that layout is new (`gateway migrate` folds it).
 """
 from __future__ import annotations
+
+import zlib
+
+TOKEN_BUCKETS = 4096  # the cluster layout's token buckets: the first three hex digits of a digest
+USED_BUCKETS = 256  # its `used` buckets: the first two
+ID_BUCKETS = 256  # the cluster layout's id buckets (ids, expiry, recycle bin)
 
 
 class Keys:
     """The names under one prefix. Plain attributes for the fixed names (read on hot paths),
     methods for the ones that carry an id."""
+
+    sharded = False
 
     __slots__ = ("prefix", "token_prefix", "ids", "used", "legacy_accessed", "expiry", "next_id", "bin",
                  "bin_times", "accounts", "next_account_id", "groups", "writes", "lease_instances",
@@ -61,6 +93,10 @@ class Keys:
     def token_logs(self, token_id: int) -> str:
         return f"{self.prefix}logs:tok:{token_id}"
 
+    def token_logs_of(self, token_id: int, cid: int) -> str:
+        """The token's log list, where lines of the account `cid` go (the account matters only on a cluster)."""
+        return self.token_logs(token_id)
+
     def account_logs(self, cid: int) -> str:
         return f"{self.prefix}logs:acct:{cid}"
 
@@ -80,3 +116,83 @@ class Keys:
     def group_members(self, group_id: int, uri: str) -> str:
         """The set holding the ids of the items of `uri` that belong to group `group_id`."""
         return f"{self.prefix}group:{group_id}:{uri}"
+
+
+def token_bucket(digest: str) -> int:
+    """The token bucket (cluster layout) of a key digest: its first three hex digits."""
+    try:
+        return int(digest[:3], 16)
+    except ValueError:  # not a hex digest (never made by the gateway): any fixed bucket will do
+        return zlib.crc32(digest.encode("utf-8", "surrogateescape")) % TOKEN_BUCKETS
+
+
+def used_bucket(digest: str) -> int:
+    """The `used` bucket (cluster layout) of a key digest: its first two hex digits."""
+    return token_bucket(digest) >> 4
+
+
+class ClusterKeys(Keys):
+    """The cluster layout (module docstring): per-digest, per-id-bucket and per-account hash tags.
+    Names that still exist as plain attributes (`ids`, `used`, `expiry`, `bin`, `bin_times`,
+    `legacy_accessed`) are not keys here: use the methods that take a digest or an id."""
+
+    sharded = True
+
+    __slots__ = ("base",)
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix)
+        self.base = prefix.replace("{", "").replace("}", "")
+        self.token_prefix = f"{self.base}tok:"
+
+    def token(self, digest: str) -> str:
+        return "%s{t.%x}%s" % (self.token_prefix, token_bucket(digest), digest)  # noqa: UP031
+
+    def used_bucket(self, bucket: int) -> str:
+        return "%sused:{u.%02x}" % (self.base, bucket)  # noqa: UP031
+
+    def used_of(self, digest: str) -> str:
+        return self.used_bucket(used_bucket(digest))
+
+    def ids_bucket(self, bucket: int) -> str:
+        return f"{self.base}ids:{{i.{bucket}}}"
+
+    def ids_of(self, token_id: int) -> str:
+        return self.ids_bucket(int(token_id) % ID_BUCKETS)
+
+    def expiry_bucket(self, bucket: int) -> str:
+        return f"{self.base}expiry:{{i.{bucket}}}"
+
+    def expiry_of(self, token_id: int) -> str:
+        return self.expiry_bucket(int(token_id) % ID_BUCKETS)
+
+    def bin_bucket(self, bucket: int) -> str:
+        return f"{self.base}bin:{{i.{bucket}}}"
+
+    def bin_of(self, token_id: int) -> str:
+        return self.bin_bucket(int(token_id) % ID_BUCKETS)
+
+    def bin_times_bucket(self, bucket: int) -> str:
+        return f"{self.base}bin_times:{{i.{bucket}}}"
+
+    def bin_times_of(self, token_id: int) -> str:
+        return self.bin_times_bucket(int(token_id) % ID_BUCKETS)
+
+    def account_tokens(self, cid: int) -> str:
+        return f"{self.base}cid:{{a.{cid}}}"
+
+    def token_logs(self, token_id: int) -> str:
+        raise TypeError("on a cluster a token's logs are found by its account too: token_logs_of")
+
+    def token_logs_of(self, token_id: int, cid: int) -> str:
+        return f"{self.base}logs:tok:{{a.{cid}}}{token_id}"
+
+    def account_logs(self, cid: int) -> str:
+        return f"{self.base}logs:acct:{{a.{cid}}}"
+
+    def usage(self, window: int, cid: int) -> str:
+        return f"{self.base}usage:{{a.{cid}}}:{window}"
+
+
+def keys_for(prefix: str, cluster: bool) -> Keys:
+    return ClusterKeys(prefix) if cluster else Keys(prefix)

@@ -23,6 +23,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import hiredis
 from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
@@ -219,7 +220,9 @@ class RespClient:
 
     def _opened(self, attempt: asyncio.Future[_Connection]) -> None:
         self._connecting = None
-        if not attempt.cancelled() and attempt.exception() is None:
+        if attempt.cancelled():
+            return
+        if attempt.exception() is None:
             self._connection = attempt.result()
 
     async def _open(self) -> _Connection:
@@ -251,6 +254,17 @@ class RespClient:
                 raise RedisConnectionError(f"{self._where} is not a master (any more)")
         return connection
 
+    @property
+    def is_open(self) -> bool:
+        return self._connection is not None and not self._connection.closed
+
+    def open_soon(self) -> None:
+        """Start opening the connection (if it is not open or being opened), in the background."""
+        if self.is_open or self._connecting is not None:
+            return
+        self._connecting = asyncio.ensure_future(self._open())
+        self._connecting.add_done_callback(self._opened)
+
     def reset(self) -> None:
         """Drop the connection (the master moved): what is in flight fails, the next call reconnects."""
         if self._connection is not None:
@@ -263,6 +277,29 @@ class RespClient:
         if self._connection is not None:
             self._connection.fail(RedisConnectionError("client closed"))
             self._connection = None
+
+
+class LeanNodes:
+    """A lean client per node address (a Redis Cluster's masters), made on first use, for the
+    cache-miss loads (`ShardedTokenStore.load_many_then`)."""
+
+    def __init__(self, username: str, password: str, timeout: float, connect_timeout: float) -> None:
+        self._auth = f"{quote(username, safe='')}:{quote(password, safe='')}@" if password else ""
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._clients: dict[str, RespClient] = {}
+
+    def client(self, address: str) -> RespClient:
+        """`address`: host:port, as redis-py names a cluster node."""
+        lean = self._clients.get(address)
+        if lean is None:
+            lean = self._clients[address] = RespClient(f"redis://{self._auth}{address}/0", self._timeout,
+                                                       self._connect_timeout)
+        return lean
+
+    async def close(self) -> None:
+        for lean in self._clients.values():
+            await lean.close()
 
 
 def reply_error(replies: list[Any]) -> ResponseError | None:

@@ -1,8 +1,9 @@
 """Every Lua script the gateway runs, in one place (run with EVALSHA by `RedisStore.script`).
 
 Every key a script touches is passed in KEYS, so a script runs on a Redis Cluster too as long as
-its keys share a slot. Each script is sized by its caller to hold Redis for about half a
-millisecond a call: token loads queue behind it.
+its keys share a slot (the cluster layout, `store/keys.py`, gives each call keys of one slot).
+Each script is sized by its caller to hold Redis for about half a millisecond a call: token loads
+queue behind it.
 """
 from __future__ import annotations
 
@@ -156,41 +157,23 @@ read[#read + 1] = grants
 return read
 """
 
-# Redis Cluster only, where redis-py's asyncio client cannot WATCH: the conditional writes of
-# `TokenStore` as scripts (one slot: every key a script gets shares it).
-# KEYS: the record, `ids`, the account's id set, `expiry`, and for a restore `bin` and `bin_times`;
-# ARGV: the record as JSON, its id, its digest, when it stops being valid. 0 if the record's key
-# is in use.
-WRITE_IF_ABSENT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[2])
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[2])
-if #KEYS > 4 then
-  redis.call('HDEL', KEYS[5], ARGV[2])
-  redis.call('ZREM', KEYS[6], ARGV[2])
-end
-return 1
-"""
-# KEYS: `ids`, the old record, the new record, `used`, the old `accessed`; ARGV: the id, the old
-# digest, the new digest, the moved record as JSON, its accessed time, and for a grace period its
-# end and the old key's copy (else ''). 0 if the token changed key or was deleted meanwhile.
-ROTATE = """
+# Redis Cluster layout (`store/sharded.py`), each on one id bucket's slot.
+# KEYS[1]: an id bucket of `ids`; ARGV: the id, the digest it must name, the new digest. 0 if it
+# names another (the token was rotated or deleted meanwhile).
+SWAP_ID = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
   return 0
 end
-redis.call('SET', KEYS[3], ARGV[4])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[4], ARGV[3], ARGV[5])
-if ARGV[6] == '' then
-  redis.call('DEL', KEYS[2])
-  redis.call('HDEL', KEYS[4], ARGV[2])
-  redis.call('ZREM', KEYS[5], ARGV[2])
-else
-  redis.call('SET', KEYS[2], ARGV[7], 'EXAT', ARGV[6])
+return 1
+"""
+# KEYS: an id bucket of `ids`, the same bucket of `expiry`; ARGV: the id, the digest. Removes the
+# id from both if `ids` still names that digest (an index entry whose record is missing).
+CLEAR_ORPHAN = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  return 0
 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """

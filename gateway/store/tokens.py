@@ -24,9 +24,9 @@ from redis.backoff import NoBackoff
 from gateway.config import RedisSettings
 from gateway.counters import BATCH_BOUNDS, Buckets
 from gateway.errors import NOT_REPLICATED, Denied, StoreUnavailable
-from gateway.store.keys import Keys
+from gateway.store.keys import Keys, keys_for
 from gateway.store.resp import RespClient, reply_error, script_sha
-from gateway.store.scripts import FOLD_ACCESSED, ROTATE, TOUCH, WRITE_IF_ABSENT
+from gateway.store.scripts import FOLD_ACCESSED, TOUCH
 from gateway.tokens import records_from_replies
 
 T = TypeVar("T")
@@ -42,6 +42,7 @@ FOLD_CHUNK = 1000
 CLUSTER_MOVING = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
                   redis.exceptions.ClusterDownError)
 CLUSTER_RETRY_FOR = 2.0
+TORN_RETRIES = 2
 
 
 def connect_redis(settings: RedisSettings) -> aioredis.Redis:
@@ -94,7 +95,8 @@ class RedisStore:
         # one they queued behind the batched writes (Redis runs each client's commands in order).
         self.lean_loads = lean_loads
         self.prefix = prefix
-        self.keys = Keys(prefix)
+        # On a cluster, the sharded layout (`ClusterKeys`); elsewhere the one that always was.
+        self.keys: Keys = keys_for(prefix, self.cluster)
         self.channel = self.keys.channel
         # The embedded store makes a change durable through this before the API answers.
         self.after_change: Callable[[], Awaitable[None]] | None = None
@@ -135,11 +137,20 @@ class RedisStore:
         For CLUSTER_RETRY_FOR seconds at most, then the store is unavailable."""
         deadline = time.monotonic() + CLUSTER_RETRY_FOR
         pause = 0.01
+        torn = 0
         while True:
             try:
                 return await operation()
             except CLUSTER_MOVING as exc:
                 if time.monotonic() + pause > deadline:
+                    raise _unavailable(exc) from exc
+            except redis.exceptions.ConnectionError as exc:
+                # redis-py's cluster client closes every node connection when one of its pipelines
+                # meets a connection error (to read the slot map again), under the commands of
+                # other tasks: they read "Connection closed by server". Sent again, at most
+                # TORN_RETRIES times (a node really down is not waited for here).
+                torn += 1
+                if torn > TORN_RETRIES:
                     raise _unavailable(exc) from exc
             except STORE_ERRORS as exc:
                 raise _unavailable(exc) from exc
@@ -168,12 +179,78 @@ class RedisStore:
         self.batch_latency.observe(time.perf_counter() - started)
         return replies
 
+    async def pipelined(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Commands on redis-py, in one pipeline (not a transaction): on a cluster, one round trip
+        per node, each node's commands in order. The commands must be safe to send again (the whole
+        pipeline is, while slots move); replies in order, the first error raised."""
+        if not commands:
+            return []
+
+        async def run() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return await pipe.execute()
+        return await self.call(run)
+
+    async def scripts(self, source: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """One script run once per call (its KEYS, its ARGV), all in one pipeline: on a cluster
+        one round trip per node, where each call's keys must share a slot. A call refused while its
+        slot moves is sent again (alone: the others ran), for CLUSTER_RETRY_FOR at most; the script
+        is sent whole where a node lost it. Replies in order of the calls. On failure
+        `ScriptsFailed`, which says which calls ran (the others may or may not have)."""
+        sha = script_sha(source)
+        replies: list[Any] = [None] * len(calls)
+        done: set[int] = set()
+        whole: set[int] = set()
+        pending = list(range(len(calls)))
+        deadline = time.monotonic() + CLUSTER_RETRY_FOR
+        pause = 0.01
+        while pending:
+            async def run(todo: list[int] = pending) -> list[Any]:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for index in todo:
+                        keys, args = calls[index]
+                        if index in whole:
+                            pipe.execute_command("EVAL", source, len(keys), *keys, *args)
+                        else:
+                            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                    return await pipe.execute(raise_on_error=False)
+            try:
+                answers = await run()
+            except (*STORE_ERRORS, AttributeError) as exc:
+                raise ScriptsFailed(exc, done) from exc
+            again: list[int] = []
+            fatal: BaseException | None = None
+            moving: BaseException | None = None
+            for index, answer in zip(pending, answers, strict=True):
+                if isinstance(answer, redis.exceptions.NoScriptError):
+                    whole.add(index)
+                    again.append(index)
+                elif isinstance(answer, CLUSTER_MOVING):
+                    again.append(index)
+                    moving = answer
+                elif isinstance(answer, BaseException):
+                    fatal = fatal or answer
+                else:
+                    replies[index] = answer
+                    done.add(index)
+            if fatal is not None:
+                raise ScriptsFailed(fatal, done) from fatal
+            if moving is not None:
+                if time.monotonic() + pause > deadline:
+                    raise ScriptsFailed(moving, done) from moving
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.2)
+            pending = again
+        return replies
+
     def script(self, source: str) -> Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]:
         """A Lua script run with EVALSHA, loaded again if the server lost it (restart, SCRIPT FLUSH).
 
         Batched writes use scripts rather than pipelines: one command and one reply for hundreds
-        of list pushes or counter increments. Every key a script touches is passed in KEYS and
-        carries the prefix's hash tag, so a script runs on a Redis Cluster too.
+        of list pushes or counter increments. Every key a script touches is passed in KEYS, all of
+        one slot (the prefix's hash tag, or on a cluster the tag its caller grouped them by).
         """
         sha = script_sha(source)
 
@@ -260,8 +337,6 @@ class TokenStore(RedisStore):
         self._legacy_accessed = keys.legacy_accessed
         self._touch = self.script(TOUCH)
         self._fold = self.script(FOLD_ACCESSED)
-        self._write_absent = self.script(WRITE_IF_ABSENT)
-        self._rotate = self.script(ROTATE)
         self.expiry_key = keys.expiry
         self._next_id = keys.next_id
         self._bin = keys.bin
@@ -289,6 +364,11 @@ class TokenStore(RedisStore):
 
         raws, used, legacy = await self.call(lambda: self.batch(self._load_commands(digests), urgent=True))
         return records_from_replies(digests, raws, used, legacy)
+
+    async def load_each(self, digests: Sequence[str]) -> list[dict[str, Any] | StoreUnavailable | None]:
+        """`load_many`, where a digest that could not be read may get StoreUnavailable of its own
+        (a cluster node that does not answer); here the batch is read whole or not at all."""
+        return list(await self.load_many(digests))
 
     def load_many_then(self, digests: Sequence[str],
                        callback: Callable[[list[dict[str, Any] | None] | Exception], None]) -> bool:
@@ -350,6 +430,11 @@ class TokenStore(RedisStore):
                 break
         return moved
 
+    async def sweep_orphans(self, now: float | None = None) -> int:
+        """Index entries a crash left without their record: none here (every change is one
+        transaction); the cluster layout's store has some to look for (`store/sharded.py`)."""
+        return 0
+
     # -- tokens API ---------------------------------------------------------------------------
 
     async def allocate_ids(self, count: int) -> list[int]:
@@ -401,8 +486,6 @@ class TokenStore(RedisStore):
     async def _write_if_absent(self, record: dict[str, Any], also: Callable[[Any], None] | None = None) -> bool:
         """Write a record (and `also`'s commands) in one transaction, unless its key is in use."""
         key = self._tok(record["digest"])
-        if self.cluster:
-            return await self._write_if_absent_by_script(record, unbin=also is not None)
 
         async def run() -> bool:
             async with self.client.pipeline(transaction=True) as pipe:
@@ -421,18 +504,6 @@ class TokenStore(RedisStore):
             if isinstance(exc.__cause__, redis.exceptions.WatchError):
                 return False
             raise
-        if written:
-            await self.changed()
-        return written
-
-    async def _write_if_absent_by_script(self, record: dict[str, Any], unbin: bool) -> bool:
-        """`_write_if_absent` on a cluster (`WRITE_IF_ABSENT`); `unbin`: a restore, which takes
-        the record out of the recycle bin too."""
-        keys = [self._tok(record["digest"]), self._ids, self._account(int(record.get("cid", 0))), self.expiry_key]
-        if unbin:
-            keys += [self._bin, self._bin_times]
-        args = [orjson.dumps(record), str(record["id"]), record["digest"], expires_at(record)]
-        written = bool(await self._write_absent(keys, args))
         if written:
             await self.changed()
         return written
@@ -482,18 +553,6 @@ class TokenStore(RedisStore):
         moved = {**record, "digest": new_digest, "graced": graced}
         if not graced:
             del moved["graced"]
-
-        if self.cluster:
-            grace: list[Any] = ["", ""]
-            if grace_until is not None:
-                grace = [grace_until, orjson.dumps(grace_copy(moved, old, grace_until))]
-            rotated = await self._rotate(
-                [self._ids, self._tok(old), self._tok(new_digest), self._used, self._legacy_accessed],
-                [token_id, old, new_digest, orjson.dumps(moved), int(record.get("accessed", 0)), *grace])
-            if not rotated:
-                return None
-            await self.changed()
-            return moved
 
         async def run() -> bool:
             async with self.client.pipeline(transaction=True) as pipe:
@@ -634,6 +693,14 @@ class _Subscription:
         await connection.send_command("PING", payload, check_health=False)
         if self._reconnected:
             raise redis.exceptions.ConnectionError("subscription re-established: messages may have been lost")
+
+
+class ScriptsFailed(StoreUnavailable):
+    """`RedisStore.scripts` failed: `done` holds the indexes of the calls known to have run."""
+
+    def __init__(self, error: BaseException, done: set[int]) -> None:
+        super().__init__(f"token store: {type(error).__name__}")
+        self.done = set(done)
 
 
 def _unavailable(error: BaseException) -> StoreUnavailable:

@@ -41,6 +41,7 @@ class Housekeeper:
         # `accessed` as instances of earlier builds wrote it: into the hash that loads and this sweep read.
         await self._store.fold_legacy_accessed()
         deleted = await self.delete_expired(now)
+        await self._store.sweep_orphans()  # a cluster's: index entries a crash left without a record
         await self._store.purge_bin(now - self._settings.recycle_bin_days * 86400)
         return deleted
 

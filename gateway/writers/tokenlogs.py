@@ -11,16 +11,21 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
+from redis.crc import key_slot
 
 from gateway.config import TokenLogSettings
 from gateway.errors import StoreUnavailable
 from gateway.store.scripts import LOG_PUSH
-from gateway.store.tokens import RedisStore
+from gateway.store.tokens import RedisStore, ScriptsFailed
 
 PUSH_CHUNK = 512  # lines per list and LOG_PUSH call
 # Per LOG_PUSH call (one round trip), for ~0.5 ms of Redis time at most: token loads queue behind it.
 CALL_LINES = 1024
 CALL_KEYS = 64
+
+def key_slot_of(key: str) -> int:
+    return int(key_slot(key.encode()))
+
 
 class RedisLogSink:
     """Lines are grouped by list as they come (`add`) and written with one pipeline per batch
@@ -37,8 +42,10 @@ class RedisLogSink:
         self.dropped = 0
         self._push = store.script(LOG_PUSH)
 
-    def token_key(self, token_id: int) -> str:
-        return self._store.keys.token_logs(token_id)
+    def token_key(self, token_id: int, cid: int) -> str:
+        """The list of the token's lines that carry account `cid` (on a cluster it lives in the
+        account's slot; elsewhere a token has one list whatever its lines' account)."""
+        return self._store.keys.token_logs_of(token_id, cid)
 
     def account_key(self, cid: int) -> str:
         return self._store.keys.account_logs(cid)
@@ -58,7 +65,7 @@ class RedisLogSink:
             cid = record.get("cid")
             lists = named.get((token_id, cid))
             if lists is None:
-                lists = named[(token_id, cid)] = ((self.token_key(int(token_id)), per_token),
+                lists = named[(token_id, cid)] = ((self.token_key(int(token_id), int(cid or 0)), per_token),
                                                    (self.account_key(int(cid or 0)), per_account))
             for key, cap in lists:
                 held = pending.get(key)
@@ -80,7 +87,19 @@ class RedisLogSink:
         steps: list[list[tuple[str, list[bytes], bool]]] = [[]]
         step = steps[0]
         size = 0
-        for key, lines in pending.items():
+        cluster = self._store.cluster
+        # On a cluster each call's lists must share a slot: an account's lists (its own, its
+        # tokens') do, so the lists go account by account, and a call never spans two.
+        keys = sorted(pending, key=key_slot_of) if cluster else list(pending)
+        slot = None
+        for key in keys:
+            lines = pending[key]
+            if cluster and key_slot_of(key) != slot:
+                slot = key_slot_of(key)
+                if step:
+                    step = []
+                    steps.append(step)
+                    size = 0
             # Copied only when cut: most lists (one line a token, under cache-miss traffic) go as they are.
             kept = lines if len(lines) <= caps[key] else lines[-caps[key]:]
             for start in range(0, len(kept), PUSH_CHUNK):
@@ -91,14 +110,31 @@ class RedisLogSink:
                 chunk = kept if len(kept) <= PUSH_CHUNK else kept[start:start + PUSH_CHUNK]
                 step.append((key, chunk, start + PUSH_CHUNK >= len(kept)))
                 size += len(chunk)
+        calls: list[tuple[list[str], list[Any]]] = []
+        for step in steps:
+            args: list[Any] = []
+            for key, chunk, _ in step:
+                args.append(caps[key])
+                args.append(len(chunk))
+                args.extend(chunk)
+            calls.append(([key for key, _, _ in step], args))
+        if cluster:
+            # Every call in one pipeline: a round trip per node, not per account.
+            try:
+                await self._store.scripts(LOG_PUSH, calls)
+            except ScriptsFailed as failed:
+                for index in failed.done:
+                    for key, _, last in steps[index]:
+                        if last and key in pending:
+                            self._held -= len(pending.pop(key))
+                return
+            except StoreUnavailable:
+                return
+            self._pending, self._caps, self._held = {}, {}, 0
+            return
         try:
-            for step in steps:
-                args: list[Any] = []
-                for key, chunk, _ in step:
-                    args.append(caps[key])
-                    args.append(len(chunk))
-                    args.extend(chunk)
-                await self._push([key for key, _, _ in step], args)
+            for step, (keys_of_call, args) in zip(steps, calls, strict=True):
+                await self._push(keys_of_call, args)
                 for key, _, last in step:
                     if last:
                         self._held -= len(pending.pop(key))  # written in full: not again next batch

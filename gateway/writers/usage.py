@@ -49,7 +49,7 @@ from gateway.config import UsageSettings
 from gateway.errors import Denied, StoreUnavailable, Undecided
 from gateway.store.accounts import AccountDirectory, Limits
 from gateway.store.scripts import USAGE_EXCHANGE
-from gateway.store.tokens import RedisStore
+from gateway.store.tokens import RedisStore, ScriptsFailed
 from gateway.tokens import Token
 from gateway.writers.logs import LogWriter
 
@@ -211,6 +211,11 @@ class UsageMeter:
         # This instance's name in the lease hashes, and how long a lease lasts.
         self.instance = secrets.token_hex(8)
         self._lease_ttl = max(2.0, LEASE_INTERVALS * settings.flush_interval)
+        # On a Redis Cluster an account's usage hashes live in its own slot and the lease registry
+        # and blocked tokens in the prefix's: no one script can lease there, so a cluster limits
+        # calls by exchanges alone, as before leases (a limit may be passed by what the other
+        # instances serve between two exchanges).
+        self._leasing = not store.cluster
         self.share_waits = 0  # calls that waited for an exchange because this instance's lease was used up
         self._exchanged: asyncio.Future[None] | None = None  # what they wait for: the next exchange's end
         self._unreachable = False  # the last exchange found the store unavailable: no lease can come
@@ -253,6 +258,8 @@ class UsageMeter:
         if watch is None or watch.window != window:
             calls_limit, traffic_limit = self.limits_for(cid)
             watch = self._watches[cid] = Watch(cid, window, calls_limit, traffic_limit)
+            if not self._leasing:
+                watch.lease_calls(0)
         return watch
 
     def _count(self, token_id: int, cid: int, window: int, calls: int, size: int) -> None:
@@ -343,8 +350,8 @@ class UsageMeter:
         refused: dict[int, dict[int, int]] = {}  # account -> calls waiting for a lease as this exchange is sent
         for watch in self._watches.values():  # a limit set or changed since
             watch.calls_limit, watch.traffic_limit = self.limits_for(watch.cid)
-            watch.lease_calls(watch.calls_limit)
-            if watch.calls_limit:
+            watch.lease_calls(watch.calls_limit if self._leasing else 0)
+            if watch.calls_limit and self._leasing:
                 # While this exchange is in flight the instance serves half of what its lease has
                 # left at most (all of it for a single call), and the new lease covers that; one
                 # that served nothing since the last exchange gives its lease back.
@@ -409,7 +416,7 @@ class UsageMeter:
             self.blocked[token_id] = Block(until, info["reason"], int(info["cid"]))
         for watch in self._watches.values():
             watch.aim(self.blocked)
-            if watch.calls_limit:  # exchange again once half the lease is used
+            if watch.calls_limit and self._leasing:  # exchange again once half the lease is used
                 watch.exchange_calls = min(watch.exchange_calls, watch.calls + max(1, watch.lease_left // 2))
             if watch.calls >= watch.stop_calls or watch.size >= watch.stop_size:
                 self._decide_alone(watch)  # counted during the exchange, past the limit already
@@ -465,6 +472,9 @@ class UsageMeter:
     async def _exchange(self, counts: dict[tuple[int, int, int], list[int]], window: int, accounts: list[int],
                         leases: list[tuple[int, int, int, bool]], now: float,
                         ) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes], list[tuple[int, int]]]:
+        if self._store.cluster:  # no leases there (`_leasing`): one call per account's slot
+            totals, blocked = await self._exchange_by_account(counts, window, accounts)
+            return totals, blocked, []
         # The increments go in script calls of at most SCRIPT_TOKENS tokens, one after the other:
         # with a new token per request, half a second's tokens are thousands of them.
         by_hash: dict[str, list[tuple[int, int, int]]] = {}
@@ -506,6 +516,57 @@ class UsageMeter:
         grants = [(int(grant), int(others)) for grant, others in replies.pop()] if leases else []
         hashes = [_as_hash(flat) for flat in replies]
         return dict(zip(accounts, hashes[:-1], strict=True)), hashes[-1], grants
+
+    async def _exchange_by_account(self, counts: dict[tuple[int, int, int], list[int]], window: int,
+                                   accounts: list[int]) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes]]:
+        """`_exchange` on a cluster, where an account's usage hashes share a slot (their own) and
+        `blocked:<window>` is in another: a script call per account (SCRIPT_TOKENS tokens at most,
+        the account's totals read back by its last call), all in one pipeline (a round trip per
+        node), and the blocked tokens read beside them. A call that ran is not sent again."""
+        by_account: dict[int, list[tuple[int, int, int]]] = {}
+        for entry in counts:
+            by_account.setdefault(entry[1], []).append(entry)
+        for cid in accounts:
+            by_account.setdefault(cid, [])
+        wanted = set(accounts)
+        calls: list[tuple[list[str], list[Any]]] = []
+        sent: list[list[tuple[int, int, int]]] = []
+        reads: dict[int, int] = {}  # account -> the call that reads its totals
+        for cid, entries in by_account.items():
+            entries.sort()
+            starts = list(range(0, len(entries), SCRIPT_TOKENS)) or [0]
+            for start in starts:
+                chunk = entries[start:start + SCRIPT_TOKENS]
+                keys: list[str] = []
+                args: list[int] = [self._settings.window * 3, 0]
+                for win, group in groupby(chunk, key=itemgetter(0)):
+                    members = list(group)
+                    keys.append(self._keys.usage(win, cid))
+                    args.append(len(members))
+                    for entry in members:
+                        args += (entry[2], *counts[entry])
+                args[1] = len(keys)
+                if start == starts[-1] and cid in wanted:
+                    reads[cid] = len(calls)
+                    keys.append(self._keys.usage(window, cid))
+                calls.append((keys, args))
+                sent.append(chunk)
+
+        async def blocked() -> Any:
+            return await self._store.client.hgetall(self._keys.blocked(window))
+        replies, blocked_raw = await asyncio.gather(self._store.scripts(USAGE_EXCHANGE, calls),
+                                                    self._store.call(blocked), return_exceptions=True)
+        if isinstance(replies, ScriptsFailed):
+            for index in replies.done:  # in Redis already: not to be counted again
+                for entry in sent[index]:
+                    del counts[entry]
+        if isinstance(replies, BaseException):
+            raise replies
+        if isinstance(blocked_raw, BaseException):
+            counts.clear()  # every count is in Redis: only the answer is missing
+            raise blocked_raw
+        totals = {cid: _as_hash(replies[index][-1]) for cid, index in reads.items()}
+        return {cid: totals.get(cid, {}) for cid in accounts}, dict(blocked_raw)
 
     async def _block_over_limit(self, window: int, totals: dict[int, dict[bytes, bytes]],
                                 blocked: dict[int, dict[str, Any]], now: float,

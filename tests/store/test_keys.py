@@ -22,3 +22,28 @@ def test_every_name_under_the_default_prefix() -> None:
 def test_another_prefix_prefixes_everything() -> None:
     keys = Keys("app:")
     assert keys.token("x") == "app:tok:x" and keys.channel == "app:invalidate"
+
+
+def test_the_cluster_layout_spreads_by_digest_id_and_account() -> None:
+    from redis.crc import key_slot
+
+    from gateway.store.keys import ClusterKeys
+
+    keys = ClusterKeys("{gw}:")
+    digest = "abc" + "0" * 61
+    assert keys.token(digest) == "gw:tok:{t.abc}" + digest and keys.used_of(digest) == "gw:used:{u.ab}"
+    assert (keys.ids_of(513), keys.expiry_of(513), keys.bin_of(513), keys.bin_times_of(513)) == (
+        "gw:ids:{i.1}", "gw:expiry:{i.1}", "gw:bin:{i.1}", "gw:bin_times:{i.1}")
+    assert (keys.account_tokens(7), keys.usage(29000, 7), keys.account_logs(7), keys.token_logs_of(3, 7)) == (
+        "gw:cid:{a.7}", "gw:usage:{a.7}:29000", "gw:logs:acct:{a.7}", "gw:logs:tok:{a.7}3")
+    # What stays global keeps the one-Redis names, in the prefix's slot; so do the upstream's groups.
+    assert (keys.next_id, keys.accounts, keys.blocked(29000), keys.channel, keys.group_members(5, "u")) == (
+        "{gw}:next_id", "{gw}:accounts", "{gw}:blocked:29000", "{gw}:invalidate", "{gw}:group:5:u")
+    # Every key a script or a load takes together shares a slot.
+    slot = key_slot
+    assert keys.used_bucket(1) == "gw:used:{u.01}"
+    assert slot(keys.ids_of(513).encode()) == slot(keys.expiry_of(513).encode())
+    assert len({slot(keys.usage(w, 7).encode()) for w in (1, 2)} | {slot(keys.account_logs(7).encode()),
+                                                                     slot(keys.token_logs_of(3, 7).encode())}) == 1
+    # and records spread: the 4096 token buckets reach well over a thousand slots.
+    assert len({slot(keys.token(f"{bucket:03x}").encode()) for bucket in range(4096)}) > 1000

@@ -250,7 +250,7 @@ async def test_batched_writes_in_many_commands_lose_nothing(redis_url: str, key_
         records = [{"token_id": n, "cid": 0, "n": n} for n in range(CALL_KEYS + 9)]
         sink.add(records, [b'{"n":%d}' % n for n in range(len(records))])
         await sink.flush()
-        lists = [await client.lrange(sink.token_key(n), 0, -1) for n in range(len(records))]
+        lists = [await client.lrange(sink.token_key(n, 0), 0, -1) for n in range(len(records))]
         assert lists == [[b'{"n":%d}' % n] for n in range(len(records))]
         assert await client.lrange(sink.account_key(0), 0, -1) == [
             b'{"n":%d}' % n for n in range(len(records) - 5, len(records))]
@@ -260,11 +260,11 @@ async def test_batched_writes_in_many_commands_lose_nothing(redis_url: str, key_
         lines = [b'{"m":%d}' % n for n in range(1100)]
         busy.add([{"token_id": 7, "cid": 1}] * 1100, lines)
         await busy.flush()
-        assert await client.lrange(busy.token_key(7), 0, -1) == lines[100:]
+        assert await client.lrange(busy.token_key(7, 0), 0, -1) == lines[100:]
         busy.add([{"token_id": 7, "cid": 1}] * 10, [b'{"m":%d}' % n for n in range(1100, 1110)])
         await busy.flush()
         added = [b'{"m":%d}' % n for n in range(1100, 1110)]
-        assert await client.lrange(busy.token_key(7), 0, -1) == lines[110:] + added
+        assert await client.lrange(busy.token_key(7, 0), 0, -1) == lines[110:] + added
         assert await client.llen(busy.account_key(1)) == 1110
     finally:
         await lean.close()
