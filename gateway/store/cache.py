@@ -293,29 +293,38 @@ class TokenCache:
             if not isinstance(exc, Exception):
                 raise
 
-    def _loaded_batch(self, digests: list[str], loaded: list[dict[str, Any] | None] | Exception, epoch: int,
-                      started: float) -> None:
-        """The batch's records as the Redis reply brought them (called from the connection)."""
+    def _loaded_batch(self, digests: list[str], loaded: list[dict[str, Any] | StoreUnavailable | None] | Exception,
+                      epoch: int, started: float) -> None:
+        """The batch's records as the Redis reply brought them (called from the connection). A
+        cluster node that could not answer is a `StoreUnavailable` in its tokens' places. Whatever
+        goes wrong here fails the batch's waiters: none is left waiting for an answer that will
+        not come."""
+        try:
+            self._settle_loaded(digests, loaded, epoch, started)
+        except Exception as exc:
+            self._fail_batch(digests, exc)
+
+    def _settle_loaded(self, digests: list[str], loaded: list[dict[str, Any] | StoreUnavailable | None] | Exception,
+                       epoch: int, started: float) -> None:
         if isinstance(loaded, Exception):
             self._fail_batch(digests, loaded)
             return
-        if any(isinstance(outcome, StoreUnavailable) for outcome in loaded):
-            # A cluster node that could not answer: its tokens fail, the others' are served.
-            kept: list[str] = []
-            records: list[dict[str, Any] | None] = []
-            for digest, outcome in zip(digests, loaded, strict=True):
-                if isinstance(outcome, StoreUnavailable):
-                    self._fail_batch([digest], outcome)
-                else:
-                    kept.append(digest)
-                    records.append(outcome)
-            digests, loaded = kept, records
+        # A cluster node that could not answer: its tokens fail, the others' are served.
+        kept: list[str] = []
+        records: list[dict[str, Any] | None] = []
+        for digest, outcome in zip(digests, loaded, strict=True):
+            if isinstance(outcome, StoreUnavailable):
+                self._fail_batch([digest], outcome)
+            else:
+                kept.append(digest)
+                records.append(outcome)
+        digests, loaded_records = kept, records
         try:
-            compiled, grouped = self._compiler.compile_each([record for record in loaded if record is not None])
+            compiled, grouped = self._compiler.compile_each([record for record in loaded_records if record is not None])
             if grouped:  # ACL tokens whose group members must be read first: in a task
-                self._spawn(self._with_groups(digests, loaded, compiled, grouped, epoch, started))
+                self._spawn(self._with_groups(digests, loaded_records, compiled, grouped, epoch, started))
                 return
-            self._hand_out(digests, loaded, compiled, epoch, started)
+            self._hand_out(digests, loaded_records, compiled, epoch, started)
         except Exception as exc:
             self._fail_batch(digests, exc)
 

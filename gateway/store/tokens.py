@@ -371,7 +371,8 @@ class TokenStore(RedisStore):
         return list(await self.load_many(digests))
 
     def load_many_then(self, digests: Sequence[str],
-                       callback: Callable[[list[dict[str, Any] | None] | Exception], None]) -> bool:
+                       callback: Callable[[list[dict[str, Any] | StoreUnavailable | None] | Exception], None]
+                       ) -> bool:
         """`load_many` without a task: `callback` gets the records, or the exception (a store
         failure as `StoreUnavailable`), straight from the reply. False, and nothing asked, when
         that is not possible (no lean client, or its connection not open yet): use `load_many`.
@@ -393,9 +394,9 @@ class TokenStore(RedisStore):
             if error is not None:
                 callback(_unavailable(error))
                 return
-            loaded: list[dict[str, Any] | None] | Exception
+            loaded: list[dict[str, Any] | StoreUnavailable | None] | Exception
             try:
-                loaded = records_from_replies(digests, replies[0], replies[1], replies[2])
+                loaded = list(records_from_replies(digests, replies[0], replies[1], replies[2]))
             except Exception as exc:
                 loaded = exc
             callback(loaded)
