@@ -49,6 +49,7 @@ from gateway.store.tokens import (
     expires_at,
     grace_copy,
     grace_digests,
+    rotated,
 )
 from gateway.tokens import records_from_replies
 
@@ -478,13 +479,7 @@ class ShardedTokenStore(TokenStore):
         current = await self.call(lambda: self.client.hget(keys.ids_of(token_id), str(token_id)))
         if current is None or _text(current) != old:
             return None
-        now = time.time()
-        graced = {digest: until for digest, until in (record.get("graced") or {}).items() if until > now}
-        if grace_until is not None:
-            graced[old] = grace_until
-        moved = {**record, "digest": new_digest, "graced": graced}
-        if not graced:
-            del moved["graced"]
+        moved = rotated(record, new_digest, grace_until)
         await self.pipelined([("SET", keys.token(new_digest), orjson.dumps(moved)),
                               ("HSET", keys.used_of(new_digest), new_digest, int(record.get("accessed", 0)))])
         if grace_until is None:

@@ -72,6 +72,19 @@ def grace_copy(record: dict[str, Any], digest: str, until: int) -> dict[str, Any
     return {**copy, "digest": digest, "expire": ends, "ttl": 0}
 
 
+def rotated(record: dict[str, Any], new_digest: str, grace_until: int | None) -> dict[str, Any]:
+    """The record moved to `new_digest`: its old digests still in their grace (`graced`, digest ->
+    end), the one it leaves among them when `grace_until` is given."""
+    now = time.time()
+    graced = {digest: until for digest, until in (record.get("graced") or {}).items() if until > now}
+    if grace_until is not None:
+        graced[record["digest"]] = grace_until
+    moved = {**record, "digest": new_digest, "graced": graced}
+    if not graced:
+        del moved["graced"]
+    return moved
+
+
 def expires_at(record: dict[str, Any]) -> int:
     """When the token stops being valid, given what the record says now."""
     expire, ttl = int(record.get("expire", 0)), int(record.get("ttl", 0))
@@ -547,13 +560,7 @@ class TokenStore(RedisStore):
         None (nothing written) if the token changed key or was deleted meanwhile; else the record
         as now stored."""
         token_id, old = str(record["id"]), record["digest"]
-        now = time.time()
-        graced = {digest: until for digest, until in (record.get("graced") or {}).items() if until > now}
-        if grace_until is not None:
-            graced[old] = grace_until
-        moved = {**record, "digest": new_digest, "graced": graced}
-        if not graced:
-            del moved["graced"]
+        moved = rotated(record, new_digest, grace_until)
 
         async def run() -> bool:
             async with self.client.pipeline(transaction=True) as pipe:
