@@ -514,6 +514,10 @@ async def services(app: web.Application, settings: Settings, shared: str | None 
     if clients.waiter is not None:
         for acknowledged in (store, accounts):
             acknowledged.require_replicas(clients.waiter, settings.redis.replicas_to_wait, settings.redis.wait_timeout)
+    if clients.replica_wait is not None:
+        for acknowledged in (store, accounts):
+            acknowledged.require_replicas_on_cluster(clients.replica_wait.confirmed, settings.redis.replicas_to_wait,
+                                                     settings.redis.wait_timeout)
     if embedded is not None:
         for persisted in (store, accounts):
             persisted.after_change = embedded.sync  # an API change is on disk before it is answered

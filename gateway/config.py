@@ -461,8 +461,9 @@ class RedisSettings:
     data_file: str = "gateway-data.json"
     sentinel: SentinelSettings | None = None
     cluster: ClusterSettings | None = None
-    # Replicas that must hold an API change before it is acknowledged (Redis WAIT); None: 1 with
-    # sentinel (a failover would otherwise lose what was acknowledged), 0 (no WAIT) otherwise.
+    # Replicas that must hold an API change before it is acknowledged (Redis WAIT; on a cluster,
+    # on every master); None: 1 with sentinel (a failover would otherwise lose what was
+    # acknowledged), 0 (no WAIT) otherwise.
     wait_replicas: int | None = None
     wait_timeout: float = 0.5
 
@@ -511,11 +512,6 @@ class RedisSettings:
         if sentinel is not None:
             return settings
         if cluster is not None:
-            # WAIT counts the replicas of the one node it is sent to: a change spread over
-            # several shards cannot be confirmed by one WAIT, so none is promised.
-            if settings.replicas_to_wait:
-                raise ConfigError(table.name("wait_replicas"), "must be 0 with redis.cluster (changes there are "
-                                  "not confirmed by replicas)")
             return settings
         key = table.name("url")
         if not settings.url.startswith(REDIS_SCHEMES):

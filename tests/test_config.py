@@ -435,10 +435,10 @@ def test_cluster_never_with_url_or_sentinel(other: dict[str, Any]) -> None:
         build_settings({"upstream": UPSTREAM, "redis": {**other, "cluster": CLUSTER}})
 
 
-def test_cluster_waits_for_no_replica() -> None:
-    with pytest.raises(ConfigError) as raised:
-        build_settings({"upstream": UPSTREAM, "redis": {"cluster": CLUSTER, "wait_replicas": 1}})
-    assert str(raised.value).startswith("redis.wait_replicas: must be 0 with redis.cluster")
+def test_cluster_waits_for_replicas_when_asked() -> None:
+    assert build_settings({"upstream": UPSTREAM, "redis": {"cluster": CLUSTER}}).redis.replicas_to_wait == 0
+    redis = build_settings({"upstream": UPSTREAM, "redis": {"cluster": CLUSTER, "wait_replicas": 2}}).redis
+    assert redis.replicas_to_wait == 2
 
 
 def test_cluster_from_the_environment() -> None:

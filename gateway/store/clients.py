@@ -13,8 +13,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.config import ClusterSettings, RedisSettings
+from gateway.store.keys import ClusterKeys
 from gateway.store.resp import LeanNodes, RespClient, lean_client
 from gateway.store.sentinel import MasterWatch
+from gateway.store.sharded import ReplicaWait
 from gateway.store.tokens import connect_redis
 
 # How often the sentinels are asked where the master is (a failover is seen within this).
@@ -31,6 +33,7 @@ class Clients:
     watch: MasterWatch | None = None
     lean_nodes: LeanNodes | None = None  # a cluster's: one lean client per master, for the loads
     lean_script_nodes: LeanNodes | None = None  # and others for the batched scripts
+    replica_wait: ReplicaWait | None = None  # a cluster's WAIT, on every master
     owned: list[aioredis.Redis] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -44,6 +47,8 @@ class Clients:
             await client.aclose()
         if self.watch is not None:
             await self.watch.close()
+        if self.replica_wait is not None:
+            await self.replica_wait.close()
 
 
 def open_clients(settings: RedisSettings) -> Clients:
@@ -60,8 +65,11 @@ def open_clients(settings: RedisSettings) -> Clients:
         loads, scripts = (None if settings.cluster.ssl else LeanNodes(
             settings.cluster.username, settings.cluster.password, settings.socket_timeout, settings.connect_timeout)
             for _ in range(2))
+        replica_wait = ReplicaWait(cluster, ClusterKeys(settings.key_prefix), settings.cluster.connection_options(),
+                                   settings.socket_timeout + settings.wait_timeout, settings.connect_timeout) \
+            if settings.replicas_to_wait > 0 else None
         return Clients(cast(aioredis.Redis, cluster), lean_nodes=loads, lean_script_nodes=scripts,
-                       owned=[cast(aioredis.Redis, cluster)])
+                       replica_wait=replica_wait, owned=[cast(aioredis.Redis, cluster)])
     waits = settings.replicas_to_wait > 0
     wait_timeout = settings.socket_timeout + settings.wait_timeout
     sentinel = settings.sentinel

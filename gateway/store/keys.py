@@ -44,6 +44,8 @@ tag `{...}` names the slot group of each key, and every script or MULTI touches 
 - one slot, the prefix's own (`{gw}:`), for what is small and used one key at a time:
   `next_id`, `accounts`, `next_account_id`, `blocked:<window>`, `unblocked:<window>`, `writes`,
   and the `invalidate` channel (PUBLISH on a cluster reaches every node's subscribers anyway)
+- `<base>writes:{w.<n>}`         counters, one on each master (the first `<n>` whose slot it
+                                 holds), bumped before a WAIT there
 - `group:<group>:<uri>`, `groups`: as in the one-Redis layout (the upstream application's)
 
 No legacy `accessed` sorted set on a cluster: that layout is new (`gateway migrate` folds it).
@@ -156,6 +158,11 @@ class ClusterKeys(Keys):
 
     def ids_bucket(self, bucket: int) -> str:
         return f"{self.base}ids:{{i.{bucket}}}"
+
+    def writes_in(self, group: int) -> str:
+        """A `writes` counter in slot group `group`: bumped before a WAIT on the master that
+        holds it (`ReplicaWait`)."""
+        return f"{self.base}writes:{{w.{group}}}"
 
     def ids_of(self, token_id: int) -> str:
         return self.ids_bucket(int(token_id) % ID_BUCKETS)

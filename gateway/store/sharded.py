@@ -606,3 +606,68 @@ def open_token_store(client: aioredis.Redis, prefix: str, lean: RespClient | Non
         store.lean_nodes, store.lean_script_nodes = lean_nodes, lean_script_nodes
         return store
     return TokenStore(client, prefix, lean, lean_loads)
+
+
+class ReplicaWait:
+    """WAIT on a cluster. WAIT counts the replicas of the one master it is sent to, for the writes
+    made on its own connection: so, after a change, every master gets an INCR of a counter in a
+    slot it holds and a WAIT behind it, on one connection of its own (the replication stream is in
+    order: a replica that acknowledges the INCR holds everything written before it). All masters
+    are asked at once, not only those the change touched: which those were is the store's
+    business, and a master the change did not touch confirms at once."""
+
+    def __init__(self, cluster: RedisCluster, keys: ClusterKeys, options: dict[str, Any], timeout: float,
+                 connect_timeout: float) -> None:
+        self._cluster = cluster
+        self._keys = keys
+        self._options = options
+        self._timeout = timeout  # the socket timeout: above the WAIT's own
+        self._connect_timeout = connect_timeout
+        self._clients: dict[str, aioredis.Redis] = {}
+        self._markers: dict[str, str] = {}
+
+    def _marker(self, name: str) -> str | None:
+        """A counter whose slot `name` holds (the first group found, remembered while it still does)."""
+        slots = self._cluster.nodes_manager.slots_cache
+        known = self._markers.get(name)
+        if known is not None:
+            nodes = slots.get(key_slot(known.encode()))
+            if nodes and nodes[0].name == name:
+                return known
+        for group in range(4 * 16384):  # 16384 slots: a master with any slot has one of these
+            key = self._keys.writes_in(group)
+            nodes = slots.get(key_slot(key.encode()))
+            if nodes and nodes[0].name == name:
+                self._markers[name] = key
+                return key
+        return None
+
+    async def _confirmed_by(self, name: str, host: str, port: int, replicas: int, wait_ms: int) -> bool:
+        key = self._marker(name)
+        if key is None:
+            return False
+        client = self._clients.get(name)
+        if client is None:
+            client = self._clients[name] = aioredis.Redis(
+                host=host, port=port, socket_timeout=self._timeout, socket_connect_timeout=self._connect_timeout,
+                **self._options)
+        async with client.pipeline(transaction=False) as pipe:  # one connection for both
+            pipe.incr(key)
+            pipe.execute_command("WAIT", replicas, wait_ms)
+            replies = await pipe.execute()
+        return int(replies[-1]) >= replicas
+
+    async def confirmed(self, replicas: int, wait_ms: int) -> bool:
+        """Whether every master's replicas (`replicas` of them at least) hold what was written on
+        it before now, `wait_ms` at most. A master that cannot be asked has not confirmed."""
+        masters = self._cluster.get_primaries()
+        if not masters:
+            return False
+        answers = await asyncio.gather(*(self._confirmed_by(node.name, node.host, int(node.port), replicas, wait_ms)
+                                         for node in masters), return_exceptions=True)
+        return all(answer is True for answer in answers)
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()

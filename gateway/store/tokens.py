@@ -120,6 +120,8 @@ class RedisStore:
         self.listener = client
         # API changes are acknowledged once this many replicas hold them (`require_replicas`).
         self.waiter: aioredis.Redis | None = None
+        # On a cluster, the WAIT on every master instead (`ReplicaWait.confirmed`).
+        self.cluster_wait: Callable[[int, int], Awaitable[bool]] | None = None
         self.replicas = 0
         self.wait_ms = 0
         # Round trips of the batched traffic (`batch`, `load_many_then`), for the metrics.
@@ -130,6 +132,11 @@ class RedisStore:
         hold what was written before it, `timeout` at most, on `waiter` (whose socket timeout is
         longer than that)."""
         self.waiter, self.replicas, self.wait_ms = waiter, replicas, max(1, round(timeout * 1000))
+
+    def require_replicas_on_cluster(self, confirmed: Callable[[int, int], Awaitable[bool]], replicas: int,
+                                    timeout: float) -> None:
+        """`require_replicas` on a cluster: `confirmed(replicas, wait_ms)` asks every master."""
+        self.cluster_wait, self.replicas, self.wait_ms = confirmed, replicas, max(1, round(timeout * 1000))
 
     async def changed(self) -> None:
         if self.after_change is not None:
@@ -292,12 +299,18 @@ class RedisStore:
         if self.on_publish is not None:
             for message in messages:
                 self.on_publish(message)
+        if self.cluster:  # no pipeline for PUBLISH there; any node passes it to every node
+            for message in messages:
+                await self.call(lambda message=message: self.client.publish(self.channel, message))  # type: ignore[misc]
+            cluster_wait = self.cluster_wait
+            if acknowledge and self.replicas > 0 and cluster_wait is not None and \
+                    not await self.call(lambda: cluster_wait(self.replicas, self.wait_ms)):
+                raise Denied(503, NOT_REPLICATED)
+            return
         waits = acknowledge and self.replicas > 0 and self.waiter is not None
         client = self.waiter if waits and self.waiter is not None else self.client
 
         async def run() -> list[Any]:
-            if self.cluster:  # no pipeline for PUBLISH there; any node passes it to every node
-                return [await client.publish(self.channel, message) for message in messages]
             async with client.pipeline(transaction=False) as pipe:
                 for message in messages:
                     pipe.publish(self.channel, message)

@@ -20,6 +20,7 @@ import redis
 from redis.crc import key_slot
 
 from gateway.config import build_settings
+from gateway.errors import NOT_REPLICATED
 from gateway.server import GatewayServer
 from gateway.store.clients import open_cluster
 from gateway.store.keys import ID_BUCKETS, ClusterKeys
@@ -27,8 +28,8 @@ from gateway.store.sharded import ORPHAN_AGE, ShardedTokenStore
 from gateway.tokens import key_digest
 
 from support.cluster import RedisClusterSet
-from support.gateways import GatewayFactory, GatewayHandle, base_config, logged_hosts, wait_for_master
-from support.servers import Upstream
+from support.gateways import GatewayFactory, GatewayHandle, base_config, error, logged_hosts, wait_for_master
+from support.servers import RedisProcess, Upstream
 
 
 @pytest.fixture
@@ -452,3 +453,40 @@ async def test_a_killed_master_is_replaced_and_tokens_made_before_still_work(
         await _until(refused_by_first, 2)
     finally:
         redis_cluster.restore()
+
+
+async def test_with_wait_replicas_a_change_is_acknowledged_once_every_master_s_replica_holds_it(
+        cluster_gateway: GatewayFactory, redis_cluster: RedisClusterSet, key_prefix: str) -> None:
+    """`redis.wait_replicas` on a cluster: the WAIT runs on every master. A token acknowledged is on
+    its master's replica already; with one replica stopped, a change is made but answered 503
+    (not confirmed), and confirmed again once the replica is back."""
+    gw = await cluster_gateway(wait_replicas=1, wait_timeout=0.5, socket_timeout=2.0)
+    keys = ClusterKeys(key_prefix)
+    replica_of: dict[int, RedisProcess] = {}
+    for node in redis_cluster.nodes:
+        with redis_cluster.client(node) as client:
+            role = client.execute_command("ROLE")
+        if role[0] == b"slave":
+            replica_of[int(role[2])] = node
+    for token in [await gw.create_token() for _ in range(6)]:
+        key = keys.token(key_digest(token["key"]))
+        with redis_cluster.client(replica_of[_owner(redis_cluster, key)]) as replica:
+            replica.execute_command("READONLY")
+            assert replica.exists(key) == 1  # there when the creation was answered, not later
+    stopped = next(iter(replica_of.values()))
+    assert stopped.process is not None
+    stopped.process.send_signal(signal.SIGSTOP)
+    try:
+        status, body = await gw.call("POST", "/platform/tokens", json=[{"ttl": 60, "info": "unconfirmed"}])
+        assert (status, body) == (503, error(503, NOT_REPLICATED))
+        status, body = await gw.call("GET", "/platform/tokens/info=unconfirmed")
+        assert status == 200 and len(body["result"]) == 1  # made all the same
+    finally:
+        stopped.process.send_signal(signal.SIGCONT)
+    redis_cluster.wait_ok()
+    for _ in range(100):  # until the replica has caught up and acknowledges again
+        status, body = await gw.call("POST", "/platform/tokens", json=[{"ttl": 60}])
+        if status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert status == 200, body

@@ -69,7 +69,8 @@ class RedisClusterSet:
         """Until every running node says the cluster is ok and sees three masters, each with a replica."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(self._healthy(node) for node in self.nodes if node.process is not None):
+            running = [node for node in self.nodes if node.process is not None]
+            if all(self._healthy(node) for node in running) and all(self._replicated(node) for node in running):
                 return
             time.sleep(0.1)
         raise RuntimeError("the cluster did not become ok")
@@ -83,6 +84,15 @@ class RedisClusterSet:
             return False
         running = sum(1 for line in lines if "fail" not in line.split()[2] and "connected" in line)
         return "cluster_state:ok" in info and running == sum(1 for n in self.nodes if n.process is not None)
+
+    def _replicated(self, node: RedisProcess) -> bool:
+        """A master has a replica attached (just after `create`, or a restart, one may not yet)."""
+        try:
+            with self.client(node) as client:
+                role = client.execute_command("ROLE")
+        except redis.RedisError:
+            return False
+        return role[0] != b"master" or len(role[2]) > 0
 
     def masters(self) -> list[RedisProcess]:
         return [node for node in self.nodes if node.process is not None and self.role(node) == "master"]
