@@ -14,6 +14,7 @@ from redis.backoff import NoBackoff
 
 from gateway.config import ClusterSettings, RedisSettings
 from gateway.store.keys import ClusterKeys
+from gateway.store.scripts import BATCHED_SCRIPTS
 from gateway.store.resp import LeanNodes, RespClient, lean_client
 from gateway.store.sentinel import MasterWatch
 from gateway.store.sharded import ReplicaWait
@@ -63,8 +64,8 @@ def open_clients(settings: RedisSettings) -> Clients:
         # The batched scripts (`accessed`, logs, usage) on connections of their own, as on one
         # Redis: loads, which requests wait for, do not queue behind them.
         loads, scripts = (None if settings.cluster.ssl else LeanNodes(
-            settings.cluster.username, settings.cluster.password, settings.socket_timeout, settings.connect_timeout)
-            for _ in range(2))
+            settings.cluster.username, settings.cluster.password, settings.socket_timeout, settings.connect_timeout,
+            preload=preload) for preload in ((), BATCHED_SCRIPTS))
         replica_wait = ReplicaWait(cluster, ClusterKeys(settings.key_prefix), settings.cluster.connection_options(),
                                    settings.socket_timeout + settings.wait_timeout, settings.connect_timeout) \
             if settings.replicas_to_wait > 0 else None

@@ -169,7 +169,8 @@ class RespClient:
     """`locate` (Sentinel): where the master is, asked again for every connection, which is
     opened only once the server says it is a master (ROLE)."""
 
-    def __init__(self, url: str, timeout: float, connect_timeout: float, locate: Locate | None = None) -> None:
+    def __init__(self, url: str, timeout: float, connect_timeout: float, locate: Locate | None = None,
+                 preload: Sequence[str] = ()) -> None:
         options = parse_url(url)
         self._locate = locate
         self._path: str | None = options.get("path") if options.get("connection_class") is \
@@ -184,8 +185,11 @@ class RespClient:
             self._handshake.append(("AUTH", username, password) if username else ("AUTH", password))
         if int(options.get("db") or 0):
             self._handshake.append(("SELECT", int(options["db"])))
+        # Scripts loaded on every new connection (a cluster master, found anew after a failover,
+        # has none): EVALSHA then finds them, instead of a first batch refused NOSCRIPT.
+        self._handshake += [("SCRIPT", "LOAD", source) for source in preload]
         if locate is not None:
-            self._handshake.append(("ROLE",))
+            self._handshake.append(("ROLE",))  # last: its reply is read as the last
         self._where = self._path or f"{self._host}:{self._port}"
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
@@ -283,8 +287,10 @@ class LeanNodes:
     """A lean client per node address (a Redis Cluster's masters), made on first use, for the
     cache-miss loads (`ShardedTokenStore.load_many_then`)."""
 
-    def __init__(self, username: str, password: str, timeout: float, connect_timeout: float) -> None:
+    def __init__(self, username: str, password: str, timeout: float, connect_timeout: float,
+                 preload: Sequence[str] = ()) -> None:
         self._auth = f"{quote(username, safe='')}:{quote(password, safe='')}@" if password else ""
+        self._preload = tuple(preload)
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._clients: dict[str, RespClient] = {}
@@ -294,7 +300,7 @@ class LeanNodes:
         lean = self._clients.get(address)
         if lean is None:
             lean = self._clients[address] = RespClient(f"redis://{self._auth}{address}/0", self._timeout,
-                                                       self._connect_timeout)
+                                                       self._connect_timeout, preload=self._preload)
         return lean
 
     async def close(self) -> None:

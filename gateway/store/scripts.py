@@ -177,3 +177,8 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
+
+
+# What the writers and the cluster store send with `TokenStore.scripts`: loaded on each cluster
+# master's lean connection as it opens (`RespClient` preload).
+BATCHED_SCRIPTS = (TOUCH, LOG_PUSH, USAGE_EXCHANGE, SWAP_ID, CLEAR_ORPHAN)
