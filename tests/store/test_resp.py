@@ -15,7 +15,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreUnavailable
-from gateway.store.resp import RespClient, lean_client, pack
+from gateway.store.resp import RespClient, lean_client, pack, script_sha
 from gateway.store.tokens import TokenStore
 
 from support.servers import RedisProcess, free_port
@@ -269,3 +269,21 @@ async def test_batched_writes_in_many_commands_lose_nothing(redis_url: str, key_
     finally:
         await lean.close()
         await client.aclose()
+
+
+async def test_preloaded_scripts_are_there_on_every_new_connection(own_redis: RedisProcess) -> None:
+    """`preload` (a cluster master's script connection): each connection it opens loads the scripts
+    first, so a first EVALSHA finds them, also after the server lost them and the connection
+    was made again."""
+    source = "return 'preloaded ' .. ARGV[1]"
+    sha = script_sha(source)
+    client = RespClient(own_redis.url, timeout=2.0, connect_timeout=2.0, preload=[source])
+    try:
+        async with aioredis.Redis.from_url(own_redis.url) as plain:
+            assert await plain.script_exists(sha) == [False]
+            assert await client.execute([("EVALSHA", sha, 0, "a")]) == [b"preloaded a"]
+            await plain.script_flush()
+            client.reset()  # as a failover does: the next call opens a new connection
+            assert await client.execute([("EVALSHA", sha, 0, "b")]) == [b"preloaded b"]
+    finally:
+        await client.close()
