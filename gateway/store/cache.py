@@ -12,7 +12,10 @@ inside `max_age` keep serving.
 
 Misses are loaded in batches: every key asked for during one event-loop iteration (misses,
 background refreshes, revalidations) is read with one round trip (`TokenStore.load_many`), and a
-key already being loaded is never asked for twice.
+key already being loaded is never asked for twice. While MAX_IN_FLIGHT batches are out, keys
+missed meanwhile wait for one of them to come back (MAX_HOLD at most) and go out together: under
+load a batch grows instead of every loop iteration sending a few keys, and what a batch costs
+(a write and a read per Redis server, a cluster's masters each) is shared by more keys.
 """
 from __future__ import annotations
 
@@ -32,6 +35,10 @@ from gateway.tokens import Token
 log = logging.getLogger("gateway.store.cache")
 # Keys read by one MGET at most; more misses in the same loop iteration make several batches.
 MAX_BATCH = 256
+# Batches of misses out at once before the next keys wait for one to return, and how long they
+# may wait at most (a master that does not answer must not hold the others' loads for long).
+MAX_IN_FLIGHT = 2
+MAX_HOLD = 0.002
 # The epoch of entries loaded while invalidation was not known live: never the current one, so
 # such an entry is re-read on every use until one is loaded while it is live.
 UNTRUSTED = -1
@@ -81,6 +88,8 @@ class TokenCache:
         # background refresh); `_queued` ones go out with the next batch.
         self._waiters: dict[str, list[Waiter]] = {}
         self._queued: list[str] = []
+        self._in_flight = 0  # batches sent and not yet answered
+        self._hold: asyncio.TimerHandle | None = None  # `_queued` waits for a batch to return
         # Keys invalidated while being loaded: what the load read may predate the change.
         self._dropped: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -247,7 +256,23 @@ class TokenCache:
     def _enqueue(self, digest: str) -> None:
         self._queued.append(digest)
         if len(self._queued) == 1:
+            if self._in_flight < MAX_IN_FLIGHT:
+                self._spawn(self._fetch_queued())
+            else:
+                self._hold = asyncio.get_running_loop().call_later(MAX_HOLD, self._release)
+
+    def _release(self) -> None:
+        """The held keys go out (a batch came back, or they waited MAX_HOLD)."""
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.cancel()
             self._spawn(self._fetch_queued())
+
+    def _returned(self) -> None:
+        """A batch was answered (or failed): the held keys may go."""
+        self._in_flight -= 1
+        if self._hold is not None:
+            self._release()
 
     def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(job)
@@ -263,11 +288,13 @@ class TokenCache:
             digests = queued[start:start + MAX_BATCH]
             epoch, started = (self._epoch if self._live else UNTRUSTED), self._clock()
             self.batches += 1
+            self._in_flight += 1
             try:
                 sent = self._store.load_many_then(
                     digests, lambda loaded, digests=digests, epoch=epoch, started=started:  # type: ignore[misc]
                     self._loaded_batch(digests, loaded, epoch, started))
             except Exception as exc:  # the connection broke as the batch was written
+                self._returned()
                 self._fail_batch(digests, exc)
                 continue
             if not sent:
@@ -276,7 +303,10 @@ class TokenCache:
     async def _fetch(self, digests: list[str], epoch: int, started: float) -> None:
         """One round trip for the batch, then every record compiled, remembered and handed out."""
         try:
-            outcomes = await self._store.load_each(digests)
+            try:
+                outcomes = await self._store.load_each(digests)
+            finally:
+                self._returned()
             records: list[dict[str, Any] | None] = []
             kept: list[str] = []
             for digest, outcome in zip(digests, outcomes, strict=True):
@@ -300,6 +330,7 @@ class TokenCache:
         goes wrong here fails the batch's waiters: none is left waiting for an answer that will
         not come."""
         try:
+            self._returned()
             self._settle_loaded(digests, loaded, epoch, started)
         except Exception as exc:
             self._fail_batch(digests, exc)
@@ -486,6 +517,9 @@ class TokenCache:
 
     async def close(self) -> None:
         await cancel_all(list(self._background))
+        if self._hold is not None:
+            self._hold.cancel()
+            self._hold = None
         # A batch cancelled before it started leaves its keys' waiters behind: release them too.
         self._queued.clear()
         for digest in list(self._waiters):

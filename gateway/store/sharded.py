@@ -83,6 +83,8 @@ class ShardedTokenStore(TokenStore):
         self.lean_nodes: LeanNodes | None = None
         self.lean_script_nodes: LeanNodes | None = None  # for `scripts`, on connections of their own
         self._bucket_slots = [key_slot(keys.token(f"{bucket:03x}").encode()) for bucket in range(TOKEN_BUCKETS)]
+        # Each bucket's record key without the digest, made once: a load's key is one concatenation.
+        self._bucket_keys = [keys.token(f"{bucket:03x}")[:-3] for bucket in range(TOKEN_BUCKETS)]
         self._used_slots = [key_slot(keys.used_bucket(bucket).encode()) for bucket in range(USED_BUCKETS)]
 
     # -- hot path ------------------------------------------------------------------------------
@@ -168,17 +170,23 @@ class ShardedTokenStore(TokenStore):
         # whose `accessed` an HMGET brings).
         per_node: dict[str, tuple[list[tuple[Any, ...]], list[int | list[int]]]] = {}
         by_used: dict[int, list[int]] = {}
+        bucket_keys = self._bucket_keys
         for index, digest in enumerate(digests):
             bucket = token_bucket(digest)
             nodes = slots.get(bucket_slots[bucket])
             if not nodes:
                 return False
-            entry = per_node.get(nodes[0].name)
+            name = nodes[0].name
+            entry = per_node.get(name)
             if entry is None:
-                entry = per_node[nodes[0].name] = ([], [])
-            entry[0].append(("GET", keys.token(digest)))
+                entry = per_node[name] = ([], [])
+            entry[0].append(("GET", bucket_keys[bucket] + digest))
             entry[1].append(index)
-            by_used.setdefault(bucket >> 4, []).append(index)
+            used = by_used.get(bucket >> 4)
+            if used is None:
+                by_used[bucket >> 4] = [index]
+            else:
+                used.append(index)
         for bucket, members in by_used.items():
             nodes = slots.get(used_slots[bucket])
             if not nodes:
