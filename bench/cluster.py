@@ -1,8 +1,8 @@
 """Redis Cluster, measured: three masters and three replicas on loopback (node timeout 1 s), a
 gateway on it and one on a single Redis (one worker each, request logging off), and one run of:
 
-1. cache-miss throughput (every key asked once, 32 at a time) on the cluster against one Redis,
-   alternated `--rounds` times;
+1. cache-miss throughput (every key asked once) on the cluster against one Redis, alternated
+   `--rounds` times: from a Python client, 32 at a time, and from wrk on 64 connections;
 2. hot throughput (one cached key, wrk, 5 s) on both, alternated twice, with the Redis commands
    the cluster's masters ran meanwhile, per request;
 3. `--bulk` tokens written straight into the cluster in the gateway's cluster layout (records,
@@ -11,7 +11,7 @@ gateway on it and one on a single Redis (one worker each, request logging off), 
 4. a master killed: the time until the first successful uncached authentication of a token it
    held, and how long such requests got 503.
 
-    python bench/cluster.py [--tokens 3000] [--rounds 3] [--bulk 3000000]
+    python bench/cluster.py [--tokens 3000] [--wrk-tokens 100000] [--rounds 3] [--bulk 3000000]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import HOST, PREFIX
 from harness.procs import Processes, cpu_seconds, free_port, wait_for_port
 from harness.servers import start_gateway, start_upstream
-from harness.tokens import random_keys
+from harness.tokens import fill_tokens, random_keys
 from harness.tools import find_tools
 from harness.wrk import parse_wrk
 from scale import create_tokens, miss_throughput, start_cluster
@@ -73,8 +73,9 @@ def slot_owners(port: int) -> dict[int, int]:
     return owners
 
 
-async def bulk_fill(ports: list[int], count: int, first_id: int) -> float:
-    """`count` tokens in the cluster layout, sent per master on the gateway's lean client."""
+async def bulk_fill(ports: list[int], count: int, first_id: int, given: list[str] | None = None) -> float:
+    """`count` tokens (of the `given` keys, else random ones) in the cluster layout, sent per master
+    on the gateway's lean client."""
     import orjson
     from redis.crc import key_slot
 
@@ -92,7 +93,8 @@ async def bulk_fill(ports: list[int], count: int, first_id: int) -> float:
     for start in range(0, count, chunk):
         commands: list[tuple[str, tuple[Any, ...]]] = []  # (key, command)
         ids = []
-        for offset, key in enumerate(random_keys(min(chunk, count - start))):
+        size = min(chunk, count - start)
+        for offset, key in enumerate(given[start:start + size] if given is not None else random_keys(size)):
             token_id = first_id + start + offset
             digest = key_digest(key)
             record = {**DEFAULTS, "ttl": 86400, "info": "", "id": token_id, "digest": digest, "created": now,
@@ -131,6 +133,26 @@ async def bulk_fill(ports: list[int], count: int, first_id: int) -> float:
     if stalls:
         print(f"(bulk fill: {stalls} chunks written again after the cluster refused them)")
     return time.perf_counter() - started
+
+
+def wrk_misses(wrk: str, url: str, keys: list[str], workdir: Path, seconds: int) -> tuple[float, int]:
+    """Uncached authentications a second with wrk (C, one thread, 64 connections) for `seconds`:
+    the keys in order (random_tokens.lua `seq`), each asked once (refused if wrk got through all
+    of them). The load generator's CPU is a fraction of the Python client's, so more of the two
+    cores is left to the gateway and Redis, and misses come in the batches a loaded gateway makes."""
+    path = workdir / f"miss-keys-{time.monotonic_ns()}.txt"
+    path.write_text("\n".join(keys) + "\n")
+    script = Path(__file__).resolve().parent / "random_tokens.lua"
+    result = subprocess.run([wrk, "-t1", "-c64", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
+                             url + "/bench/miss", "--", str(path), "seq"], capture_output=True, text=True,
+                            timeout=seconds + 60)
+    parsed = parse_wrk(result.stdout)
+    if parsed.errors:
+        raise RuntimeError(f"cache-miss run (wrk): {parsed.errors} errors\n{result.stdout}")
+    if parsed.requests >= len(keys):
+        raise RuntimeError(f"cache-miss run (wrk): {parsed.requests:,} requests for {len(keys):,} keys; "
+                           "give --wrk-tokens more")
+    return parsed.rps, parsed.requests
 
 
 def hot_rps(wrk: str, url: str, key: str, seconds: int = 5) -> tuple[float, int]:
@@ -185,7 +207,10 @@ async def kill_master(url: str, ports: list[int], spare: list[str], nodes: dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=3000, help="tokens per cache-miss run")
+    parser.add_argument("--tokens", type=int, default=3000, help="tokens per cache-miss run of the Python client")
+    parser.add_argument("--wrk-tokens", type=int, default=100000,
+                        help="tokens per cache-miss run of wrk, more than it asks for in --wrk-seconds (0: none)")
+    parser.add_argument("--wrk-seconds", type=int, default=3, help="length of a cache-miss run of wrk")
     parser.add_argument("--rounds", type=int, default=3, help="cache-miss runs on each")
     parser.add_argument("--bulk", type=int, default=3_000_000, help="tokens written straight into the cluster")
     args = parser.parse_args()
@@ -215,23 +240,36 @@ def main() -> None:
               f"load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} cores, shared")
         made = {name: [token["key"] for token in asyncio.run(create_tokens(url, args.tokens * args.rounds + 1500))]
                 for name, url in (("cluster", on_cluster.url), ("one Redis", on_one.url))}
+        # wrk's keys are written straight into each store (the API would take minutes for them).
+        filled = {name: random_keys(args.wrk_tokens * args.rounds) for name in made}
+        asyncio.run(bulk_fill(ports, len(filled["cluster"]), 5_000_000, filled["cluster"]))
+        asyncio.run(fill_tokens(f"redis://{HOST}:{single_port}/0", filled["one Redis"]))
         gateways = {"cluster": on_cluster, "one Redis": on_one}
-        rates: dict[str, list[float]] = {"cluster": [], "one Redis": []}
-        miss_cpu: dict[str, list[float]] = {"cluster": [], "one Redis": []}
-        for step in range(args.rounds):
-            for name, gateway in gateways.items():
-                chunk = made[name][step * args.tokens:(step + 1) * args.tokens]
-                before = cpu_seconds(gateway.worker_pids())
-                rates[name].append(asyncio.run(miss_throughput(gateway.url, chunk)))
-                miss_cpu[name].append((cpu_seconds(gateway.worker_pids()) - before) / len(chunk) * 1e6)
-        rows = [(f"cache-miss authentications/s, {name} (runs)", " / ".join(f"{r:,.0f}" for r in values))
-                for name, values in rates.items()]
-        medians = {name: sorted(values)[len(values) // 2] for name, values in rates.items()}
-        rows.append(("cache-miss, cluster / one Redis (best runs; medians)",
-                     f"{max(rates['cluster']) / max(rates['one Redis']):.2f}; "
-                     f"{medians['cluster'] / medians['one Redis']:.2f}"))
-        rows += [(f"gateway CPU µs per cache miss, {name} (runs)", " / ".join(f"{v:,.0f}" for v in values))
-                 for name, values in miss_cpu.items()]
+        rows: list[tuple[str, str]] = []
+        for client, size in (("Python client, 32 at a time", args.tokens), ("wrk, 64 connections", args.wrk_tokens)):
+            if not size:
+                continue
+            rates: dict[str, list[float]] = {"cluster": [], "one Redis": []}
+            miss_cpu: dict[str, list[float]] = {"cluster": [], "one Redis": []}
+            for step in range(args.rounds):
+                for name, gateway in gateways.items():
+                    before = cpu_seconds(gateway.worker_pids())
+                    if client.startswith("wrk"):
+                        chunk = filled[name][step * size:(step + 1) * size]
+                        rate, answered = wrk_misses(str(tools["wrk"]), gateway.url, chunk, workdir, args.wrk_seconds)
+                    else:
+                        chunk = made[name][step * size:(step + 1) * size]
+                        rate, answered = asyncio.run(miss_throughput(gateway.url, chunk)), len(chunk)
+                    rates[name].append(rate)
+                    miss_cpu[name].append((cpu_seconds(gateway.worker_pids()) - before) / answered * 1e6)
+            rows += [(f"cache-miss authentications/s, {name}, {client} (runs)",
+                      " / ".join(f"{r:,.0f}" for r in values)) for name, values in rates.items()]
+            medians = {name: sorted(values)[len(values) // 2] for name, values in rates.items()}
+            rows.append((f"cache-miss, cluster / one Redis, {client} (best runs; medians)",
+                         f"{max(rates['cluster']) / max(rates['one Redis']):.2f}; "
+                         f"{medians['cluster'] / medians['one Redis']:.2f}"))
+            rows += [(f"gateway CPU µs per cache miss, {name}, {client} (runs)",
+                      " / ".join(f"{v:,.0f}" for v in values)) for name, values in miss_cpu.items()]
         hot: dict[str, list[float]] = {"cluster": [], "one Redis": []}
         hot_cpu: dict[str, list[float]] = {"cluster": [], "one Redis": []}
         per_request: list[float] = []
