@@ -341,6 +341,7 @@ class Session:
             return
         if self.state == CLOSED:
             return
+        facts.recheck = True  # the CONNECT was counted; the sweeps' checks of these facts are not calls
         self._adopt(token)
         if connect.will is not None and (name_problem(connect.will.topic) is not None
                                          or not may_publish(self.kind, self._grants(), connect.will.topic)):

@@ -129,3 +129,20 @@ async def test_usage_counts_messages_and_blocks(make_mqtt_gateway: GatewayFactor
         again.close()
     finally:
         client.close()
+
+
+async def test_an_idle_session_is_not_charged_for_its_checks(make_mqtt_gateway: GatewayFactory) -> None:
+    """Checked every 0.2 s: were each check a call, 10 calls would last two seconds. Messages count."""
+    gw = await make_mqtt_gateway(usage={"api_calls": 10, "flush_interval": 0.1})
+    token = await gw.create_token(access={"type": 0})
+    client = await session(gw, token["key"])
+    try:
+        assert not await asyncio.to_thread(client.disconnected.wait, 3.0), "an idle session was disconnected"
+        assert await client.subscribe("idle/me") == [1]
+        assert await client.publish("idle/me", b"1", qos=1) == 0
+        assert (await client.message()).payload == b"1"
+        for index in range(20):
+            await client.publish("idle/me", str(index).encode(), qos=0)
+        assert await client.wait_disconnect(3) == 0x87
+    finally:
+        client.close()
