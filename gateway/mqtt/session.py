@@ -178,6 +178,7 @@ class Session:
         try:
             connect = codec.decode_connect(first, body)
         except codec.UnsupportedVersion:
+            self.front.counts.connack(V311, codec.V3_UNSUPPORTED_VERSION)
             self.client.write(Connack(False, codec.V3_UNSUPPORTED_VERSION).encode(V311))
             self.close(None)
             return
@@ -255,8 +256,12 @@ class Session:
         if allowed and token is not None:
             size = end - at
             self.traffic += size
+            counts = self.front.counts
+            counts.messages_in += 1
+            counts.bytes_in += size
             self.front.usage.record_message(token, token.cid, size, self.front.now)
             return True
+        self.front.counts.refused_publishes += 1
         self._event(f"publish {topic[:128]}", 403)
         if self.version == V311:
             self.close(None, reason="publish refused")  # 3.1.1 has no way to say no (docs/mqtt.md)
@@ -283,6 +288,7 @@ class Session:
                 self.subscriptions.add(topic_filter)
             else:
                 codes.append(codec.NOT_AUTHORIZED if self.version == V5 else codec.V3_SUBACK_FAILURE)
+                self.front.counts.refused_subscriptions += 1
                 self._event(f"subscribe {topic_filter[:128]}", 403)
         if len(granted) == len(codes):
             return codec.packet(first, body)
@@ -379,6 +385,7 @@ class Session:
         if token is not None:
             self.token = token
             self._event(what, status)
+        self.front.counts.connack(self.version, code)
         self.client.write(Connack(False, code).encode(self.version))
         self.close(None)
 
@@ -443,6 +450,7 @@ class Session:
                 log.error("the MQTT broker refused the gateway's credentials (code 0x%02x)", code)
                 code = codec.SERVER_UNAVAILABLE if self.version == V5 else codec.V3_SERVER_UNAVAILABLE
             self._event("connect: broker refused", 503 if code != connack.code else 400)
+            self.front.counts.connack(self.version, code)
             self.client.write(Connack(connack.session_present, code, connack.properties).encode(self.version))
             self.close(None)
             return b""
@@ -451,6 +459,7 @@ class Session:
             self.timer.cancel()
             self.timer = None
         self.front.opened(self)
+        self.front.counts.connack(self.version, 0)
         self._event("connect", 200)
         # No topic aliases from the client: each PUBLISH names its topic, and each is checked.
         connack.properties = [(ident, value) for ident, value in connack.properties
@@ -475,6 +484,7 @@ class Session:
                 allowed = bool(publish.topic) and self._may_subscribe(publish.topic)
                 self._remember(self.may_deliver, publish.topic, allowed)
             if not allowed:
+                self.front.counts.withheld += 1
                 if publish.qos == 1:
                     self._to_broker(codec.encode_ack(PUBACK, publish.packet_id, self.version))
                 elif publish.qos == 2:
@@ -482,6 +492,9 @@ class Session:
                     self._to_broker(codec.encode_ack(PUBREC, publish.packet_id, self.version))
                 return False
         self.traffic += size
+        counts = self.front.counts
+        counts.messages_out += 1
+        counts.bytes_out += size
         self.front.usage.record_message(token, token.cid, size, self.front.now)
         return True
 
@@ -534,8 +547,9 @@ class Session:
         self.timer = None
         if self.state in (WAIT_CONNECT, AUTHENTICATING, WAIT_CONNACK):
             if self.state == WAIT_CONNACK:
-                self.client.write(Connack(False, codec.SERVER_UNAVAILABLE if self.version == V5
-                                          else codec.V3_SERVER_UNAVAILABLE).encode(self.version))
+                code = codec.SERVER_UNAVAILABLE if self.version == V5 else codec.V3_SERVER_UNAVAILABLE
+                self.front.counts.connack(self.version, code)
+                self.client.write(Connack(False, code).encode(self.version))
             self.close(None)
 
     def broker_lost(self) -> None:
