@@ -146,3 +146,43 @@ async def test_an_idle_session_is_not_charged_for_its_checks(make_mqtt_gateway: 
         assert await client.wait_disconnect(3) == 0x87
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(("version", "refused"), [pytest.param(5, 0x87, id="5.0"), pytest.param(4, 5, id="3.1.1")])
+async def test_a_usage_blocked_token_cannot_connect(make_mqtt_gateway: GatewayFactory, version: int,
+                                                    refused: int) -> None:
+    gw = await make_mqtt_gateway(usage={"api_calls": 20, "flush_interval": 0.1})
+    token = await gw.create_token(access={"type": 0})
+    client = await session(gw, token["key"], version)
+    try:
+        for index in range(40):
+            await client.publish("count/me", str(index).encode(), qos=0)
+        await client.wait_disconnect(3)  # 5.0: 0x87; 3.1.1: the connection closed
+    finally:
+        client.close()
+    again = Client(gw.server.mqtt_port, token["key"], version)
+    try:
+        assert await again.connect() == refused
+    finally:
+        again.close()
+
+
+async def test_a_traffic_limit_blocks_the_session(make_mqtt_gateway: GatewayFactory) -> None:
+    gw = await make_mqtt_gateway(usage={"traffic": 2000, "flush_interval": 0.1})
+    token = await gw.create_token(access={"type": 0})
+    client = await session(gw, token["key"])
+    try:
+        assert await client.publish("bytes/me", b"x" * 100, qos=1) in (0, 0x10)  # under the limit (0x10: no subscriber)
+        assert not await asyncio.to_thread(client.disconnected.wait, 0.6)
+        for _ in range(5):
+            await client.publish("bytes/me", b"x" * 1000, qos=0)
+        assert await client.wait_disconnect(3) == 0x87
+    finally:
+        client.close()
+    for _ in range(100):  # the token's logs are written in batches
+        _, body = await gw.call("GET", f"/platform/tokens/{token['id']}/logs")
+        reasons = [record["uri"] for record in body["result"] if record.get("method") == "MQTT"]
+        if any("bytes of traffic" in reason for reason in reasons):
+            break
+        await asyncio.sleep(0.05)
+    assert any("bytes of traffic" in reason for reason in reasons), reasons
