@@ -133,6 +133,7 @@ class Session:
         self.client_id = ""
         self.started = time.perf_counter()
         self.subscriptions: set[str] = set()
+        self.will_topic: str | None = None  # the will the broker holds for this session, if any
         # SUBSCRIBE packet id -> the codes of the filters the gateway refused (None: sent on).
         self.partial: dict[int, list[int | None]] = {}
         # QoS 2 messages from the broker the gateway withheld and acknowledged itself.
@@ -366,6 +367,7 @@ class Session:
             broker.close()
             return
         self.broker = broker
+        self.will_topic = connect.will.topic if connect.will is not None else None
         username, password = front.broker_credentials()
         forwarded = Connect(connect.version, connect.clean, connect.keepalive, front.broker_client_id(token, connect),
                             connect.will, username, password,
@@ -515,10 +517,15 @@ class Session:
 
     def revise(self, token: Token) -> None:
         """The token as it is now (reloaded after a change, or re-checked): what it no longer grants
-        ends the session."""
+        ends the session. That includes the will: the broker holds it and MQTT has no way to take it
+        back but a normal DISCONNECT (`revoke`), which discards it."""
         if self.state != OPEN:
             return
         self._adopt(token)
+        will_topic = self.will_topic
+        if will_topic is not None and not may_publish(self.kind, self._grants(), will_topic):
+            self.revoke(Denied(403, f"will topic {will_topic[:128]} no longer granted"))
+            return
         for topic_filter in self.subscriptions:
             if not self._may_subscribe(topic_filter):
                 self.revoke(Denied(403, f"subscription {topic_filter[:128]} no longer granted"))

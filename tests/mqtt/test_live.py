@@ -186,3 +186,31 @@ async def test_a_traffic_limit_blocks_the_session(make_mqtt_gateway: GatewayFact
             break
         await asyncio.sleep(0.05)
     assert any("bytes of traffic" in reason for reason in reasons), reasons
+
+
+@pytest.mark.parametrize(("acl", "ends"), [
+    pytest.param([{"uri": "mqtt", "topic": "live/#", "actions": ["subscribe"]}], True, id="will-no-longer-granted"),
+    pytest.param([{"uri": "mqtt", "topic": "live/will", "actions": ["publish"]}], False, id="will-still-granted"),
+])
+async def test_an_acl_change_rechecks_the_will(pair: tuple[GatewayHandle, GatewayHandle],
+                                               acl: list[dict[str, Any]], ends: bool) -> None:
+    """The broker holds the will: one the token no longer grants ends the session with a normal
+    DISCONNECT, which discards it (it is never published)."""
+    serving, other = pair
+    token = await other.create_token(access={"type": 2, "acl": ACL})
+    watcher = await session(serving, MASTER_KEY)
+    client = Client(serving.server.mqtt_port, token["key"], 5)
+    try:
+        assert await watcher.subscribe("live/will") == [1]
+        assert await client.connect(will=("live/will", b"gone")) == 0
+        status, reply = await other.call("PUT", f"/platform/tokens/{token['id']}",
+                                         json={"access": {"type": 2, "acl": acl}})
+        assert status == 200, reply
+        if ends:
+            assert await ended_within(client, 1.0) == 0x87
+            await watcher.no_message(0.5)
+        else:
+            assert not await asyncio.to_thread(client.disconnected.wait, 1.0)
+    finally:
+        client.close()
+        watcher.close()
