@@ -127,7 +127,8 @@ class Gateway:
         self._build(settings, None)
         self.metrics = Metrics(Sources(flow=self.flow, cache=services.cache, store=services.store,
                                        monitor=services.monitor, logs=services.logs, token_logs=services.token_logs,
-                                       usage=services.usage, connections=lambda: self.open_connections()), shared)
+                                       usage=services.usage, connections=lambda: self.open_connections(),
+                                       mqtt=lambda: self.mqtt), shared)
 
     def _build(self, settings: Settings, previous: RequestFlow | None) -> None:
         """The parts a reload replaces: the API (its validator knows the origin presets and ACL

@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from gateway.counters import Buckets
+from gateway.mqtt.front import MqttFront
 from gateway.proxy.flow import RequestFlow
 from gateway.store.cache import TokenCache
 from gateway.store.health import StoreMonitor
@@ -80,6 +81,14 @@ FAMILIES = {family.name: family for family in (
     Family("gateway_usage_blocks", "counter", "Tokens blocked for their account's usage (event 20)"),
     Family("gateway_usage_blocked_tokens", "gauge", "Tokens blocked now", merge=MAX),
     Family("gateway_open_connections", "gauge", "Open client connections, all workers"),
+    Family("gateway_mqtt_sessions", "gauge", "Open MQTT sessions (accepted by the broker), all workers"),
+    Family("gateway_mqtt_connects", "counter", "MQTT CONNECTs answered, by CONNACK outcome", ("outcome",)),
+    Family("gateway_mqtt_messages", "counter", "MQTT PUBLISH packets passed, by direction", ("direction",)),
+    Family("gateway_mqtt_bytes", "counter", "Bytes of the MQTT PUBLISH packets passed, by direction",
+           ("direction",)),
+    Family("gateway_mqtt_refusals", "counter",
+           "MQTT packets refused for the token's rights: publishes, subscriptions (per filter), deliveries withheld",
+           ("kind",)),
     Family("gateway_workers", "gauge", "Worker processes whose numbers are in this answer"),
 )}
 SEPARATOR = "\x1f"  # between a key's name and labels: label values are ids, never text
@@ -110,6 +119,7 @@ class Sources:
     token_logs: RedisLogSink | None
     usage: UsageMeter
     connections: Callable[[], int]
+    mqtt: Callable[[], MqttFront | None] = lambda: None  # the MQTT front, when configured
 
 
 def snapshot(sources: Sources) -> dict[str, Any]:
@@ -129,6 +139,9 @@ def snapshot(sources: Sources) -> dict[str, Any]:
     counters[key("gateway_log_lines_dropped", stage="token_logs")] = (
         sources.token_logs.dropped if sources.token_logs is not None else 0)
     counters[key("gateway_usage_blocks")] = sources.usage.blocks
+    mqtt = sources.mqtt()
+    if mqtt is not None:
+        mqtt_counters(mqtt, counters)
     lag = monitor.invalidation_lag()
     gauges: dict[str, float] = {
         key("gateway_cache_entries"): len(cache),
@@ -138,6 +151,8 @@ def snapshot(sources: Sources) -> dict[str, Any]:
         key("gateway_usage_blocked_tokens"): len(sources.usage.blocked),
         key("gateway_workers"): 1,
     }
+    if mqtt is not None:
+        gauges[key("gateway_mqtt_sessions")] = sum(len(group) for group in mqtt.by_digest.values())
     if lag is not None:
         gauges[key("gateway_invalidation_lag_seconds")] = lag
     histograms = {
@@ -146,6 +161,19 @@ def snapshot(sources: Sources) -> dict[str, Any]:
         key("gateway_store_probe_seconds"): histogram(monitor.probe_latency),
     }
     return {"pid": os.getpid(), "counters": counters, "gauges": gauges, "histograms": histograms}
+
+
+def mqtt_counters(front: MqttFront, counters: dict[str, float]) -> None:
+    counts = front.counts
+    for outcome, count in counts.connects.items():
+        counters[key("gateway_mqtt_connects", outcome=outcome)] = count
+    for direction, messages, size in (("to_broker", counts.messages_in, counts.bytes_in),
+                                      ("to_client", counts.messages_out, counts.bytes_out)):
+        counters[key("gateway_mqtt_messages", direction=direction)] = messages
+        counters[key("gateway_mqtt_bytes", direction=direction)] = size
+    for kind, count in (("publish", counts.refused_publishes), ("subscribe", counts.refused_subscriptions),
+                        ("deliver", counts.withheld)):
+        counters[key("gateway_mqtt_refusals", kind=kind)] = count
 
 
 def merge(snapshots: list[dict[str, Any]], live: Callable[[int], bool]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The checks a request passes after its token is found and valid in time.
 
 Each check is a small pure function `(token, facts) -> None` that raises `Denied` (the usage
-check also counts the call it lets pass, as its last act); the pipeline is `Checks`, built by
+check also counts the call it lets pass, as its last act, unless the facts are a live MQTT
+session's re-check); the pipeline is `Checks`, built by
 `build_checks` and run by the authenticator: one native call that makes the others directly (as a
 list of functions, compiled, each was called through Python's calling convention, every request).
 """
@@ -27,7 +28,7 @@ class RequestFacts:
     """
 
     __slots__ = ("method", "path", "forward_path", "query", "client_ip", "origin", "acting_cid", "now", "token",
-                 "origin_allowed", "may_narrow", "mqtt")
+                 "origin_allowed", "may_narrow", "mqtt", "recheck")
 
     def __init__(self, method: str, path: str, forward_path: str, query: str, client_ip: str, origin: str | None,
                  acting_cid: int | None, now: float, token: Token | None = None, origin_allowed: bool = False) -> None:
@@ -45,6 +46,9 @@ class RequestFacts:
         # for a decision says so): a request the ACL would narrow is then refused instead.
         self.may_narrow = True
         self.mqtt = False  # an MQTT session (gateway.mqtt): no path; what it may do is its topics'
+        # A live session checked again (gateway.mqtt sweeps): no call is made, so usage only refuses
+        # a blocked token; it counts nothing and never waits for a lease.
+        self.recheck = False
 
 
     def account_of(self, token: Token) -> int:
@@ -155,7 +159,10 @@ class Checks:
             types.check(token, facts)
         meter = self.meter
         if meter is not None:
-            meter.check(token, facts.now)  # last: it counts the call it lets pass
+            if facts.recheck:
+                meter.check_blocked(token, facts.now)
+            else:
+                meter.check(token, facts.now)  # last: it counts the call it lets pass
 
 
 def build_checks(platform_prefixes: Sequence[str], open_paths: frozenset[str], directory: AccountDirectory,

@@ -23,6 +23,40 @@ from gateway.writers.usage import UsageMeter
 
 log = logging.getLogger("gateway.mqtt")
 STALE_LISTENER = "mqtt-sessions"  # told when the invalidation channel had a gap
+# A CONNACK's code as the metrics name it (`gateway_mqtt_connects_total{outcome}`), by version;
+# any other code is `other`, so the label's values stay few.
+V5_OUTCOMES = {0: "accepted", codec.UNSPECIFIED: "unspecified", codec.UNSUPPORTED_VERSION: "unsupported_version",
+               0x85: "client_id_rejected", codec.BAD_CREDENTIALS: "bad_credentials",
+               codec.NOT_AUTHORIZED: "not_authorized", codec.SERVER_UNAVAILABLE: "server_unavailable",
+               codec.SERVER_BUSY: "server_busy", codec.BAD_AUTH_METHOD: "bad_auth_method"}
+V3_OUTCOMES = {0: "accepted", codec.V3_UNSUPPORTED_VERSION: "unsupported_version", 2: "client_id_rejected",
+               codec.V3_SERVER_UNAVAILABLE: "server_unavailable", codec.V3_BAD_CREDENTIALS: "bad_credentials",
+               codec.V3_NOT_AUTHORIZED: "not_authorized"}
+
+
+def connect_outcome(version: int, code: int) -> str:
+    return (V5_OUTCOMES if version == codec.V5 else V3_OUTCOMES).get(code, "other")
+
+
+class MqttCounts:
+    """What the metrics read of the MQTT front (gateway.metrics): plain integers, one add each."""
+
+    __slots__ = ("connects", "messages_in", "bytes_in", "messages_out", "bytes_out", "refused_publishes",
+                 "refused_subscriptions", "withheld")
+
+    def __init__(self) -> None:
+        self.connects: dict[str, int] = {}  # CONNACKs sent, by `connect_outcome`
+        self.messages_in = 0  # PUBLISH client -> broker, sent on
+        self.bytes_in = 0
+        self.messages_out = 0  # PUBLISH broker -> client, delivered
+        self.bytes_out = 0
+        self.refused_publishes = 0  # a client's PUBLISH its token may not make
+        self.refused_subscriptions = 0  # each topic filter refused
+        self.withheld = 0  # a broker's PUBLISH the token may no longer receive
+
+    def connack(self, version: int, code: int) -> None:
+        outcome = connect_outcome(version, code)
+        self.connects[outcome] = self.connects.get(outcome, 0) + 1
 
 
 class MqttFront:
@@ -35,6 +69,7 @@ class MqttFront:
         self.logs = logs
         self.platform_prefixes = platform_prefixes
         self.request_ids = RequestIds()
+        self.counts = MqttCounts()
         self.by_digest: dict[str, set[Session]] = {}
         self._tls: ssl.SSLContext | None = settings.broker_tls()
         self._background: set[asyncio.Task[Any]] = set()

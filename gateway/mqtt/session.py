@@ -133,6 +133,7 @@ class Session:
         self.client_id = ""
         self.started = time.perf_counter()
         self.subscriptions: set[str] = set()
+        self.will_topic: str | None = None  # the will the broker holds for this session, if any
         # SUBSCRIBE packet id -> the codes of the filters the gateway refused (None: sent on).
         self.partial: dict[int, list[int | None]] = {}
         # QoS 2 messages from the broker the gateway withheld and acknowledged itself.
@@ -178,6 +179,7 @@ class Session:
         try:
             connect = codec.decode_connect(first, body)
         except codec.UnsupportedVersion:
+            self.front.counts.connack(V311, codec.V3_UNSUPPORTED_VERSION)
             self.client.write(Connack(False, codec.V3_UNSUPPORTED_VERSION).encode(V311))
             self.close(None)
             return
@@ -255,8 +257,12 @@ class Session:
         if allowed and token is not None:
             size = end - at
             self.traffic += size
+            counts = self.front.counts
+            counts.messages_in += 1
+            counts.bytes_in += size
             self.front.usage.record_message(token, token.cid, size, self.front.now)
             return True
+        self.front.counts.refused_publishes += 1
         self._event(f"publish {topic[:128]}", 403)
         if self.version == V311:
             self.close(None, reason="publish refused")  # 3.1.1 has no way to say no (docs/mqtt.md)
@@ -283,6 +289,7 @@ class Session:
                 self.subscriptions.add(topic_filter)
             else:
                 codes.append(codec.NOT_AUTHORIZED if self.version == V5 else codec.V3_SUBACK_FAILURE)
+                self.front.counts.refused_subscriptions += 1
                 self._event(f"subscribe {topic_filter[:128]}", 403)
         if len(granted) == len(codes):
             return codec.packet(first, body)
@@ -341,6 +348,7 @@ class Session:
             return
         if self.state == CLOSED:
             return
+        facts.recheck = True  # the CONNECT was counted; the sweeps' checks of these facts are not calls
         self._adopt(token)
         if connect.will is not None and (name_problem(connect.will.topic) is not None
                                          or not may_publish(self.kind, self._grants(), connect.will.topic)):
@@ -359,6 +367,7 @@ class Session:
             broker.close()
             return
         self.broker = broker
+        self.will_topic = connect.will.topic if connect.will is not None else None
         username, password = front.broker_credentials()
         forwarded = Connect(connect.version, connect.clean, connect.keepalive, front.broker_client_id(token, connect),
                             connect.will, username, password,
@@ -378,6 +387,7 @@ class Session:
         if token is not None:
             self.token = token
             self._event(what, status)
+        self.front.counts.connack(self.version, code)
         self.client.write(Connack(False, code).encode(self.version))
         self.close(None)
 
@@ -442,6 +452,7 @@ class Session:
                 log.error("the MQTT broker refused the gateway's credentials (code 0x%02x)", code)
                 code = codec.SERVER_UNAVAILABLE if self.version == V5 else codec.V3_SERVER_UNAVAILABLE
             self._event("connect: broker refused", 503 if code != connack.code else 400)
+            self.front.counts.connack(self.version, code)
             self.client.write(Connack(connack.session_present, code, connack.properties).encode(self.version))
             self.close(None)
             return b""
@@ -450,6 +461,7 @@ class Session:
             self.timer.cancel()
             self.timer = None
         self.front.opened(self)
+        self.front.counts.connack(self.version, 0)
         self._event("connect", 200)
         # No topic aliases from the client: each PUBLISH names its topic, and each is checked.
         connack.properties = [(ident, value) for ident, value in connack.properties
@@ -474,6 +486,7 @@ class Session:
                 allowed = bool(publish.topic) and self._may_subscribe(publish.topic)
                 self._remember(self.may_deliver, publish.topic, allowed)
             if not allowed:
+                self.front.counts.withheld += 1
                 if publish.qos == 1:
                     self._to_broker(codec.encode_ack(PUBACK, publish.packet_id, self.version))
                 elif publish.qos == 2:
@@ -481,6 +494,9 @@ class Session:
                     self._to_broker(codec.encode_ack(PUBREC, publish.packet_id, self.version))
                 return False
         self.traffic += size
+        counts = self.front.counts
+        counts.messages_out += 1
+        counts.bytes_out += size
         self.front.usage.record_message(token, token.cid, size, self.front.now)
         return True
 
@@ -501,10 +517,15 @@ class Session:
 
     def revise(self, token: Token) -> None:
         """The token as it is now (reloaded after a change, or re-checked): what it no longer grants
-        ends the session."""
+        ends the session. That includes the will: the broker holds it and MQTT has no way to take it
+        back but a normal DISCONNECT (`revoke`), which discards it."""
         if self.state != OPEN:
             return
         self._adopt(token)
+        will_topic = self.will_topic
+        if will_topic is not None and not may_publish(self.kind, self._grants(), will_topic):
+            self.revoke(Denied(403, f"will topic {will_topic[:128]} no longer granted"))
+            return
         for topic_filter in self.subscriptions:
             if not self._may_subscribe(topic_filter):
                 self.revoke(Denied(403, f"subscription {topic_filter[:128]} no longer granted"))
@@ -533,8 +554,9 @@ class Session:
         self.timer = None
         if self.state in (WAIT_CONNECT, AUTHENTICATING, WAIT_CONNACK):
             if self.state == WAIT_CONNACK:
-                self.client.write(Connack(False, codec.SERVER_UNAVAILABLE if self.version == V5
-                                          else codec.V3_SERVER_UNAVAILABLE).encode(self.version))
+                code = codec.SERVER_UNAVAILABLE if self.version == V5 else codec.V3_SERVER_UNAVAILABLE
+                self.front.counts.connack(self.version, code)
+                self.client.write(Connack(False, code).encode(self.version))
             self.close(None)
 
     def broker_lost(self) -> None:

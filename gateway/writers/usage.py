@@ -223,6 +223,14 @@ class UsageMeter:
     def window(self, now: float) -> int:
         return int(now // self._window_length)
 
+    def check_blocked(self, token: Token, now: float) -> None:
+        """Refuse a blocked token, and nothing else: a live MQTT session checked again makes no
+        call, so it counts none and does not ask for (or wait for) a lease."""
+        block = self.blocked.get(token.id)
+        if block is not None and now < block.until:
+            retry = max(1, math.ceil(block.until - now))
+            raise Denied(429, f"token is blocked: {block.reason}", {"Retry-After": str(retry)})
+
     def check(self, token: Token, now: float) -> None:
         """Refuse a blocked token; else count the call now, as it passes the last check, so that
         requests still in flight are in the count when the limit is reached, not after."""

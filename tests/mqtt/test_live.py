@@ -129,3 +129,88 @@ async def test_usage_counts_messages_and_blocks(make_mqtt_gateway: GatewayFactor
         again.close()
     finally:
         client.close()
+
+
+async def test_an_idle_session_is_not_charged_for_its_checks(make_mqtt_gateway: GatewayFactory) -> None:
+    """Checked every 0.2 s: were each check a call, 10 calls would last two seconds. Messages count."""
+    gw = await make_mqtt_gateway(usage={"api_calls": 10, "flush_interval": 0.1})
+    token = await gw.create_token(access={"type": 0})
+    client = await session(gw, token["key"])
+    try:
+        assert not await asyncio.to_thread(client.disconnected.wait, 3.0), "an idle session was disconnected"
+        assert await client.subscribe("idle/me") == [1]
+        assert await client.publish("idle/me", b"1", qos=1) == 0
+        assert (await client.message()).payload == b"1"
+        for index in range(20):
+            await client.publish("idle/me", str(index).encode(), qos=0)
+        assert await client.wait_disconnect(3) == 0x87
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("version", "refused"), [pytest.param(5, 0x87, id="5.0"), pytest.param(4, 5, id="3.1.1")])
+async def test_a_usage_blocked_token_cannot_connect(make_mqtt_gateway: GatewayFactory, version: int,
+                                                    refused: int) -> None:
+    gw = await make_mqtt_gateway(usage={"api_calls": 20, "flush_interval": 0.1})
+    token = await gw.create_token(access={"type": 0})
+    client = await session(gw, token["key"], version)
+    try:
+        for index in range(40):
+            await client.publish("count/me", str(index).encode(), qos=0)
+        await client.wait_disconnect(3)  # 5.0: 0x87; 3.1.1: the connection closed
+    finally:
+        client.close()
+    again = Client(gw.server.mqtt_port, token["key"], version)
+    try:
+        assert await again.connect() == refused
+    finally:
+        again.close()
+
+
+async def test_a_traffic_limit_blocks_the_session(make_mqtt_gateway: GatewayFactory) -> None:
+    gw = await make_mqtt_gateway(usage={"traffic": 2000, "flush_interval": 0.1})
+    token = await gw.create_token(access={"type": 0})
+    client = await session(gw, token["key"])
+    try:
+        assert await client.publish("bytes/me", b"x" * 100, qos=1) in (0, 0x10)  # under the limit (0x10: no subscriber)
+        assert not await asyncio.to_thread(client.disconnected.wait, 0.6)
+        for _ in range(5):
+            await client.publish("bytes/me", b"x" * 1000, qos=0)
+        assert await client.wait_disconnect(3) == 0x87
+    finally:
+        client.close()
+    for _ in range(100):  # the token's logs are written in batches
+        _, body = await gw.call("GET", f"/platform/tokens/{token['id']}/logs")
+        reasons = [record["uri"] for record in body["result"] if record.get("method") == "MQTT"]
+        if any("bytes of traffic" in reason for reason in reasons):
+            break
+        await asyncio.sleep(0.05)
+    assert any("bytes of traffic" in reason for reason in reasons), reasons
+
+
+@pytest.mark.parametrize(("acl", "ends"), [
+    pytest.param([{"uri": "mqtt", "topic": "live/#", "actions": ["subscribe"]}], True, id="will-no-longer-granted"),
+    pytest.param([{"uri": "mqtt", "topic": "live/will", "actions": ["publish"]}], False, id="will-still-granted"),
+])
+async def test_an_acl_change_rechecks_the_will(pair: tuple[GatewayHandle, GatewayHandle],
+                                               acl: list[dict[str, Any]], ends: bool) -> None:
+    """The broker holds the will: one the token no longer grants ends the session with a normal
+    DISCONNECT, which discards it (it is never published)."""
+    serving, other = pair
+    token = await other.create_token(access={"type": 2, "acl": ACL})
+    watcher = await session(serving, MASTER_KEY)
+    client = Client(serving.server.mqtt_port, token["key"], 5)
+    try:
+        assert await watcher.subscribe("live/will") == [1]
+        assert await client.connect(will=("live/will", b"gone")) == 0
+        status, reply = await other.call("PUT", f"/platform/tokens/{token['id']}",
+                                         json={"access": {"type": 2, "acl": acl}})
+        assert status == 200, reply
+        if ends:
+            assert await ended_within(client, 1.0) == 0x87
+            await watcher.no_message(0.5)
+        else:
+            assert not await asyncio.to_thread(client.disconnected.wait, 1.0)
+    finally:
+        client.close()
+        watcher.close()

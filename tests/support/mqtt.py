@@ -8,6 +8,7 @@ import queue
 import subprocess
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -15,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .servers import LocalServer
+from .servers import LocalServer, free_port, wait_for_port
 
 BROKER_USER = "gateway"
 BROKER_PASSWORD = "broker-secret-9"
@@ -27,8 +28,10 @@ class Mosquitto(LocalServer):
 
     binary = "mosquitto"
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: a certificate and its key for a second listener, TLS only (`tls_port`)."""
         super().__init__("gw-mosquitto-")
+        self.tls_port = free_port() if tls is not None else None
         self.log = self.dir / "mosquitto.log"
         passwd = self.dir / "passwd"
         subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), BROKER_USER, BROKER_PASSWORD], check=True,
@@ -38,6 +41,9 @@ class Mosquitto(LocalServer):
             f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
             f"persistence false\nuser root\nlog_dest file {self.log}\nlog_type all\nconnection_messages true\n"
             "max_keepalive 65535\n")
+        if tls is not None:  # certfile and keyfile belong to the listener above them
+            with (self.dir / "mosquitto.conf").open("a") as conf:
+                conf.write(f"listener {self.tls_port} 127.0.0.1\ncertfile {tls[0]}\nkeyfile {tls[1]}\n")
 
     @property
     def url(self) -> str:
@@ -45,6 +51,12 @@ class Mosquitto(LocalServer):
 
     def start(self) -> None:
         self.launch(["-c", str(self.dir / "mosquitto.conf")])
+        if self.tls_port is not None:
+            wait_for_port(self.tls_port, 10)
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://{BROKER_USER}:{BROKER_PASSWORD}@127.0.0.1:{self.tls_port}"
 
     def logged(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -7,12 +7,14 @@ import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.auth.checks import Checks, mqtt_facts
 from gateway.config import LogSettings, RedisSettings, UsageSettings
+from gateway.errors import Denied, Undecided
 from gateway.store.accounts import AccountDirectory, AccountStore, AccountTree, Limits
 from gateway.store.tokens import RedisStore, connect_redis
 from gateway.tokens import Token, TokenType
 from gateway.writers.logs import LogWriter
-from gateway.writers.usage import UsageMeter, choose_blocked, parse_usage
+from gateway.writers.usage import Block, UsageMeter, choose_blocked, parse_usage
 
 
 @pytest.mark.parametrize(("usage", "already", "calls", "traffic", "expected"), [
@@ -115,5 +117,36 @@ async def test_counts_of_an_account_without_limit_are_held_until_a_limit_comes(
         await meter.flush(final=True)  # shutdown: what is held goes to Redis
         assert await stored(100_001) == {}
         assert await stored(100_002) == {1: (1, 8), 2: (1, 6)}
+    finally:
+        await client.aclose()
+
+
+async def test_a_recheck_counts_nothing_and_never_waits(redis_client: aioredis.Redis, redis_url: str,
+                                                        key_prefix: str) -> None:
+    """A live MQTT session's re-check (`facts.recheck`) makes no call: past the lease it neither
+    waits nor counts; only a block refuses it. A counted check past the lease still waits."""
+    client = connect_redis(RedisSettings(url=redis_url))
+    directory = AccountDirectory(AccountStore(client, key_prefix), 60.0)
+    directory.tree = AccountTree({}, {5: Limits(api_calls=10)})
+    clock = Clock(6_000_000.0)
+    meter = UsageMeter(RedisStore(client, key_prefix), UsageSettings(), directory,
+                       LogWriter(LogSettings(path="off"), []), clock=clock)
+    checks = Checks(meter=meter)
+    token = Token(id=1, digest="1" * 64, cid=5, type=TokenType.STANDARD, enabled=True, expire=0, ttl=0, created=0,
+                  accessed=0, record_json=b"{}")
+    try:
+        checks.run(token, mqtt_facts("127.0.0.1", clock.now))  # the CONNECT: the one call of the first share
+        recheck = mqtt_facts("127.0.0.1", clock.now)
+        recheck.recheck = True
+        for _ in range(50):
+            checks.run(token, recheck)
+        with pytest.raises(Undecided):
+            checks.run(token, mqtt_facts("127.0.0.1", clock.now))  # a counted call past the lease waits
+        await meter.flush(final=True)
+        assert parse_usage(await redis_client.hgetall(f"{key_prefix}usage:100000:5")) == {1: (1, 0)}
+        meter.blocked[1] = Block(clock.now + 30, "its account is over the limit of 10 API calls", 5)
+        with pytest.raises(Denied) as refused:
+            checks.run(token, recheck)
+        assert refused.value.status == 429
     finally:
         await client.aclose()
