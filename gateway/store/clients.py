@@ -14,8 +14,8 @@ from redis.backoff import NoBackoff
 
 from gateway.config import ClusterSettings, RedisSettings
 from gateway.store.keys import ClusterKeys
-from gateway.store.scripts import BATCHED_SCRIPTS
 from gateway.store.resp import LeanNodes, RespClient, lean_client
+from gateway.store.scripts import BATCHED_SCRIPTS
 from gateway.store.sentinel import MasterWatch
 from gateway.store.sharded import ReplicaWait
 from gateway.store.tokens import connect_redis
