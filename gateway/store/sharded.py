@@ -182,11 +182,11 @@ class ShardedTokenStore(TokenStore):
                 entry = per_node[name] = ([], [])
             entry[0].append(("GET", bucket_keys[bucket] + digest))
             entry[1].append(index)
-            used = by_used.get(bucket >> 4)
-            if used is None:
+            sharing = by_used.get(bucket >> 4)
+            if sharing is None:
                 by_used[bucket >> 4] = [index]
             else:
-                used.append(index)
+                sharing.append(index)
         for bucket, members in by_used.items():
             nodes = slots.get(used_slots[bucket])
             if not nodes:
