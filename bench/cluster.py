@@ -9,7 +9,8 @@ gateway on it and one on a single Redis (one worker each, request logging off), 
    id, account and expiry indexes, as the tokens API writes them): how long, the keys and
    `used_memory` of each master, and cache-miss throughput with all of them there;
 4. a master killed: the time until the first successful uncached authentication of a token it
-   held, and how long such requests got 503.
+   held, and how long such requests got 503; then revocation through the first gateway seen by a
+   second one on the cluster, after the failover.
 
     python bench/cluster.py [--tokens 3000] [--wrk-tokens 100000] [--rounds 3] [--bulk 3000000]
 """
@@ -35,7 +36,8 @@ from harness.servers import start_gateway, start_upstream
 from harness.tokens import fill_tokens, random_keys
 from harness.tools import find_tools
 from harness.wrk import parse_wrk
-from scale import create_tokens, miss_throughput, start_cluster
+from harness.revocation import percentile
+from scale import create_tokens, miss_throughput, revocation_round, start_cluster
 
 
 def masters(ports: list[int]) -> dict[int, tuple[int, int]]:
@@ -155,6 +157,17 @@ def wrk_misses(wrk: str, url: str, keys: list[str], workdir: Path, seconds: int)
     return parsed.rps, parsed.requests
 
 
+async def revocations_after(url_a: str, url_b: str, rounds: int) -> list[float]:
+    """Seconds from a DELETE answered by gateway A until gateway B (which had the token cached)
+    refuses it, for `rounds` new tokens."""
+    import aiohttp
+    tokens = await create_tokens(url_a, rounds)
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as a, aiohttp.ClientSession(timeout=timeout) as b:
+        found = [await revocation_round(a, b, url_a, url_b, token, time.monotonic() + 10) for token in tokens]
+    return [seconds for seconds in found if seconds is not None]
+
+
 def hot_rps(wrk: str, url: str, key: str, seconds: int = 5) -> tuple[float, int]:
     result = subprocess.run([wrk, "-t1", "-c32", f"-d{seconds}s", "-H", f"Authorization: FlespiToken {key}",
                              url + "/bench/hot"], capture_output=True, text=True, timeout=seconds + 30)
@@ -211,6 +224,7 @@ def main() -> None:
     parser.add_argument("--wrk-tokens", type=int, default=100000,
                         help="tokens per cache-miss run of wrk, more than it asks for in --wrk-seconds (0: none)")
     parser.add_argument("--wrk-seconds", type=int, default=3, help="length of a cache-miss run of wrk")
+    parser.add_argument("--revocations", type=int, default=40, help="revocation rounds after the failover")
     parser.add_argument("--rounds", type=int, default=3, help="cache-miss runs on each")
     parser.add_argument("--bulk", type=int, default=3_000_000, help="tokens written straight into the cluster")
     args = parser.parse_args()
@@ -234,6 +248,8 @@ def main() -> None:
         cluster = {"cluster": {"nodes": [f"{HOST}:{port}" for port in ports[:3]]}, "key_prefix": PREFIX}
         on_cluster = start_gateway(procs, "gw-cluster", upstream, "", 1,
                                    settings={"redis": cluster, "log": {"path": "off"}})
+        second = start_gateway(procs, "gw-cluster-2", upstream, "", 1,
+                               settings={"redis": cluster, "log": {"path": "off"}})
         on_one = start_gateway(procs, "gw-single", upstream, f"redis://{HOST}:{single_port}/0", 1,
                                settings={"log": {"path": "off"}})
         print(f"# bench/cluster.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; upstream: {kind}; "
@@ -309,6 +325,12 @@ def main() -> None:
                      f"{len(unavailable)} ({unavailable[0]:.2f} s, {unavailable[-1]:.2f} s)" if unavailable else "0"))
         if failover["other"]:
             rows.append(("other answers meanwhile", str(sorted(set(failover["other"])))))
+        seen = asyncio.run(revocations_after(on_cluster.url, second.url, args.revocations))
+        if seen:
+            rows.append((f"after the failover: revocation through one gateway seen by the other, p50 / p99 / max "
+                         f"({len(seen)} of {args.revocations} rounds)",
+                         " / ".join(f"{percentile(seen, q) * 1000:.1f}" for q in (50, 99)) +
+                         f" / {max(seen) * 1000:.1f} ms"))
         print("\n| measurement | figure |\n|---|---:|")
         for name, value in rows:
             print(f"| {name} | {value} |")
