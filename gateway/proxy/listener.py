@@ -264,8 +264,11 @@ class FrontProtocol(Front):
         self._eof = True
         bridge = self.bridge
         if bridge is not None:
-            if self.raw or self.incoming is not None:
-                return False  # an upgraded stream, or a request that can never be completed: close
+            incoming = self.incoming
+            if self.raw or (incoming is not None and incoming.target is not None):
+                return False  # an upgraded stream, or aiohttp reads a request that can never be completed: close
+            # A head still incomplete never reached aiohttp: the request before it is answered, as
+            # the fast path answers it.
             handler = bridge.handler
             handler.eof_received()
             if bridge.idle():

@@ -768,7 +768,6 @@ async def test_connect_refused(make_gateway: GatewayFactory, clients: ClientFact
         assert reply.header("Connection") is None  # the request was read whole: keep-alive goes on
 
 
-@fast_only
 async def test_client_half_closes_after_its_request(gw: GatewayHandle, clients: ClientFactory) -> None:
     client = await clients(gw)
     await client.send(http("POST", "/half-closed", body=b"all of it"))
