@@ -227,6 +227,8 @@ class Gateway:
                                          flow.client_address(request.remote or "", request.headers), now)
         if not response.prepared:  # a proxied reply got these from the proxy, before its first byte
             self._finish(response, request, facts, request_id)
+            if reason is not None and not request.content.is_eof():
+                response.force_close()  # as on the fast path: a refused body still coming ends the connection
         size = body_size(request, response)
         flow.finish(flow.aiohttp, facts, facts.token if facts is not None else None, served,
                     request.headers.get("x-flespi-app", ""), response.status, started, size,

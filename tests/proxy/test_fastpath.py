@@ -935,6 +935,8 @@ async def test_chunked_in_a_second_transfer_encoding_header(gw: GatewayHandle, c
     assert [r.raw_path for r in upstream.requests] == ["/after"]
 
 
+# Fast path only: aiohttp reads and drops a refused body for up to its lingering time (10 s)
+# before it closes, so a quick client's upload ends first; the fast path ends its side at once.
 @fast_only
 async def test_refused_while_the_body_is_still_coming(gw: GatewayHandle, clients: ClientFactory,
                                                       upstream: Upstream) -> None:
@@ -965,7 +967,6 @@ async def test_refused_while_the_body_is_still_coming(gw: GatewayHandle, clients
     assert upstream.requests == []
 
 
-@fast_only
 async def test_nothing_served_after_a_refusal_that_closes(gw: GatewayHandle, clients: ClientFactory,
                                                           upstream: Upstream) -> None:
     warm = await clients(gw)
