@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 import sys
 import time
@@ -227,6 +228,8 @@ class Gateway:
                                          flow.client_address(request.remote or "", request.headers), now)
         if not response.prepared:  # a proxied reply got these from the proxy, before its first byte
             self._finish(response, request, facts, request_id)
+            if reason is not None and not request.content.is_eof():
+                response.force_close()  # as on the fast path: a refused body still coming ends the connection
         size = body_size(request, response)
         flow.finish(flow.aiohttp, facts, facts.token if facts is not None else None, served,
                     request.headers.get("x-flespi-app", ""), response.status, started, size,
@@ -304,6 +307,21 @@ class Gateway:
                     reason)
         return response
 
+    def refuse_unserved(self, request: web.Request, status: int, reason: str, parsed: bool) -> web.Response:
+        """An error aiohttp answers outside `handle` (a request its parser refused, a handler's
+        failure), as `handle`'s refusals are: a request id, a log record with its reason, a count.
+        `parsed`: whether `request` is the request that was sent (its method and path are logged)."""
+        flow, started, now = self.flow, time.perf_counter(), time.time()
+        response = error_response(flow, status, reason)
+        request_id = flow.request_id(None, False)
+        response.headers[flow.request_id_header] = request_id
+        client = flow.client_address(request.remote or "", request.headers)
+        facts = (flow.unchecked_facts(request.method, request.raw_path, client, now) if parsed
+                 else flow.unchecked_facts("", "", client, now))
+        flow.finish(flow.aiohttp, facts, None, None, "", status, started, body_size(request, response), 0, request_id,
+                    reason)
+        return response
+
     async def health(self, request: web.Request) -> web.StreamResponse:
         """Liveness: the process answers (and what it holds)."""
         return web.json_response({"result": [{"status": "ok", "pid": os.getpid(), "tokens_cached": len(self.cache),
@@ -353,7 +371,9 @@ async def _no_continue(request: web.Request) -> None:
 
 class JsonErrorHandler(RequestHandler):
     """aiohttp's connection handler, with its own error pages (a request its parser refuses, a
-    failure outside every handler) in flespi's JSON shape."""
+    failure outside every handler) in flespi's JSON shape, refused through `gateway`'s flow."""
+
+    gateway: Gateway | None = None
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -362,7 +382,15 @@ class JsonErrorHandler(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("the reply has started; no error reply can follow it")
         reason = MALFORMED_REQUEST if status == 400 else INTERNAL_ERROR if status >= 500 else _phrase(status)
-        response = web.Response(status=status, body=error_body(status, reason), content_type="application/json")
+        repeated = DUPLICATE_HEADER.fullmatch(message or "") if status == 400 else None
+        gateway = self.gateway
+        if gateway is None or not isinstance(request, web.Request):  # no gateway behind it: the error alone
+            response = web.Response(status=status, body=error_body(status, reason), content_type="application/json")
+        else:
+            if repeated is not None:  # the listener's and `Gateway.handle`'s words for it
+                reason = gateway.flow.repeated_header(repeated.group(1).lower()).reason
+            # A parser error (`message` given) has no request behind it: aiohttp's stand-in is "GET /".
+            response = gateway.refuse_unserved(request, status, reason, parsed=message is None)
         response.force_close()
         return response
 
@@ -374,16 +402,26 @@ def _phrase(status: int) -> str:
         return "error"
 
 
-def json_error_handlers(server: web.Server) -> Callable[[], asyncio.Protocol]:
-    """What the listener hands connections to: `server`'s handlers, as `JsonErrorHandler`s."""
+def json_error_handlers(server: web.Server, gateway: Gateway | None = None) -> Callable[[], asyncio.Protocol]:
+    """What the listener hands connections to: `server`'s handlers, as `JsonErrorHandler`s of `gateway`."""
     kwargs = server._kwargs  # the handler arguments the runner was given (web.Server keeps them so)
-    return lambda: JsonErrorHandler(server, loop=asyncio.get_running_loop(), **kwargs)
+
+    def handler() -> asyncio.Protocol:
+        made = JsonErrorHandler(server, loop=asyncio.get_running_loop(), **kwargs)
+        made.gateway = gateway
+        return made
+
+    return handler
 
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
                       ) -> web.StreamResponse:
-    """aiohttp's own refusals (a missing panel file, a method a route does not take) as flespi JSON."""
+    """aiohttp's own refusals (a missing panel file, a method a route does not take) as flespi JSON.
+    A target that is no path (`*`, absolute-form) matches no route: `Gateway.handle` refuses it,
+    as the listener does."""
+    if not request.raw_path.startswith("/"):
+        return await request.app[GATEWAY].handle(request)
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -422,6 +460,8 @@ def token_validator(settings: Settings) -> TokenValidator:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+# aiohttp's parser refuses a repeated singleton header in these words (http_parser.py).
+DUPLICATE_HEADER = re.compile(r"Duplicate '([^']+)' header found\.")
 
 
 def internal_handler(endpoint: Internal) -> Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]:

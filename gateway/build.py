@@ -1,7 +1,7 @@
 """Which modules run compiled, and a guard against running a stale compiled module.
 
 `setup.py` compiles the modules of the request path (`COMPILED`) with mypyc when it can; a
-compiled module (`fastpath.cpython-311-...so`) then sits beside its source and Python imports it
+compiled module (`proxy/listener.cpython-311-...so`) then sits beside its source and Python imports it
 first. In a source checkout (an editable install) the source can change afterwards; running the
 old compiled code would be silently wrong, so importing the package refuses instead.
 """

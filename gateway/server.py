@@ -160,8 +160,8 @@ class GatewaySite(web.BaseSite):
         runner = self._runner
         assert isinstance(runner, web.AppRunner) and runner.server is not None
         gateway = runner.app[GATEWAY]
-        self.lane = lane = FastLane(gateway.flow, json_error_handlers(runner.server), gateway.services.upstream_tls,
-                                    self.fast_path)
+        handlers = json_error_handlers(runner.server, gateway)
+        self.lane = lane = FastLane(gateway.flow, handlers, gateway.services.upstream_tls, self.fast_path)
         gateway.open_connections = lambda: len(lane.connections)
         lane.start()
         loop = asyncio.get_running_loop()

@@ -87,8 +87,9 @@ async def upstream() -> AsyncIterator[Upstream]:
 def front() -> str:
     """Which front serves the gateway's requests: "fast" (the production server: the fast path
     where it applies, aiohttp for the rest) or "aiohttp" (every request handed to aiohttp).
-    tests/proxy and tests/auth run under both (their conftest.py), as uvicorn runs its tests
-    per protocol class: a difference between the two paths fails a test."""
+    tests/proxy and tests/auth run under both (their conftest.py), and so do the gateway tests of
+    tests/policy (test_acl_gateway.py, test_location.py), as uvicorn runs its tests per protocol
+    class: a difference between the two paths fails a test."""
     return "fast"
 
 

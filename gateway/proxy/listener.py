@@ -264,8 +264,11 @@ class FrontProtocol(Front):
         self._eof = True
         bridge = self.bridge
         if bridge is not None:
-            if self.raw or self.incoming is not None:
-                return False  # an upgraded stream, or a request that can never be completed: close
+            incoming = self.incoming
+            if self.raw or (incoming is not None and incoming.target is not None):
+                return False  # an upgraded stream, or aiohttp reads a request that can never be completed: close
+            # A head still incomplete never reached aiohttp: the request before it is answered, as
+            # the fast path answers it.
             handler = bridge.handler
             handler.eof_received()
             if bridge.idle():
@@ -498,8 +501,7 @@ class FrontProtocol(Front):
         """A request refused before any of it went on: answered, and the connection ends (what
         follows it on the stream cannot be trusted to be framed as it was meant)."""
         self.queue.clear()
-        self.write(error_bytes(self.lane.flow, denied.status, denied.reason, denied.headers, b"",
-                               self.lane.shared.date(), close=True))
+        self._answer_refusal(incoming, denied.status, denied.reason, denied.headers)
         if incoming.complete:
             self.close()
         else:
@@ -522,18 +524,36 @@ class FrontProtocol(Front):
         self.linger()
 
     def _write_refusal(self, status: int, reason: str) -> None:
-        """A refusal of the byte stream itself, before any exchange: answered, counted and logged
-        with what was parsed of the request (if anything)."""
+        """A refusal of the byte stream itself, before any exchange, with what was parsed of the
+        request (if anything)."""
+        self._answer_refusal(self.incoming, status, reason, {})
+
+    def _answer_refusal(self, incoming: Incoming | None, status: int, reason: str, extra: dict[str, str]) -> None:
+        """A refusal the listener makes itself, as `Gateway.handle` makes the same ones: with a
+        request id, counted and logged with its reason (`RequestFlow.finish`)."""
         started = time.perf_counter()
         flow = self.lane.flow
-        reply = error_bytes(flow, status, reason, {}, b"", self.lane.shared.date(), close=True)
+        trusted = self.trusted_peer
+        name = self.lane.shared.request_id_header
+        incoming_id = incoming.index.get(name) if incoming is not None and trusted else None
+        request_id = flow.request_id(incoming_id.decode("latin-1") if incoming_id is not None else None, trusted)
+        rid = request_id.encode("utf-8", "surrogateescape")
+        reply = error_bytes(flow, status, reason, extra, rid, self.lane.shared.date(), close=True)
         self.write(reply)
-        incoming = self.incoming
         method = incoming.method.decode("latin-1") if incoming is not None else ""
         target = incoming.url.decode("utf-8", "replace") if incoming is not None else ""
-        facts = flow.unchecked_facts(method, target, self.peer_address, time.time())
-        flow.finish(flow.fast, facts, None, None, "", status, started, len(reply) - reply.find(b"\r\n\r\n") - 4, 0,
-                    "", reason)
+        facts = flow.unchecked_facts(method, target, self._client_ip(incoming), time.time())
+        app = incoming.index.get(b"x-flespi-app", b"").decode("utf-8", "replace") if incoming is not None else ""
+        flow.finish(flow.fast, facts, None, None, app, status, started, len(reply) - reply.find(b"\r\n\r\n") - 4, 0,
+                    request_id, reason)
+
+    def _client_ip(self, incoming: Incoming | None) -> str:
+        """The client's address as `Exchange` gives it: a trusted proxy's X-Forwarded-For counts."""
+        if incoming is None or not self.trusted_peer or b"x-forwarded-for" not in incoming.index:
+            return self.peer_address
+        headers = CIMultiDict((name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+                              for _, name, value in incoming.headers)
+        return self.lane.flow.client_address(self.peer, headers)
 
     def check_timeouts(self, now: float, limits: LimitsSettings) -> None:
         """Called by the lane's sweep: drop a connection whose client stalls, idles or dawdles."""

@@ -29,6 +29,12 @@ DEVICES_ACL = [
 ]
 
 
+@pytest.fixture(params=["fast", "aiohttp"])
+def front(request: pytest.FixtureRequest) -> str:
+    """Every gateway here runs through both fronts (tests/conftest.py): the rules are one."""
+    return str(request.param)
+
+
 def denied(what: str, method: str) -> tuple[int, dict[str, Any]]:
     return 403, {"errors": [{"code": 403, "reason": f"access to {what} ({method}) is denied by token ACL"}]}
 

@@ -21,6 +21,12 @@ SPOOF = {"X-Forwarded-For": "127.0.0.2", "X-Real-IP": "127.0.0.2", "Forwarded": 
 ClientFrom = Callable[[str], aiohttp.ClientSession]
 
 
+@pytest.fixture(params=["fast", "aiohttp"])
+def front(request: pytest.FixtureRequest) -> str:
+    """Every gateway here runs through both fronts (tests/conftest.py): the rules are one."""
+    return str(request.param)
+
+
 @pytest.fixture
 async def client_from() -> AsyncIterator[ClientFrom]:
     """`client_from("127.0.0.2")`: a session whose connections leave from that address."""

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+
+from gateway.errors import refusal_id
 
 from support.gateways import GatewayFactory, GatewayHandle, error
 from support.keys import MASTER_KEY
@@ -186,6 +190,60 @@ async def test_repeated_single_headers_refused(gw: GatewayHandle, raw: RawUpstre
     await client.send(("\r\n".join(lines) + "\r\n\r\n").encode())
     await refused(client, 400, error(400, f"repeated {name.lower()} header"))
     assert raw.received == b""
+
+
+REFUSED_BY_THE_LISTENER = {
+    "two-hosts": (b"GET /twice HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n"
+                  b"Authorization: FlespiToken " + MASTER_KEY.encode() + b"\r\n\r\n", "/twice", 400,
+                  "repeated host header"),
+    "gzip-chunked": (http("POST", "/coded", headers={"Transfer-Encoding": "gzip, chunked"}, body=chunked(b"hi")),
+                     "/coded", 501, "transfer coding not supported"),
+    "asterisk": (http("OPTIONS", "*"), "*", 400, "invalid request path"),
+}
+
+
+@pytest.mark.parametrize("behind", [False, True], ids=["first", "behind-another"])
+@pytest.mark.parametrize("case", list(REFUSED_BY_THE_LISTENER))
+async def test_request_refusals_go_through_the_flow(make_gateway: GatewayFactory, raw: RawUpstream,
+                                                    tmp_path: Path, front: str, case: str,
+                                                    behind: bool) -> None:
+    """Refused before anything went on, first on a connection (the listener refuses it on both
+    fronts) or behind a served request (then aiohttp's `Gateway.handle` on the aiohttp front):
+    either way it has a request id, a log record with its reason, and a count by kind."""
+    log = tmp_path / "requests.log"
+    gw = await make_gateway(upstream=raw.url, log={"path": str(log), "flush_interval": 0.05})
+    data, uri, status, reason = REFUSED_BY_THE_LISTENER[case]
+    kind = refusal_id(status, reason)
+    refusals = gw.gateway.flow.refusals
+    before = refusals.get(kind, 0)
+    client = await Client.connect(gw.server.port)
+    try:
+        if behind:
+            assert (await client.ask("GET", "/served")).status == 200
+        await client.send(data)
+        reply = await client.reply()
+    finally:
+        client.close()
+    assert (reply.status, reply.json()) == (status, error(status, reason))
+    request_id = reply.header("X-Request-ID")
+    assert request_id
+    [record] = await logged(log, lambda record: record.get("request_id") == request_id)
+    if behind and front == "aiohttp" and case == "two-hosts":
+        uri = ""  # refused by aiohttp's parser, which keeps nothing of the request it refused
+    assert (record["uri"], record["status"], record["reason"], record["refusal"]) == (uri, status, reason, kind)
+    assert refusals.get(kind, 0) - before == 1
+    assert b"/twice" not in raw.received and b"/coded" not in raw.received
+
+
+async def logged(path: Path, what: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The request log's records matching `what`, once there is one (or after a hang guard)."""
+    async with asyncio.timeout(10):
+        while True:
+            lines = path.read_bytes().splitlines() if path.exists() else []
+            records = [record for record in map(orjson.loads, lines) if what(record)]
+            if records:
+                return records
+            await asyncio.sleep(0.05)
 
 
 # == framing =======================================================================================
