@@ -130,6 +130,11 @@ def migrate_command(args: argparse.Namespace) -> int:
 def check_startup(settings: Settings) -> None:
     """What would still stop a start after the file parsed: the port, the embedded store's file."""
     check_listen(settings.listen, reuse_port=settings.workers > 1)
+    if settings.mqtt is not None:
+        try:
+            check_listen(settings.mqtt.listen, reuse_port=settings.workers > 1)
+        except ConfigError as exc:  # bind_listen names the HTTP section's keys
+            raise ConfigError(f"mqtt.{exc.key}", exc.problem) from exc
     if settings.redis.embedded:
         from gateway.store.embedded import check_files  # fakeredis: imported only when it is used
 

@@ -1074,6 +1074,8 @@ RESTART_ONLY = ("listen", "redis", "limits", "usage", "housekeeping", "token_log
                 "internal_prefix", "workers", "accessed_flush_interval", "bootstrap_master_token", "mqtt")
 # Within a reloadable section: aiohttp's relay holds one connector whose size is fixed.
 RESTART_ONLY_PROXY = ("pool_size",)
+# The app log's format is set on the process's handlers at start (workers inherit them).
+RESTART_ONLY_LOG = ("format",)
 
 
 def _changed(name: str, running: Any, loaded: Any) -> list[str]:
@@ -1095,7 +1097,12 @@ def reload_plan(running: Settings, loaded: Settings) -> tuple[Settings, tuple[st
         if getattr(proxy, name) != getattr(running.proxy, name):
             kept.append(f"proxy.{name}")
     proxy = replace(proxy, **{name: getattr(running.proxy, name) for name in RESTART_ONLY_PROXY})
-    effective = replace(loaded, proxy=proxy, **{name: getattr(running, name) for name in RESTART_ONLY})
+    for name in RESTART_ONLY_LOG:
+        if getattr(loaded.log, name) != getattr(running.log, name):
+            kept.append(f"log.{name}")
+    log_settings = replace(loaded.log, **{name: getattr(running.log, name) for name in RESTART_ONLY_LOG})
+    effective = replace(loaded, proxy=proxy, log=log_settings,
+                        **{name: getattr(running, name) for name in RESTART_ONLY})
     return effective, tuple(kept)
 
 

@@ -219,7 +219,12 @@ class GatewayServer:
         front, mqtt = self.app[GATEWAY].mqtt, self.settings.mqtt
         if front is not None and mqtt is not None:
             # Workers (given the supervisor's HTTP sockets) each bind the MQTT port themselves.
-            self.mqtt = await listen_mqtt(front, mqtt.listen.host, mqtt.listen.port, reuse_port or bool(sockets))
+            try:
+                self.mqtt = await listen_mqtt(front, mqtt.listen.host, mqtt.listen.port, reuse_port or bool(sockets))
+            except OSError as exc:  # as for the HTTP port: a configuration error, no traceback
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ConfigError("mqtt.listen.port",
+                                  f"cannot listen on {mqtt.listen.host}:{mqtt.listen.port} ({reason})") from exc
 
     @property
     def mqtt_port(self) -> int:

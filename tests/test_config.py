@@ -1102,3 +1102,15 @@ def test_reload_plan_of_the_same_file_changes_nothing() -> None:
     effective, kept = reload_plan(running, build_settings({"upstream": UPSTREAM,
                                                            "origin_presets": {"mine": ["https://a.example"]}}))
     assert (effective, kept, reloaded_keys(running, effective)) == (running, (), ())
+
+
+def test_a_reload_keeps_the_log_format_as_it_runs() -> None:
+    """The app log's handlers are set at start (workers inherit them): a changed `log.format` is
+    said to need a restart, the rest of the log section is applied."""
+    running = build_settings({"upstream": UPSTREAM})
+    loaded = build_settings({"upstream": UPSTREAM, "log": {"format": "json", "flush_interval": 2}})
+    effective, kept = reload_plan(running, loaded)
+    assert kept == ("log.format",)
+    assert (effective.log.format, effective.log.flush_interval) == (running.log.format, 2)
+    assert reloaded_keys(running, effective) == ("log.flush_interval",)
+

@@ -256,6 +256,27 @@ async def test_a_port_taken_since_the_check_is_a_config_error_at_start(tmp_path:
     assert str(raised.value) == f"listen.port: cannot listen on 127.0.0.1:{port} (Address already in use)"
 
 
+
+def test_a_taken_mqtt_port_is_refused_by_the_check_and_at_start(tmp_path: Path, upstream: Upstream) -> None:
+    """`mqtt.listen` is bound by `--check-config` as `listen` is (exit 2, the key named), and a
+    port taken since the check is a one-line configuration error at start, not a traceback."""
+    mqtt_port = free_port()
+    config = {"upstream": upstream.url, "listen": {"host": "127.0.0.1", "port": free_port()}, "log": {"path": "off"},
+              "redis": {"url": "memory://", "data_file": str(tmp_path / "data.json")},
+              "mqtt": {"listen": {"host": "127.0.0.1", "port": mqtt_port}, "broker": "mqtt://127.0.0.1:1"}}
+    path = write_config(tmp_path / "mqtt.yaml", config)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", mqtt_port))
+        holder.listen()
+        result = check_config(path)
+        assert result.returncode == 2, result.stderr
+        assert f"mqtt.listen.port: cannot listen on 127.0.0.1:{mqtt_port}" in result.stderr
+        process = run_gateway_process(path)
+        assert process.wait(30) == 2
+    assert process.stderr is not None
+    stderr = process.stderr.read().decode()
+    assert f"mqtt.listen.port: cannot listen on 127.0.0.1:{mqtt_port}" in stderr and "Traceback" not in stderr
+
 def readme_run_command() -> str:
     """The README's first command: the one that installs and runs."""
     readme = (ROOT / "README.md").read_text()
@@ -313,3 +334,20 @@ async def test_readme_run_command_needs_no_key_and_shows_one_once(tmp_path: Path
 def launch(argv: list[str], cwd: Path, env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+
+
+async def test_an_mqtt_port_taken_since_the_check_is_a_config_error_at_start(tmp_path: Path,
+                                                                            upstream: Upstream) -> None:
+    mqtt_port = free_port()
+    settings = build_settings({"upstream": upstream.url, "log": {"path": "off"},
+                               "redis": {"url": "memory://", "data_file": str(tmp_path / "data.json")},
+                               "mqtt": {"listen": {"host": "127.0.0.1", "port": mqtt_port},
+                                        "broker": "mqtt://127.0.0.1:1"}})
+    server = GatewayServer(settings)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", mqtt_port))
+        holder.listen()
+        with pytest.raises(ConfigError) as raised:
+            await server.start("127.0.0.1", 0)
+    await server.close()
+    assert str(raised.value) == f"mqtt.listen.port: cannot listen on 127.0.0.1:{mqtt_port} (Address already in use)"
