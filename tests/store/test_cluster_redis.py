@@ -361,7 +361,7 @@ async def test_a_paused_master_gives_no_wrong_answer_and_its_tokens_come_back(
         victim.process.send_signal(signal.SIGCONT)
         paused = False
     try:
-        redis_cluster.wait_ok()
+        await asyncio.to_thread(redis_cluster.wait_ok)  # the gateways serve meanwhile (same loop)
 
         async def all_back() -> bool:
             fresh = [await status_of(first, key) for key in owners]
@@ -452,7 +452,7 @@ async def test_a_killed_master_is_replaced_and_tokens_made_before_still_work(
             return await status_of(first, doomed["key"]) == 401
         await _until(refused_by_first, 2)
     finally:
-        redis_cluster.restore()
+        await asyncio.to_thread(redis_cluster.restore)
 
 
 async def test_with_wait_replicas_a_change_is_acknowledged_once_every_master_s_replica_holds_it(
@@ -483,7 +483,7 @@ async def test_with_wait_replicas_a_change_is_acknowledged_once_every_master_s_r
         assert status == 200 and len(body["result"]) == 1  # made all the same
     finally:
         stopped.process.send_signal(signal.SIGCONT)
-    redis_cluster.wait_ok()
+    await asyncio.to_thread(redis_cluster.wait_ok)
     for _ in range(100):  # until the replica has caught up and acknowledges again
         status, body = await gw.call("POST", "/platform/tokens", json=[{"ttl": 60}])
         if status == 200:
