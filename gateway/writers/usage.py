@@ -234,10 +234,7 @@ class UsageMeter:
     def check(self, token: Token, now: float) -> None:
         """Refuse a blocked token; else count the call now, as it passes the last check, so that
         requests still in flight are in the count when the limit is reached, not after."""
-        block = self.blocked.get(token.id)
-        if block is not None and now < block.until:
-            retry = max(1, math.ceil(block.until - now))
-            raise Denied(429, f"token is blocked: {block.reason}", {"Retry-After": str(retry)})
+        self.check_blocked(token, now)
         window = self.window(now)
         watch = self._watch(token.cid, window)
         if watch.lease_left <= 0 or now >= watch.lease_until:
