@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from gateway.auth.checks import Checks, RequestFacts
 from gateway.auth.compiler import TokenCompiler
 from gateway.config import CacheSettings, RedisSettings, Settings
 from gateway.errors import Denied, StoreUnavailable
-from gateway.store.cache import MAX_BATCH, TokenCache
+from gateway.store.cache import MAX_BATCH, MAX_HOLD, MAX_IN_FLIGHT, TokenCache
 from gateway.store.keys import Keys
 from gateway.store.tokens import TokenStore, connect_redis
 from gateway.tokens import Token, TokenType, key_digest, new_key
@@ -350,3 +351,27 @@ async def test_callbacks_hear_failures_and_shutdown(env: Env) -> None:
     assert env.cache.load_then(key_digest(key), told.append)
     await env.cache.close()  # before its batch ran: released, not left waiting
     assert len(told) == 2 and isinstance(told[1], asyncio.CancelledError)
+
+
+async def test_misses_wait_for_a_batch_out_and_go_together(env: Env) -> None:
+    """With MAX_IN_FLIGHT batches out (Redis paused, so none comes back), keys missed one loop
+    turn after another do not each make a batch: they wait, MAX_HOLD at most, and go out as one.
+    When Redis answers, every key gets its token."""
+    present = await env.add(2 + 4)
+    digests = [key_digest(key) for key, _ in present]
+    process = env.redis.process
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        lookups = []
+        for digest in digests:  # one key a loop turn, as requests arriving one by one
+            lookups.append(asyncio.ensure_future(env.cache.lookup(digest)))
+            for _ in range(3):
+                await asyncio.sleep(0)
+        assert env.cache.batches == MAX_IN_FLIGHT  # the four later keys are held
+        await asyncio.sleep(MAX_HOLD + 0.02)
+        assert env.cache.batches == MAX_IN_FLIGHT + 1  # and went out together, the first two still out
+    finally:
+        process.send_signal(signal.SIGCONT)
+    found = await asyncio.gather(*lookups)
+    assert [token.id for token in found] == [record["id"] for _, record in present]
