@@ -18,7 +18,7 @@ The one-Redis layout:
 - `accounts`, `next_account_id`  hash: account id -> JSON; counter
 - `usage:<window>:<account>`     hash: `c:<token>` calls, `b:<token>` bytes
 - `lease:<window>:<account>`     hash: `g:<instance>` calls it may serve, `e:<instance>` until (ms)
-- `lease_instances`              hash: instance -> when it last leased calls (ms)
+- `lease_instances`              hash: instance -> when it last leased calls (ms), any account
 - `blocked:<window>`, `unblocked:<window>`  hashes: token id -> why (made once by HSETNX)
 - `logs:tok:<id>`, `logs:acct:<cid>`        capped lists of JSON log records
 - `group:<group>:<uri>`, `groups`           sets kept by the upstream application (ACL groups)
@@ -39,6 +39,11 @@ tag `{...}` names the slot group of each key, and every script or MULTI touches 
 - `<base>bin:{i.<n>}`, `<base>bin_times:{i.<n>}`  the recycle bin, by id bucket too
 - `<base>cid:{a.<cid>}`          set: ids of the account's tokens
 - `<base>usage:{a.<cid>}:<window>`                the account's usage counters
+- `<base>lease:{a.<cid>}:<window>`                the account's leases (as `lease:<window>:<account>`)
+- `<base>lease_instances:{a.<cid>}`               hash: instance -> when it last leased the
+                                 account's calls (ms), per account so that the script that adds to
+                                 its usage grants its leases in the same slot; across windows, so
+                                 a window's first grant is already a share
 - `<base>logs:acct:{a.<cid>}`, `<base>logs:tok:{a.<cid>}<id>`  logs, in their account's slot
                                  (a token's log lines carry its account; one LOG_PUSH per account)
 - one slot, the prefix's own (`{gw}:`), for what is small and used one key at a time:
@@ -109,6 +114,10 @@ class Keys:
         """The calls each instance may serve for an account before it exchanges again (usage.py)."""
         return f"{self.prefix}lease:{window}:{cid}"
 
+    def lease_instances_of(self, cid: int) -> str:
+        """The instances that lease the calls of account `cid` (here: of every account)."""
+        return self.lease_instances
+
     def blocked(self, window: int) -> str:
         return f"{self.prefix}blocked:{window}"
 
@@ -136,7 +145,8 @@ def used_bucket(digest: str) -> int:
 class ClusterKeys(Keys):
     """The cluster layout (module docstring): per-digest, per-id-bucket and per-account hash tags.
     Names that still exist as plain attributes (`ids`, `used`, `expiry`, `bin`, `bin_times`,
-    `legacy_accessed`) are not keys here: use the methods that take a digest or an id."""
+    `legacy_accessed`, `lease_instances`) are not keys here: use the methods that take a digest,
+    an id or an account."""
 
     sharded = True
 
@@ -199,6 +209,12 @@ class ClusterKeys(Keys):
 
     def usage(self, window: int, cid: int) -> str:
         return f"{self.base}usage:{{a.{cid}}}:{window}"
+
+    def lease(self, window: int, cid: int) -> str:
+        return f"{self.base}lease:{{a.{cid}}}:{window}"
+
+    def lease_instances_of(self, cid: int) -> str:
+        return f"{self.base}lease_instances:{{a.{cid}}}"
 
 
 def keys_for(prefix: str, cluster: bool) -> Keys:

@@ -66,6 +66,11 @@ return #KEYS
 # given back). The lease hash holds g:<instance> (granted) and e:<instance> (ends, ms); ended ones
 # are removed. One more reply then follows the hashes: for each lease, the grant and the sum of
 # the other leases.
+#
+# On a Redis Cluster (one account a call, its keys in its slot) the registry is the account's own
+# (`lease_instances_of`), no blocked hash is read, and ARGV ends, after the lease, with how many
+# blocked tokens follow and their ids (what the instance knows is blocked: one it does not know of
+# yet only counts as used, which makes the grant smaller, never larger).
 USAGE_EXCHANGE = """
 local keep, adds, at = ARGV[1], tonumber(ARGV[2]), 3
 for i = 1, adds do
@@ -105,9 +110,16 @@ for j = 1, #seen, 2 do
 end
 redis.call('EXPIRE', registry, keep)
 local blocked = {}
-local listed = read[#read]
-for j = 1, #listed, 2 do
-  blocked[listed[j]] = true
+local given = at + 4 * leases
+if ARGV[given] then
+  for j = given + 1, given + tonumber(ARGV[given]) do
+    blocked[ARGV[j]] = true
+  end
+else
+  local listed = read[#read]
+  for j = 1, #listed, 2 do
+    blocked[listed[j]] = true
+  end
 end
 local grants = {}
 for l = 1, leases do

@@ -28,6 +28,13 @@ reached and a call waited for it, the heaviest tokens are blocked as before. A l
 (`LEASE_INTERVALS` flush intervals, 2 s at least) unless renewed, which every exchange does: a
 lost store stops an account's calls once its lease is over, rather than serving past the limit
 unseen. An account far from its limit still makes no Redis call per request.
+
+On a Redis Cluster the same script leases, one call per account in the account's slot: its lease
+hash is `<base>lease:{a.<cid>}:<window>` and the instances it is shared among are the account's
+own registry (`<base>lease_instances:{a.<cid>}`), both beside its usage hash. `blocked:<window>`
+is in another slot, so the instance passes the account's tokens it knows are blocked (read in
+the previous exchange, or blocked by it); a block it does not know of yet counts as used, which
+makes the grant smaller, never larger: the limit holds there as on one Redis.
 """
 from __future__ import annotations
 
@@ -211,11 +218,9 @@ class UsageMeter:
         # This instance's name in the lease hashes, and how long a lease lasts.
         self.instance = secrets.token_hex(8)
         self._lease_ttl = max(2.0, LEASE_INTERVALS * settings.flush_interval)
-        # On a Redis Cluster an account's usage hashes live in its own slot and the lease registry
-        # and blocked tokens in the prefix's: no one script can lease there, so a cluster limits
-        # calls by exchanges alone, as before leases (a limit may be passed by what the other
-        # instances serve between two exchanges).
-        self._leasing = not store.cluster
+        # Leasing works on one Redis and on a cluster alike: there the lease and the instances it
+        # is shared among are the account's, in its slot (`_exchange_by_account`), so one script
+        # call still adds the counts, reads the totals and grants the lease together.
         self.share_waits = 0  # calls that waited for an exchange because this instance's lease was used up
         self._exchanged: asyncio.Future[None] | None = None  # what they wait for: the next exchange's end
         self._unreachable = False  # the last exchange found the store unavailable: no lease can come
@@ -263,8 +268,6 @@ class UsageMeter:
         if watch is None or watch.window != window:
             calls_limit, traffic_limit = self.limits_for(cid)
             watch = self._watches[cid] = Watch(cid, window, calls_limit, traffic_limit)
-            if not self._leasing:
-                watch.lease_calls(0)
         return watch
 
     def _count(self, token_id: int, cid: int, window: int, calls: int, size: int) -> None:
@@ -355,8 +358,8 @@ class UsageMeter:
         refused: dict[int, dict[int, int]] = {}  # account -> calls waiting for a lease as this exchange is sent
         for watch in self._watches.values():  # a limit set or changed since
             watch.calls_limit, watch.traffic_limit = self.limits_for(watch.cid)
-            watch.lease_calls(watch.calls_limit if self._leasing else 0)
-            if watch.calls_limit and self._leasing:
+            watch.lease_calls(watch.calls_limit)
+            if watch.calls_limit:
                 # While this exchange is in flight the instance serves half of what its lease has
                 # left at most (all of it for a single call), and the new lease covers that; one
                 # that served nothing since the last exchange gives its lease back.
@@ -421,7 +424,7 @@ class UsageMeter:
             self.blocked[token_id] = Block(until, info["reason"], int(info["cid"]))
         for watch in self._watches.values():
             watch.aim(self.blocked)
-            if watch.calls_limit and self._leasing:  # exchange again once half the lease is used
+            if watch.calls_limit:  # exchange again once half the lease is used
                 watch.exchange_calls = min(watch.exchange_calls, watch.calls + max(1, watch.lease_left // 2))
             if watch.calls >= watch.stop_calls or watch.size >= watch.stop_size:
                 self._decide_alone(watch)  # counted during the exchange, past the limit already
@@ -477,9 +480,8 @@ class UsageMeter:
     async def _exchange(self, counts: dict[tuple[int, int, int], list[int]], window: int, accounts: list[int],
                         leases: list[tuple[int, int, int, bool]], now: float,
                         ) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes], list[tuple[int, int]]]:
-        if self._store.cluster:  # no leases there (`_leasing`): one call per account's slot
-            totals, blocked = await self._exchange_by_account(counts, window, accounts)
-            return totals, blocked, []
+        if self._store.cluster:  # one call per account's slot, its lease in it
+            return await self._exchange_by_account(counts, window, accounts, leases, now)
         # The increments go in script calls of at most SCRIPT_TOKENS tokens, one after the other:
         # with a new token per request, half a second's tokens are thousands of them.
         by_hash: dict[str, list[tuple[int, int, int]]] = {}
@@ -523,17 +525,24 @@ class UsageMeter:
         return dict(zip(accounts, hashes[:-1], strict=True)), hashes[-1], grants
 
     async def _exchange_by_account(self, counts: dict[tuple[int, int, int], list[int]], window: int,
-                                   accounts: list[int]) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes]]:
-        """`_exchange` on a cluster, where an account's usage hashes share a slot (their own) and
-        `blocked:<window>` is in another: a script call per account (SCRIPT_TOKENS tokens at most,
-        the account's totals read back by its last call), all in one pipeline (a round trip per
-        node), and the blocked tokens read beside them. A call that ran is not sent again."""
+                                   accounts: list[int], leases: list[tuple[int, int, int, bool]], now: float,
+                                   ) -> tuple[dict[int, dict[bytes, bytes]], dict[bytes, bytes], list[tuple[int, int]]]:
+        """`_exchange` on a cluster, where an account's usage hashes, its lease hash and its own
+        lease registry share a slot (the account's) and `blocked:<window>` is in another: a script
+        call per account (SCRIPT_TOKENS tokens at most, the account's totals read back and its
+        lease granted by its last call), all in one pipeline (a round trip per node), and the
+        blocked tokens read beside them. The script excludes from the used count the account's
+        tokens this instance knows are blocked (the previous exchange's read, and its own blocks;
+        not the provisional ones, which the totals may not bear out): a block it does not know of
+        yet counts as used, so the grant errs small. A call that ran is not sent again."""
         by_account: dict[int, list[tuple[int, int, int]]] = {}
         for entry in counts:
             by_account.setdefault(entry[1], []).append(entry)
         for cid in accounts:
             by_account.setdefault(cid, [])
         wanted = set(accounts)
+        leased = {lease[0]: lease for lease in leases}
+        known = self._blocked_by_account(now)
         calls: list[tuple[list[str], list[Any]]] = []
         sent: list[list[tuple[int, int, int]]] = []
         reads: dict[int, int] = {}  # account -> the call that reads its totals
@@ -543,7 +552,7 @@ class UsageMeter:
             for start in starts:
                 chunk = entries[start:start + SCRIPT_TOKENS]
                 keys: list[str] = []
-                args: list[int] = [self._settings.window * 3, 0]
+                args: list[Any] = [self._settings.window * 3, 0]
                 for win, group in groupby(chunk, key=itemgetter(0)):
                     members = list(group)
                     keys.append(self._keys.usage(win, cid))
@@ -554,6 +563,13 @@ class UsageMeter:
                 if start == starts[-1] and cid in wanted:
                     reads[cid] = len(calls)
                     keys.append(self._keys.usage(window, cid))
+                    lease = leased.get(cid)
+                    if lease is not None:  # one lease, on the hash just read; the blocked ids after it
+                        _, limit, least, wants = lease
+                        blocked_ids = known.get(cid, [])
+                        keys += (self._keys.lease(window, cid), self._keys.lease_instances_of(cid))
+                        args += (1, int(now * 1000), int(self._lease_ttl * 1000), self.instance,
+                                 1, limit, least, 1 if wants else 0, len(blocked_ids), *blocked_ids)
                 calls.append((keys, args))
                 sent.append(chunk)
 
@@ -570,8 +586,17 @@ class UsageMeter:
         if isinstance(blocked_raw, BaseException):
             counts.clear()  # every count is in Redis: only the answer is missing
             raise blocked_raw
-        totals = {cid: _as_hash(replies[index][-1]) for cid, index in reads.items()}
-        return {cid: totals.get(cid, {}) for cid in accounts}, dict(blocked_raw)
+        totals = {cid: _as_hash(replies[index][0]) for cid, index in reads.items()}
+        grants = [(int(grant), int(others)) for cid, _, _, _ in leases for grant, others in replies[reads[cid]][1]]
+        return {cid: totals.get(cid, {}) for cid in accounts}, dict(blocked_raw), grants
+
+    def _blocked_by_account(self, now: float) -> dict[int, list[int]]:
+        """The tokens known blocked in the current window, confirmed by Redis, by account."""
+        known: dict[int, list[int]] = {}
+        for token_id, block in self.blocked.items():
+            if not block.provisional and now < block.until:
+                known.setdefault(block.cid, []).append(token_id)
+        return known
 
     async def _block_over_limit(self, window: int, totals: dict[int, dict[bytes, bytes]],
                                 blocked: dict[int, dict[str, Any]], now: float,
