@@ -42,6 +42,14 @@ FOLD_CHUNK = 1000
 CLUSTER_MOVING = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
                   redis.exceptions.ClusterDownError)
 CLUSTER_RETRY_FOR = 2.0
+
+
+def cluster_unreachable(error: BaseException) -> bool:
+    """redis-py's cluster client, with no node answering, reads the slot map again and fails with
+    RedisClusterException ("cannot be connected"), not a RedisError: the store is unavailable as
+    much as when one node times out. Its other RedisClusterExceptions (a command it cannot route)
+    are bugs, and stay errors."""
+    return isinstance(error, redis.exceptions.RedisClusterException) and isinstance(error.__cause__, STORE_ERRORS)
 TORN_RETRIES = 2
 
 
@@ -174,6 +182,10 @@ class RedisStore:
                     raise _unavailable(exc) from exc
             except STORE_ERRORS as exc:
                 raise _unavailable(exc) from exc
+            except redis.exceptions.RedisClusterException as exc:
+                if cluster_unreachable(exc):
+                    raise _unavailable(exc) from exc
+                raise
             except AttributeError as exc:
                 # redis-py's cluster client, when a node's connection is torn down under a command
                 # while slots move, fails writing to it (`None.writelines`) before anything is
@@ -240,6 +252,10 @@ class RedisStore:
                 answers = await run()
             except (*STORE_ERRORS, AttributeError) as exc:
                 raise ScriptsFailed(exc, done) from exc
+            except redis.exceptions.RedisClusterException as exc:
+                if cluster_unreachable(exc):
+                    raise ScriptsFailed(exc, done) from exc
+                raise
             again: list[int] = []
             fatal: BaseException | None = None
             moving: BaseException | None = None
