@@ -93,26 +93,52 @@ def front() -> str:
     return "fast"
 
 
+async def _start_gateway(config: dict[str, Any], front: str, handles: list[GatewayHandle]) -> GatewayHandle:
+    settings = build_settings(config)
+    server = GatewayServer(settings, fast_path=front == "fast")
+    await server.start("127.0.0.1", 0)
+    session = aiohttp.ClientSession(auto_decompress=False)
+    handle = GatewayHandle(f"http://127.0.0.1:{server.port}", settings, server, session)
+    handles.append(handle)
+    await wait_for_master(handle)
+    return handle
+
+
+async def _close_gateways(handles: list[GatewayHandle]) -> None:
+    for handle in handles:
+        await handle.session.close()
+        async with asyncio.timeout(30):  # a shutdown that hangs is a failure, not a stuck run
+            await handle.server.close()
+
+
 @pytest.fixture
 async def make_gateway(upstream: Upstream, redis_url: str, key_prefix: str, front: str,
                        ) -> AsyncIterator[GatewayFactory]:
     handles: list[GatewayHandle] = []
 
     async def factory(**overrides: Any) -> GatewayHandle:
-        settings = build_settings(base_config(upstream.url, redis_url, key_prefix, **overrides))
-        server = GatewayServer(settings, fast_path=front == "fast")
-        await server.start("127.0.0.1", 0)
-        session = aiohttp.ClientSession(auto_decompress=False)
-        handle = GatewayHandle(f"http://127.0.0.1:{server.port}", settings, server, session)
-        handles.append(handle)
-        await wait_for_master(handle)
-        return handle
+        return await _start_gateway(base_config(upstream.url, redis_url, key_prefix, **overrides), front, handles)
 
     yield factory
-    for handle in handles:
-        await handle.session.close()
-        async with asyncio.timeout(30):  # a shutdown that hangs is a failure, not a stuck run
-            await handle.server.close()
+    await _close_gateways(handles)
+
+
+@pytest.fixture
+async def make_cluster_gateway(upstream: Upstream, redis_cluster: RedisClusterSet, key_prefix: str, front: str,
+                               ) -> AsyncIterator[GatewayFactory]:
+    """`make_gateway` on the session's Redis Cluster (found through two of its nodes); `redis`
+    overrides are added to the cluster's settings."""
+    handles: list[GatewayHandle] = []
+
+    async def factory(**overrides: Any) -> GatewayHandle:
+        redis = {"cluster": {"nodes": redis_cluster.hosts[:2]}, "key_prefix": key_prefix,
+                 "socket_timeout": 0.3, "connect_timeout": 0.3, **overrides.pop("redis", {})}
+        config = base_config(upstream.url, "", key_prefix, **overrides)
+        config["redis"] = redis
+        return await _start_gateway(config, front, handles)
+
+    yield factory
+    await _close_gateways(handles)
 
 
 @pytest.fixture
