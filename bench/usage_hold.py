@@ -1,9 +1,10 @@
 """How far past its limit an account is served, at full load through two instances.
 
-    python bench/usage_hold.py [--limit 20000] [--seconds 6] [--rounds 3] [--connections 50]
+    python bench/usage_hold.py [--limit 20000] [--seconds 6] [--rounds 3] [--connections 50] [--cluster]
 
 Two gateway processes (A and B, one worker each, usage window 60 s, the default flush interval)
-on this run's own redis-server, in front of the bench upstream. First the rate: wrk on A and on
+on this run's own redis-server (with `--cluster`: on a Redis Cluster of three masters and three
+replicas, started as bench/cluster.py starts it), in front of the bench upstream. First the rate: wrk on A and on
 B at once, `--seconds`, with a token of an account that has no limit (the baseline of the same
 run). Then each round makes a fresh account with `api_calls: --limit` and a token in it, and
 runs the same two wrk at once with that token, inside one usage window; the calls served are
@@ -20,14 +21,14 @@ import time
 import urllib.request
 from typing import Any
 
-from harness import HOST, MASTER_KEY  # bench/ is the script's own directory
+from harness import HOST, MASTER_KEY, PREFIX  # bench/ is the script's own directory
 from harness.client import fast_path_kind
 from harness.servers import GatewayProcess, start_gateway
 from harness.session import Session, interrupt_on_termination
 from harness.tools import ensure_tools
 from harness.wrk import WrkResult, parse_wrk
 
-from gateway.store.keys import Keys
+from gateway.store.keys import keys_for
 from gateway.writers.usage import parse_usage
 
 WINDOW = 60
@@ -65,13 +66,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=6, help="each wrk run (default 6)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50, help="wrk connections per instance (default 50)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="both instances on a Redis Cluster (3 masters, 3 replicas) instead of one Redis")
     options = parser.parse_args()
     interrupt_on_termination()
     session = Session(ensure_tools(("wrk", "redis-server")), prefix="gw-usage-")
     try:
         session.start()
-        settings = {"usage": {"window": WINDOW}}
-        gateways = [start_gateway(session.procs, f"gateway-{name}", session.upstream, session.redis_url, 1,
+        settings: dict[str, Any] = {"usage": {"window": WINDOW}}
+        redis_url = session.redis_url
+        ports: list[int] = []
+        if options.cluster:
+            from scale import start_cluster
+
+            ports = start_cluster(session.procs, session.tools["redis-server"] or "redis-server")
+            settings["redis"] = {"cluster": {"nodes": [f"{HOST}:{port}" for port in ports[:3]]}, "key_prefix": PREFIX}
+            redis_url = ""
+            session.say(f"Redis Cluster on {', '.join(map(str, ports))}")
+        gateways = [start_gateway(session.procs, f"gateway-{name}", session.upstream, redis_url, 1,
                                   settings=settings) for name in "AB"]
         wrk = session.tools["wrk"] or "wrk"
         session.say(f"gateways {', '.join(gw.url for gw in gateways)} ({fast_path_kind(gateways[0].url)})")
@@ -82,9 +94,11 @@ def main() -> None:
         rate_per_s = rate / options.seconds
         session.say(f"no limit: {rate_per_s:,.0f} req/s through both instances")
         import redis
+        import redis.cluster
 
-        store = redis.Redis(host=HOST, port=session.redis_port)
-        keys = Keys("{gw}:")
+        store: Any = (redis.cluster.RedisCluster(host=HOST, port=ports[0]) if options.cluster
+                      else redis.Redis(host=HOST, port=session.redis_port))
+        keys = keys_for(PREFIX, options.cluster)
         rows = []
         for _ in range(options.rounds):
             cid, key = token_in(gateways[0].url, options.limit)
@@ -102,7 +116,8 @@ def main() -> None:
             rows.append((served, counted))
             session.say(f"limit {options.limit}: served {served} ({100 * (served / options.limit - 1):+.2f} %), "
                         f"Redis counted {counted}")
-        print(f"\nrate without a limit: {rate_per_s:,.0f} req/s through two instances "
+        where = "a Redis Cluster (3 masters, 3 replicas)" if options.cluster else "one Redis"
+        print(f"\nrate without a limit: {rate_per_s:,.0f} req/s through two instances on {where} "
               f"({options.connections} connections each)")
         for served, counted in rows:
             print(f"limit {options.limit:,}: served {served:,}, {100 * (served / options.limit - 1):+.2f} % over; "
