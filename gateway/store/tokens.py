@@ -42,6 +42,7 @@ FOLD_CHUNK = 1000
 CLUSTER_MOVING = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
                   redis.exceptions.ClusterDownError)
 CLUSTER_RETRY_FOR = 2.0
+TORN_RETRIES = 2
 
 
 def cluster_unreachable(error: BaseException) -> bool:
@@ -50,7 +51,6 @@ def cluster_unreachable(error: BaseException) -> bool:
     much as when one node times out. Its other RedisClusterExceptions (a command it cannot route)
     are bugs, and stay errors."""
     return isinstance(error, redis.exceptions.RedisClusterException) and isinstance(error.__cause__, STORE_ERRORS)
-TORN_RETRIES = 2
 
 
 def connect_redis(settings: RedisSettings) -> aioredis.Redis:

@@ -490,3 +490,20 @@ async def test_with_wait_replicas_a_change_is_acknowledged_once_every_master_s_r
             break
         await asyncio.sleep(0.1)
     assert status == 200, body
+
+
+def test_no_node_answering_is_the_store_unavailable_and_a_routing_error_is_not() -> None:
+    """redis-py raises RedisClusterException, not a RedisError, when no node answers while it
+    reads the slot map: that one is a store outage (test_usage_hold.py pauses every node); one it
+    raises for a command it cannot route is a bug and stays an error."""
+    from gateway.store.tokens import cluster_unreachable
+
+    try:
+        try:
+            raise redis.exceptions.TimeoutError("Timeout reading from 127.0.0.1:7000")
+        except redis.exceptions.TimeoutError as timeout:
+            raise redis.exceptions.RedisClusterException("Redis Cluster cannot be connected") from timeout
+    except redis.exceptions.RedisClusterException as unreachable:
+        assert cluster_unreachable(unreachable)
+    assert not cluster_unreachable(redis.exceptions.RedisClusterException("No way to dispatch this command"))
+    assert not cluster_unreachable(redis.exceptions.TimeoutError("not a cluster client's"))
