@@ -16,6 +16,7 @@ wrote (the `migrated_from` marker) or `force` is given; so is a source another m
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -184,7 +185,10 @@ class SourceLock:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        self._side.client.eval(DELETE_IF_HELD, 1, self._key, self.value)
+        # A source that does not answer: the marker ends with its TTL, and the error that ended
+        # the copy is the one to tell.
+        with contextlib.suppress(OSError, redis.RedisError):
+            self._side.client.eval(DELETE_IF_HELD, 1, self._key, self.value)
 
 
 def _holder(target: Side) -> str:
