@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     migrate.add_argument("--usage", action="store_true", help="copy the usage counters and blocked tokens too")
     migrate.add_argument("--logs", action="store_true", help="copy the token and account log lists too")
     migrate.add_argument("--force", action="store_true", help="copy even into a target that already holds data")
+    migrate.add_argument("--settle", type=float, default=None, metavar="SECONDS",
+                         help="wait after locking the source, for the API changes under way there to land "
+                              "(default 5; 0 only when no gateway serves the source)")
     add_commands(commands)
     return parse
 
@@ -96,6 +99,7 @@ def migrate_command(args: argparse.Namespace) -> int:
     import redis.exceptions
 
     from gateway.store.migrate import MigrationRefused, migrate, one_slot_side, open_cluster_side, open_single
+    from gateway.store.tokens import MIGRATION_SETTLE
     try:
         settings = read_settings(args.config)
     except ConfigError as exc:
@@ -112,7 +116,8 @@ def migrate_command(args: argparse.Namespace) -> int:
     source, target = (sharded, single) if args.destination else (single, sharded)
     print(f"gateway migrate: from {source.name} to {target.name}")
     try:
-        migrate(source, target, usage=args.usage, logs=args.logs, force=args.force)
+        migrate(source, target, usage=args.usage, logs=args.logs, force=args.force,
+                settle=MIGRATION_SETTLE if args.settle is None else max(0.0, args.settle))
     except MigrationRefused as exc:
         print(f"gateway migrate: {exc}", file=sys.stderr)
         return 1

@@ -71,6 +71,9 @@ STORAGE_UNAVAILABLE = "token storage unavailable"
 # time (redis.wait_replicas, redis.wait_timeout): a failover now could undo it.
 NOT_REPLICATED = ("token storage unavailable: the change was made but not confirmed by a replica, "
                   "so a failover may undo it")
+# `gateway migrate` is copying this store (its `migrating` marker is set): an API change now could
+# be missed by the copy, so none is made; authentications go on.
+MIGRATING = "token storage is being migrated: changes are refused until the migration ends"
 UPSTREAM_UNAVAILABLE = "upstream unavailable"
 UPSTREAM_TIMEOUT = "upstream timeout"
 INTERNAL_ERROR = "internal gateway error"
@@ -90,6 +93,7 @@ REFUSAL_IDS = {
     UNAUTHORIZED_LOCATION: "unauthorized_location",
     UNAUTHORIZED_ORIGIN: "unauthorized_origin",
     STORAGE_UNAVAILABLE: "storage_unavailable",
+    MIGRATING: "migrating",
     UPSTREAM_UNAVAILABLE: "upstream_unavailable",
     UPSTREAM_TIMEOUT: "upstream_timeout",
     INTERNAL_ERROR: "internal_error",

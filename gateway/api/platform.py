@@ -18,6 +18,7 @@ prefix is answered 404 here and never proxied.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,14 +38,15 @@ from gateway.api.validation import (
     parse_json,
     validity_problems,
 )
-from gateway.errors import Denied, FieldProblem, InvalidInput
+from gateway.errors import MIGRATING, Denied, FieldProblem, InvalidInput
 from gateway.policy.paths import AUTH_INFO, PLATFORM
 from gateway.store.accounts import ROOT_ACCOUNT, AccountDirectory, AccountStore
-from gateway.store.tokens import TokenStore, grace_digests
+from gateway.store.tokens import MIGRATION_RETRY_AFTER, MIGRATION_SETTLE, TokenStore, grace_digests
 from gateway.tokens import PUBLIC_FIELDS, Token, TokenType, key_digest, new_key
 from gateway.writers.logs import LogWriter
 from gateway.writers.tokenlogs import RedisLogSink, select
 
+log = logging.getLogger("gateway.api")
 MAX_BODY = 1024 * 1024
 EVENT_CREATED, EVENT_UPDATED, EVENT_DELETED, EVENT_ROTATED = 1, 2, 3, 4
 ACCOUNT_FIELDS = ("id", "name", "cid", "limits", "metadata", "created")
@@ -64,6 +66,10 @@ class Call:
     token: Token
     cid: int
     parts: list[str]
+    body: bytes = b""  # a change's body, read whole before it is checked (`PlatformApi._change`)
+
+    def json(self) -> Any:
+        return parse_json(self.body or b"null")
 
     @property
     def method(self) -> str:
@@ -114,7 +120,7 @@ def parse_data(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
     return data
 
 
-async def read_json(request: web.Request, limit: int = MAX_BODY) -> Any:
+async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise Denied(413, f"request body larger than {limit} bytes")
     body = b""
@@ -125,7 +131,7 @@ async def read_json(request: web.Request, limit: int = MAX_BODY) -> Any:
         body += piece
     if len(body) > limit:
         raise Denied(413, f"request body larger than {limit} bytes")
-    return parse_json(body or b"null")
+    return body
 
 
 def items_of(body: Any) -> list[Any]:
@@ -221,7 +227,29 @@ class PlatformApi:
         handler = self._routes.get((shape, call.method))
         if handler is None:
             raise Denied(405, f"method {request.method} is not allowed on {path}")
-        return ok(await handler(call))
+        if call.method == "GET":
+            return ok(await handler(call))
+        return ok(await self._change(handler, call, shape))
+
+    async def _change(self, handler: Handler, call: Call, shape: str) -> list[dict[str, Any]]:
+        """An API change (every route but GET): its body read whole, then refused while `gateway
+        migrate` copies the store, else made. The check is one GET per change, before any write,
+        so a refused change writes nothing. A change that found no marker may still be writing
+        when a migration sets it: the migration waits MIGRATION_SETTLE seconds for that before it
+        copies (`store/tokens.py`), so what follows the check must stay short (the body is read
+        before it: a slow client does not stretch it)."""
+        call.body = await read_body(call.request, self.body_limit)
+        if await self._tokens.migrating():
+            raise Denied(503, MIGRATING, {"Retry-After": str(MIGRATION_RETRY_AFTER)})
+        checked = time.monotonic()
+        try:
+            return await handler(call)
+        finally:
+            took = time.monotonic() - checked
+            if took > MIGRATION_SETTLE:
+                log.warning("an API change (%s %s) took %.1f s after its check for a migration, longer than "
+                            "a migration waits (%.0f s): one started meanwhile may have missed it",
+                            call.method, shape, took, MIGRATION_SETTLE)
 
     # -- tokens -------------------------------------------------------------------------------
 
@@ -246,7 +274,7 @@ class PlatformApi:
         return [public(record, fields) for record in await self._select_tokens(call)]
 
     async def create_tokens(self, call: Call) -> list[dict[str, Any]]:
-        raw = await read_json(call.request, self.body_limit)
+        raw = call.json()
         expanded = [expand_template(item) for item in items_of(raw)]
         body = [item for item, _ in expanded] if isinstance(raw, list) else expanded[0][0]
         problems = indexed(body, lambda item: self._validator.problems(item, partial=False))
@@ -270,7 +298,7 @@ class PlatformApi:
         return [{**public(record), "key": key} for key, record in created]
 
     async def update_tokens(self, call: Call) -> list[dict[str, Any]]:
-        changes = await read_json(call.request, self.body_limit)
+        changes = call.json()
         problems = self._validator.problems(changes, partial=True)
         if problems:
             raise InvalidInput(problems)
@@ -289,7 +317,7 @@ class PlatformApi:
     async def rotate_tokens(self, call: Call) -> list[dict[str, Any]]:
         """New keys for the selected tokens, same ids, fields and logs; each old key keeps working
         for `grace` seconds (default 0: refused at once), on every instance (`TokenStore.rotate`)."""
-        body = await read_json(call.request, self.body_limit)
+        body = call.json()
         body = {} if body is None else body
         problems = grace_problems(body)
         if problems:
@@ -408,7 +436,7 @@ class PlatformApi:
         return [public(record, fields) for record in await self._select_accounts(call)]
 
     async def create_accounts(self, call: Call) -> list[dict[str, Any]]:
-        body = await read_json(call.request, self.body_limit)
+        body = call.json()
         problems = indexed(body, lambda item: account_problems(item, partial=False))
         if problems:
             raise InvalidInput(problems)
@@ -422,7 +450,7 @@ class PlatformApi:
         return [public(record, ACCOUNT_FIELDS) for record in records]
 
     async def update_accounts(self, call: Call) -> list[dict[str, Any]]:
-        changes = await read_json(call.request, self.body_limit)
+        changes = call.json()
         problems = account_problems(changes, partial=True)
         if problems:
             raise InvalidInput(problems)
@@ -461,7 +489,7 @@ class PlatformApi:
 
     async def update_customer(self, call: Call) -> list[dict[str, Any]]:
         """`name` and `metadata` of the acting account; its `limits` are set by its parent."""
-        changes = await read_json(call.request, self.body_limit)
+        changes = call.json()
         problems = customer_problems(changes)
         if problems:
             raise InvalidInput(problems)

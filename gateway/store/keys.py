@@ -25,6 +25,9 @@ The one-Redis layout:
 - `writes`                       counter, bumped before each WAIT (what the replicas must hold)
 - `invalidate`                   pub/sub channel: digests whose cached records must be dropped,
                                  and `accounts`
+- `migrating`                    string, while `gateway migrate` copies from this store: the API
+                                 refuses changes and the housekeeper pauses (a TTL it refreshes)
+- `migrated_from`                string: the source a `gateway migrate` into this store copied
 
 The cluster layout (`ClusterKeys`). `<base>` is the prefix without its braces (`gw:`); a hash
 tag `{...}` names the slot group of each key, and every script or MULTI touches one such group:
@@ -52,16 +55,45 @@ tag `{...}` names the slot group of each key, and every script or MULTI touches 
 - `<base>writes:{w.<n>}`         counters, one on each master (the first `<n>` whose slot it
                                  holds), bumped before a WAIT there
 - `group:<group>:<uri>`, `groups`: as in the one-Redis layout (the upstream application's)
+- `migrating`, `migrated_from`, `lease_instances`, `lease:<window>:<account>`: in the prefix's
+  slot too (the names of the one-Redis layout)
+
+Each kind of key is a family (`FAMILIES`); `Keys.patterns()` gives, per layout, a SCAN pattern
+for each, so what walks a whole store (`gateway migrate`, the census in the tests) is told here
+of a new family, and the parsers below (`record_digest`, `account_of`, ...) read the names back.
 
 No legacy `accessed` sorted set on a cluster: that layout is new (`gateway migrate` folds it).
 """
 from __future__ import annotations
 
+import re
 import zlib
 
 TOKEN_BUCKETS = 4096  # the cluster layout's token buckets: the first three hex digits of a digest
 USED_BUCKETS = 256  # its `used` buckets: the first two
 ID_BUCKETS = 256  # the cluster layout's id buckets (ids, expiry, recycle bin)
+
+# The families (module docstring): the names `Keys.patterns()` gives a SCAN pattern for.
+TOKENS, IDS, USED, LEGACY_ACCESSED, EXPIRY = "tok", "ids", "used", "accessed", "expiry"
+BIN, BIN_TIMES, ACCOUNT_TOKENS, USAGE, LEASE = "bin", "bin_times", "cid", "usage", "lease"
+BLOCKED, UNBLOCKED, TOKEN_LOGS, ACCOUNT_LOGS = "blocked", "unblocked", "logs:tok", "logs:acct"
+GROUP_MEMBERS, GROUPS, NEXT_ID, ACCOUNTS, NEXT_ACCOUNT_ID = "group", "groups", "next_id", "accounts", "next_account_id"
+WRITES, WRITES_IN, LEASE_INSTANCES = "writes", "writes_in", "lease_instances"
+MIGRATING, MIGRATED_FROM = "migrating", "migrated_from"
+# The hashes and sorted sets that are one key on one Redis and id or digest buckets on a cluster.
+INDEXES = (IDS, USED, LEGACY_ACCESSED, EXPIRY, BIN, BIN_TIMES)
+FAMILIES = (TOKENS, *INDEXES, ACCOUNT_TOKENS, USAGE, LEASE, BLOCKED, UNBLOCKED, TOKEN_LOGS, ACCOUNT_LOGS,
+            GROUP_MEMBERS, GROUPS, NEXT_ID, ACCOUNTS, NEXT_ACCOUNT_ID, WRITES, WRITES_IN, LEASE_INSTANCES,
+            MIGRATING, MIGRATED_FROM)
+
+
+def glob_escape(text: str) -> str:
+    """`text` as a literal in a SCAN MATCH pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _number(text: str) -> int | None:
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 class Keys:
@@ -72,7 +104,7 @@ class Keys:
 
     __slots__ = ("prefix", "token_prefix", "ids", "used", "legacy_accessed", "expiry", "next_id", "bin",
                  "bin_times", "accounts", "next_account_id", "groups", "writes", "lease_instances",
-                 "channel")
+                 "channel", "migrating", "migrated_from")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -90,9 +122,57 @@ class Keys:
         self.writes = f"{prefix}writes"
         self.lease_instances = f"{prefix}lease_instances"
         self.channel = f"{prefix}invalidate"
+        self.migrating = f"{prefix}{MIGRATING}"
+        self.migrated_from = f"{prefix}{MIGRATED_FROM}"
 
     def token(self, digest: str) -> str:
         return self.token_prefix + digest
+
+    def patterns(self) -> dict[str, str]:
+        """A SCAN MATCH pattern for each family of this layout (`FAMILIES`; on a cluster, not the
+        legacy `accessed`): every key the gateway writes matches one."""
+        p = glob_escape(self.prefix)
+        found = {family: f"{p}{family}:*" for family in (
+            TOKENS, ACCOUNT_TOKENS, USAGE, LEASE, BLOCKED, UNBLOCKED, TOKEN_LOGS, ACCOUNT_LOGS, GROUP_MEMBERS)}
+        for family in (*INDEXES, GROUPS, NEXT_ID, ACCOUNTS, NEXT_ACCOUNT_ID, WRITES, LEASE_INSTANCES, MIGRATING,
+                       MIGRATED_FROM):
+            found[family] = p + family
+        return found
+
+    def index_keys(self, family: str) -> list[str]:
+        """Every key of one of the `INDEXES` (some may not exist): here the one key."""
+        return [self.prefix + family]
+
+    def index_of(self, family: str, token_id: int) -> str:
+        """The key of `ids`, `expiry`, `bin` or `bin_times` that holds token `token_id`."""
+        return self.prefix + family
+
+    def used_of(self, digest: str) -> str:
+        """The `used` key that holds a digest's `accessed`."""
+        return self.used
+
+    def record_digest(self, name: str) -> str | None:
+        """The digest of a token record's key name; None for a name of the other layout (under a
+        prefix without braces both start alike)."""
+        rest = name[len(self.token_prefix):] if name.startswith(self.token_prefix) else ""
+        return rest if rest and not rest.startswith("{") else None
+
+    def account_of(self, family: str, name: str) -> int | None:
+        """The account of an `ACCOUNT_TOKENS` or `ACCOUNT_LOGS` key name; None if it is not one."""
+        start = f"{self.prefix}{family}:"
+        return _number(name[len(start):]) if name.startswith(start) else None
+
+    def token_logs_id(self, name: str) -> int | None:
+        """The token id of a `TOKEN_LOGS` key name; None if it is not one."""
+        start = f"{self.prefix}{TOKEN_LOGS}:"
+        return _number(name[len(start):]) if name.startswith(start) else None
+
+    def usage_of(self, name: str) -> tuple[int, int] | None:
+        """(window, account) of a `USAGE` key name; None if it is not one."""
+        start = f"{self.prefix}{USAGE}:"
+        window, _, cid = name[len(start):].partition(":") if name.startswith(start) else ("", "", "")
+        window_id, cid_id = _number(window), _number(cid)
+        return None if window_id is None or cid_id is None else (window_id, cid_id)
 
     def account_tokens(self, cid: int) -> str:
         return f"{self.prefix}cid:{cid}"
@@ -142,6 +222,10 @@ def used_bucket(digest: str) -> int:
     return token_bucket(digest) >> 4
 
 
+_CLUSTER_RECORD = re.compile(r"\{t\.[0-9a-f]+\}(.+)$")
+_ACCOUNT_TAG = re.compile(r"\{a\.(\d+)\}(.*)")
+
+
 class ClusterKeys(Keys):
     """The cluster layout (module docstring): per-digest, per-id-bucket and per-account hash tags.
     Names that still exist as plain attributes (`ids`, `used`, `expiry`, `bin`, `bin_times`,
@@ -165,6 +249,47 @@ class ClusterKeys(Keys):
 
     def used_of(self, digest: str) -> str:
         return self.used_bucket(used_bucket(digest))
+
+    def patterns(self) -> dict[str, str]:
+        found = super().patterns()
+        del found[LEGACY_ACCESSED]  # not on a cluster (module docstring)
+        b = glob_escape(self.base)
+        found.update({TOKENS: b + "tok:{t.*}*", USED: b + "used:{u.*}", ACCOUNT_TOKENS: b + "cid:{a.*}",
+                      USAGE: b + "usage:{a.*}:*", TOKEN_LOGS: b + "logs:tok:{a.*}*",
+                      ACCOUNT_LOGS: b + "logs:acct:{a.*}", WRITES_IN: b + "writes:{w.*}"})
+        for family in (IDS, EXPIRY, BIN, BIN_TIMES):
+            found[family] = f"{b}{family}:{{i.*}}"
+        return found
+
+    def index_keys(self, family: str) -> list[str]:
+        if family == LEGACY_ACCESSED:
+            return []
+        if family == USED:
+            return [self.used_bucket(bucket) for bucket in range(USED_BUCKETS)]
+        return [f"{self.base}{family}:{{i.{bucket}}}" for bucket in range(ID_BUCKETS)]
+
+    def index_of(self, family: str, token_id: int) -> str:
+        return f"{self.base}{family}:{{i.{int(token_id) % ID_BUCKETS}}}"
+
+    def record_digest(self, name: str) -> str | None:
+        match = _CLUSTER_RECORD.match(name, len(self.token_prefix)) if name.startswith(self.token_prefix) else None
+        return match.group(1) if match is not None else None
+
+    def account_of(self, family: str, name: str) -> int | None:
+        match = _ACCOUNT_TAG.fullmatch(name[len(self.base) + len(family) + 1:]) \
+            if name.startswith(f"{self.base}{family}:") else None
+        return int(match.group(1)) if match is not None and not match.group(2) else None
+
+    def token_logs_id(self, name: str) -> int | None:
+        start = f"{self.base}{TOKEN_LOGS}:"
+        match = _ACCOUNT_TAG.fullmatch(name[len(start):]) if name.startswith(start) else None
+        return _number(match.group(2)) if match is not None else None
+
+    def usage_of(self, name: str) -> tuple[int, int] | None:
+        start = f"{self.base}{USAGE}:"
+        match = _ACCOUNT_TAG.fullmatch(name[len(start):]) if name.startswith(start) else None
+        window = _number(match.group(2)[1:]) if match is not None and match.group(2).startswith(":") else None
+        return None if match is None or window is None else (window, int(match.group(1)))
 
     def ids_bucket(self, bucket: int) -> str:
         return f"{self.base}ids:{{i.{bucket}}}"

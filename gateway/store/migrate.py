@@ -1,19 +1,28 @@
 """`gateway migrate`: copy a store between the one-Redis layout and the cluster layout.
 
-Both key layouts are in `store/keys.py`. The copy reads the source family by family (SCAN,
-HSCAN, ZSCAN: never one command for a whole index) and writes the target in the order a running
+Both key layouts are in `store/keys.py`, with the families this copy reads (`Keys.patterns`,
+`index_keys` and the name parsers). The source is locked first (`SourceLock`: its `migrating`
+marker, with a TTL this process extends): every gateway on it refuses API changes and pauses its
+housekeeping until the end, and the copy begins MIGRATION_SETTLE seconds later, once the changes
+already past their check have landed. The copy reads the source family by family (SCAN, HSCAN,
+ZSCAN: never one command for a whole index) and writes the target in the order a running
 gateway writes a new token: counters first (`next_id` and `next_account_id` never go backwards:
 the target keeps the larger), then accounts, indexes and the recycle bin, `accessed` (the newer
 time kept), and the records last. Every write sets what the source holds (SET, HSET, SADD, ZADD,
 a log list replaced whole), so a second run gives the same result.
 
 A target that holds data is refused, unless it holds only what a migration from this very source
-wrote (the `migrated_from` marker) or `force` is given.
+wrote (the `migrated_from` marker) or `force` is given; so is a source another migration holds.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +32,32 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from gateway.config import ClusterSettings
-from gateway.store.keys import ClusterKeys, Keys
-from gateway.store.scripts import TOUCH
+from gateway.store.keys import (
+    ACCOUNT_LOGS,
+    ACCOUNT_TOKENS,
+    BIN,
+    BIN_TIMES,
+    BLOCKED,
+    EXPIRY,
+    GROUP_MEMBERS,
+    IDS,
+    LEGACY_ACCESSED,
+    TOKEN_LOGS,
+    TOKENS,
+    UNBLOCKED,
+    USAGE,
+    USED,
+    ClusterKeys,
+    Keys,
+)
+from gateway.store.scripts import DELETE_IF_HELD, EXTEND_IF_HELD, TOUCH
+from gateway.store.tokens import MIGRATION_SETTLE
 
 BATCH = 1000
-MARKER = "migrated_from"
+# The source lock's TTL (`SourceLock`): short, so that a migration killed midway holds up the API
+# changes on its source for LOCK_TTL seconds at most; extended every LOCK_TTL / 5 seconds, so four
+# extensions in a row may fail (a slow or briefly unreachable Redis) before the lock is lost.
+LOCK_TTL = 15.0
 
 
 class MigrationRefused(Exception):
@@ -77,10 +107,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _glob(text: str) -> str:
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
-
-
 def open_single(url: str, prefix: str, timeout: float = 10.0) -> Side:
     client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     shown = re.sub(r"//[^@/]*@", "//", url)  # no credentials in what is printed or stored
@@ -102,20 +128,82 @@ def open_cluster_side(cluster: ClusterSettings, prefix: str, timeout: float = 10
     return Side(client, ClusterKeys(prefix), f"cluster {nodes} prefix {prefix}")
 
 
-# -- what each layout calls a family's keys ---------------------------------------------------
+# -- the lock on the source ----------------------------------------------------------------------
 
-def _sharded_pattern(side: Side, family: str) -> str:
-    return _glob(side.keys.base if isinstance(side.keys, ClusterKeys) else side.keys.prefix) + family
+class SourceLock:
+    """The source's `migrating` marker, held for the whole copy: while it is there every gateway
+    on the source refuses API changes (503) and pauses its housekeeping (`PlatformApi`,
+    `Housekeeper`). Set with a TTL (`ttl`, LOCK_TTL) that a thread extends every `ttl / 5`
+    seconds: a migration killed midway unlocks the source by itself within `ttl`. A lock this
+    migration can no longer show it held all along (its marker gone or another's, or not extended
+    for `ttl`) is lost: the copy stops (`check`), since changes may have been made meanwhile."""
+
+    def __init__(self, side: Side, ttl: float, description: str) -> None:
+        self._side = side
+        self._key = side.keys.migrating
+        self._ttl_ms = max(1, round(ttl * 1000))
+        self.value = f"{description} [{uuid.uuid4().hex}]"  # the random part: this run's own
+        self._stop = threading.Event()
+        self._lost = ""
+        self._held_from = 0.0  # when the last extension that succeeded was sent (monotonic)
+        self._thread = threading.Thread(target=self._keep, name="migrate-lock", daemon=True)
+
+    def acquire(self) -> None:
+        sent = time.monotonic()
+        if not self._side.client.set(self._key, self.value, nx=True, px=self._ttl_ms):
+            held = self._side.client.get(self._key)
+            raise MigrationRefused(
+                f"the source ({self._side.name}) is being migrated already"
+                + (f" ({_text(held)})" if held is not None else "")
+                + f"; a migration that died unlocks it within {self._ttl_ms / 1000:g} s")
+        self._held_from = sent
+        self._thread.start()
+
+    def _keep(self) -> None:
+        every = self._ttl_ms / 5000
+        while not self._stop.wait(every):
+            sent = time.monotonic()
+            try:
+                extended = self._side.client.eval(EXTEND_IF_HELD, 1, self._key, self.value, self._ttl_ms)
+            except (OSError, redis.RedisError):
+                extended = None  # tried again; lost once `ttl` passes without one (`check`)
+            if extended == 0:
+                self._lost = "its marker was removed or taken over"
+                return
+            if extended:
+                self._held_from = sent
+
+    def check(self) -> None:
+        """Raise if the lock may have lapsed at some moment since it was taken."""
+        if not self._lost and time.monotonic() - self._held_from >= self._ttl_ms / 1000:
+            self._lost = f"it could not be extended for {self._ttl_ms / 1000:g} s"
+        if self._lost:
+            raise MigrationRefused(f"the lock on the source was lost ({self._lost}): changes made on it "
+                                   "meanwhile may be missing from the target; run the migration again")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        # A source that does not answer: the marker ends with its TTL, and the error that ended
+        # the copy is the one to tell.
+        with contextlib.suppress(OSError, redis.RedisError):
+            self._side.client.eval(DELETE_IF_HELD, 1, self._key, self.value)
 
 
-def _family_keys(side: Side, family: str) -> list[str]:
-    """The keys of one of the hashes or sorted sets that are one key on one Redis and buckets on
-    a cluster: `ids`, `used`, `expiry`, `bin`, `bin_times`, `accessed` (the old sorted set)."""
-    if isinstance(side.keys, ClusterKeys):
-        if family == "accessed":
-            return []
-        return [key for key in side.scan(_sharded_pattern(side, f"{family}:{{*}}"))]
-    return [side.keys.prefix + family]
+def _holder(target: Side) -> str:
+    return (f"gateway migrate on {socket.gethostname()} pid {os.getpid()} into {target.name} "
+            f"since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+
+
+# -- the copy ---------------------------------------------------------------------------------
+
+def _records_of(side: Side) -> Iterator[tuple[str, str]]:
+    """(key name, digest) of every token record of the side's layout."""
+    for name in side.scan(side.keys.patterns()[TOKENS]):
+        digest = side.keys.record_digest(name)
+        if digest is not None:  # None: the other layout's, under a prefix without braces
+            yield name, digest
 
 
 def _hash_items(side: Side, key: str) -> Iterator[list[tuple[str, bytes]]]:
@@ -140,32 +228,22 @@ def _zset_items(side: Side, key: str) -> Iterator[list[tuple[str, float]]]:
         yield batch
 
 
-def _account_of(key: str, sharded: bool, family_prefix: str) -> tuple[int, str]:
-    """(account id, the rest) of an account-tagged key name."""
-    rest = key[len(family_prefix):]
-    if sharded:
-        match = re.match(r"\{a\.(\d+)\}(.*)$", rest)
-        if match is None:
-            raise ValueError(key)
-        return int(match.group(1)), match.group(2)
-    return int(rest.split(":", 1)[0]), rest.split(":", 1)[1] if ":" in rest else ""
-
-
-# -- the copy ---------------------------------------------------------------------------------
-
 def is_empty(side: Side, records_only: bool = False) -> bool:
     """No counter, no accounts, no token record (`records_only`: no record, for a copy in place,
     whose counters and accounts are the source's own)."""
     keys = side.keys
     if not records_only and any(side.client.exists(name) for name in (keys.next_id, keys.accounts)):
         return False
-    pattern = _sharded_pattern(side, "tok:*")
-    return next(side.scan(pattern), None) is None
+    return next(_records_of(side), None) is None
 
 
 def migrate(source: Side, target: Side, *, usage: bool = False, logs: bool = False, force: bool = False,
-            say: Callable[[str], None] = print) -> Report:
-    marker = target.keys.prefix + MARKER
+            say: Callable[[str], None] = print, lock_ttl: float = LOCK_TTL, settle: float = MIGRATION_SETTLE,
+            while_locked: Callable[[], None] | None = None) -> Report:
+    """Copy `source` into `target`, the source locked throughout (`SourceLock`): after taking the
+    lock, `settle` seconds for the API changes already past their check to land (MIGRATION_SETTLE,
+    `store/tokens.py`), then `while_locked` (the tests hold a migration there), then the copy."""
+    marker = target.keys.migrated_from
     in_place = source.client is target.client  # a cluster's one-slot layout into its sharded one
     if not is_empty(target, records_only=in_place):
         previous = target.client.get(marker)
@@ -174,18 +252,22 @@ def migrate(source: Side, target: Side, *, usage: bool = False, logs: bool = Fal
                 f"the target ({target.name}) already holds data"
                 + (f" (migrated from {_text(previous)})" if previous is not None else "")
                 + "; give --force to copy over it")
-    report = Report()
-    _counters(source, target, report)
-    _globals(source, target, report, usage)
-    _indexes(source, target, report)
-    _accounts_sets(source, target, report)
-    _used(source, target, report)
-    _records(source, target, report)
-    if usage:
-        _usage(source, target, report)
-    if logs:
-        _logs(source, target, report)
-    target.client.set(marker, source.name)
+    lock = SourceLock(source, lock_ttl, _holder(target))
+    lock.acquire()
+    try:
+        say(f"source locked: API changes refused there until the end; waiting {settle:g} s for those under way")
+        time.sleep(settle)
+        if while_locked is not None:
+            while_locked()
+        report = Report()
+        for step in (_counters, _globals_of(usage), _indexes, _accounts_sets, _used, _records,
+                     *((_usage,) if usage else ()), *((_logs,) if logs else ())):
+            lock.check()
+            step(source, target, report)
+        lock.check()  # held to the end: nothing was changed on the source behind the copy
+        target.client.set(marker, source.name)
+    finally:
+        lock.release()
     for family, count in report.counts.items():
         say(f"{family}: {count}")
     return report
@@ -219,23 +301,27 @@ def _copy_key_as_is(source: Side, target: Side, name: str, kind: str) -> None:
         target.client.pexpire(target_name, ttl)
 
 
+def _globals_of(usage: bool) -> Callable[[Side, Side, Report], None]:
+    return lambda source, target, report: _globals(source, target, report, usage)
+
+
 def _globals(source: Side, target: Side, report: Report, usage: bool) -> None:
     """Accounts, the groups the upstream application keeps, and (with usage) the blocked tokens:
     the same names in both layouts."""
-    prefix = source.keys.prefix
+    patterns = source.keys.patterns()
     if source.client.exists(source.keys.accounts):
         _copy_key_as_is(source, target, source.keys.accounts, "hash")
         report.add("accounts", int(source.client.hlen(source.keys.accounts)))
     groups = 0
     if source.client.exists(source.keys.groups):
         _copy_key_as_is(source, target, source.keys.groups, "set")
-    for name in source.scan(_glob(prefix) + "group:*"):
+    for name in source.scan(patterns[GROUP_MEMBERS]):
         _copy_key_as_is(source, target, name, "set")
         groups += 1
     report.add("group sets", groups)
     if usage:
-        for family in ("blocked:*", "unblocked:*"):
-            for name in source.scan(_glob(prefix) + family):
+        for family in (BLOCKED, UNBLOCKED):
+            for name in source.scan(patterns[family]):
                 _copy_key_as_is(source, target, name, "hash")
                 report.add("blocked/unblocked hashes", 1)
 
@@ -243,15 +329,15 @@ def _globals(source: Side, target: Side, report: Report, usage: bool) -> None:
 def _indexes(source: Side, target: Side, report: Report) -> None:
     """ids, expiry, bin, bin_times: one key here, id buckets there."""
     keys = target.keys
-    for family, kind in (("ids", "hash"), ("expiry", "zset"), ("bin", "hash"), ("bin_times", "zset")):
+    for family, kind in ((IDS, "hash"), (EXPIRY, "zset"), (BIN, "hash"), (BIN_TIMES, "zset")):
         count = 0
-        for key in _family_keys(source, family):
+        for key in source.keys.index_keys(family):
             batches = _hash_items(source, key) if kind == "hash" else _zset_items(source, key)
             for batch in batches:
                 commands: list[tuple[Any, ...]] = []
                 for member, value in batch:
                     token_id = int(member)
-                    name = _by_id(keys, family, token_id)
+                    name = keys.index_of(family, token_id)
                     if kind == "hash":
                         commands.append(("HSET", name, member, value))
                     else:
@@ -261,18 +347,12 @@ def _indexes(source: Side, target: Side, report: Report) -> None:
         report.add(family, count)
 
 
-def _by_id(keys: Keys, family: str, token_id: int) -> str:
-    if isinstance(keys, ClusterKeys):
-        return {"ids": keys.ids_of, "expiry": keys.expiry_of, "bin": keys.bin_of,
-                "bin_times": keys.bin_times_of}[family](token_id)
-    return {"ids": keys.ids, "expiry": keys.expiry, "bin": keys.bin, "bin_times": keys.bin_times}[family]
-
-
 def _accounts_sets(source: Side, target: Side, report: Report) -> None:
-    family_prefix = (source.keys.base if isinstance(source.keys, ClusterKeys) else source.keys.prefix) + "cid:"
     count = 0
-    for name in source.scan(_glob(family_prefix) + "*"):
-        cid = (_account_of(name, True, family_prefix)[0] if source.sharded else int(name[len(family_prefix):]))
+    for name in source.scan(source.keys.patterns()[ACCOUNT_TOKENS]):
+        cid = source.keys.account_of(ACCOUNT_TOKENS, name)
+        if cid is None:  # the other layout's, under a prefix without braces
+            continue
         members = [member for member in source.client.sscan_iter(name, count=BATCH)]
         for start in range(0, len(members), BATCH):
             target.client.sadd(target.keys.account_tokens(cid), *members[start:start + BATCH])
@@ -283,14 +363,14 @@ def _accounts_sets(source: Side, target: Side, report: Report) -> None:
 def _used(source: Side, target: Side, report: Report) -> None:
     """`accessed` times (and the old sorted set's): the newer of source and target kept."""
     count = 0
-    for family in ("used", "accessed"):
-        for key in _family_keys(source, family):
+    for family in (USED, LEGACY_ACCESSED):
+        for key in source.keys.index_keys(family):
             batches: Iterator[list[tuple[str, Any]]] = (
-                _hash_items(source, key) if family == "used" else _zset_items(source, key))
+                _hash_items(source, key) if family == USED else _zset_items(source, key))
             for batch in batches:
                 by_key: dict[str, list[Any]] = {}
                 for digest, when in batch:
-                    name = target.keys.used_of(digest) if isinstance(target.keys, ClusterKeys) else target.keys.used
+                    name = target.keys.used_of(digest)
                     by_key.setdefault(name, []).extend((digest, int(float(when))))
                 target.pipeline([("EVAL", TOUCH, 1, name, *pairs) for name, pairs in by_key.items()])
                 count += len(batch)
@@ -299,31 +379,25 @@ def _used(source: Side, target: Side, report: Report) -> None:
 
 def _records(source: Side, target: Side, report: Report) -> None:
     """The records last: a grace copy keeps its end (PXAT); one that ended meanwhile is skipped."""
-    skeys, tkeys = source.keys, target.keys
-    pattern = _glob(skeys.token_prefix) + "*"
+    tkeys = target.keys
     count = 0
-    batch: list[str] = []
+    batch: list[tuple[str, str]] = []
 
     def flush() -> int:
-        replies = source.pipeline([command for key in batch for command in (("GET", key), ("PTTL", key))])
+        replies = source.pipeline([command for key, _ in batch for command in (("GET", key), ("PTTL", key))])
         now_ms = int(time.time() * 1000)
         commands: list[tuple[Any, ...]] = []
-        for key, raw, ttl in zip(batch, replies[::2], replies[1::2], strict=True):
+        for (_, digest), raw, ttl in zip(batch, replies[::2], replies[1::2], strict=True):
             if raw is None or int(ttl) == -2:
                 continue
-            digest = key.split("}", 1)[1] if source.sharded else key[len(skeys.token_prefix):]
             command: tuple[Any, ...] = ("SET", tkeys.token(digest), raw)
             if int(ttl) > 0:
                 command += ("PXAT", now_ms + int(ttl))
             commands.append(command)
         target.pipeline(commands)
         return len(commands)
-    for key in source.scan(pattern):
-        if source.sharded and "}" not in key:
-            continue
-        if not source.sharded and key[len(skeys.token_prefix):].startswith("{"):
-            continue  # the cluster layout's, under a prefix without braces
-        batch.append(key)
+    for key, digest in _records_of(source):
+        batch.append((key, digest))
         if len(batch) >= BATCH:
             count += flush()
             batch = []
@@ -333,15 +407,12 @@ def _records(source: Side, target: Side, report: Report) -> None:
 
 
 def _usage(source: Side, target: Side, report: Report) -> None:
-    family_prefix = (source.keys.base if isinstance(source.keys, ClusterKeys) else source.keys.prefix) + "usage:"
     count = 0
-    for name in source.scan(_glob(family_prefix) + "*"):
-        if source.sharded:
-            cid, rest = _account_of(name, True, family_prefix)
-            window = int(rest.lstrip(":"))
-        else:
-            window_text, _, cid_text = name[len(family_prefix):].partition(":")
-            window, cid = int(window_text), int(cid_text)
+    for name in source.scan(source.keys.patterns()[USAGE]):
+        found = source.keys.usage_of(name)
+        if found is None:  # the other layout's, under a prefix without braces
+            continue
+        window, cid = found
         values = source.client.hgetall(name)
         ttl = int(source.client.pttl(name))
         if not values:
@@ -357,18 +428,16 @@ def _usage(source: Side, target: Side, report: Report) -> None:
 def _logs(source: Side, target: Side, report: Report) -> None:
     """Log lists, replaced whole. A token's lines go to the list of their own account (`cid`) on
     a cluster; into the token's one list, by time, on one Redis."""
-    base = source.keys.base if isinstance(source.keys, ClusterKeys) else source.keys.prefix
+    skeys, patterns = source.keys, source.keys.patterns()
     lists: dict[str, list[bytes]] = {}
-    for name in source.scan(_glob(base) + "logs:acct:*"):
-        cid = (_account_of(name, True, base + "logs:acct:")[0] if source.sharded
-               else int(name[len(base + "logs:acct:"):]))
-        lists.setdefault(target.keys.account_logs(cid), []).extend(source.client.lrange(name, 0, -1))
-    for name in source.scan(_glob(base) + "logs:tok:*"):
-        if source.sharded:
-            _, rest = _account_of(name, True, base + "logs:tok:")
-            token_id = int(rest)
-        else:
-            token_id = int(name[len(base + "logs:tok:"):])
+    for name in source.scan(patterns[ACCOUNT_LOGS]):
+        cid = skeys.account_of(ACCOUNT_LOGS, name)
+        if cid is not None:  # None: the other layout's, under a prefix without braces
+            lists.setdefault(target.keys.account_logs(cid), []).extend(source.client.lrange(name, 0, -1))
+    for name in source.scan(patterns[TOKEN_LOGS]):
+        token_id = skeys.token_logs_id(name)
+        if token_id is None:
+            continue
         for line in source.client.lrange(name, 0, -1):
             cid = int(orjson.loads(line).get("cid") or 0)
             lists.setdefault(target.keys.token_logs_of(token_id, cid), []).append(line)

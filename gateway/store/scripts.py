@@ -194,3 +194,15 @@ return 1
 # What the writers and the cluster store send with `TokenStore.scripts`: loaded on each cluster
 # master's lean connection as it opens (`RespClient` preload).
 BATCHED_SCRIPTS = (TOUCH, LOG_PUSH, USAGE_EXCHANGE, SWAP_ID, CLEAR_ORPHAN)
+
+# `gateway migrate`'s lock on its source (`store/migrate.py`). KEYS[1]: the `migrating` marker;
+# ARGV[1]: the value this migration set. Only the holder extends (ARGV[2]: ms) or removes it: a
+# migration whose marker expired and was taken by another must not touch the other's.
+EXTEND_IF_HELD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+DELETE_IF_HELD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

@@ -43,6 +43,16 @@ CLUSTER_MOVING = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.
                   redis.exceptions.ClusterDownError)
 CLUSTER_RETRY_FOR = 2.0
 TORN_RETRIES = 2
+# `gateway migrate` locks its source with the `migrating` marker (`store/migrate.py`). An API change
+# reads it once, before its first write (`PlatformApi`), so a change that found no marker just
+# before it was set still writes after: the migration waits MIGRATION_SETTLE seconds, then copies.
+# What a change does after its check is a few Redis round trips (reads of what it changes, the
+# writes, the WAIT): milliseconds, each command bounded by redis.socket_timeout (0.5 s by default)
+# or, on a cluster, by CLUSTER_RETRY_FOR while a slot moves. A change that outlasts the bound is
+# logged (`PlatformApi`), so it is seen if a migration began meanwhile.
+MIGRATION_SETTLE = 5.0
+# Refused changes may be tried again in this many seconds (`Retry-After`).
+MIGRATION_RETRY_AFTER = 5
 
 
 def cluster_unreachable(error: BaseException) -> bool:
@@ -145,6 +155,11 @@ class RedisStore:
                                     timeout: float) -> None:
         """`require_replicas` on a cluster: `confirmed(replicas, wait_ms)` asks every master."""
         self.cluster_wait, self.replicas, self.wait_ms = confirmed, replicas, max(1, round(timeout * 1000))
+
+    async def migrating(self) -> bool:
+        """Whether `gateway migrate` is copying this store (its marker is set): one GET, made by
+        each API change and housekeeping step, never by an authentication."""
+        return bool(await self.call(lambda: self.client.exists(self.keys.migrating)))
 
     async def changed(self) -> None:
         if self.after_change is not None:

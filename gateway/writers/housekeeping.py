@@ -9,6 +9,12 @@ a due id from it (ZREM answers 1 to one caller only) deletes the token and logs 
 happens exactly once however many instances sweep. A `grace` delay lets `accessed` writes from
 other instances (at most about a second late) arrive before a token is judged. Each sweep also
 folds the sorted set older versions kept `accessed` in into today's hash (a rolling upgrade).
+
+While `gateway migrate` copies the store (its `migrating` marker, `store/migrate.py`) nothing is
+written here: each step, and each batch of the expiry sweep, reads the marker first and the sweep
+stops there. A step under way when the marker is set may still land after the copy read its keys;
+what it does is redone by the target's own housekeeping (an expired token is expired there too,
+the bin's old entries are as old), so that miss is harmless, unlike an API change's.
 """
 from __future__ import annotations
 
@@ -38,18 +44,33 @@ class Housekeeper:
 
     async def sweep(self) -> int:
         now = time.time()
+        if await self._paused():
+            return 0
         # `accessed` as instances of earlier builds wrote it: into the hash that loads and this sweep read.
         await self._store.fold_legacy_accessed()
         deleted = await self.delete_expired(now)
+        if await self._paused():
+            return deleted
         await self._store.sweep_orphans()  # a cluster's: index entries a crash left without a record
+        if await self._paused():
+            return deleted
         await self._store.purge_bin(now - self._settings.recycle_bin_days * 86400)
         return deleted
+
+    async def _paused(self) -> bool:
+        """A migration is copying the store: no housekeeping write until it ends."""
+        if not await self._store.migrating():
+            return False
+        log.info("housekeeping paused: the store is being migrated")
+        return True
 
     async def delete_expired(self, now: float) -> int:
         """Delete the tokens due by `now - grace`, up to SWEEP_BATCHES batches; the ones used
         since they were indexed (the index is not moved on use) are moved forward instead."""
         deleted = 0
-        for _ in range(SWEEP_BATCHES):
+        for batch in range(SWEEP_BATCHES):
+            if batch and await self._paused():
+                break
             ids = await self._store.expiry_candidates(now - self._settings.grace, BATCH)
             deleted += await self._sweep_batch(ids, now)
             if len(ids) < BATCH:

@@ -52,3 +52,32 @@ def test_the_cluster_layout_spreads_by_digest_id_and_account() -> None:
     assert len({slot(key.encode()) for key in (keys.usage(1, 7), keys.lease(1, 7), keys.lease_instances_of(7))}) == 1
     # and records spread: the 4096 token buckets reach well over a thousand slots.
     assert len({slot(keys.token(f"{bucket:03x}").encode()) for bucket in range(4096)}) > 1000
+
+
+def test_each_layout_reads_its_own_names_back_and_not_the_others() -> None:
+    from gateway.store.keys import ACCOUNT_LOGS, ACCOUNT_TOKENS, ClusterKeys
+
+    digest = "abc" + "0" * 61
+    for keys in (Keys("{gw}:"), ClusterKeys("{gw}:"), Keys("gw:"), ClusterKeys("gw:")):
+        assert keys.record_digest(keys.token(digest)) == digest
+        assert keys.account_of(ACCOUNT_TOKENS, keys.account_tokens(7)) == 7
+        assert keys.account_of(ACCOUNT_LOGS, keys.account_logs(7)) == 7
+        assert keys.token_logs_id(keys.token_logs_of(3, 7)) == 3
+        assert keys.usage_of(keys.usage(29000, 7)) == (29000, 7)
+        assert keys.index_of("ids", 513) in keys.index_keys("ids")
+        assert keys.migrating == "{gw}:migrating" if keys.prefix == "{gw}:" else keys.migrating == "gw:migrating"
+    # Under a prefix without braces both layouts start alike: each leaves the other's names alone.
+    one, cluster = Keys("gw:"), ClusterKeys("gw:")
+    assert one.record_digest(cluster.token(digest)) is None and cluster.record_digest(one.token(digest)) is None
+    assert one.account_of(ACCOUNT_TOKENS, cluster.account_tokens(7)) is None
+    assert cluster.account_of(ACCOUNT_TOKENS, one.account_tokens(7)) is None
+    assert one.usage_of(cluster.usage(29000, 7)) is None and cluster.usage_of(one.usage(29000, 7)) is None
+    assert one.token_logs_id(cluster.token_logs_of(3, 7)) is None and cluster.token_logs_id(one.token_logs(3)) is None
+
+
+def test_every_family_has_a_pattern_in_each_layout() -> None:
+    from gateway.store.keys import FAMILIES, LEGACY_ACCESSED, WRITES_IN, ClusterKeys
+
+    assert set(Keys("{gw}:").patterns()) == set(FAMILIES) - {WRITES_IN}
+    assert set(ClusterKeys("{gw}:").patterns()) == set(FAMILIES) - {LEGACY_ACCESSED}
+    assert Keys("{gw}:").patterns()["tok"] == "{gw}:tok:*" and Keys("a[1]:").patterns()["ids"] == "a\\[1\\]:ids"
