@@ -17,7 +17,7 @@ from pathlib import Path
 # `Any` throughout, and a record that fails to compile fails alone (`compile_each`).
 COMPILED = ("proxy.listener", "proxy.front", "proxy.exchange", "proxy.decision", "proxy.bridge", "proxy.flow",
             "proxy.routing", "proxy.replies", "proxy.upstream", "auth.authenticator", "auth.checks", "auth.compiler",
-            "store.cache", "store.resp", "policy.paths", "writers.accessed", "writers.logs",
+            "store.cache", "store.resp", "store.slots", "policy.paths", "writers.accessed", "writers.logs",
             "writers.tokenlogs", "writers.usage", "tokens", "counters")
 HERE = Path(__file__).resolve().parent
 

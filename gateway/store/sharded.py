@@ -32,19 +32,18 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
-from redis.crc import key_slot
 
 from gateway.errors import StoreUnavailable
-from gateway.store.keys import ID_BUCKETS, TOKEN_BUCKETS, USED_BUCKETS, ClusterKeys, token_bucket, used_bucket
+from gateway.store.keys import ID_BUCKETS, TOKEN_BUCKETS, USED_BUCKETS, ClusterKeys, used_bucket
 from gateway.store.resp import LeanNodes, RespClient, script_sha
 from gateway.store.scripts import CLEAR_ORPHAN, SWAP_ID, TOUCH
+from gateway.store.slots import fill_loads, group_by_master, key_slot, plan_loads, refused, touch_calls, touched
 from gateway.store.tokens import (
     STORE_ERRORS,
     TORN_RETRIES,
     TOUCH_CHUNK,
     ScriptsFailed,
     TokenStore,
-    _pairs,
     _unavailable,
     expires_at,
     grace_copy,
@@ -82,10 +81,11 @@ class ShardedTokenStore(TokenStore):
         # The lean clients of the masters, for `load_many_then`; None: redis-py for the loads too.
         self.lean_nodes: LeanNodes | None = None
         self.lean_script_nodes: LeanNodes | None = None  # for `scripts`, on connections of their own
-        self._bucket_slots = [key_slot(keys.token(f"{bucket:03x}").encode()) for bucket in range(TOKEN_BUCKETS)]
+        self._bucket_slots = [key_slot(keys.token(f"{bucket:03x}")) for bucket in range(TOKEN_BUCKETS)]
         # Each bucket's record key without the digest, made once: a load's key is one concatenation.
         self._bucket_keys = [keys.token(f"{bucket:03x}")[:-3] for bucket in range(TOKEN_BUCKETS)]
-        self._used_slots = [key_slot(keys.used_bucket(bucket).encode()) for bucket in range(USED_BUCKETS)]
+        self._used_keys = [keys.used_bucket(bucket) for bucket in range(USED_BUCKETS)]
+        self._used_slots = [key_slot(name) for name in self._used_keys]
 
     # -- hot path ------------------------------------------------------------------------------
 
@@ -164,38 +164,10 @@ class ShardedTokenStore(TokenStore):
         if lean_nodes is None or not digests:
             return False
         slots = cast(RedisCluster, self.client).nodes_manager.slots_cache
-        bucket_slots, used_slots = self._bucket_slots, self._used_slots
-        keys = self.shards
-        # Per master: its commands, and what each reply fills (a record's index, or the indexes
-        # whose `accessed` an HMGET brings).
-        per_node: dict[str, tuple[list[tuple[Any, ...]], list[int | list[int]]]] = {}
-        by_used: dict[int, list[int]] = {}
-        bucket_keys = self._bucket_keys
-        for index, digest in enumerate(digests):
-            bucket = token_bucket(digest)
-            nodes = slots.get(bucket_slots[bucket])
-            if not nodes:
-                return False
-            name = nodes[0].name
-            entry = per_node.get(name)
-            if entry is None:
-                entry = per_node[name] = ([], [])
-            entry[0].append(("GET", bucket_keys[bucket] + digest))
-            entry[1].append(index)
-            sharing = by_used.get(bucket >> 4)
-            if sharing is None:
-                by_used[bucket >> 4] = [index]
-            else:
-                sharing.append(index)
-        for bucket, members in by_used.items():
-            nodes = slots.get(used_slots[bucket])
-            if not nodes:
-                return False
-            entry = per_node.get(nodes[0].name)
-            if entry is None:
-                entry = per_node[nodes[0].name] = ([], [])
-            entry[0].append(("HMGET", keys.used_bucket(bucket), *[digests[index] for index in members]))
-            entry[1].append(members)
+        per_node = plan_loads(digests, slots, self._bucket_slots, self._bucket_keys, self._used_slots,
+                              self._used_keys)
+        if per_node is None:
+            return False
         clients = {address: lean_nodes.client(address) for address in per_node}
         closed = [lean for lean in clients.values() if not lean.is_open]
         if closed:
@@ -217,32 +189,23 @@ class ShardedTokenStore(TokenStore):
                 return
             callback(self._outcomes(digests, raws, used, failed))
 
-        def touched(targets: list[int | list[int]]) -> list[int]:
-            return [index for target in targets for index in (target if isinstance(target, list) else [target])]
-
-        def answer_for(targets: list[int | list[int]]) -> Callable[[Any], None]:
+        def answer_for(targets: list[Any]) -> Callable[[Any], None]:
             def answer(replies: list[Any] | BaseException) -> None:
                 if isinstance(replies, redis.exceptions.TimeoutError):
                     for index in touched(targets):
                         failed[index] = _unavailable(replies)
-                elif isinstance(replies, BaseException) or any(
-                        isinstance(reply, hiredis.ReplyError) for reply in replies):
+                elif isinstance(replies, BaseException) or refused(replies):
                     again.update(touched(targets))  # a slot moved (or is moving): redis-py follows it
                 else:
-                    for target, reply in zip(targets, replies, strict=True):
-                        if isinstance(target, list):
-                            for index, when in zip(target, reply, strict=True):
-                                used[index] = when
-                        else:
-                            raws[target] = reply
+                    fill_loads(targets, replies, raws, used)
                 waiting[0] -= 1
                 if waiting[0] == 0:
                     finish()
             return answer
 
-        for address, (commands, targets) in per_node.items():
-            if not clients[address].execute_then(commands, answer_for(targets)):
-                again.update(touched(targets))  # closed since: through redis-py
+        for address, batch in per_node.items():
+            if not clients[address].execute_then(batch.commands, answer_for(batch.targets)):
+                again.update(touched(batch.targets))  # closed since: through redis-py
                 waiting[0] -= 1
         if waiting[0] == 0:
             finish()
@@ -281,14 +244,8 @@ class ShardedTokenStore(TokenStore):
     def _by_master(self, keys: Sequence[Any]) -> dict[str, list[int]] | None:
         """Indexes of `keys` per master address, from redis-py's slot map; None if it does not
         know a slot yet."""
-        slots = cast(RedisCluster, self.client).nodes_manager.slots_cache
-        groups: dict[str, list[int]] = {}
-        for index, key in enumerate(keys):
-            nodes = slots.get(key_slot(key.encode() if isinstance(key, str) else key))
-            if not nodes:
-                return None
-            groups.setdefault(nodes[0].name, []).append(index)
-        return groups
+        names = [key if isinstance(key, str) else bytes(key).decode("utf-8", "surrogateescape") for key in keys]
+        return group_by_master(names, cast(RedisCluster, self.client).nodes_manager.slots_cache)
 
     async def _send_by_master(self, lean_nodes: LeanNodes, groups: dict[str, list[int]],
                               commands: Sequence[tuple[Any, ...]]) -> list[tuple[list[int], Any]]:
@@ -399,15 +356,7 @@ class ShardedTokenStore(TokenStore):
         """TOUCH per `used` bucket (256 at most), each master's calls sent at once."""
         if not accessed:
             return
-        by_bucket: dict[int, dict[str, int]] = {}
-        for digest, when in accessed.items():
-            by_bucket.setdefault(used_bucket(digest), {})[digest] = when
-        calls: list[tuple[Sequence[str], Sequence[Any]]] = []
-        for bucket, members in by_bucket.items():
-            pairs, step = _pairs(members), 2 * TOUCH_CHUNK
-            for start in range(0, len(pairs), step):
-                calls.append(([self.shards.used_bucket(bucket)], pairs[start:start + step]))
-        await self.scripts(TOUCH, calls)
+        await self.scripts(TOUCH, touch_calls(accessed, self._used_keys, TOUCH_CHUNK))
 
     async def fold_legacy_accessed(self) -> int:
         return 0  # the cluster layout has no old `accessed` sorted set
@@ -639,12 +588,12 @@ class ReplicaWait:
         slots = self._cluster.nodes_manager.slots_cache
         known = self._markers.get(name)
         if known is not None:
-            nodes = slots.get(key_slot(known.encode()))
+            nodes = slots.get(key_slot(known))
             if nodes and nodes[0].name == name:
                 return known
         for group in range(4 * 16384):  # 16384 slots: a master with any slot has one of these
             key = self._keys.writes_in(group)
-            nodes = slots.get(key_slot(key.encode()))
+            nodes = slots.get(key_slot(key))
             if nodes and nodes[0].name == name:
                 self._markers[name] = key
                 return key
