@@ -11,20 +11,17 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from redis.crc import key_slot
 
 from gateway.config import TokenLogSettings
 from gateway.errors import StoreUnavailable
 from gateway.store.scripts import LOG_PUSH
+from gateway.store.slots import key_slot
 from gateway.store.tokens import RedisStore, ScriptsFailed
 
 PUSH_CHUNK = 512  # lines per list and LOG_PUSH call
 # Per LOG_PUSH call (one round trip), for ~0.5 ms of Redis time at most: token loads queue behind it.
 CALL_LINES = 1024
 CALL_KEYS = 64
-
-def key_slot_of(key: str) -> int:
-    return int(key_slot(key.encode()))
 
 
 class RedisLogSink:
@@ -90,12 +87,14 @@ class RedisLogSink:
         cluster = self._store.cluster
         # On a cluster each call's lists must share a slot: an account's lists (its own, its
         # tokens') do, so the lists go account by account, and a call never spans two.
-        keys = sorted(pending, key=key_slot_of) if cluster else list(pending)
-        slot = None
+        # (A slot is computed once per list: with a new token per request, a flush names thousands.)
+        slot_of = {key: key_slot(key) for key in pending} if cluster else {}
+        keys = sorted(pending, key=slot_of.__getitem__) if cluster else list(pending)
+        slot = -1
         for key in keys:
             lines = pending[key]
-            if cluster and key_slot_of(key) != slot:
-                slot = key_slot_of(key)
+            if cluster and slot_of[key] != slot:
+                slot = slot_of[key]
                 if step:
                     step = []
                     steps.append(step)
