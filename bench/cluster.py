@@ -51,6 +51,19 @@ def masters(ports: list[int]) -> dict[int, tuple[int, int]]:
     return found
 
 
+def node_roles(ports: list[int]) -> dict[int, str]:
+    """port -> "master" or "slave" (ROLE), for the nodes that answer."""
+    import redis
+    roles = {}
+    for port in ports:
+        try:
+            with redis.Redis(host=HOST, port=port, socket_timeout=2) as client:
+                roles[port] = client.execute_command("ROLE")[0].decode()
+        except (redis.RedisError, OSError):
+            pass
+    return roles
+
+
 def commands_processed(ports: list[int]) -> int:
     import redis
     total = 0
@@ -261,15 +274,23 @@ def main() -> None:
         asyncio.run(bulk_fill(ports, len(filled["cluster"]), 5_000_000, filled["cluster"]))
         asyncio.run(fill_tokens(f"redis://{HOST}:{single_port}/0", filled["one Redis"]))
         gateways = {"cluster": on_cluster, "one Redis": on_one}
+        # Each store's processes, for the Redis CPU a miss costs (10 ms ticks: over a run of
+        # thousands of misses, a fraction of a µs each).
+        nodes_by_pid = {process.pid: port for port, process in nodes.items()}
+        store_pids = {"cluster": list(nodes_by_pid),
+                      "one Redis": [process.pid for name, process in procs.running if name == "redis-single"]}
         rows: list[tuple[str, str]] = []
         for client, size in (("Python client, 32 at a time", args.tokens), ("wrk, 64 connections", args.wrk_tokens)):
             if not size:
                 continue
             rates: dict[str, list[float]] = {"cluster": [], "one Redis": []}
             miss_cpu: dict[str, list[float]] = {"cluster": [], "one Redis": []}
+            redis_cpu: dict[str, list[tuple[float, float]]] = {"cluster": [], "one Redis": []}
             for step in range(args.rounds):
                 for name, gateway in gateways.items():
                     before = cpu_seconds(gateway.worker_pids())
+                    store = store_pids[name]
+                    store_before = {pid: cpu_seconds([pid]) for pid in store}
                     if client.startswith("wrk"):
                         chunk = filled[name][step * size:(step + 1) * size]
                         rate, answered = wrk_misses(str(tools["wrk"]), gateway.url, chunk, workdir, args.wrk_seconds)
@@ -278,6 +299,10 @@ def main() -> None:
                         rate, answered = asyncio.run(miss_throughput(gateway.url, chunk)), len(chunk)
                     rates[name].append(rate)
                     miss_cpu[name].append((cpu_seconds(gateway.worker_pids()) - before) / answered * 1e6)
+                    roles = node_roles(ports) if name == "cluster" else {}
+                    spent = {pid: (cpu_seconds([pid]) - store_before[pid]) / answered * 1e6 for pid in store}
+                    replicas = sum(value for pid, value in spent.items() if roles.get(nodes_by_pid.get(pid)) == "slave")
+                    redis_cpu[name].append((sum(spent.values()) - replicas, replicas))
             rows += [(f"cache-miss authentications/s, {name}, {client} (runs)",
                       " / ".join(f"{r:,.0f}" for r in values)) for name, values in rates.items()]
             medians = {name: sorted(values)[len(values) // 2] for name, values in rates.items()}
@@ -286,6 +311,9 @@ def main() -> None:
                          f"{medians['cluster'] / medians['one Redis']:.2f}"))
             rows += [(f"gateway CPU µs per cache miss, {name}, {client} (runs)",
                       " / ".join(f"{v:,.0f}" for v in values)) for name, values in miss_cpu.items()]
+            rows += [(f"Redis CPU µs per cache miss, {name}, {client}: masters + replicas (runs)",
+                      " / ".join(f"{own:,.0f} + {copies:,.0f}" for own, copies in values))
+                     for name, values in redis_cpu.items()]
         hot: dict[str, list[float]] = {"cluster": [], "one Redis": []}
         hot_cpu: dict[str, list[float]] = {"cluster": [], "one Redis": []}
         per_request: list[float] = []
