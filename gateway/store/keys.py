@@ -55,8 +55,7 @@ tag `{...}` names the slot group of each key, and every script or MULTI touches 
 - `<base>writes:{w.<n>}`         counters, one on each master (the first `<n>` whose slot it
                                  holds), bumped before a WAIT there
 - `group:<group>:<uri>`, `groups`: as in the one-Redis layout (the upstream application's)
-- `migrating`, `migrated_from`, `lease_instances`, `lease:<window>:<account>`: in the prefix's
-  slot too (the names of the one-Redis layout)
+- `migrating`, `migrated_from`: in the prefix's slot too (the names of the one-Redis layout)
 
 Each kind of key is a family (`FAMILIES`); `Keys.patterns()` gives, per layout, a SCAN pattern
 for each, so what walks a whole store (`gateway migrate`, the census in the tests) is told here
@@ -256,7 +255,8 @@ class ClusterKeys(Keys):
         b = glob_escape(self.base)
         found.update({TOKENS: b + "tok:{t.*}*", USED: b + "used:{u.*}", ACCOUNT_TOKENS: b + "cid:{a.*}",
                       USAGE: b + "usage:{a.*}:*", TOKEN_LOGS: b + "logs:tok:{a.*}*",
-                      ACCOUNT_LOGS: b + "logs:acct:{a.*}", WRITES_IN: b + "writes:{w.*}"})
+                      ACCOUNT_LOGS: b + "logs:acct:{a.*}", WRITES_IN: b + "writes:{w.*}",
+                      LEASE: b + "lease:{a.*}:*", LEASE_INSTANCES: b + "lease_instances:{a.*}"})
         for family in (IDS, EXPIRY, BIN, BIN_TIMES):
             found[family] = f"{b}{family}:{{i.*}}"
         return found
