@@ -34,9 +34,10 @@ tag `{...}` names the slot group of each key, and every script or MULTI touches 
 
 - `<base>tok:{t.<b>}<digest>`    the record; `<b>`: the digest's first three hex digits (4096
                                  token buckets), so records spread over every master by digest
-- `<base>used:{u.<uu>}`          hash: digest -> last `accessed`; `<uu>`: the digest's first two
-                                 hex digits (256 buckets: a second's `accessed` writes are a few
-                                 hundred script calls, not one per token)
+- `<base>used:{u.<uu>}`          hash: digest -> last `accessed`; `<uu>` (hex): the digest's first
+                                 five bits (32 buckets: an `accessed` flush is at most 32 script
+                                 calls, not one per token nor one per few tokens; at 3,000,000
+                                 tokens a bucket holds ~94,000)
 - `<base>ids:{i.<n>}`            hash: token id -> digest; `<n>`: the id modulo ID_BUCKETS (256)
 - `<base>expiry:{i.<n>}`         sorted set: token id -> when it stops being valid
 - `<base>bin:{i.<n>}`, `<base>bin_times:{i.<n>}`  the recycle bin, by id bucket too
@@ -69,7 +70,8 @@ import re
 import zlib
 
 TOKEN_BUCKETS = 4096  # the cluster layout's token buckets: the first three hex digits of a digest
-USED_BUCKETS = 256  # its `used` buckets: the first two
+USED_SHIFT = 7  # its `used` buckets: a token bucket shifted right by this (32: the first five bits)
+USED_BUCKETS = TOKEN_BUCKETS >> USED_SHIFT
 ID_BUCKETS = 256  # the cluster layout's id buckets (ids, expiry, recycle bin)
 
 # The families (module docstring): the names `Keys.patterns()` gives a SCAN pattern for.
@@ -217,8 +219,8 @@ def token_bucket(digest: str) -> int:
 
 
 def used_bucket(digest: str) -> int:
-    """The `used` bucket (cluster layout) of a key digest: its first two hex digits."""
-    return token_bucket(digest) >> 4
+    """The `used` bucket (cluster layout) of a key digest: its token bucket >> USED_SHIFT (its first five bits)."""
+    return token_bucket(digest) >> USED_SHIFT
 
 
 _CLUSTER_RECORD = re.compile(r"\{t\.[0-9a-f]+\}(.+)$")

@@ -353,7 +353,7 @@ class ShardedTokenStore(TokenStore):
         task.add_done_callback(self._refreshing.discard)
 
     async def touch(self, accessed: dict[str, int]) -> None:
-        """TOUCH per `used` bucket (256 at most), each master's calls sent at once."""
+        """TOUCH per `used` bucket (USED_BUCKETS at most), each master's calls sent at once."""
         if not accessed:
             return
         await self.scripts(TOUCH, touch_calls(accessed, self._used_keys, TOUCH_CHUNK))

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from binascii import crc_hqx
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import hiredis
 
+from gateway.store.keys import USED_SHIFT as _USED_SHIFT
 from gateway.store.keys import token_bucket
 
 SLOTS = 16384
+USED_SHIFT: Final = _USED_SHIFT  # a token bucket's `used` bucket: bucket >> USED_SHIFT
 
 
 def key_slot(key: str) -> int:
@@ -65,9 +67,9 @@ def plan_loads(digests: Sequence[str], slots: dict[int, Any], bucket_slots: list
             batch = per_node[name] = Batch()
         batch.commands.append(("GET", bucket_keys[bucket] + digest))
         batch.targets.append(index)
-        sharing = by_used.get(bucket >> 4)
+        sharing = by_used.get(bucket >> USED_SHIFT)
         if sharing is None:
-            by_used[bucket >> 4] = [index]
+            by_used[bucket >> USED_SHIFT] = [index]
         else:
             sharing.append(index)
     for used, members in by_used.items():
@@ -132,7 +134,7 @@ def touch_calls(accessed: dict[str, int], used_keys: list[str], chunk: int) -> l
     """TOUCH calls for `accessed` (digest -> time): one per `used` bucket, of `chunk` tokens at most."""
     by_bucket: dict[int, list[Any]] = {}
     for digest, when in accessed.items():
-        used = _token_bucket(digest) >> 4
+        used = _token_bucket(digest) >> USED_SHIFT
         pairs = by_bucket.get(used)
         if pairs is None:
             by_bucket[used] = [digest, when]

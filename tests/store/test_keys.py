@@ -33,7 +33,7 @@ def test_the_cluster_layout_spreads_by_digest_id_and_account() -> None:
 
     keys = ClusterKeys("{gw}:")
     digest = "abc" + "0" * 61
-    assert keys.token(digest) == "gw:tok:{t.abc}" + digest and keys.used_of(digest) == "gw:used:{u.ab}"
+    assert keys.token(digest) == "gw:tok:{t.abc}" + digest and keys.used_of(digest) == "gw:used:{u.15}"  # 0xabc >> 7
     assert (keys.ids_of(513), keys.expiry_of(513), keys.bin_of(513), keys.bin_times_of(513)) == (
         "gw:ids:{i.1}", "gw:expiry:{i.1}", "gw:bin:{i.1}", "gw:bin_times:{i.1}")
     assert (keys.account_tokens(7), keys.usage(29000, 7), keys.account_logs(7), keys.token_logs_of(3, 7)) == (
