@@ -31,6 +31,10 @@ from gateway.tokens import records_from_replies
 
 T = TypeVar("T")
 STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+# A PUBLISH that may go to another node of a cluster: its node could not be reached, a connection
+# redis-py tore down under it (`None.writelines`), or no node known for the channel's slot.
+PUBLISH_ELSEWHERE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, asyncio.TimeoutError,
+                     AttributeError, redis.exceptions.RedisClusterException)
 # No error is retried (so none reconnects inside the call that met it): see `subscription`.
 NO_RETRY = Retry(NoBackoff(), 0, supported_errors=())
 NEVER = 2 ** 40
@@ -301,7 +305,7 @@ class RedisStore:
                 self.on_publish(message)
         if self.cluster:  # no pipeline for PUBLISH there; any node passes it to every node
             for message in messages:
-                await self.call(lambda message=message: self.client.publish(self.channel, message))  # type: ignore[misc]
+                await self._publish_on_cluster(message)
             cluster_wait = self.cluster_wait
             if acknowledge and self.replicas > 0 and cluster_wait is not None and \
                     not await self.call(lambda: cluster_wait(self.replicas, self.wait_ms)):
@@ -325,7 +329,34 @@ class RedisStore:
     async def heartbeat(self, message: str) -> None:
         """One message on the invalidation channel, to the store itself (not `on_publish`): the
         store's answer and the subscriber's hearing it back are what `store/health.py` watches."""
+        if self.cluster:
+            await self._publish_on_cluster(message)
+            return
         await self.call(lambda: self.client.publish(self.channel, message))
+
+    async def _publish_on_cluster(self, message: str) -> None:
+        """PUBLISH on the node redis-py routes it to (the channel's slot), else on any other:
+        PUBLISH has no key, and every node passes it to every node's subscribers over the cluster
+        bus, even while the cluster state is fail. So a dead master (the channel's) delays no
+        change's announcement; StoreUnavailable only when no node takes it."""
+        cluster = cast(RedisCluster, self.client)
+        try:
+            await cluster.publish(self.channel, message)
+            return
+        except PUBLISH_ELSEWHERE as exc:
+            failure: BaseException = exc
+        except STORE_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        # Masters first, then replicas: one attempt each (no retry, no slot map re-read).
+        for node in sorted(cluster.get_nodes(), key=lambda node: node.server_type != "primary"):
+            try:
+                await cluster.execute_command("PUBLISH", self.channel, message, target_nodes=node)
+                return
+            except PUBLISH_ELSEWHERE as exc:
+                failure = exc
+            except STORE_ERRORS as exc:
+                raise _unavailable(exc) from exc
+        raise _unavailable(failure) from failure
 
     @asynccontextmanager
     async def subscription(self) -> AsyncIterator[Any]:

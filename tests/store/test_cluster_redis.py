@@ -490,3 +490,117 @@ async def test_with_wait_replicas_a_change_is_acknowledged_once_every_master_s_r
             break
         await asyncio.sleep(0.1)
     assert status == 200, body
+
+
+def _kill(node: RedisProcess) -> None:
+    """SIGKILL: no goodbye to its clients or to the cluster bus, as a crash."""
+    assert node.process is not None
+    node.process.kill()
+    node.process.wait(10)
+    node.process = None
+
+
+def _channel_master(redis_cluster: RedisClusterSet, key_prefix: str) -> RedisProcess:
+    """The master holding the invalidation channel's slot (and `next_id`, accounts...)."""
+    port = _owner(redis_cluster, ClusterKeys(key_prefix).channel)
+    return next(node for node in redis_cluster.nodes if node.port == port)
+
+
+async def test_a_change_is_published_while_the_channel_s_master_is_dead(
+        redis_cluster: RedisClusterSet, key_prefix: str) -> None:
+    """PUBLISH has no key: any node passes it to every node's subscribers over the cluster bus,
+    even while the cluster state is fail. With the master of the channel's slot killed, a
+    change and a heartbeat still reach a subscriber on another master."""
+    settings = build_settings({"upstream": "http://127.0.0.1:9", "redis": {
+        "cluster": {"nodes": redis_cluster.hosts[:2]}, "key_prefix": key_prefix,
+        "socket_timeout": 0.3, "connect_timeout": 0.3}})
+    assert settings.redis.cluster is not None
+    client = open_cluster(settings.redis, settings.redis.cluster)
+    store = ShardedTokenStore(cast(Any, client), key_prefix)
+    victim = _channel_master(redis_cluster, key_prefix)
+    other = next(node for node in redis_cluster.masters() if node is not victim)
+    listener = redis.asyncio.Redis(port=other.port, socket_timeout=2)
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    try:
+        await store.heartbeat("before")  # the slot map known, the channel's node connected
+        await pubsub.subscribe(store.channel)
+        _kill(victim)
+        await store.publish(["revoked-digest"])
+        await store.heartbeat("still-beating")
+        heard: list[bytes] = []
+        async with asyncio.timeout(5):
+            while len(heard) < 2:
+                message = await pubsub.get_message(timeout=1)
+                if message is not None:
+                    heard.append(message["data"])
+        assert heard == [b"revoked-digest", b"still-beating"]
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
+        await client.aclose()
+        await asyncio.to_thread(redis_cluster.restore)
+
+
+async def test_no_revoked_token_passes_while_the_channel_s_master_fails_over(
+        cluster_gateway: GatewayFactory, redis_cluster: RedisClusterSet, key_prefix: str) -> None:
+    """The master of the invalidation channel's slot killed (SIGKILL): `second` had its tokens
+    cached, `first` deletes them as soon as it can. `second` never answers 200 for one after
+    its deletion was acknowledged, and once the cluster is whole again everything works."""
+    first, second = await cluster_gateway(), await cluster_gateway()
+    status, body = await first.call("POST", "/platform/tokens", json=[{"ttl": 600}] * 12)
+    assert status == 200, body
+    tokens = body["result"]
+    for token in tokens:
+        assert await status_of(second, token["key"]) == 200  # cached by `second`
+    victim = _channel_master(redis_cluster, key_prefix)
+    keys = ClusterKeys(key_prefix)
+    on_victim = [token for token in tokens
+                 if _owner(redis_cluster, keys.token(key_digest(token["key"]))) == victim.port]
+    acknowledged: dict[str, float] = {}
+    wrong: list[tuple[int, float]] = []
+    polling = True
+
+    async def check(token: dict[str, Any]) -> None:
+        asked = time.monotonic()
+        answered = await status_of(second, token["key"])
+        done = acknowledged.get(token["key"])
+        if answered == 200 and done is not None and asked > done:
+            wrong.append((token["id"], round(asked - done, 3)))
+        assert answered in (200, 401, 503), answered
+
+    async def poll() -> None:  # `second`, every token at once (loaded together), all through the failover
+        while polling:
+            await asyncio.gather(*[check(token) for token in tokens])
+            await asyncio.sleep(0.02)
+
+    async def revoke(token: dict[str, Any]) -> None:
+        while True:
+            status, body = await first.call("DELETE", f"/platform/tokens/{token['id']}")
+            if status == 200:
+                acknowledged[token["key"]] = time.monotonic()
+                return
+            assert status == 503, (status, body)
+            await asyncio.sleep(0.05)
+    polled = asyncio.ensure_future(poll())
+    try:
+        _kill(victim)
+        await asyncio.wait_for(asyncio.gather(*[revoke(token) for token in tokens]), 30)
+        await asyncio.sleep(1.0)  # `second` still polled a while after the last acknowledgement
+    finally:
+        polling = False
+        with suppress(asyncio.CancelledError):
+            await polled
+        await asyncio.to_thread(redis_cluster.restore)
+    assert not wrong, (wrong, "on the dead master:", [token["id"] for token in on_victim])
+
+    async def refused_everywhere() -> bool:
+        return all([await status_of(gw, token["key"]) == 401 for gw in (first, second) for token in tokens])
+    await _until(refused_everywhere, 10)
+    token = await second.create_token()
+    assert await status_of(first, token["key"]) == 200
+    status, _ = await first.call("DELETE", f"/platform/tokens/{token['id']}")
+    assert status == 200
+
+    async def refused_by_second() -> bool:
+        return await status_of(second, token["key"]) == 401
+    await _until(refused_by_second, 2)
