@@ -122,6 +122,11 @@ class RedisStore:
         # What `subscription` listens on (Sentinel: a client that never reconnects by itself, so
         # that the cache hears of every gap and revalidates what it holds).
         self.listener = client
+        # How many subscriptions the cache holds on the channel (`subscription`): on a cluster
+        # two, on two masters, so that no one node's death leaves this instance deaf.
+        self.subscriptions = 2 if self.cluster else 1
+        self._subscribed_on: dict[int, str] = {}  # subscription number -> its master, while held
+        self._subscription_failed: dict[int, str] = {}  # and the master it last failed on
         # API changes are acknowledged once this many replicas hold them (`require_replicas`).
         self.waiter: aioredis.Redis | None = None
         # On a cluster, the WAIT on every master instead (`ReplicaWait.confirmed`).
@@ -347,8 +352,9 @@ class RedisStore:
             failure: BaseException = exc
         except STORE_ERRORS as exc:
             raise _unavailable(exc) from exc
-        # Masters first, then replicas: one attempt each (no retry, no slot map re-read).
-        for node in sorted(cluster.get_nodes(), key=lambda node: node.server_type != "primary"):
+        # Masters first, by address (the first one alive is where subscription 1 of every
+        # instance is), then replicas: one attempt each (no retry, no slot map re-read).
+        for node in sorted(cluster.get_nodes(), key=lambda node: (node.server_type != "primary", node.name)):
             try:
                 await cluster.execute_command("PUBLISH", self.channel, message, target_nodes=node)
                 return
@@ -359,13 +365,28 @@ class RedisStore:
         raise _unavailable(failure) from failure
 
     @asynccontextmanager
-    async def subscription(self) -> AsyncIterator[Any]:
+    async def subscription(self, number: int = 0) -> AsyncIterator[Any]:
         """The invalidation channel's pub/sub (on `listener`). Its connection does not retry:
         redis-py would reconnect and re-subscribe inside the failed read, silently, after round
         trips that a busy loop makes long; a lost connection is raised at once instead, and the
         caller subscribes again. Subscription confirmations are kept, and a reconnection redis-py
-        still makes by itself (a PING finding the connection closed) raises (`_Subscription`)."""
-        pubsub = self.listener.pubsub(ignore_subscribe_messages=False)
+        still makes by itself (a PING finding the connection closed) raises (`_Subscription`).
+
+        On a cluster, subscription `number` is on a master of its own (`_subscription_node`), on
+        a connection outside redis-py's cluster client: that one closes every node connection
+        when it reads the slot map again (after any node failed), which would cut every
+        subscription at once. A message published on any node reaches every node's subscribers."""
+        pool: aioredis.ConnectionPool | None = None
+        node_name = ""
+        listener: Any = self.listener
+        if self.cluster:
+            node = await self._subscription_node(number)
+            node_name = node.name
+            pool = aioredis.ConnectionPool(connection_class=node.connection_class, max_connections=2,
+                                           **node.connection_kwargs)
+            listener = aioredis.Redis(connection_pool=pool)
+            self._subscribed_on[number] = node_name
+        pubsub = listener.pubsub(ignore_subscribe_messages=False)
         connection: Any = None
         try:
             await self.call(lambda: pubsub.subscribe(self.channel))
@@ -377,11 +398,47 @@ class RedisStore:
                 yield subscription
             finally:
                 subscription.close()
+        except Exception:
+            if node_name:
+                self._subscription_failed[number] = node_name  # the next try prefers another master
+            raise
         finally:
+            self._subscribed_on.pop(number, None)
             if connection is not None:
                 connection.retry = kept  # the pool lends it out again
             with suppress(*STORE_ERRORS):
                 await pubsub.aclose()
+            if pool is not None:
+                with suppress(*STORE_ERRORS):
+                    await pool.disconnect()
+
+    async def _subscription_node(self, number: int) -> Any:
+        """The master for subscription `number`: for 0 the one of the channel's slot, where the
+        changes are published (delivered there without a hop over the cluster bus, which can take
+        tens of ms); for 1 the first other master by address, where they are published when that
+        one is down (`_publish_on_cluster`). Never the one another subscription is on, nor the one
+        this subscription last failed on, while there is another (the slot map may still name a
+        dead master). A slot map not known yet is read first."""
+        cluster = cast(RedisCluster, self.client)
+        if not cluster.get_primaries():
+            await self.call(cluster.initialize)
+        primaries = sorted(cluster.get_primaries(), key=lambda node: node.name)
+        if not primaries:
+            raise _unavailable(redis.exceptions.ConnectionError("no master known"))
+        channel = self._channel_node()
+        if channel is not None:  # first for subscription 0, last for the other
+            primaries.sort(key=lambda node: (node.name != channel.name) == (number == 0))
+        taken = {name for other, name in self._subscribed_on.items() if other != number}
+        free = [node for node in primaries if node.name not in taken] or primaries
+        failed = self._subscription_failed.get(number)
+        return ([node for node in free if node.name != failed] or free)[0]
+
+    def _channel_node(self) -> Any:
+        """The master of the channel's slot in redis-py's slot map; None if not known."""
+        try:
+            return cast(RedisCluster, self.client).get_node_from_key(self.channel)
+        except redis.exceptions.RedisClusterException:
+            return None
 
 
 class TokenStore(RedisStore):
