@@ -127,6 +127,9 @@ class RedisStore:
         self.subscriptions = 2 if self.cluster else 1
         self._subscribed_on: dict[int, str] = {}  # subscription number -> its master, while held
         self._subscription_failed: dict[int, str] = {}  # and the master it last failed on
+        # Messages not yet published (`publish_later`), in order, and the announcer's wake-up.
+        self._unannounced: dict[str, None] = {}
+        self._announce = asyncio.Event()
         # API changes are acknowledged once this many replicas hold them (`require_replicas`).
         self.waiter: aioredis.Redis | None = None
         # On a cluster, the WAIT on every master instead (`ReplicaWait.confirmed`).
@@ -303,11 +306,55 @@ class RedisStore:
         the change made on the master (and published) but not safe from a failover.
 
         WAIT counts what the replicas acknowledged of the writes made on its own connection; the
-        INCR before it, on that connection, is such a write and comes after the change."""
+        INCR before it, on that connection, is such a write and comes after the change.
+
+        Messages that could not be published are remembered (`publish_later`): published again in
+        the background, and before those of any later change, so none is acknowledged before
+        every earlier change was announced (a retried DELETE that finds nothing left to delete)."""
         messages = list(messages)
         if self.on_publish is not None:
             for message in messages:
                 self.on_publish(message)
+        earlier = list(self._unannounced)
+        try:
+            await self._publish([*earlier, *messages], acknowledge)
+        except StoreUnavailable:
+            self.publish_later(messages)
+            raise
+        for message in earlier:
+            self._unannounced.pop(message, None)
+
+    def publish_later(self, messages: Iterable[str]) -> None:
+        """Messages of a change that failed, perhaps half made (or whose announcement failed):
+        published by `run_announcer` as soon as the store takes them, and before any later
+        change's (`publish`)."""
+        for message in messages:
+            self._unannounced[message] = None
+        if self._unannounced:
+            self._announce.set()
+
+    async def announce_earlier(self) -> None:
+        """For a change that made no write (a retried DELETE finding nothing): what earlier
+        changes could not announce, first (StoreUnavailable if it still cannot be)."""
+        if self._unannounced:
+            await self.publish(())
+
+    async def run_announcer(self, pause: float = 0.25) -> None:
+        """Publish what `publish_later` remembered, every `pause` until the store takes it."""
+        while True:
+            await self._announce.wait()
+            while self._unannounced:
+                earlier = list(self._unannounced)
+                try:
+                    await self._publish(earlier, acknowledge=False)
+                except StoreUnavailable:
+                    await asyncio.sleep(pause)
+                    continue
+                for message in earlier:
+                    self._unannounced.pop(message, None)
+            self._announce.clear()
+
+    async def _publish(self, messages: list[str], acknowledge: bool) -> None:
         if self.cluster:  # no pipeline for PUBLISH there; any node passes it to every node
             for message in messages:
                 await self._publish_on_cluster(message)
