@@ -161,6 +161,10 @@ class RedisStore:
             return await operation()
         except STORE_ERRORS as exc:
             raise _unavailable(exc) from exc
+        except RuntimeError as exc:
+            if torn_write(exc):  # written on a connection closed under it (`torn_write`)
+                raise _unavailable(exc) from exc
+            raise
 
     async def _call_on_cluster(self, operation: Callable[[], Awaitable[T]]) -> T:
         """`call`, repeated while the slot is on the move: a redirection, or TRYAGAIN (a command
@@ -186,10 +190,13 @@ class RedisStore:
                     raise _unavailable(exc) from exc
             except STORE_ERRORS as exc:
                 raise _unavailable(exc) from exc
-            except AttributeError as exc:
+            except (AttributeError, RuntimeError) as exc:
                 # redis-py's cluster client, when a node's connection is torn down under a command
-                # while slots move, fails writing to it (`None.writelines`) before anything is
-                # sent: as safe to repeat as a redirection, and a store failure if it persists.
+                # while slots move, fails writing to it (`None.writelines`, or uvloop's closed
+                # transport) before anything is sent: as safe to repeat as a redirection, and a
+                # store failure if it persists.
+                if not torn_write(exc):
+                    raise
                 if time.monotonic() + pause > deadline:
                     raise _unavailable(exc) from exc
             await asyncio.sleep(pause)
@@ -250,7 +257,9 @@ class RedisStore:
                     return await pipe.execute(raise_on_error=False)
             try:
                 answers = await run()
-            except (*STORE_ERRORS, AttributeError) as exc:
+            except (*STORE_ERRORS, AttributeError, RuntimeError) as exc:
+                if isinstance(exc, (AttributeError, RuntimeError)) and not torn_write(exc):
+                    raise
                 raise ScriptsFailed(exc, done) from exc
             again: list[int] = []
             fatal: BaseException | None = None
@@ -399,6 +408,10 @@ class RedisStore:
             failure: BaseException = exc
         except STORE_ERRORS as exc:
             raise _unavailable(exc) from exc
+        except RuntimeError as exc:
+            if not torn_write(exc):
+                raise
+            failure = exc
         # Masters first, by address (the first one alive is where subscription 1 of every
         # instance is), then replicas: one attempt each (no retry, no slot map re-read).
         for node in sorted(cluster.get_nodes(), key=lambda node: (node.server_type != "primary", node.name)):
@@ -409,6 +422,10 @@ class RedisStore:
                 failure = exc
             except STORE_ERRORS as exc:
                 raise _unavailable(exc) from exc
+            except RuntimeError as exc:
+                if not torn_write(exc):
+                    raise
+                failure = exc
         raise _unavailable(failure) from failure
 
     @asynccontextmanager
@@ -857,6 +874,17 @@ class ScriptsFailed(StoreUnavailable):
     def __init__(self, error: BaseException, done: set[int]) -> None:
         super().__init__(f"token store: {type(error).__name__}")
         self.done = set(done)
+
+
+def torn_write(error: BaseException) -> bool:
+    """redis-py writing on a connection closed under it (its cluster client closes every node
+    connection when it reads the slot map again): `None.writelines` (AttributeError), or uvloop's
+    "unable to perform operation on <TCPTransport closed=True ...>; the handler is closed"
+    (RuntimeError). A store failure, not the gateway's: nothing was sent. Other RuntimeErrors
+    are not this."""
+    if isinstance(error, AttributeError):
+        return True
+    return isinstance(error, RuntimeError) and "closed" in str(error)
 
 
 def _unavailable(error: BaseException) -> StoreUnavailable:

@@ -20,11 +20,12 @@ import redis
 from redis.crc import key_slot
 
 from gateway.config import build_settings
-from gateway.errors import NOT_REPLICATED
+from gateway.errors import NOT_REPLICATED, StoreUnavailable
 from gateway.server import GatewayServer
 from gateway.store.clients import open_cluster
 from gateway.store.keys import ID_BUCKETS, ClusterKeys
 from gateway.store.sharded import ORPHAN_AGE, ShardedTokenStore
+from gateway.store.tokens import TokenStore
 from gateway.tokens import key_digest
 
 from support.cluster import RedisClusterSet
@@ -415,6 +416,46 @@ async def test_an_index_entry_a_crash_left_without_its_record_is_swept(
         assert await store.allocate_ids(2) == [2, 3]
     finally:
         await client.aclose()
+
+
+TORN = "unable to perform operation on <TCPTransport closed=True reading=False 0x5556f41c01e0>; the handler is closed"
+
+
+async def test_a_write_on_a_connection_closed_under_it_is_a_store_failure(
+        redis_cluster: RedisClusterSet, key_prefix: str) -> None:
+    """redis-py writing on a connection its cluster client closed under it (uvloop's RuntimeError,
+    seen during a failover) is the store's failure: sent again while it lasts (nothing was sent),
+    then StoreUnavailable (503; on the auth path a denial), not the gateway's internal error. Any
+    other RuntimeError is not taken for it."""
+    settings = build_settings({"upstream": "http://127.0.0.1:9", "redis": {
+        "cluster": {"nodes": redis_cluster.hosts[:2]}, "key_prefix": key_prefix}})
+    assert settings.redis.cluster is not None
+    client = open_cluster(settings.redis, settings.redis.cluster)
+    store = ShardedTokenStore(cast(Any, client), key_prefix)
+    single = TokenStore(redis.asyncio.Redis(port=redis_cluster.masters()[0].port), key_prefix)
+    attempts: list[int] = []
+
+    async def torn_once() -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError(TORN)
+        return await client.get(ClusterKeys(key_prefix).next_id)
+
+    async def torn() -> None:
+        raise RuntimeError(TORN)
+
+    async def broken() -> None:
+        raise RuntimeError("coroutine ignored GeneratorExit")
+    try:
+        assert await store.call(torn_once) is None and len(attempts) == 2
+        for each in (store, single):
+            with pytest.raises(StoreUnavailable):
+                await each.call(torn)
+            with pytest.raises(RuntimeError, match="GeneratorExit"):
+                await each.call(broken)
+    finally:
+        await client.aclose()
+        await single.client.aclose()
 
 
 # Last: it leaves a restarted node behind, which the clients of later tests would first find down.
