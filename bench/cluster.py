@@ -9,10 +9,20 @@ gateway on it and one on a single Redis (one worker each, request logging off), 
    id, account and expiry indexes, as the tokens API writes them): how long, the keys and
    `used_memory` of each master, and cache-miss throughput with all of them there;
 4. a master killed: the time until the first successful uncached authentication of a token it
-   held, and how long such requests got 503; then revocation through the first gateway seen by a
-   second one on the cluster, after the failover.
+   held, and how long such requests got 503; meanwhile, and for a second after that 200,
+   revocations through the first gateway of tokens cached in both (their records on the killed
+   master and elsewhere; a round of each kind started every 0.1 s, the DELETE retried until
+   acknowledged): how long the second gateway still accepts them, from the acknowledgement and
+   from the first try, and any 200 for a token after its revocation was acknowledged; then
+   revocation through the first gateway seen by the second, after the failover.
 
     python bench/cluster.py [--tokens 3000] [--wrk-tokens 100000] [--rounds 3] [--bulk 3000000]
+                            [--kill-shared] [--details rounds.jsonl]
+
+The master killed is the one holding most of the spare tokens, or with `--kill-shared` the one
+holding the prefix's own slot: the invalidation channel (each gateway's subscription, and every
+DELETE's PUBLISH), `next_id` and the accounts. `--details` writes every revocation round during
+the failover (its DELETE answers, every request to A and B with its status) as JSON lines.
 """
 from __future__ import annotations
 
@@ -25,6 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import HOST, PREFIX
 from harness.procs import Processes, cpu_seconds, free_port, wait_for_port
+from harness.revocation import delete_until_acknowledged, percentile, revocation_round
 from harness.servers import start_gateway, start_upstream
 from harness.tokens import fill_tokens, random_keys
 from harness.tools import find_tools
 from harness.wrk import parse_wrk
-from harness.revocation import percentile
-from scale import create_tokens, miss_throughput, revocation_round, start_cluster
+from scale import create_tokens, miss_throughput, start_cluster
 
 
 def masters(ports: list[int]) -> dict[int, tuple[int, int]]:
@@ -190,45 +202,310 @@ def hot_rps(wrk: str, url: str, key: str, seconds: int = 5) -> tuple[float, int]
     return parsed.rps, parsed.requests
 
 
-async def kill_master(url: str, ports: list[int], spare: list[str], nodes: dict[int, Any]) -> dict[str, Any]:
-    """Kill the master that holds most of `spare` (uncached keys), then ask for them one after
-    another until one is answered 200."""
-    import aiohttp
+def victim_for(ports: list[int], spare: list[str], shared: bool = False) -> tuple[int, list[str]]:
+    """The master that holds most of `spare` (uncached keys), or with `shared` the one that holds
+    the prefix's own slot (the invalidation channel, `next_id`, accounts), and those of the keys
+    it holds."""
     from redis.crc import key_slot
 
     from gateway.store.keys import ClusterKeys
-    from gateway.tokens import key_digest
-    keys = ClusterKeys(PREFIX)
     owners = slot_owners(ports[0])
     by_master: dict[int, list[str]] = {}
     for key in spare:
-        by_master.setdefault(owners[key_slot(keys.token(key_digest(key)).encode())], []).append(key)
-    victim = max(by_master, key=lambda port: len(by_master[port]))
-    candidates = by_master[victim]
+        by_master.setdefault(record_master(owners, key_digest_of(key)), []).append(key)
+    victim = owners[key_slot(ClusterKeys(PREFIX).channel.encode())] if shared else \
+        max(by_master, key=lambda port: len(by_master[port]))
+    return victim, by_master.get(victim, [])
+
+
+async def kill_master(url: str, victim: int, candidates: list[str], nodes: dict[int, Any],
+                      alongside: Callable[[float, asyncio.Event], Awaitable[Any]] | None = None) -> dict[str, Any]:
+    """Kill the master `victim`, then ask for its uncached keys `candidates` one after another
+    until one is answered 200; `alongside(killed, served)`, if given, runs meanwhile (`served` is
+    set at that 200) and its result is the answer's "alongside"."""
+    import aiohttp
     unavailable: list[float] = []
     others: list[int] = []
+    first_ok: float | None = None
+    served = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=3)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        nodes[victim].kill()
-        killed = time.perf_counter()
+
+    async def first_uncached(session: aiohttp.ClientSession, killed: float) -> None:
+        nonlocal first_ok
         for key in candidates:
             sent = time.perf_counter()
-            try:
-                headers = {"Authorization": f"FlespiToken {key}"}
-                async with session.get(url + "/bench/failover", headers=headers) as reply:
-                    await reply.read()
-                    status = reply.status
-            except (TimeoutError, aiohttp.ClientError):
-                status = -1
+            status = await status_of(session, url + "/bench/failover", key)
             if status == 200:
-                return {"victim": victim, "first_ok": time.perf_counter() - killed, "unavailable": unavailable,
-                        "other": others}
+                first_ok = time.perf_counter() - killed
+                break
             if status == 503:
                 unavailable.append(sent - killed)
             else:
                 others.append(status)
             await asyncio.sleep(0.01)
-    return {"victim": victim, "first_ok": None, "unavailable": unavailable, "other": others}
+        served.set()
+
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        nodes[victim].kill()
+        killed = time.perf_counter()
+        _, besides = await asyncio.gather(first_uncached(session, killed),
+                                          alongside(killed, served) if alongside is not None else asyncio.sleep(0))
+    return {"victim": victim, "killed": killed, "first_ok": first_ok, "unavailable": unavailable, "other": others,
+            "alongside": besides}
+
+
+async def status_of(session: Any, url: str, key: str) -> int:
+    """The status of one authentication; -1 when no answer came."""
+    import aiohttp
+    try:
+        async with session.get(url, headers={"Authorization": f"FlespiToken {key}"}) as reply:
+            await reply.read()
+            return int(reply.status)
+    except (TimeoutError, aiohttp.ClientError):
+        return -1
+
+
+def key_digest_of(key: str) -> str:
+    from gateway.tokens import key_digest
+    return key_digest(key)
+
+
+def record_master(owners: dict[int, int], digest: str) -> int:
+    """The master port that holds a token's record."""
+    from redis.crc import key_slot
+
+    from gateway.store.keys import ClusterKeys
+    return owners[key_slot(ClusterKeys(PREFIX).token(digest).encode())]
+
+
+def delete_masters(owners: dict[int, int], token: dict[str, Any]) -> set[int]:
+    """The masters a DELETE of `token` writes to (store/sharded.py `remove`, then the PUBLISH,
+    which redis-py sends to the channel's slot): its bin, record, indexes and account set."""
+    from redis.crc import key_slot
+
+    from gateway.store.keys import ClusterKeys
+    keys, token_id, digest = ClusterKeys(PREFIX), int(token["id"]), key_digest_of(token["key"])
+    names = [keys.bin_of(token_id), keys.token(digest), keys.ids_of(token_id), keys.account_tokens(0),
+             keys.used_of(digest), keys.expiry_of(token_id), keys.channel]
+    return {owners[key_slot(name.encode())] for name in names}
+
+
+ON_VICTIM, ELSEWHERE = "record on the killed master", "record on another master"
+
+
+@dataclass
+class Watched:
+    """One revocation during the failover (perf_counter times)."""
+    kind: str
+    key: str
+    first_try: float
+    acked: float | None = None
+    refused: float | None = None  # B's first 401 of the refusals it kept to
+    wrong: int = 0  # 200 answers, by A or B, to requests sent after the DELETE was acknowledged
+    answers: list[tuple[int, str]] = field(default_factory=list)  # the DELETE's, in order
+    writes_victim: bool = False  # the DELETE writes to the killed master (record, index, set, channel)
+    seen: dict[str, int] = field(default_factory=dict)  # "B 401 after": answers by gateway, status, to the ack
+    polls: list[tuple[str, float, float, int]] = field(default_factory=list)  # gateway, sent, answered, status
+
+
+async def watched_revocation(a: Any, b: Any, url_a: str, url_b: str, token: dict[str, Any], kind: str,
+                             writes_victim: bool, deadline: float) -> Watched:
+    """DELETE through A, retried until acknowledged, while B is asked for the token every 20 ms;
+    from the acknowledgement, B and A back to back until both refuse it. Every 200 to a request
+    sent after the acknowledgement is a wrong answer."""
+    deleting = asyncio.ensure_future(delete_until_acknowledged(a, url_a, token["id"], deadline))
+    round_ = Watched(kind, token["key"], time.perf_counter(), writes_victim=writes_victim)
+    refused_by_a = False
+    while time.monotonic() < deadline:
+        acked = deleting.result()[1] if deleting.done() else None
+        if deleting.done() and acked is None:  # never acknowledged
+            break
+        sent = time.perf_counter()
+        status = await status_of(b, url_b + "/bench/revoke", token["key"])
+        round_.polls.append(("B", sent, time.perf_counter(), status))
+        tally(round_.seen, f"B {status} {'after' if acked is not None and sent > acked else 'before'}")
+        if status == 401:
+            round_.refused = round_.refused or time.perf_counter()
+        elif status == 200:
+            round_.refused = None
+            round_.wrong += int(acked is not None and sent > acked)
+        if acked is None:
+            await asyncio.sleep(0.02)
+            continue
+        sent = time.perf_counter()
+        status = await status_of(a, url_a + "/bench/revoke", token["key"])
+        round_.polls.append(("A", sent, time.perf_counter(), status))
+        tally(round_.seen, f"A {status} after")
+        refused_by_a = refused_by_a or status == 401
+        round_.wrong += int(status == 200 and sent > acked)
+        if refused_by_a and round_.refused is not None:
+            break
+    round_.first_try, round_.acked, round_.answers = await deleting
+    return round_
+
+
+def tally(counts: dict[str, int], name: str) -> None:
+    counts[name] = counts.get(name, 0) + 1
+
+
+async def revocations_during(url_a: str, url_b: str, doomed: dict[str, list[tuple[dict[str, Any], bool]]],
+                             killed: float, served: asyncio.Event, pace: float = 0.1, after: float = 1.0,
+                             limit: float = 15.0) -> list[Watched]:
+    """From the kill, a revocation round of each kind started every `pace` (all in flight at
+    once), until `after` seconds past the first 200 for the killed master's tokens (or `limit`
+    past the kill, or the tokens run out)."""
+    import aiohttp
+    timeout = aiohttp.ClientTimeout(total=3)
+    queues = {kind: iter(tokens) for kind, tokens in doomed.items()}
+    rounds: list[asyncio.Future[Watched]] = []
+    served_at: float | None = None
+    async with aiohttp.ClientSession(timeout=timeout) as a, aiohttp.ClientSession(timeout=timeout) as b:
+        while time.perf_counter() - killed < limit:
+            if served.is_set():
+                served_at = served_at or time.perf_counter()
+                if time.perf_counter() - served_at > after:
+                    break
+            started = 0
+            for kind, queue in queues.items():
+                item = next(queue, None)
+                if item is not None:
+                    token, writes_victim = item
+                    rounds.append(asyncio.ensure_future(watched_revocation(
+                        a, b, url_a, url_b, token, kind, writes_victim, time.monotonic() + limit)))
+                    started += 1
+            if not started:
+                break
+            await asyncio.sleep(pace)
+        return list(await asyncio.gather(*rounds))
+
+
+async def cache_in_both(urls: list[str], tokens: list[dict[str, Any]]) -> None:
+    """Every token asked once of each gateway, which caches it; all must be answered 200."""
+    import aiohttp
+    async with aiohttp.ClientSession() as session:
+        for url in urls:
+            for token in tokens:
+                status = await status_of(session, url + "/bench/revoke", token["key"])
+                if status != 200:
+                    raise RuntimeError(f"caching a token for the failover's revocations: {status}")
+
+
+async def still_accepted(urls: list[str], keys: list[str]) -> int:
+    """How many answers 200 the (revoked) keys get, each asked once of each gateway."""
+    import aiohttp
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
+        statuses = [await status_of(session, url + "/bench/revoke", key) for key in keys for url in urls]
+    return sum(status == 200 for status in statuses)
+
+
+def doomed_by_kind(ports: list[int], victim: int, tokens: list[dict[str, Any]],
+                   per_kind: int) -> dict[str, list[tuple[dict[str, Any], bool]]]:
+    """`per_kind` tokens whose records the victim holds and as many held elsewhere, each with
+    whether its DELETE writes to the victim at all."""
+    owners = slot_owners(ports[0])
+    doomed: dict[str, list[tuple[dict[str, Any], bool]]] = {ON_VICTIM: [], ELSEWHERE: []}
+    for token in tokens:
+        kind = ON_VICTIM if record_master(owners, key_digest_of(token["key"])) == victim else ELSEWHERE
+        doomed[kind].append((token, victim in delete_masters(owners, token)))
+    return {kind: found[:per_kind] for kind, found in doomed.items()}
+
+
+def during_rows(rounds: list[Watched], wrong_later: int) -> list[tuple[str, str]]:
+    """The table's rows for the revocations during the failover."""
+    rows: list[tuple[str, str]] = []
+    for kind in (ON_VICTIM, ELSEWHERE):
+        mine = [r for r in rounds if r.kind == kind]
+        done = [r for r in mine if r.acked is not None and r.refused is not None]
+        writing = sum(r.writes_victim for r in mine)
+        rows.append((f"during the failover, {kind}: rounds (acknowledged and refused by B; DELETE writing to the "
+                     "killed master; DELETE answers other than 200)",
+                     f"{len(mine)} ({len(done)}; {writing}; {sum(s != 200 for r in mine for s, _ in r.answers)})"))
+        for label, seen in (("acknowledgement", [refused_after(r, r.acked) for r in done]),
+                            ("first try", [refused_after(r, r.first_try) for r in done])):
+            if seen:
+                rows.append((f"during the failover, {kind}: until B refuses, from the DELETE's {label}, "
+                             "p50 / p99 / max", ms_triple(seen)))
+        refusals: dict[str, int] = {}
+        for r in mine:
+            for status, body in r.answers:
+                if status != 200:
+                    reason = f"{status} {answer_reason(body)}"
+                    refusals[reason] = refusals.get(reason, 0) + 1
+        if refusals:
+            rows.append((f"during the failover, {kind}: DELETE answers other than 200",
+                         "; ".join(f"{reason}: {count}" for reason, count in sorted(refusals.items()))))
+    wrong = sum(r.wrong for r in rounds)
+    rows.append(("during the failover: 200 answers (A or B) for a token after its revocation was acknowledged; "
+                 "then, the failover over, revoked tokens some gateway still accepts",
+                 f"{wrong} in {sum(r.wrong > 0 for r in rounds)} rounds; {wrong_later}"))
+    return rows
+
+
+def shared_slots_on(ports: list[int], victim: int) -> str:
+    """Whether the victim holds the invalidation channel's slot and the bench account's token set,
+    which every DELETE writes to."""
+    from redis.crc import key_slot
+
+    from gateway.store.keys import ClusterKeys
+    keys, owners = ClusterKeys(PREFIX), slot_owners(ports[0])
+    return "; ".join(f"{name} {'yes' if owners[key_slot(key.encode())] == victim else 'no'}"
+                     for name, key in (("channel", keys.channel), ("account set", keys.account_tokens(0))))
+
+
+def write_details(path: Path, rounds: list[Watched], killed: float) -> None:
+    """Every revocation round during the failover, a JSON line each, times in seconds from the kill."""
+    import orjson
+    with path.open("wb") as out:
+        for r in rounds:
+            out.write(orjson.dumps({
+                "kind": r.kind, "writes_victim": r.writes_victim, "first_try": r.first_try - killed,
+                "acked": None if r.acked is None else r.acked - killed,
+                "refused": None if r.refused is None else r.refused - killed, "wrong": r.wrong, "seen": r.seen,
+                "polls": [[name, round(sent - killed, 4), round(got - killed, 4), status]
+                          for name, sent, got, status in r.polls],
+                "answers": [[status, body[:200]] for status, body in r.answers]}) + b"\n")
+
+
+def logged_errors(path: Path) -> str:
+    """Each distinct error a gateway logged: its message and the last lines of its traceback."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    seen: dict[str, None] = {}
+    for index, line in enumerate(lines):
+        if " ERROR " in line:
+            end = next((at for at in range(index + 1, len(lines)) if lines[at][:4].isdigit()), len(lines))
+            seen[" / ".join([line.split(" ERROR ", 1)[1], *lines[max(index + 1, end - 2):end]])] = None
+    return "\n".join(f"- {entry}" for entry in seen)
+
+
+def wrong_rounds(rounds: list[Watched], killed: float, most: int = 10) -> list[str]:
+    """What the rounds with a wrong answer saw, seconds from the kill: the evidence."""
+    lines = []
+    for r in [r for r in rounds if r.wrong][:most]:
+        answers = ", ".join(f"{status} {body[:70]!r}" for status, body in r.answers)
+        acked, refused = (f"{at - killed:.3f} s" if at is not None else "never" for at in (r.acked, r.refused))
+        lines.append(f"- {r.kind} (DELETE writes to the killed master: {r.writes_victim}): first try "
+                     f"{r.first_try - killed:.3f} s, acknowledged {acked}, B refused {refused}, "
+                     f"{r.wrong} wrong answers; DELETE answers: {answers}")
+    return lines
+
+
+def refused_after(round_: Watched, start: float | None) -> float:
+    """Seconds from `start` until B refused (0 if it refused before)."""
+    assert round_.refused is not None and start is not None
+    return max(0.0, round_.refused - start)
+
+
+def answer_reason(body: str) -> str:
+    """An error answer's reason (flespi-style body), else its start."""
+    import orjson
+    try:
+        return str(orjson.loads(body)["errors"][0]["reason"])
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return body[:60]
+
+
+def ms_triple(seconds: list[float]) -> str:
+    return " / ".join(f"{percentile(seconds, q) * 1000:.1f}" for q in (50, 99)) + f" / {max(seconds) * 1000:.1f} ms"
 
 
 def main() -> None:
@@ -238,6 +515,12 @@ def main() -> None:
                         help="tokens per cache-miss run of wrk, more than it asks for in --wrk-seconds (0: none)")
     parser.add_argument("--wrk-seconds", type=int, default=3, help="length of a cache-miss run of wrk")
     parser.add_argument("--revocations", type=int, default=40, help="revocation rounds after the failover")
+    parser.add_argument("--failover-revocations", type=int, default=60,
+                        help="tokens of each kind for the revocations during the failover (at most)")
+    parser.add_argument("--kill-shared", action="store_true",
+                        help="kill the master of the prefix's own slot (the invalidation channel), not the one "
+                             "with most spare tokens")
+    parser.add_argument("--details", help="a file for every revocation round during the failover (JSON lines)")
     parser.add_argument("--rounds", type=int, default=3, help="cache-miss runs on each")
     parser.add_argument("--bulk", type=int, default=3_000_000, help="tokens written straight into the cluster")
     args = parser.parse_args()
@@ -344,7 +627,16 @@ def main() -> None:
             spare = [key for key in spare if key not in sample]
             rows.append((f"cache-miss authentications/s with {args.bulk:,} more tokens there (one run)",
                          f"{asyncio.run(miss_throughput(on_cluster.url, sample)):,.0f}"))
-        failover = asyncio.run(kill_master(on_cluster.url, ports, spare, nodes))
+        victim, candidates = victim_for(ports, spare, args.kill_shared)
+        shared = shared_slots_on(ports, victim)  # asked while every node answers
+        made_doomed = asyncio.run(create_tokens(on_cluster.url, 4 * args.failover_revocations))
+        doomed = doomed_by_kind(ports, victim, made_doomed, args.failover_revocations)
+        doomed_tokens = [token for found in doomed.values() for token, _ in found]
+        asyncio.run(cache_in_both([on_cluster.url, second.url], doomed_tokens))
+
+        async def during(killed: float, served: asyncio.Event) -> list[Watched]:
+            return await revocations_during(on_cluster.url, second.url, doomed, killed, served)
+        failover = asyncio.run(kill_master(on_cluster.url, victim, candidates, nodes, during))
         first_ok = failover["first_ok"]
         rows.append((f"master :{failover['victim']} killed: first successful uncached authentication after",
                      "none" if first_ok is None else f"{first_ok:.2f} s"))
@@ -353,6 +645,11 @@ def main() -> None:
                      f"{len(unavailable)} ({unavailable[0]:.2f} s, {unavailable[-1]:.2f} s)" if unavailable else "0"))
         if failover["other"]:
             rows.append(("other answers meanwhile", str(sorted(set(failover["other"])))))
+        # Once the failover is over, every token revoked during it asked once more of both.
+        wrong_later = asyncio.run(still_accepted([on_cluster.url, second.url],
+                                                 [r.key for r in failover["alongside"] if r.acked is not None]))
+        rows.append(("the killed master holds: the invalidation channel's slot; the account's token set", shared))
+        rows += during_rows(failover["alongside"], wrong_later)
         seen = asyncio.run(revocations_after(on_cluster.url, second.url, args.revocations))
         if seen:
             rows.append((f"after the failover: revocation through one gateway seen by the other, p50 / p99 / max "
@@ -362,6 +659,15 @@ def main() -> None:
         print("\n| measurement | figure |\n|---|---:|")
         for name, value in rows:
             print(f"| {name} | {value} |")
+        if args.details:
+            write_details(Path(args.details), failover["alongside"], failover["killed"])
+        if any(status == 500 for r in failover["alongside"] for status, _ in r.answers):
+            print("\nThe errors the first gateway logged (the 500 answers during the failover):")
+            print(logged_errors(procs.workdir / "gw-cluster.out"))
+        evidence = wrong_rounds(failover["alongside"], failover["killed"])
+        if evidence:
+            print("\nRevocations answered 200 after their acknowledgement (seconds from the kill):")
+            print("\n".join(evidence))
         print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     finally:
         procs.stop_all()

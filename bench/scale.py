@@ -33,17 +33,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import HOST, MASTER_KEY, PREFIX
+from harness import HOST, PREFIX
 from harness.procs import Processes, free_port, wait_for_port
-from harness.revocation import percentile
+from harness.revocation import MASTER, percentile, revocation_round
 from harness.servers import start_gateway, start_upstream
 from harness.tools import find_tools
 
 SERVICE = "gwbench"
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 3000
-MASTER = {"Authorization": f"FlespiToken {MASTER_KEY}"}
-NOT_REPLICATED_PREFIX = "token storage unavailable: the change was made"
 
 
 def start_sentinel_set(procs: Processes,
@@ -141,29 +139,6 @@ async def miss_throughput(url: str, keys: list[str], concurrency: int = 32) -> f
     if set(statuses) != {200}:
         raise RuntimeError(f"cache-miss run answered {statuses}")
     return len(keys) / seconds
-
-
-async def revocation_round(session_a: Any, session_b: Any, url_a: str, url_b: str, token: dict[str, Any],
-                           deadline: float) -> float | None:
-    """Seconds from the DELETE's answer (200, or the 503 that says it was made) until B refuses."""
-    auth = {"Authorization": f"FlespiToken {token['key']}"}
-    async with session_b.get(url_b + "/bench/revoke", headers=auth) as reply:
-        await reply.read()
-    while time.monotonic() < deadline:
-        async with session_a.delete(f"{url_a}/platform/tokens/{token['id']}", headers=MASTER) as reply:
-            body = await reply.text()
-            if reply.status == 200 or NOT_REPLICATED_PREFIX in body:
-                break
-        await asyncio.sleep(0.02)
-    else:
-        return None
-    answered = time.perf_counter()
-    while time.monotonic() < deadline:
-        async with session_b.get(url_b + "/bench/revoke", headers=auth) as reply:
-            await reply.read()
-            if reply.status == 401:
-                return time.perf_counter() - answered
-    return None
 
 
 async def failover(url_a: str, url_b: str, spare: list[str], doomed: list[dict[str, Any]], kill: Any,

@@ -584,8 +584,9 @@ async def services(app: web.Application, settings: Settings, shared: str | None 
     if settings.mqtt is not None:
         gateway.mqtt = MqttFront(settings.mqtt, gateway.auth, cache, built.usage, logs, settings.platform_prefixes)
     jobs: list[Coroutine[Any, Any, None]] = [
-        cache.run_subscriber(), built.accessed.run(), logs.run(), built.usage.run(), built.housekeeper.run(),
-        directory.run(settings.cache.refresh_interval), built.monitor.run(), gateway.metrics.run(),
+        cache.run_subscriber(), store.run_announcer(), built.accessed.run(), logs.run(), built.usage.run(),
+        built.housekeeper.run(), directory.run(settings.cache.refresh_interval), built.monitor.run(),
+        gateway.metrics.run(),
     ]
     if embedded is not None:
         jobs.append(embedded.run())

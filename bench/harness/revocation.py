@@ -1,5 +1,6 @@
 """(b) Revocation across instances: a token deleted through gateway A while gateway B, on the same
-Redis, is polled back to back; how long B still accepts it."""
+Redis, is polled back to back; how long B still accepts it. Also the DELETE retried until it is
+acknowledged and one such round, which the failover scripts (scale.py, cluster.py) share."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +11,10 @@ from . import MASTER_KEY
 from .servers import start_gateway
 from .session import Session, run_async
 
+MASTER = {"Authorization": f"FlespiToken {MASTER_KEY}"}
+# The 503 of a change made on the master (and published) that no replica confirmed in time.
+NOT_REPLICATED_PREFIX = "token storage unavailable: the change was made"
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -19,11 +24,50 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+async def delete_until_acknowledged(session: Any, url: str, token_id: int, deadline: float,
+                                    pause: float = 0.02) -> tuple[float, float | None, list[tuple[int, str]]]:
+    """DELETE the token through the gateway at `url`, again every `pause` until it is answered 200
+    or with the 503 that says the change was made: (first try, answered or None, every answer as
+    status and body). A failed request (no answer) is tried again too, as -1."""
+    import aiohttp
+    answers: list[tuple[int, str]] = []
+    first_try = time.perf_counter()
+    while time.monotonic() < deadline:
+        try:
+            async with session.delete(f"{url}/platform/tokens/{token_id}", headers=MASTER) as reply:
+                status, body = reply.status, await reply.text()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            status, body = -1, type(exc).__name__
+        answers.append((status, body))
+        if status == 200 or NOT_REPLICATED_PREFIX in body:
+            return first_try, time.perf_counter(), answers
+        await asyncio.sleep(pause)
+    return first_try, None, answers
+
+
+async def revocation_round(session_a: Any, session_b: Any, url_a: str, url_b: str, token: dict[str, Any],
+                           deadline: float) -> float | None:
+    """Seconds from the DELETE's answer through A (200, or the 503 that says it was made) until B,
+    which had the token cached, refuses it."""
+    auth = {"Authorization": f"FlespiToken {token['key']}"}
+    async with session_b.get(url_b + "/bench/revoke", headers=auth) as reply:
+        await reply.read()
+    _, answered, _ = await delete_until_acknowledged(session_a, url_a, token["id"], deadline)
+    if answered is None:
+        return None
+    while time.monotonic() < deadline:
+        async with session_b.get(url_b + "/bench/revoke", headers=auth) as reply:
+            await reply.read()
+            if reply.status == 401:
+                return time.perf_counter() - answered
+    return None
+
+
 async def revocation_rounds(url_a: str, url_b: str, rounds: int) -> dict[str, Any]:
     """Delete through A while B is polled back to back; how long does B still accept the token?"""
     import aiohttp
 
-    master = {"Authorization": f"FlespiToken {MASTER_KEY}"}
+    master = MASTER
     windows, after_ack = [], []
     late_accepts = 0
     connector_b = aiohttp.TCPConnector(limit=1)

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -38,7 +38,7 @@ from gateway.api.validation import (
     parse_json,
     validity_problems,
 )
-from gateway.errors import MIGRATING, Denied, FieldProblem, InvalidInput
+from gateway.errors import MIGRATING, Denied, FieldProblem, InvalidInput, StoreUnavailable
 from gateway.policy.paths import AUTH_INFO, PLATFORM
 from gateway.store.accounts import ROOT_ACCOUNT, AccountDirectory, AccountStore
 from gateway.store.tokens import MIGRATION_RETRY_AFTER, MIGRATION_SETTLE, TokenStore, grace_digests
@@ -48,6 +48,7 @@ from gateway.writers.tokenlogs import RedisLogSink, select
 
 log = logging.getLogger("gateway.api")
 MAX_BODY = 1024 * 1024
+T = TypeVar("T")
 EVENT_CREATED, EVENT_UPDATED, EVENT_DELETED, EVENT_ROTATED = 1, 2, 3, 4
 ACCOUNT_FIELDS = ("id", "name", "cid", "limits", "metadata", "created")
 TOKEN_NAMES = frozenset(PUBLIC_FIELDS)
@@ -307,10 +308,10 @@ class PlatformApi:
             found = validity_problems(record)
             if found:
                 raise InvalidInput([FieldProblem(p.field, f"token {record['id']}: {p.reason}") for p in found])
+        digests = [digest for record in updated for digest in (record["digest"], *grace_digests(record))]
         for record in updated:
-            await self._tokens.replace(record)
-        await self._tokens.publish(digest for record in updated
-                                   for digest in (record["digest"], *grace_digests(record)))
+            await self._announced(digests, self._tokens.replace(record))
+        await self._tokens.publish(digests)
         self._log_events(EVENT_UPDATED, updated, call.token)
         return [public(record) for record in updated]
 
@@ -328,7 +329,8 @@ class PlatformApi:
         rotated: list[tuple[str, str, dict[str, Any]]] = []
         for record in records:
             key = new_key()
-            moved = await self._tokens.rotate(record, key_digest(key), now + grace if grace else None)
+            moved = await self._announced([old["digest"] for old in records],
+                                          self._tokens.rotate(record, key_digest(key), now + grace if grace else None))
             if moved is not None:  # None: changed or deleted meanwhile, so not rotated (not listed)
                 rotated.append((key, record["digest"], moved))
         # Every instance drops the old digest's cached record (gone, or now ending at the grace's
@@ -344,12 +346,22 @@ class PlatformApi:
         return [{"id": record["id"]} for record in records]
 
     async def _delete(self, records: list[dict[str, Any]], by: Token) -> None:
-        if not records:
+        if not records:  # perhaps an earlier DELETE's repeat, which deleted but could not announce
+            await self._tokens.announce_earlier()
             return
-        await self._tokens.remove(records, to_bin=True)
-        await self._tokens.publish(digest for record in records
-                                   for digest in (record["digest"], *grace_digests(record)))
+        digests = [digest for record in records for digest in (record["digest"], *grace_digests(record))]
+        await self._announced(digests, self._tokens.remove(records, to_bin=True))
+        await self._tokens.publish(digests)
         self._log_events(EVENT_DELETED, records, by)
+
+    async def _announced(self, digests: list[str], change: Awaitable[T]) -> T:
+        """`change`; if it fails it may be half made (on a cluster a change is several steps):
+        its digests are announced all the same, as soon as the store takes them."""
+        try:
+            return await change
+        except StoreUnavailable:
+            self._tokens.publish_later(digests)
+            raise
 
     def _log_events(self, code: int, records: list[dict[str, Any]], by: Token,
                     extra: dict[str, Any] | None = None) -> None:

@@ -99,6 +99,11 @@ class TokenCache:
         # only by the subscriber (`_set_live`); `subscribed` is the same fact for awaiting it.
         self._live = False
         self.subscribed = asyncio.Event()
+        # On a cluster two subscriptions, on two masters (`TokenStore.subscriptions`): each live
+        # one with the moment it became live, and each one's last PING answered (when it was
+        # sent: everything published before that moment has arrived on it). Real time.
+        self._live_since: dict[int, float] = {}
+        self._heard: dict[int, float] = {}
         self.invalidation_gaps = 0  # times invalidation stopped being known live
         self._ping_interval = settings.invalidation_ping
         self._ping_deadline = settings.invalidation_deadline
@@ -222,6 +227,37 @@ class TokenCache:
         """Messages may have been lost, but the subscription stands again (redis-py re-subscribed)."""
         self.invalidation_gaps += 1
         self.mark_all_stale()
+
+    def _subscription_up(self, number: int) -> None:
+        """Subscription `number` is confirmed and answers its PINGs in time."""
+        if number not in self._live_since:
+            now = time.monotonic()
+            self._live_since[number] = now
+            self._heard[number] = now
+        self._set_live(True)
+
+    def _subscription_down(self, number: int) -> None:
+        """Subscription `number` is lost, late, or was made again (what came meanwhile may be
+        lost on it). No gap if another one has been live since before the last moment this one
+        was known to hear everything: every message reached that one. Else a gap; and with no
+        subscription live, invalidation is not live."""
+        if number not in self._live_since:
+            return
+        del self._live_since[number]
+        heard = self._heard.get(number, 0.0)
+        covered = False
+        for since in self._live_since.values():
+            if since <= heard:
+                covered = True
+        if not self._live_since:
+            self._set_live(False)  # a gap, as ever with one subscription
+        elif not covered:
+            self._gap()
+
+    def _answered(self, number: int, sent: float) -> None:
+        """Subscription `number` answered a PING sent at `sent`: it has heard all before it."""
+        if number in self._live_since and sent > self._heard.get(number, 0.0):
+            self._heard[number] = sent
 
     # -- loading: concurrent misses share one round trip -------------------------------------
 
@@ -438,31 +474,40 @@ class TokenCache:
 
     async def run_subscriber(self, retry_delay: float = 0.5) -> None:
         """Follow the invalidation channel for the life of the app, reconnecting after failures:
-        at once after a subscription that was live, then every `retry_delay`."""
+        at once after a subscription that was live, then every `retry_delay`. On a cluster on two
+        masters at once (`TokenStore.subscriptions`): every message reaches both, so a master
+        that dies (the channel's own) leaves this instance hearing every change."""
+        count = self._store.subscriptions
+        if count == 1:
+            await self._subscribe(0, retry_delay)
+            return
+        await asyncio.gather(*[self._subscribe(number, retry_delay) for number in range(count)])
+
+    async def _subscribe(self, number: int, retry_delay: float) -> None:
         while True:
             was_live = False
             try:
-                async with self._store.subscription() as pubsub:
+                async with self._store.subscription(number) as pubsub:
                     try:
-                        await self._follow(pubsub)
+                        await self._follow(pubsub, number)
                     except Exception:
                         # Not live from the moment the connection says so (a reset, an EOF):
                         # leaving the subscription awaits its cleanup (the connection closed and
                         # given back to the pool), and requests served meanwhile must re-read.
-                        was_live = self._live
-                        self._set_live(False)
+                        was_live = number in self._live_since
+                        self._subscription_down(number)
                         raise
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                was_live = was_live or self._live
+                was_live = was_live or number in self._live_since
                 if was_live:
                     log.warning("token invalidation channel lost (%s); subscribing again", type(exc).__name__)
-                self._set_live(False)
+                self._subscription_down(number)
                 if not was_live:
                     await asyncio.sleep(retry_delay)
 
-    async def _follow(self, pubsub: Any) -> None:
+    async def _follow(self, pubsub: Any, number: int = 0) -> None:
         """Messages, subscription confirmations and PING answers, in the order Redis sent them:
         an answer to a PING means every message published before it has arrived. (Real time
         here, not the cache's clock, which only ages entries.)"""
@@ -481,9 +526,9 @@ class TokenCache:
             if pending:
                 late = now - next(iter(pending.values()))
                 if late > self._ping_deadline:
-                    if self._live:
+                    if number in self._live_since:
                         log.warning("token invalidation channel silent for %.3f s", late)
-                    self._set_live(False)
+                    self._subscription_down(number)
                     if late > self._ping_deadline * RESUBSCRIBE_AFTER:
                         raise TimeoutError("the invalidation subscription stopped answering")
             message = await pubsub.get_message(timeout=max(0.0, next_ping - clock()))
@@ -495,17 +540,17 @@ class TokenCache:
             elif kind == "subscribe":
                 if confirmed:  # redis-py re-subscribed on a new connection: what came meanwhile is lost
                     log.warning("token invalidation channel re-subscribed; cached tokens are re-read")
-                    self._gap()
+                    self._subscription_down(number)
                 confirmed = True
                 pending.clear()  # PINGs sent on the connection before this one will not be answered
-                self._set_live(True)
+                self._subscription_up(number)
             elif kind == "pong" and isinstance(data, bytes) and data.startswith(PING_PREFIX):
                 answered = int(data[len(PING_PREFIX):])
-                for number in [number for number in pending if number <= answered]:
-                    del pending[number]
+                for ping in [ping for ping in pending if ping <= answered]:
+                    self._answered(number, pending.pop(ping))
                 oldest = next(iter(pending.values()), None)
                 if confirmed and (oldest is None or clock() - oldest <= self._ping_deadline):
-                    self._set_live(True)
+                    self._subscription_up(number)
 
     def receive(self, text: str) -> None:
         """One invalidation message: a token digest, or the name of a listener's topic."""

@@ -49,6 +49,7 @@ from gateway.store.tokens import (
     grace_copy,
     grace_digests,
     rotated,
+    torn_write,
 )
 from gateway.tokens import records_from_replies
 
@@ -125,8 +126,8 @@ class ShardedTokenStore(TokenStore):
                 for index, answer in zip(todo, answers, strict=True):
                     replies[index] = answer
                 # Sent again: what a connection torn down under it (`RedisStore.call`) failed.
-                todo = [index for index in todo if isinstance(replies[index], (redis.exceptions.ConnectionError,
-                                                                               AttributeError))]
+                todo = [index for index in todo if isinstance(replies[index], redis.exceptions.ConnectionError)
+                        or (isinstance(replies[index], BaseException) and torn_write(replies[index]))]
                 if not todo:
                     break
             self.batch_latency.observe(time.perf_counter() - started)

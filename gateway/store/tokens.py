@@ -31,6 +31,10 @@ from gateway.tokens import records_from_replies
 
 T = TypeVar("T")
 STORE_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+# A PUBLISH that may go to another node of a cluster: its node could not be reached, a connection
+# redis-py tore down under it (`None.writelines`), or no node known for the channel's slot.
+PUBLISH_ELSEWHERE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, asyncio.TimeoutError,
+                     AttributeError, redis.exceptions.RedisClusterException)
 # No error is retried (so none reconnects inside the call that met it): see `subscription`.
 NO_RETRY = Retry(NoBackoff(), 0, supported_errors=())
 NEVER = 2 ** 40
@@ -136,6 +140,14 @@ class RedisStore:
         # What `subscription` listens on (Sentinel: a client that never reconnects by itself, so
         # that the cache hears of every gap and revalidates what it holds).
         self.listener = client
+        # How many subscriptions the cache holds on the channel (`subscription`): on a cluster
+        # two, on two masters, so that no one node's death leaves this instance deaf.
+        self.subscriptions = 2 if self.cluster else 1
+        self._subscribed_on: dict[int, str] = {}  # subscription number -> its master, while held
+        self._subscription_failed: dict[int, str] = {}  # and the master it last failed on
+        # Messages not yet published (`publish_later`), in order, and the announcer's wake-up.
+        self._unannounced: dict[str, None] = {}
+        self._announce = asyncio.Event()
         # API changes are acknowledged once this many replicas hold them (`require_replicas`).
         self.waiter: aioredis.Redis | None = None
         # On a cluster, the WAIT on every master instead (`ReplicaWait.confirmed`).
@@ -172,6 +184,10 @@ class RedisStore:
             return await operation()
         except STORE_ERRORS as exc:
             raise _unavailable(exc) from exc
+        except RuntimeError as exc:
+            if torn_write(exc):  # written on a connection closed under it (`torn_write`)
+                raise _unavailable(exc) from exc
+            raise
 
     async def _call_on_cluster(self, operation: Callable[[], Awaitable[T]]) -> T:
         """`call`, repeated while the slot is on the move: a redirection, or TRYAGAIN (a command
@@ -201,10 +217,13 @@ class RedisStore:
                 if cluster_unreachable(exc):
                     raise _unavailable(exc) from exc
                 raise
-            except AttributeError as exc:
+            except (AttributeError, RuntimeError) as exc:
                 # redis-py's cluster client, when a node's connection is torn down under a command
-                # while slots move, fails writing to it (`None.writelines`) before anything is
-                # sent: as safe to repeat as a redirection, and a store failure if it persists.
+                # while slots move, fails writing to it (`None.writelines`, or uvloop's closed
+                # transport) before anything is sent: as safe to repeat as a redirection, and a
+                # store failure if it persists.
+                if not torn_write(exc):
+                    raise
                 if time.monotonic() + pause > deadline:
                     raise _unavailable(exc) from exc
             await asyncio.sleep(pause)
@@ -265,7 +284,9 @@ class RedisStore:
                     return await pipe.execute(raise_on_error=False)
             try:
                 answers = await run()
-            except (*STORE_ERRORS, AttributeError) as exc:
+            except (*STORE_ERRORS, AttributeError, RuntimeError) as exc:
+                if isinstance(exc, (AttributeError, RuntimeError)) and not torn_write(exc):
+                    raise
                 raise ScriptsFailed(exc, done) from exc
             except redis.exceptions.RedisClusterException as exc:
                 if cluster_unreachable(exc):
@@ -325,14 +346,58 @@ class RedisStore:
         the change made on the master (and published) but not safe from a failover.
 
         WAIT counts what the replicas acknowledged of the writes made on its own connection; the
-        INCR before it, on that connection, is such a write and comes after the change."""
+        INCR before it, on that connection, is such a write and comes after the change.
+
+        Messages that could not be published are remembered (`publish_later`): published again in
+        the background, and before those of any later change, so none is acknowledged before
+        every earlier change was announced (a retried DELETE that finds nothing left to delete)."""
         messages = list(messages)
         if self.on_publish is not None:
             for message in messages:
                 self.on_publish(message)
+        earlier = list(self._unannounced)
+        try:
+            await self._publish([*earlier, *messages], acknowledge)
+        except StoreUnavailable:
+            self.publish_later(messages)
+            raise
+        for message in earlier:
+            self._unannounced.pop(message, None)
+
+    def publish_later(self, messages: Iterable[str]) -> None:
+        """Messages of a change that failed, perhaps half made (or whose announcement failed):
+        published by `run_announcer` as soon as the store takes them, and before any later
+        change's (`publish`)."""
+        for message in messages:
+            self._unannounced[message] = None
+        if self._unannounced:
+            self._announce.set()
+
+    async def announce_earlier(self) -> None:
+        """For a change that made no write (a retried DELETE finding nothing): what earlier
+        changes could not announce, first (StoreUnavailable if it still cannot be)."""
+        if self._unannounced:
+            await self.publish(())
+
+    async def run_announcer(self, pause: float = 0.25) -> None:
+        """Publish what `publish_later` remembered, every `pause` until the store takes it."""
+        while True:
+            await self._announce.wait()
+            while self._unannounced:
+                earlier = list(self._unannounced)
+                try:
+                    await self._publish(earlier, acknowledge=False)
+                except StoreUnavailable:
+                    await asyncio.sleep(pause)
+                    continue
+                for message in earlier:
+                    self._unannounced.pop(message, None)
+            self._announce.clear()
+
+    async def _publish(self, messages: list[str], acknowledge: bool) -> None:
         if self.cluster:  # no pipeline for PUBLISH there; any node passes it to every node
             for message in messages:
-                await self.call(lambda message=message: self.client.publish(self.channel, message))  # type: ignore[misc]
+                await self._publish_on_cluster(message)
             cluster_wait = self.cluster_wait
             if acknowledge and self.replicas > 0 and cluster_wait is not None and \
                     not await self.call(lambda: cluster_wait(self.replicas, self.wait_ms)):
@@ -356,16 +421,72 @@ class RedisStore:
     async def heartbeat(self, message: str) -> None:
         """One message on the invalidation channel, to the store itself (not `on_publish`): the
         store's answer and the subscriber's hearing it back are what `store/health.py` watches."""
+        if self.cluster:
+            await self._publish_on_cluster(message)
+            return
         await self.call(lambda: self.client.publish(self.channel, message))
 
+    async def _publish_on_cluster(self, message: str) -> None:
+        """PUBLISH has no key: every node passes it to every node's subscribers over the cluster
+        bus, even while the cluster state is fail. It is sent at once to the node redis-py routes
+        it to (the master of the channel's slot) and to the first other master by address: where
+        every instance's two subscriptions are (`_subscription_node`), so it reaches them with
+        no hop over the bus (which in Redis 7.0 sometimes takes ~40 ms), one of them also while
+        the other master is dead. If neither takes it, every other node in turn (masters first,
+        one attempt each); StoreUnavailable only when none does."""
+        cluster = cast(RedisCluster, self.client)
+        second = self._second_master()
+        attempts = [cluster.publish(self.channel, message)]
+        if second is not None:
+            attempts.append(cluster.execute_command("PUBLISH", self.channel, message, target_nodes=second))
+        outcomes = await asyncio.gather(*attempts, return_exceptions=True)
+        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if len(errors) < len(outcomes):
+            return
+        failure = errors[0]
+        for error in errors:
+            failure = _elsewhere(error)
+        for node in sorted(cluster.get_nodes(), key=lambda node: (node.server_type != "primary", node.name)):
+            if second is not None and node.name == second.name:
+                continue
+            try:
+                await cluster.execute_command("PUBLISH", self.channel, message, target_nodes=node)
+                return
+            except Exception as exc:
+                failure = _elsewhere(exc)
+        raise _unavailable(failure) from failure
+
+    def _second_master(self) -> Any:
+        """The first master by address other than the one of the channel's slot (redis-py's slot
+        map); None if there is none."""
+        channel = self._channel_node()
+        others = sorted((node for node in cast(RedisCluster, self.client).get_primaries()
+                         if channel is None or node.name != channel.name), key=lambda node: node.name)
+        return others[0] if others else None
+
     @asynccontextmanager
-    async def subscription(self) -> AsyncIterator[Any]:
+    async def subscription(self, number: int = 0) -> AsyncIterator[Any]:
         """The invalidation channel's pub/sub (on `listener`). Its connection does not retry:
         redis-py would reconnect and re-subscribe inside the failed read, silently, after round
         trips that a busy loop makes long; a lost connection is raised at once instead, and the
         caller subscribes again. Subscription confirmations are kept, and a reconnection redis-py
-        still makes by itself (a PING finding the connection closed) raises (`_Subscription`)."""
-        pubsub = self.listener.pubsub(ignore_subscribe_messages=False)
+        still makes by itself (a PING finding the connection closed) raises (`_Subscription`).
+
+        On a cluster, subscription `number` is on a master of its own (`_subscription_node`), on
+        a connection outside redis-py's cluster client: that one closes every node connection
+        when it reads the slot map again (after any node failed), which would cut every
+        subscription at once. A message published on any node reaches every node's subscribers."""
+        pool: aioredis.ConnectionPool | None = None
+        node_name = ""
+        listener: Any = self.listener
+        if self.cluster:
+            node = await self._subscription_node(number)
+            node_name = node.name
+            pool = aioredis.ConnectionPool(connection_class=node.connection_class, max_connections=2,
+                                           **node.connection_kwargs)
+            listener = aioredis.Redis(connection_pool=pool)
+            self._subscribed_on[number] = node_name
+        pubsub = listener.pubsub(ignore_subscribe_messages=False)
         connection: Any = None
         try:
             await self.call(lambda: pubsub.subscribe(self.channel))
@@ -377,11 +498,47 @@ class RedisStore:
                 yield subscription
             finally:
                 subscription.close()
+        except Exception:
+            if node_name:
+                self._subscription_failed[number] = node_name  # the next try prefers another master
+            raise
         finally:
+            self._subscribed_on.pop(number, None)
             if connection is not None:
                 connection.retry = kept  # the pool lends it out again
             with suppress(*STORE_ERRORS):
                 await pubsub.aclose()
+            if pool is not None:
+                with suppress(*STORE_ERRORS):
+                    await pool.disconnect()
+
+    async def _subscription_node(self, number: int) -> Any:
+        """The master for subscription `number`: for 0 the one of the channel's slot, where the
+        changes are published (delivered there without a hop over the cluster bus, which can take
+        tens of ms); for 1 the first other master by address, where they are published when that
+        one is down (`_publish_on_cluster`). Never the one another subscription is on, nor the one
+        this subscription last failed on, while there is another (the slot map may still name a
+        dead master). A slot map not known yet is read first."""
+        cluster = cast(RedisCluster, self.client)
+        if not cluster.get_primaries():
+            await self.call(cluster.initialize)
+        primaries = sorted(cluster.get_primaries(), key=lambda node: node.name)
+        if not primaries:
+            raise _unavailable(redis.exceptions.ConnectionError("no master known"))
+        channel = self._channel_node()
+        if channel is not None:  # first for subscription 0, last for the other
+            primaries.sort(key=lambda node: (node.name != channel.name) == (number == 0))
+        taken = {name for other, name in self._subscribed_on.items() if other != number}
+        free = [node for node in primaries if node.name not in taken] or primaries
+        failed = self._subscription_failed.get(number)
+        return ([node for node in free if node.name != failed] or free)[0]
+
+    def _channel_node(self) -> Any:
+        """The master of the channel's slot in redis-py's slot map; None if not known."""
+        try:
+            return cast(RedisCluster, self.client).get_node_from_key(self.channel)
+        except redis.exceptions.RedisClusterException:
+            return None
 
 
 class TokenStore(RedisStore):
@@ -753,6 +910,27 @@ class ScriptsFailed(StoreUnavailable):
     def __init__(self, error: BaseException, done: set[int]) -> None:
         super().__init__(f"token store: {type(error).__name__}")
         self.done = set(done)
+
+
+def torn_write(error: BaseException) -> bool:
+    """redis-py writing on a connection closed under it (its cluster client closes every node
+    connection when it reads the slot map again): `None.writelines` (AttributeError), or uvloop's
+    "unable to perform operation on <TCPTransport closed=True ...>; the handler is closed"
+    (RuntimeError). A store failure, not the gateway's: nothing was sent. Other RuntimeErrors
+    are not this."""
+    if isinstance(error, AttributeError):
+        return True
+    return isinstance(error, RuntimeError) and "closed" in str(error)
+
+
+def _elsewhere(error: BaseException) -> BaseException:
+    """A PUBLISH's failure that another node of the cluster may not have (`PUBLISH_ELSEWHERE`, a
+    torn connection), returned; any other raised (as StoreUnavailable if the store's)."""
+    if isinstance(error, PUBLISH_ELSEWHERE) or torn_write(error):
+        return error
+    if isinstance(error, STORE_ERRORS):
+        raise _unavailable(error) from error
+    raise error
 
 
 def _unavailable(error: BaseException) -> StoreUnavailable:

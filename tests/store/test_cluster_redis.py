@@ -20,11 +20,12 @@ import redis
 from redis.crc import key_slot
 
 from gateway.config import build_settings
-from gateway.errors import NOT_REPLICATED
+from gateway.errors import NOT_REPLICATED, StoreUnavailable
 from gateway.server import GatewayServer
 from gateway.store.clients import open_cluster
 from gateway.store.keys import ID_BUCKETS, ClusterKeys
 from gateway.store.sharded import ORPHAN_AGE, ShardedTokenStore
+from gateway.store.tokens import TokenStore
 from gateway.tokens import key_digest
 
 from support.cluster import RedisClusterSet
@@ -417,6 +418,46 @@ async def test_an_index_entry_a_crash_left_without_its_record_is_swept(
         await client.aclose()
 
 
+TORN = "unable to perform operation on <TCPTransport closed=True reading=False 0x5556f41c01e0>; the handler is closed"
+
+
+async def test_a_write_on_a_connection_closed_under_it_is_a_store_failure(
+        redis_cluster: RedisClusterSet, key_prefix: str) -> None:
+    """redis-py writing on a connection its cluster client closed under it (uvloop's RuntimeError,
+    seen during a failover) is the store's failure: sent again while it lasts (nothing was sent),
+    then StoreUnavailable (503; on the auth path a denial), not the gateway's internal error. Any
+    other RuntimeError is not taken for it."""
+    settings = build_settings({"upstream": "http://127.0.0.1:9", "redis": {
+        "cluster": {"nodes": redis_cluster.hosts[:2]}, "key_prefix": key_prefix}})
+    assert settings.redis.cluster is not None
+    client = open_cluster(settings.redis, settings.redis.cluster)
+    store = ShardedTokenStore(cast(Any, client), key_prefix)
+    single = TokenStore(redis.asyncio.Redis(port=redis_cluster.masters()[0].port), key_prefix)
+    attempts: list[int] = []
+
+    async def torn_once() -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError(TORN)
+        return await client.get(ClusterKeys(key_prefix).next_id)
+
+    async def torn() -> None:
+        raise RuntimeError(TORN)
+
+    async def broken() -> None:
+        raise RuntimeError("coroutine ignored GeneratorExit")
+    try:
+        assert await store.call(torn_once) is None and len(attempts) == 2
+        for each in (store, single):
+            with pytest.raises(StoreUnavailable):
+                await each.call(torn)
+            with pytest.raises(RuntimeError, match="GeneratorExit"):
+                await each.call(broken)
+    finally:
+        await client.aclose()
+        await single.client.aclose()
+
+
 # Last: it leaves a restarted node behind, which the clients of later tests would first find down.
 async def test_a_killed_master_is_replaced_and_tokens_made_before_still_work(
         cluster_gateway: GatewayFactory, redis_cluster: RedisClusterSet, key_prefix: str) -> None:
@@ -507,3 +548,249 @@ def test_no_node_answering_is_the_store_unavailable_and_a_routing_error_is_not()
         assert cluster_unreachable(unreachable)
     assert not cluster_unreachable(redis.exceptions.RedisClusterException("No way to dispatch this command"))
     assert not cluster_unreachable(redis.exceptions.TimeoutError("not a cluster client's"))
+
+
+def _kill(node: RedisProcess) -> None:
+    """SIGKILL: no goodbye to its clients or to the cluster bus, as a crash."""
+    assert node.process is not None
+    node.process.kill()
+    node.process.wait(10)
+    node.process = None
+
+
+def _channel_master(redis_cluster: RedisClusterSet, key_prefix: str) -> RedisProcess:
+    """The master holding the invalidation channel's slot (and `next_id`, accounts...)."""
+    port = _owner(redis_cluster, ClusterKeys(key_prefix).channel)
+    return next(node for node in redis_cluster.nodes if node.port == port)
+
+
+async def test_a_change_is_published_while_the_channel_s_master_is_dead(
+        redis_cluster: RedisClusterSet, key_prefix: str) -> None:
+    """PUBLISH has no key: any node passes it to every node's subscribers over the cluster bus,
+    even while the cluster state is fail. With the master of the channel's slot killed, a
+    change and a heartbeat still reach a subscriber on another master."""
+    settings = build_settings({"upstream": "http://127.0.0.1:9", "redis": {
+        "cluster": {"nodes": redis_cluster.hosts[:2]}, "key_prefix": key_prefix,
+        "socket_timeout": 0.3, "connect_timeout": 0.3}})
+    assert settings.redis.cluster is not None
+    client = open_cluster(settings.redis, settings.redis.cluster)
+    store = ShardedTokenStore(cast(Any, client), key_prefix)
+    victim = _channel_master(redis_cluster, key_prefix)
+    other = next(node for node in redis_cluster.masters() if node is not victim)
+    listener = redis.asyncio.Redis(port=other.port, socket_timeout=2)
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    try:
+        await store.heartbeat("before")  # the slot map known, the channel's node connected
+        await pubsub.subscribe(store.channel)
+        _kill(victim)
+        await store.publish(["revoked-digest"])
+        await store.heartbeat("still-beating")
+        heard: list[bytes] = []
+        async with asyncio.timeout(5):
+            while len(heard) < 2:
+                message = await pubsub.get_message(timeout=1)
+                if message is not None:
+                    heard.append(message["data"])
+        assert heard == [b"revoked-digest", b"still-beating"]
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
+        await client.aclose()
+        await asyncio.to_thread(redis_cluster.restore)
+
+
+def _publishes(redis_cluster: RedisClusterSet) -> dict[int, int]:
+    counts = {}
+    for node in redis_cluster.masters():
+        with redis_cluster.client(node) as client:
+            counts[node.port] = int(client.info("commandstats").get("cmdstat_publish", {}).get("calls", 0))
+    return counts
+
+
+def _subscribers(redis_cluster: RedisClusterSet, channel: str) -> dict[int, int]:
+    """Per master, its own subscribers of `channel` (on a cluster NUMSUB counts a node's only)."""
+    counts = {}
+    for node in redis_cluster.masters():
+        with redis_cluster.client(node) as client:
+            counts[node.port] = int(client.pubsub_numsub(channel)[0][1])
+    return counts
+
+
+async def test_changes_are_published_where_every_instance_is_subscribed(
+        cluster_gateway: GatewayFactory, redis_cluster: RedisClusterSet, key_prefix: str) -> None:
+    """Each instance subscribes on the channel slot's master and on the first other master by
+    address, and a change is published on those two: every subscription gets it with no hop
+    over the cluster bus (which sometimes takes tens of ms)."""
+    first, second = await cluster_gateway(), await cluster_gateway()
+    channel = ClusterKeys(key_prefix).channel
+    home = _owner(redis_cluster, channel)
+    other = min((node for node in redis_cluster.masters() if node.port != home),
+                key=lambda node: f"127.0.0.1:{node.port}")  # redis-py's node name
+    expected = {node.port: 2 if node.port in (home, other.port) else 0 for node in redis_cluster.masters()}
+
+    async def subscribed() -> bool:
+        return _subscribers(redis_cluster, channel) == expected
+    await _until(subscribed, 5)
+    token = await first.create_token()
+    before = _publishes(redis_cluster)
+    status, _ = await first.call("DELETE", f"/platform/tokens/{token['id']}")
+    assert status == 200
+    after = _publishes(redis_cluster)
+    grew = {port for port in after if after[port] > before[port]}
+    assert {home, other.port} <= grew  # (and heartbeats meanwhile, which go the same way)
+    assert grew == {home, other.port}
+    assert await status_of(second, token["key"]) == 401
+
+
+async def test_an_instance_stays_subscribed_and_hears_every_change_while_the_channel_s_master_is_dead(
+        cluster_gateway: GatewayFactory, redis_cluster: RedisClusterSet, key_prefix: str) -> None:
+    """On a cluster the cache follows the channel on two masters: the channel's master killed,
+    invalidation stays live with no gap (every message reached the other subscription, so no
+    cached token needs a re-read), and a change published meanwhile on a node still up arrives."""
+    gw = await cluster_gateway()
+    token = await gw.create_token()
+    assert await status_of(gw, token["key"]) == 200  # cached
+    cache = gw.gateway.cache
+    digest = key_digest(token["key"])
+    victim = _channel_master(redis_cluster, key_prefix)
+    other = next(node for node in redis_cluster.masters() if node is not victim)
+    # Both subscriptions made, and PINGs answered on each since (until then the one lost first
+    # may have missed a message the other was not subscribed yet to hear: a gap).
+    await asyncio.sleep(0.5)
+    gaps = cache.invalidation_gaps
+    not_live: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            if not cache.invalidation_live:
+                not_live.append(time.monotonic())
+            await asyncio.sleep(0.01)
+    watching = asyncio.ensure_future(watch())
+    try:
+        _kill(victim)
+        await asyncio.sleep(1.0)  # past the PING deadline: the subscription on it is lost by now
+        with redis_cluster.client(other) as client:
+            client.publish(ClusterKeys(key_prefix).channel, digest)
+
+        async def dropped() -> bool:
+            return cache.peek(digest, counted=False) == (False, None)
+        await _until(dropped, 2)
+    finally:
+        watching.cancel()
+        with suppress(asyncio.CancelledError):
+            await watching
+        await asyncio.to_thread(redis_cluster.restore)
+    assert cache.invalidation_gaps == gaps and not not_live
+    # Everything works after the failover. (Not `token` itself: a replica promoted while still
+    # syncing after an earlier test's restart may have lost it.)
+    fresh = await gw.create_token()
+    assert await status_of(gw, fresh["key"]) == 200
+
+
+async def test_no_revoked_token_passes_while_the_channel_s_master_fails_over(
+        cluster_gateway: GatewayFactory, redis_cluster: RedisClusterSet, key_prefix: str) -> None:
+    """The master of the invalidation channel's slot killed (SIGKILL): `second` had its tokens
+    cached, `first` deletes them as soon as it can. `second` never answers 200 for one after
+    its deletion was acknowledged, and once the cluster is whole again everything works."""
+    first, second = await cluster_gateway(), await cluster_gateway()
+    status, body = await first.call("POST", "/platform/tokens", json=[{"ttl": 600}] * 12)
+    assert status == 200, body
+    tokens = body["result"]
+    for token in tokens:
+        assert await status_of(second, token["key"]) == 200  # cached by `second`
+    await asyncio.sleep(0.5)  # its subscriptions settled (no gap when the one on the victim is lost)
+    victim = _channel_master(redis_cluster, key_prefix)
+    keys = ClusterKeys(key_prefix)
+    on_victim = [token for token in tokens
+                 if _owner(redis_cluster, keys.token(key_digest(token["key"]))) == victim.port]
+    acknowledged: dict[str, float] = {}
+    wrong: list[tuple[int, float]] = []
+    polling = True
+
+    async def check(token: dict[str, Any]) -> None:
+        asked = time.monotonic()
+        answered = await status_of(second, token["key"])
+        done = acknowledged.get(token["key"])
+        if answered == 200 and done is not None and asked > done:
+            wrong.append((token["id"], round(asked - done, 3)))
+        assert answered in (200, 401, 503), answered
+
+    async def poll(token: dict[str, Any]) -> None:  # `second`, all through the failover
+        while polling:
+            await check(token)
+            await asyncio.sleep(0.02)
+
+    async def revoke(token: dict[str, Any]) -> None:
+        while True:
+            status, body = await first.call("DELETE", f"/platform/tokens/{token['id']}")
+            if status == 200:
+                acknowledged[token["key"]] = time.monotonic()
+                return
+            assert status == 503, (status, body)
+            await asyncio.sleep(0.05)
+    polled = asyncio.gather(*[poll(token) for token in tokens])  # at once: their loads share batches
+    try:
+        _kill(victim)
+        await asyncio.wait_for(asyncio.gather(*[revoke(token) for token in tokens]), 30)
+        await asyncio.sleep(1.0)  # `second` still polled a while after the last acknowledgement
+    finally:
+        polling = False
+        with suppress(asyncio.CancelledError):
+            await polled
+        await asyncio.to_thread(redis_cluster.restore)
+    assert not wrong, (wrong, "on the dead master:", [token["id"] for token in on_victim])
+
+    async def refused_everywhere() -> bool:
+        return all([await status_of(gw, token["key"]) == 401 for gw in (first, second) for token in tokens])
+    await _until(refused_everywhere, 10)
+    token = await second.create_token()
+    assert await status_of(first, token["key"]) == 200
+    status, _ = await first.call("DELETE", f"/platform/tokens/{token['id']}")
+    assert status == 200
+
+    async def refused_by_second() -> bool:
+        return await status_of(second, token["key"]) == 401
+    await _until(refused_by_second, 2)
+
+
+async def test_a_deletion_left_half_made_is_announced_before_its_retry_is_acknowledged(
+        cluster_gateway: GatewayFactory, redis_cluster: RedisClusterSet, key_prefix: str) -> None:
+    """A deletion on a cluster is several steps: with the master of the account's token set
+    killed, the record is deleted but the set is not, and the DELETE answers 503. Its repeat
+    finds nothing left to delete and answers 200 []: by then the first one's digests were
+    published all the same, so the other instance, which had the token cached, refuses it."""
+    first, second = await cluster_gateway(), await cluster_gateway()
+    status, body = await first.call("POST", "/platform/tokens", json=[{"ttl": 600}] * 30)
+    assert status == 200, body
+    keys = ClusterKeys(key_prefix)
+    victim_port = _owner(redis_cluster, keys.account_tokens(int(body["result"][0]["cid"])))
+    victim = next(node for node in redis_cluster.nodes if node.port == victim_port)
+
+    def elsewhere(token: dict[str, Any]) -> bool:  # every other key its deletion reads or writes first is up
+        digest, token_id = key_digest(token["key"]), int(token["id"])
+        names = [keys.token(digest), keys.used_of(digest), keys.ids_of(token_id), keys.bin_of(token_id),
+                 keys.bin_times_of(token_id)]
+        return all(_owner(redis_cluster, name) != victim_port for name in names)
+    doomed = [token for token in body["result"] if elsewhere(token)][:3]
+    assert doomed
+    for token in doomed:
+        assert await status_of(second, token["key"]) == 200  # cached by `second`
+    await asyncio.sleep(0.5)  # its subscriptions settled (no gap when the one on the victim is lost)
+    answers: list[tuple[int, Any]] = []
+    try:
+        _kill(victim)
+        for token in doomed:
+            while True:
+                status, body = await first.call("DELETE", f"/platform/tokens/{token['id']}")
+                answers.append((status, body))
+                if status == 200:
+                    break
+                await asyncio.sleep(0.05)
+
+            async def refused(key: str = token["key"]) -> bool:
+                return await status_of(second, key) != 200
+            await _until(refused, 1)
+    finally:
+        await asyncio.to_thread(redis_cluster.restore)
+    assert answers[0][0] == 503  # half made: the record went, the account's set could not be written
+    assert (200, {"result": []}) in answers
