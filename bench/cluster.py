@@ -102,7 +102,9 @@ def slot_owners(port: int) -> dict[int, int]:
 
 async def bulk_fill(ports: list[int], count: int, first_id: int, given: list[str] | None = None) -> float:
     """`count` tokens (of the `given` keys, else random ones) in the cluster layout, sent per master
-    on the gateway's lean client."""
+    on the gateway's lean client; each used a minute ago (its `accessed`), as in a store in use:
+    a store whose `used` buckets are new holds them as small listpacks, searched key by key, and
+    that early phase would be measured instead of the store's."""
     import orjson
     from redis.crc import key_slot
 
@@ -128,9 +130,11 @@ async def bulk_fill(ports: list[int], count: int, first_id: int, given: list[str
                       "accessed": 0, "cid": 0}
             name = keys.token(digest)
             ids_key, expiry_key = keys.ids_of(token_id), keys.expiry_of(token_id)
+            used_key = keys.used_of(digest)
             commands += [(ids_key, ("HSET", ids_key, token_id, digest)),
                          (expiry_key, ("ZADD", expiry_key, expires_at(record), token_id)),
-                         (name, ("SET", name, orjson.dumps(record)))]
+                         (name, ("SET", name, orjson.dumps(record))),
+                         (used_key, ("HSET", used_key, digest, now - 60))]
             ids.append(token_id)
         account_key = keys.account_tokens(0)
         commands.append((account_key, ("SADD", account_key, *ids)))

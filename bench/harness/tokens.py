@@ -18,7 +18,8 @@ def random_keys(count: int) -> list[str]:
 
 
 async def fill_tokens(redis_url: str, keys: list[str], batch: int = 5000) -> None:
-    """The records exactly as the tokens API creates them, written by the gateway's own TokenStore."""
+    """The records exactly as the tokens API creates them, written by the gateway's own TokenStore,
+    and their `accessed` a minute ago."""
     from gateway.config import RedisSettings
     from gateway.store.tokens import TokenStore, connect_redis
     from gateway.tokens import key_digest
@@ -35,6 +36,8 @@ async def fill_tokens(redis_url: str, keys: list[str], batch: int = 5000) -> Non
                         "created": now, "accessed": 0, "cid": 0}
                        for token_id, key in zip(ids[start:start + batch], keys[start:start + batch])]
             pending.append(asyncio.ensure_future(store.insert(records)))
+            # Each used a minute ago, as in a store in use (bench/cluster.py does the same).
+            pending.append(asyncio.ensure_future(store.touch({record["digest"]: now - 60 for record in records})))
             if len(pending) >= 4:
                 await asyncio.gather(*pending)
                 pending = []
