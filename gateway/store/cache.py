@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from gateway.aio import cancel_all
 from gateway.config import CacheSettings
 from gateway.errors import StoreUnavailable
+from gateway.store.subscriber import follow_channel
 from gateway.store.tokens import TokenStore
 from gateway.tokens import Token
 
@@ -476,36 +477,9 @@ class TokenCache:
         """Follow the invalidation channel for the life of the app, reconnecting after failures:
         at once after a subscription that was live, then every `retry_delay`. On a cluster on two
         masters at once (`TokenStore.subscriptions`): every message reaches both, so a master
-        that dies (the channel's own) leaves this instance hearing every change."""
-        count = self._store.subscriptions
-        if count == 1:
-            await self._subscribe(0, retry_delay)
-            return
-        await asyncio.gather(*[self._subscribe(number, retry_delay) for number in range(count)])
-
-    async def _subscribe(self, number: int, retry_delay: float) -> None:
-        while True:
-            was_live = False
-            try:
-                async with self._store.subscription(number) as pubsub:
-                    try:
-                        await self._follow(pubsub, number)
-                    except Exception:
-                        # Not live from the moment the connection says so (a reset, an EOF):
-                        # leaving the subscription awaits its cleanup (the connection closed and
-                        # given back to the pool), and requests served meanwhile must re-read.
-                        was_live = number in self._live_since
-                        self._subscription_down(number)
-                        raise
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                was_live = was_live or number in self._live_since
-                if was_live:
-                    log.warning("token invalidation channel lost (%s); subscribing again", type(exc).__name__)
-                self._subscription_down(number)
-                if not was_live:
-                    await asyncio.sleep(retry_delay)
+        that dies (the channel's own) leaves this instance hearing every change. The loop is in
+        `store/subscriber.py`, interpreted: compiled, cancelling it at shutdown hung or crashed."""
+        await follow_channel(self, retry_delay)
 
     async def _follow(self, pubsub: Any, number: int = 0) -> None:
         """Messages, subscription confirmations and PING answers, in the order Redis sent them:
