@@ -12,6 +12,7 @@ import pytest
 from support.gateways import GatewayFactory, GatewayHandle
 from support.keys import MASTER_KEY
 from support.mqtt import Client
+from support.usage import room_in_window
 
 ACL = [{"uri": "mqtt", "topic": "live/#", "actions": ["publish", "subscribe"]}]
 
@@ -118,6 +119,7 @@ async def test_accessed_advances_and_events_are_logged(mgw: GatewayHandle) -> No
 
 async def test_usage_counts_messages_and_blocks(make_mqtt_gateway: GatewayFactory) -> None:
     gw = await make_mqtt_gateway(usage={"api_calls": 40, "flush_interval": 0.1})
+    await room_in_window(8)  # counted and blocked in one window
     token = await gw.create_token(access={"type": 0})
     client = await session(gw, token["key"])
     try:
@@ -134,6 +136,7 @@ async def test_usage_counts_messages_and_blocks(make_mqtt_gateway: GatewayFactor
 async def test_an_idle_session_is_not_charged_for_its_checks(make_mqtt_gateway: GatewayFactory) -> None:
     """Checked every 0.2 s: were each check a call, 10 calls would last two seconds. Messages count."""
     gw = await make_mqtt_gateway(usage={"api_calls": 10, "flush_interval": 0.1})
+    await room_in_window(12)  # counted and blocked in one window
     token = await gw.create_token(access={"type": 0})
     client = await session(gw, token["key"])
     try:
@@ -152,6 +155,7 @@ async def test_an_idle_session_is_not_charged_for_its_checks(make_mqtt_gateway: 
 async def test_a_usage_blocked_token_cannot_connect(make_mqtt_gateway: GatewayFactory, version: int,
                                                     refused: int) -> None:
     gw = await make_mqtt_gateway(usage={"api_calls": 20, "flush_interval": 0.1})
+    await room_in_window(8)  # counted and blocked in one window
     token = await gw.create_token(access={"type": 0})
     client = await session(gw, token["key"], version)
     try:
@@ -169,6 +173,7 @@ async def test_a_usage_blocked_token_cannot_connect(make_mqtt_gateway: GatewayFa
 
 async def test_a_traffic_limit_blocks_the_session(make_mqtt_gateway: GatewayFactory) -> None:
     gw = await make_mqtt_gateway(usage={"traffic": 2000, "flush_interval": 0.1})
+    await room_in_window(8)  # counted and blocked in one window
     token = await gw.create_token(access={"type": 0})
     client = await session(gw, token["key"])
     try:

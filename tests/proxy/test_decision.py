@@ -29,6 +29,7 @@ from support.gateways import GatewayFactory, GatewayHandle, error, logged_hosts
 from support.keys import MASTER_KEY
 from support.rawhttp import Client, Reply
 from support.servers import ROOT, Upstream, caddy_binary, free_port, nginx_binary, wait_for_port
+from support.usage import room_in_window
 
 ENDPOINT = "/_gateway/auth"
 INVALID = error(401, "invalid or expired access token")
@@ -269,8 +270,7 @@ async def test_same_effects_as_a_proxied_request(make_gateway: GatewayFactory, t
 
 async def test_usage_counts_and_blocks(make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(usage={"window": 60, "flush_interval": 0.1})
-    if time.time() % 60 > 55:  # the whole test must fit in one window
-        await asyncio.sleep(60 - time.time() % 60 + 0.05)
+    await room_in_window(8)  # the whole test must fit in one window
     account = await gw.call("POST", "/platform/subaccounts", json={"name": "limited", "limits": {"api_calls": 3}})
     cid = account[1]["result"][0]["id"]
     status, body = await gw.call("POST", "/platform/tokens", json={"ttl": 600}, headers={"x-flespi-cid": str(cid)})
@@ -519,8 +519,7 @@ async def test_usage_blocking_through_the_proxy(fronted: tuple[GatewayHandle, Pr
                                                 upstream: Upstream) -> None:
     """429 reaches the client: Caddy passes the gateway's answer on, nginx maps it (error_page)."""
     gw, _ = fronted
-    if time.time() % 60 > 55:
-        await asyncio.sleep(60 - time.time() % 60 + 0.05)
+    await room_in_window(8)
     account = await gw.call("POST", "/platform/subaccounts", json={"name": "limited", "limits": {"api_calls": 2}})
     cid = account[1]["result"][0]["id"]
     _, body = await gw.call("POST", "/platform/tokens", json={"ttl": 600}, headers={"x-flespi-cid": str(cid)})

@@ -31,6 +31,7 @@ from gateway.tokens import key_digest
 from support.cluster import RedisClusterSet
 from support.gateways import GatewayFactory, GatewayHandle, base_config, error, logged_hosts, wait_for_master
 from support.servers import RedisProcess, Upstream
+from support.usage import room_in_window
 
 
 @pytest.fixture
@@ -213,8 +214,7 @@ async def test_tokens_spread_over_every_master_and_every_operation_works_across_
         assert client.zscore(expiry, str(short["id"])) is None
         assert client.hget(keys.ids_of(short["id"]), str(short["id"])) is None
     # Usage blocking, counted on both instances, in the account's slot; `blocked:<window>` in the prefix's.
-    window = 4
-    await asyncio.sleep(window - time.time() % window + 0.05)
+    await room_in_window(4, 4)  # a fresh window (the gateways' `usage.window`)
     limited = {"name": "limited", "limits": {"api_calls": 10}}
     status, body = await first.call("POST", "/platform/subaccounts", json=limited)
     assert status == 200, body

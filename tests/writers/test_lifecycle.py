@@ -11,6 +11,7 @@ from gateway.writers.usage import parse_usage
 
 from support.gateways import GatewayFactory, GatewayHandle, error
 from support.servers import Upstream
+from support.usage import room_in_window
 
 
 async def until(predicate: Any, timeout: float, step: float = 0.05) -> None:
@@ -90,8 +91,7 @@ async def test_heaviest_token_blocked_across_instances(make_gateway: GatewayFact
     window = 4
     config = {"usage": {"window": window, "flush_interval": 0.1}}
     a, b = await make_gateway(**config), await make_gateway(**config)
-    # wait for the start of a fresh window so the whole exchange fits in one
-    await asyncio.sleep(window - time.time() % window + 0.05)
+    await room_in_window(window, window)  # a fresh window: the whole exchange fits in one
     account = (await a.call("POST", "/platform/subaccounts", json={"name": "limited", "limits": {"api_calls": 20}}))
     cid = account[1]["result"][0]["id"]
     make = {"ttl": 600}
@@ -136,7 +136,7 @@ async def test_limit_set_during_a_window_counts_the_whole_window(make_gateway: G
     window = 6
     config = {"usage": {"window": window, "flush_interval": 0.1}}
     a, b = await make_gateway(**config), await make_gateway(**config)
-    await asyncio.sleep(window - time.time() % window + 0.05)
+    await room_in_window(window, window)
     cid = (await a.call("POST", "/platform/subaccounts", json={"name": "later"}))[1]["result"][0]["id"]
     acting = {"x-flespi-cid": str(cid)}
     heavy = (await a.call("POST", "/platform/tokens", json={"ttl": 600}, headers=acting))[1]["result"][0]
@@ -288,8 +288,7 @@ async def test_token_log_lists_keep_only_their_cap(make_gateway: GatewayFactory,
 
 async def test_traffic_limit_blocks_the_heaviest_downloader(make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(usage={"window": 30, "flush_interval": 0.1})
-    if 30 - time.time() % 30 < 5:  # all of it inside one window
-        await asyncio.sleep(30 - time.time() % 30 + 0.05)
+    await room_in_window(5, 30)  # all of it inside one window
     cid = (await gw.call("POST", "/platform/subaccounts", json={"name": "t", "limits": {"traffic": 50_000}}))[1][
         "result"][0]["id"]
     acting = {"x-flespi-cid": str(cid)}
@@ -333,8 +332,7 @@ async def test_embedded_store_runs_the_batched_writes(make_gateway: GatewayFacto
     gw = await make_gateway(redis={"url": "memory://", "data_file": str(tmp_path / "data.json")},
                             usage={"window": window, "flush_interval": 0.1}, log={"path": "off", "flush_interval": 0.1},
                             token_logs={"per_token": 3}, accessed_flush_interval=0.1)
-    if window - time.time() % window < 5:  # all of it inside one window
-        await asyncio.sleep(window - time.time() % window + 0.05)
+    await room_in_window(5, window)  # all of it inside one window
     cid = (await gw.call("POST", "/platform/subaccounts", json={"name": "t", "limits": {"api_calls": 4}}))[1][
         "result"][0]["id"]
     acting = {"x-flespi-cid": str(cid)}
