@@ -551,11 +551,26 @@ def test_no_node_answering_is_the_store_unavailable_and_a_routing_error_is_not()
 
 
 def _kill(node: RedisProcess) -> None:
-    """SIGKILL: no goodbye to its clients or to the cluster bus, as a crash."""
+    """SIGKILL: no goodbye to its clients or to the cluster bus, as a crash. A master is killed
+    once its replica holds all it was sent (the master token, the test's tokens): what a crash
+    loses of an unacknowledged write is not what these tests are about."""
     assert node.process is not None
+    _replica_caught_up(node)
     node.process.kill()
     node.process.wait(10)
     node.process = None
+
+
+def _replica_caught_up(node: RedisProcess, timeout: float = 10.0) -> None:
+    with redis.Redis(port=node.port, socket_timeout=2) as client:
+        role = client.execute_command("ROLE")
+        if role[0] != b"master":
+            return
+        sent = int(role[1])
+        deadline = time.monotonic() + timeout
+        while not any(int(offset) >= sent for _, _, offset in client.execute_command("ROLE")[2]):
+            assert time.monotonic() < deadline, f"no replica of :{node.port} caught up"
+            time.sleep(0.05)
 
 
 def _channel_master(redis_cluster: RedisClusterSet, key_prefix: str) -> RedisProcess:
