@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from itertools import islice
 from typing import Any, Protocol
 
@@ -237,7 +238,20 @@ class TokenCache:
             self._heard[number] = now
         self._set_live(True)
 
-    def _subscription_down(self, number: int) -> None:
+    @property
+    def subscriptions(self) -> int:
+        """How many subscriptions to hold on the channel (`TokenStore.subscriptions`)."""
+        return self._store.subscriptions
+
+    def subscription(self, number: int) -> AbstractAsyncContextManager[Any]:
+        """Subscription `number`'s pub/sub, for `follow` (`TokenStore.subscription`)."""
+        return self._store.subscription(number)
+
+    def subscription_live(self, number: int) -> bool:
+        """Whether subscription `number` is confirmed and answering in time."""
+        return number in self._live_since
+
+    def subscription_down(self, number: int) -> None:
         """Subscription `number` is lost, late, or was made again (what came meanwhile may be
         lost on it). No gap if another one has been live since before the last moment this one
         was known to hear everything: every message reached that one. Else a gap; and with no
@@ -481,7 +495,7 @@ class TokenCache:
         `store/subscriber.py`, interpreted: compiled, cancelling it at shutdown hung or crashed."""
         await follow_channel(self, retry_delay)
 
-    async def _follow(self, pubsub: Any, number: int = 0) -> None:
+    async def follow(self, pubsub: Any, number: int = 0) -> None:
         """Messages, subscription confirmations and PING answers, in the order Redis sent them:
         an answer to a PING means every message published before it has arrived. (Real time
         here, not the cache's clock, which only ages entries.)"""
@@ -502,7 +516,7 @@ class TokenCache:
                 if late > self._ping_deadline:
                     if number in self._live_since:
                         log.warning("token invalidation channel silent for %.3f s", late)
-                    self._subscription_down(number)
+                    self.subscription_down(number)
                     if late > self._ping_deadline * RESUBSCRIBE_AFTER:
                         raise TimeoutError("the invalidation subscription stopped answering")
             message = await pubsub.get_message(timeout=max(0.0, next_ping - clock()))
@@ -514,7 +528,7 @@ class TokenCache:
             elif kind == "subscribe":
                 if confirmed:  # redis-py re-subscribed on a new connection: what came meanwhile is lost
                     log.warning("token invalidation channel re-subscribed; cached tokens are re-read")
-                    self._subscription_down(number)
+                    self.subscription_down(number)
                 confirmed = True
                 pending.clear()  # PINGs sent on the connection before this one will not be answered
                 self._subscription_up(number)

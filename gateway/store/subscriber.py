@@ -1,6 +1,6 @@
 """The loop that keeps a `TokenCache` subscribed to the invalidation channel, interpreted.
 
-`TokenCache._follow` (compiled) reads one subscription; this loop makes it again after a failure
+`TokenCache.follow` (compiled) reads one subscription; this loop makes it again after a failure
 and, on a cluster, runs two at once. Compiled, that loop (two coroutines under `gather`, a pause
 awaited while an exception was handled) did not end when cancelled at shutdown: the task hung in
 "cancelling", or formatting it crashed the process. It runs a few times per failure, never per
@@ -20,7 +20,7 @@ log = logging.getLogger("gateway.store.cache")
 
 async def follow_channel(cache: TokenCache, retry_delay: float) -> None:
     """Every subscription the store asks for (`TokenStore.subscriptions`), for the life of the app."""
-    count = cache._store.subscriptions
+    count = cache.subscriptions
     if count == 1:
         await _subscribe(cache, 0, retry_delay)
         return
@@ -44,21 +44,21 @@ async def _subscribe_once(cache: TokenCache, number: int) -> bool:
     again at once, else after a pause)."""
     was_live = False
     try:
-        async with cache._store.subscription(number) as pubsub:
+        async with cache.subscription(number) as pubsub:
             try:
-                await cache._follow(pubsub, number)
+                await cache.follow(pubsub, number)
             except Exception:
                 # Not live from the moment the connection says so (a reset, an EOF): leaving the
                 # subscription awaits its cleanup (the connection closed and given back to the
                 # pool), and requests served meanwhile must re-read.
-                was_live = number in cache._live_since
-                cache._subscription_down(number)
+                was_live = cache.subscription_live(number)
+                cache.subscription_down(number)
                 raise
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        was_live = was_live or number in cache._live_since
+        was_live = was_live or cache.subscription_live(number)
         if was_live:
             log.warning("token invalidation channel lost (%s); subscribing again", type(exc).__name__)
-        cache._subscription_down(number)
+        cache.subscription_down(number)
     return was_live
