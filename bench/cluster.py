@@ -1,8 +1,10 @@
 """Redis Cluster, measured: three masters and three replicas on loopback (node timeout 1 s), a
-gateway on it and one on a single Redis (one worker each, request logging off), and one run of:
+gateway on it, one on a single Redis and one on a single Redis with a replica (one worker each,
+request logging off), and one run of:
 
-1. cache-miss throughput (every key asked once) on the cluster against one Redis, alternated
-   `--rounds` times: from a Python client, 32 at a time, and from wrk on 64 connections;
+1. cache-miss throughput (every key asked once) on the cluster against one Redis, and against
+   one Redis with a replica (as each master has one, its CPU taken from the same cores),
+   alternated `--rounds` times: from a Python client, 32 at a time, and from wrk on 64 connections;
 2. hot throughput (one cached key, wrk, 5 s) on both, alternated twice, with the Redis commands
    the cluster's masters ran meanwhile, per request;
 3. `--bulk` tokens written straight into the cluster in the gateway's cluster layout (records,
@@ -50,6 +52,39 @@ from harness.tokens import fill_tokens, random_keys
 from harness.tools import find_tools
 from harness.wrk import parse_wrk
 from scale import create_tokens, miss_throughput, start_cluster
+
+ONE, PAIRED = "one Redis", "one Redis + replica"
+
+
+def start_single(procs: Processes, redis_server: str, workdir: Path, name: str,
+                 replica: bool = False) -> tuple[int, int | None]:
+    """A Redis of its own (`redis-<name>`), and with `replica` one replicating it: their ports."""
+    ports: list[int] = []
+    for role in ("", "-replica") if replica else ("",):
+        port = free_port()
+        folder = workdir / f"{name}{role}"
+        folder.mkdir()
+        follow = ["--replicaof", HOST, str(ports[0])] if role else []
+        wait_for_port(port, procs.start(f"redis-{name}{role}", [
+            redis_server, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+            "--dir", str(folder), *follow]))
+        ports.append(port)
+    return ports[0], ports[1] if replica else None
+
+
+def wait_synced(master: int, replica: int, timeout: float = 60.0) -> None:
+    """Until the replica at `replica` follows its master and has all it was sent so far."""
+    import redis
+    deadline = time.monotonic() + timeout
+    with redis.Redis(host=HOST, port=master, socket_timeout=5) as source, \
+            redis.Redis(host=HOST, port=replica, socket_timeout=5) as copy:
+        while time.monotonic() < deadline:
+            sent = int(source.info("replication")["master_repl_offset"])
+            info = copy.info("replication")
+            if info.get("master_link_status") == "up" and int(info.get("slave_repl_offset", -1)) >= sent:
+                return
+            time.sleep(0.2)
+    raise SystemExit(f"the replica on :{replica} did not catch up")
 
 
 def masters(ports: list[int]) -> dict[int, tuple[int, int]]:
@@ -539,40 +574,46 @@ def main() -> None:
         ports = start_cluster(procs, redis_server)
         nodes = {port: process for (name, process) in procs.running if name.startswith("node-")
                  for port in [ports[int(name.split("-")[1])]]}
-        single_port = free_port()
-        single = workdir / "single"
-        single.mkdir()
-        wait_for_port(single_port, procs.start("redis-single", [
-            redis_server, "--port", str(single_port), "--bind", HOST, "--save", "", "--appendonly", "no",
-            "--dir", str(single)]))
+        # Two baselines: one Redis alone, and one Redis with a replica as each cluster master has
+        # (on this machine the replicas' CPU is taken from the same two cores as everything else).
+        single_port, _ = start_single(procs, redis_server, workdir, "single")
+        paired_port, paired_replica = start_single(procs, redis_server, workdir, "paired", replica=True)
         cluster = {"cluster": {"nodes": [f"{HOST}:{port}" for port in ports[:3]]}, "key_prefix": PREFIX}
         on_cluster = start_gateway(procs, "gw-cluster", upstream, "", 1,
                                    settings={"redis": cluster, "log": {"path": "off"}})
         second = start_gateway(procs, "gw-cluster-2", upstream, "", 1,
                                settings={"redis": cluster, "log": {"path": "off"}})
-        on_one = start_gateway(procs, "gw-single", upstream, f"redis://{HOST}:{single_port}/0", 1,
-                               settings={"log": {"path": "off"}})
+        singles = {ONE: single_port, PAIRED: paired_port}
+        on_single = {name: start_gateway(procs, f"gw-single-{index}", upstream, f"redis://{HOST}:{port}/0", 1,
+                                         settings={"log": {"path": "off"}})
+                     for index, (name, port) in enumerate(singles.items())}
         print(f"# bench/cluster.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; upstream: {kind}; "
               f"load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} cores, shared")
-        made = {name: [token["key"] for token in asyncio.run(create_tokens(url, args.tokens * args.rounds + 1500))]
-                for name, url in (("cluster", on_cluster.url), ("one Redis", on_one.url))}
+        gateways = {"cluster": on_cluster, **on_single}
+        wanted = args.tokens * args.rounds + 1500
+        made = {name: [token["key"] for token in asyncio.run(create_tokens(gateway.url, wanted))]
+                for name, gateway in gateways.items()}
         # wrk's keys are written straight into each store (the API would take minutes for them).
         filled = {name: random_keys(args.wrk_tokens * args.rounds) for name in made}
         asyncio.run(bulk_fill(ports, len(filled["cluster"]), 5_000_000, filled["cluster"]))
-        asyncio.run(fill_tokens(f"redis://{HOST}:{single_port}/0", filled["one Redis"]))
-        gateways = {"cluster": on_cluster, "one Redis": on_one}
+        for name, port in singles.items():
+            asyncio.run(fill_tokens(f"redis://{HOST}:{port}/0", filled[name]))
+        if paired_replica is not None:
+            wait_synced(paired_port, paired_replica)
         # Each store's processes, for the Redis CPU a miss costs (10 ms ticks: over a run of
         # thousands of misses, a fraction of a µs each).
         nodes_by_pid = {process.pid: port for port, process in nodes.items()}
         store_pids = {"cluster": list(nodes_by_pid),
-                      "one Redis": [process.pid for name, process in procs.running if name == "redis-single"]}
+                      ONE: [process.pid for name, process in procs.running if name == "redis-single"],
+                      PAIRED: [process.pid for name, process in procs.running if name.startswith("redis-paired")]}
+        replica_pids = {process.pid for name, process in procs.running if name == "redis-paired-replica"}
         rows: list[tuple[str, str]] = []
         for client, size in (("Python client, 32 at a time", args.tokens), ("wrk, 64 connections", args.wrk_tokens)):
             if not size:
                 continue
-            rates: dict[str, list[float]] = {"cluster": [], "one Redis": []}
-            miss_cpu: dict[str, list[float]] = {"cluster": [], "one Redis": []}
-            redis_cpu: dict[str, list[tuple[float, float]]] = {"cluster": [], "one Redis": []}
+            rates: dict[str, list[float]] = {name: [] for name in gateways}
+            miss_cpu: dict[str, list[float]] = {name: [] for name in gateways}
+            redis_cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in gateways}
             for step in range(args.rounds):
                 for name, gateway in gateways.items():
                     before = cpu_seconds(gateway.worker_pids())
@@ -588,25 +629,27 @@ def main() -> None:
                     miss_cpu[name].append((cpu_seconds(gateway.worker_pids()) - before) / answered * 1e6)
                     roles = node_roles(ports) if name == "cluster" else {}
                     spent = {pid: (cpu_seconds([pid]) - store_before[pid]) / answered * 1e6 for pid in store}
-                    replicas = sum(value for pid, value in spent.items() if roles.get(nodes_by_pid.get(pid)) == "slave")
+                    replicas = sum(value for pid, value in spent.items()
+                                   if roles.get(nodes_by_pid.get(pid)) == "slave" or pid in replica_pids)
                     redis_cpu[name].append((sum(spent.values()) - replicas, replicas))
             rows += [(f"cache-miss authentications/s, {name}, {client} (runs)",
                       " / ".join(f"{r:,.0f}" for r in values)) for name, values in rates.items()]
             medians = {name: sorted(values)[len(values) // 2] for name, values in rates.items()}
-            rows.append((f"cache-miss, cluster / one Redis, {client} (best runs; medians)",
-                         f"{max(rates['cluster']) / max(rates['one Redis']):.2f}; "
-                         f"{medians['cluster'] / medians['one Redis']:.2f}"))
+            rows += [(f"cache-miss, cluster / {name}, {client} (best runs; medians)",
+                      f"{max(rates['cluster']) / max(rates[name]):.2f}; {medians['cluster'] / medians[name]:.2f}")
+                     for name in singles]
             rows += [(f"gateway CPU µs per cache miss, {name}, {client} (runs)",
                       " / ".join(f"{v:,.0f}" for v in values)) for name, values in miss_cpu.items()]
             rows += [(f"Redis CPU µs per cache miss, {name}, {client}: masters + replicas (runs)",
                       " / ".join(f"{own:,.0f} + {copies:,.0f}" for own, copies in values))
                      for name, values in redis_cpu.items()]
-        hot: dict[str, list[float]] = {"cluster": [], "one Redis": []}
-        hot_cpu: dict[str, list[float]] = {"cluster": [], "one Redis": []}
+        hot: dict[str, list[float]] = {"cluster": [], ONE: []}
+        hot_cpu: dict[str, list[float]] = {"cluster": [], ONE: []}
         per_request: list[float] = []
-        hot_keys = {"cluster": made["cluster"][-1], "one Redis": made["one Redis"][-1]}
+        hot_keys = {name: made[name][-1] for name in hot}
         for _ in range(2):
-            for name, gateway in gateways.items():
+            for name in hot:
+                gateway = gateways[name]
                 before = commands_processed(ports) if name == "cluster" else 0
                 cpu_before = cpu_seconds(gateway.worker_pids())
                 rps, requests = hot_rps(str(tools["wrk"]), gateway.url, hot_keys[name])
