@@ -19,7 +19,11 @@ request logging off), and one run of:
    revocation through the first gateway seen by the second, after the failover.
 
     python bench/cluster.py [--tokens 3000] [--wrk-tokens 100000] [--rounds 3] [--bulk 3000000]
-                            [--kill-shared] [--details rounds.jsonl]
+                            [--kill-shared] [--details rounds.jsonl] [--pin]
+
+With `--pin` the gateways run on the first core and everything else (Redis, the upstream, wrk,
+this script) on the last: Redis's CPU then no longer comes out of the gateway's, as when the
+masters run on machines of their own, and the gateways' throughput is compared alone.
 
 The master killed is the one holding most of the spare tokens, or with `--kill-shared` the one
 holding the prefix's own slot: the invalidation channel (each gateway's subscription, and every
@@ -45,7 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import HOST, PREFIX
-from harness.procs import Processes, cpu_seconds, free_port, wait_for_port
+from harness.procs import Processes, cpu_seconds, free_port, pin, process_tree, wait_for_port
 from harness.revocation import delete_until_acknowledged, percentile, revocation_round
 from harness.servers import start_gateway, start_upstream
 from harness.tokens import fill_tokens, random_keys
@@ -562,7 +566,14 @@ def main() -> None:
     parser.add_argument("--details", help="a file for every revocation round during the failover (JSON lines)")
     parser.add_argument("--rounds", type=int, default=3, help="cache-miss runs on each")
     parser.add_argument("--bulk", type=int, default=3_000_000, help="tokens written straight into the cluster")
+    parser.add_argument("--pin", action="store_true",
+                        help="the gateways on the first core, everything else on the last (2 cores or more)")
     args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    if args.pin:
+        if len(cores) < 2:
+            raise SystemExit("--pin needs two cores")
+        pin([os.getpid()], {cores[-1]})  # inherited by every process started from here
     tools = find_tools()
     if not tools["redis-server"] or not tools["wrk"]:
         raise SystemExit("redis-server and wrk are needed")
@@ -587,8 +598,12 @@ def main() -> None:
         on_single = {name: start_gateway(procs, f"gw-single-{index}", upstream, f"redis://{HOST}:{port}/0", 1,
                                          settings={"log": {"path": "off"}})
                      for index, (name, port) in enumerate(singles.items())}
+        if args.pin:
+            for gateway in (on_cluster, second, *on_single.values()):
+                pin(process_tree(gateway.process.pid), {cores[0]})
         print(f"# bench/cluster.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; upstream: {kind}; "
-              f"load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} cores, shared")
+              f"load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} cores, shared"
+              + (f"; gateways pinned to core {cores[0]}, the rest to core {cores[-1]}" if args.pin else ""))
         gateways = {"cluster": on_cluster, **on_single}
         wanted = args.tokens * args.rounds + 1500
         made = {name: [token["key"] for token in asyncio.run(create_tokens(gateway.url, wanted))]

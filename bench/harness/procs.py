@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from . import HOST
@@ -111,6 +112,18 @@ def process_tree(pid: int) -> list[int]:
         tree.append(current)
         todo.extend(children.get(current, []))
     return tree
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Every thread of the processes onto `cpus` (threads started later inherit it)."""
+    for pid in pids:
+        try:
+            threads = [int(entry.name) for entry in Path(f"/proc/{pid}/task").iterdir()]
+        except OSError:
+            continue
+        for tid in threads:
+            with suppress(OSError):  # gone meanwhile
+                os.sched_setaffinity(tid, cpus)
 
 
 def cpu_seconds(pids: list[int]) -> float:
