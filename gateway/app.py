@@ -35,6 +35,7 @@ from gateway.config import ConfigError, Settings
 from gateway.errors import (
     INTERNAL_ERROR,
     MALFORMED_REQUEST,
+    MIGRATING,
     Denied,
     FieldProblem,
     InvalidInput,
@@ -481,10 +482,20 @@ def master_record(token_id: int, digest: str, info: str) -> dict[str, Any]:
             "origins": "*", "cid": 0, "metadata": {}}
 
 
+class StoreMigrating(Exception):
+    """`gateway migrate` is copying the store: no master token is made until it ends (one made
+    on the source meanwhile could be missed by the copy, one on the target overwritten by it)."""
+
+    def __init__(self) -> None:
+        super().__init__(MIGRATING)
+
+
 async def bootstrap_master(store: TokenStore, key: str) -> None:
     """Make the configured key a master token unless it exists (safe from several instances)."""
     digest = key_digest(key)
     if await store.load(digest) is None:
+        if await store.migrating():
+            raise StoreMigrating
         [token_id] = await store.allocate_ids(1)
         if await store.insert_if_absent(master_record(token_id, digest, "bootstrap master token")):
             log.info("bootstrap master token created with id %d", token_id)
@@ -496,6 +507,8 @@ async def first_master(store: TokenStore, announce: Callable[[int, str], None]) 
     key is handed to `announce`, once: a restart finds `next_id` and makes nothing."""
     key = new_key()
     digest = key_digest(key)
+    if await store.migrating():
+        raise StoreMigrating
     if await store.insert_first(master_record(1, digest, "first master token")):
         log.info("first master token created with id 1 (its key is shown once, on the console)")
         announce(1, key)
@@ -512,13 +525,16 @@ def announce_key(token_id: int, key: str) -> None:
     sys.stderr.flush()
 
 
-async def _keep_trying(name: str, job: Callable[[], Awaitable[None]]) -> None:
+async def _keep_trying(name: str, job: Callable[[], Awaitable[None]], told: str = "") -> None:
+    """Every second until it is done; each new reason logged once (a migration lasts minutes)."""
     while True:
         try:
             await job()
             return
         except Exception as exc:
-            log.warning("%s not yet created (%s); retrying", name, exc)
+            if str(exc) != told:
+                told = str(exc)
+                log.warning("%s not yet created (%s); retrying", name, exc)
             await asyncio.sleep(1.0)
 
 
@@ -601,7 +617,7 @@ async def services(app: web.Application, settings: Settings, shared: str | None 
         await make_master[1]()
     except Exception as exc:
         log.warning("%s not yet created (%s); retrying in background", make_master[0], exc)
-        jobs.append(_keep_trying(*make_master))
+        jobs.append(_keep_trying(*make_master, told=str(exc)))
     if gateway.mqtt is not None:
         jobs.append(gateway.mqtt.run())
     tasks = [asyncio.ensure_future(job) for job in jobs]

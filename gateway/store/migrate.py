@@ -1,10 +1,12 @@
 """`gateway migrate`: copy a store between the one-Redis layout and the cluster layout.
 
 Both key layouts are in `store/keys.py`, with the families this copy reads (`Keys.patterns`,
-`index_keys` and the name parsers). The source is locked first (`SourceLock`: its `migrating`
-marker, with a TTL this process extends): every gateway on it refuses API changes and pauses its
-housekeeping until the end, and the copy begins MIGRATION_SETTLE seconds later, once the changes
-already past their check have landed. The copy reads the source family by family (SCAN, HSCAN,
+`index_keys` and the name parsers). The source is locked first, then the target
+(`MigrationLock`: the store's `migrating` marker, with a TTL this process extends): every gateway
+on either refuses API changes and pauses its housekeeping until the end (a gateway started on
+the target too early would otherwise make tokens the copy overwrites, and its orphan sweep drop
+the ids whose records are not copied yet), and the copy begins MIGRATION_SETTLE seconds later,
+once the changes already past their check have landed. The copy reads the source family by family (SCAN, HSCAN,
 ZSCAN: never one command for a whole index) and writes the target in the order a running
 gateway writes a new token: counters first (`next_id` and `next_account_id` never go backwards:
 the target keeps the larger), then accounts, indexes and the recycle bin, `accessed` (the newer
@@ -12,7 +14,8 @@ time kept), and the records last. Every write sets what the source holds (SET, H
 a log list replaced whole), so a second run gives the same result.
 
 A target that holds data is refused, unless it holds only what a migration from this very source
-wrote (the `migrated_from` marker) or `force` is given; so is a source another migration holds.
+wrote (the `migrated_from` marker) or `force` is given; so is a source or target another
+migration holds.
 """
 from __future__ import annotations
 
@@ -54,8 +57,8 @@ from gateway.store.scripts import DELETE_IF_HELD, EXTEND_IF_HELD, TOUCH
 from gateway.store.tokens import MIGRATION_SETTLE
 
 BATCH = 1000
-# The source lock's TTL (`SourceLock`): short, so that a migration killed midway holds up the API
-# changes on its source for LOCK_TTL seconds at most; extended every LOCK_TTL / 5 seconds, so four
+# The locks' TTL (`MigrationLock`): short, so that a migration killed midway holds up the API
+# changes on its source and target for LOCK_TTL seconds at most; extended every LOCK_TTL / 5 seconds, so four
 # extensions in a row may fail (a slow or briefly unreachable Redis) before the lock is lost.
 LOCK_TTL = 15.0
 
@@ -128,18 +131,19 @@ def open_cluster_side(cluster: ClusterSettings, prefix: str, timeout: float = 10
     return Side(client, ClusterKeys(prefix), f"cluster {nodes} prefix {prefix}")
 
 
-# -- the lock on the source ----------------------------------------------------------------------
+# -- the locks on the source and the target --------------------------------------------------------
 
-class SourceLock:
-    """The source's `migrating` marker, held for the whole copy: while it is there every gateway
-    on the source refuses API changes (503) and pauses its housekeeping (`PlatformApi`,
-    `Housekeeper`). Set with a TTL (`ttl`, LOCK_TTL) that a thread extends every `ttl / 5`
+class MigrationLock:
+    """A store's `migrating` marker (`role`: the source or the target), held for the whole copy:
+    while it is there every gateway on that store refuses API changes (503) and pauses its
+    housekeeping (`PlatformApi`, `Housekeeper`). Set with a TTL (`ttl`, LOCK_TTL) that a thread extends every `ttl / 5`
     seconds: a migration killed midway unlocks the source by itself within `ttl`. A lock this
     migration can no longer show it held all along (its marker gone or another's, or not extended
     for `ttl`) is lost: the copy stops (`check`), since changes may have been made meanwhile."""
 
-    def __init__(self, side: Side, ttl: float, description: str) -> None:
+    def __init__(self, side: Side, ttl: float, description: str, role: str = "source") -> None:
         self._side = side
+        self.role = role
         self._key = side.keys.migrating
         self._ttl_ms = max(1, round(ttl * 1000))
         self.value = f"{description} [{uuid.uuid4().hex}]"  # the random part: this run's own
@@ -153,7 +157,7 @@ class SourceLock:
         if not self._side.client.set(self._key, self.value, nx=True, px=self._ttl_ms):
             held = self._side.client.get(self._key)
             raise MigrationRefused(
-                f"the source ({self._side.name}) is being migrated already"
+                f"the {self.role} ({self._side.name}) is being migrated already"
                 + (f" ({_text(held)})" if held is not None else "")
                 + f"; a migration that died unlocks it within {self._ttl_ms / 1000:g} s")
         self._held_from = sent
@@ -178,8 +182,10 @@ class SourceLock:
         if not self._lost and time.monotonic() - self._held_from >= self._ttl_ms / 1000:
             self._lost = f"it could not be extended for {self._ttl_ms / 1000:g} s"
         if self._lost:
-            raise MigrationRefused(f"the lock on the source was lost ({self._lost}): changes made on it "
-                                   "meanwhile may be missing from the target; run the migration again")
+            meanwhile = ("may be missing from the target" if self.role == "source"
+                         else "may have been overwritten by the copy")
+            raise MigrationRefused(f"the lock on the {self.role} was lost ({self._lost}): changes made on it "
+                                   f"meanwhile {meanwhile}; run the migration again")
 
     def release(self) -> None:
         self._stop.set()
@@ -240,9 +246,10 @@ def is_empty(side: Side, records_only: bool = False) -> bool:
 def migrate(source: Side, target: Side, *, usage: bool = False, logs: bool = False, force: bool = False,
             say: Callable[[str], None] = print, lock_ttl: float = LOCK_TTL, settle: float = MIGRATION_SETTLE,
             while_locked: Callable[[], None] | None = None) -> Report:
-    """Copy `source` into `target`, the source locked throughout (`SourceLock`): after taking the
-    lock, `settle` seconds for the API changes already past their check to land (MIGRATION_SETTLE,
-    `store/tokens.py`), then `while_locked` (the tests hold a migration there), then the copy."""
+    """Copy `source` into `target`, both locked throughout (`MigrationLock`; in place, the one
+    store once): after taking the locks, `settle` seconds for the API changes already past their
+    check to land (MIGRATION_SETTLE, `store/tokens.py`), then `while_locked` (the tests hold a
+    migration there), then the copy."""
     marker = target.keys.migrated_from
     in_place = source.client is target.client  # a cluster's one-slot layout into its sharded one
     if not is_empty(target, records_only=in_place):
@@ -252,22 +259,31 @@ def migrate(source: Side, target: Side, *, usage: bool = False, logs: bool = Fal
                 f"the target ({target.name}) already holds data"
                 + (f" (migrated from {_text(previous)})" if previous is not None else "")
                 + "; give --force to copy over it")
-    lock = SourceLock(source, lock_ttl, _holder(target))
-    lock.acquire()
+    locks = [MigrationLock(source, lock_ttl, _holder(target))]
+    if not in_place:  # in place the target is the source's own store, its marker the same key
+        locks.append(MigrationLock(target, lock_ttl, _holder(target), role="target"))
+    held: list[MigrationLock] = []
     try:
-        say(f"source locked: API changes refused there until the end; waiting {settle:g} s for those under way")
+        for lock in locks:
+            lock.acquire()
+            held.append(lock)
+        say(f"{' and '.join(lock.role for lock in locks)} locked: API changes refused "
+            f"{'on both' if len(locks) > 1 else 'there'} until the end; waiting {settle:g} s for those under way")
         time.sleep(settle)
         if while_locked is not None:
             while_locked()
         report = Report()
         for step in (_counters, _globals_of(usage), _indexes, _accounts_sets, _used, _records,
                      *((_usage,) if usage else ()), *((_logs,) if logs else ())):
-            lock.check()
+            for lock in locks:
+                lock.check()
             step(source, target, report)
-        lock.check()  # held to the end: nothing was changed on the source behind the copy
+        for lock in locks:
+            lock.check()  # held to the end: nothing was changed behind the copy
         target.client.set(marker, source.name)
     finally:
-        lock.release()
+        for lock in reversed(held):
+            lock.release()
     for family, count in report.counts.items():
         say(f"{family}: {count}")
     return report

@@ -2,7 +2,8 @@
 test session's Redis Cluster (three masters), served by a gateway on the cluster; run twice; a
 target holding other data refused; and back from the cluster into one Redis. While it copies, its
 source is locked: API changes refused, authentications served, a second migration refused, and a
-migration killed midway unlocks it by itself. And the key families of `store/keys.py` name every
+migration killed midway unlocks it by itself; so is its target, where no bootstrap master token is
+made meanwhile. And the key families of `store/keys.py` name every
 key a gateway writes."""
 from __future__ import annotations
 
@@ -31,10 +32,19 @@ from gateway.config import build_settings
 from gateway.errors import MIGRATING
 from gateway.server import GatewayServer
 from gateway.store.keys import FAMILIES, ClusterKeys, Keys, glob_escape
-from gateway.store.migrate import Report, Side, migrate, open_single
+from gateway.store.migrate import (
+    MigrationRefused,
+    Report,
+    Side,
+    is_empty,
+    migrate,
+    open_cluster_side,
+    open_single,
+)
 
 from support.cluster import RedisClusterSet
 from support.gateways import GatewayHandle, base_config, error, logged_hosts, wait_for_master
+from support.keys import MASTER_KEY
 from support.servers import Upstream
 
 
@@ -298,6 +308,82 @@ async def test_while_a_migration_copies_its_source_api_changes_are_refused_and_a
     target.client.close()
 
 
+async def test_a_migration_locks_its_target_too_and_no_master_token_is_made_there_meanwhile(
+        upstream: Upstream, redis_url: str, redis_cluster: RedisClusterSet, gateways: list[GatewayHandle]) -> None:
+    prefix, into, other = fresh_prefix(), fresh_prefix(), fresh_prefix()
+    one = await start(gateways, upstream, {"url": redis_url}, prefix)
+    token = await one.create_token()
+    cluster = {"cluster": {"nodes": redis_cluster.hosts[:2]}}
+    early = await start(gateways, upstream, cluster, into)  # started on the target before the copy
+    assert early.settings.redis.cluster is not None
+    source, target = open_single(redis_url, prefix), open_cluster_side(early.settings.redis.cluster, into)
+    hold = Hold()
+    copying = asyncio.ensure_future(asyncio.to_thread(migrate, source, target, force=True, settle=0.2,
+                                                      while_locked=hold, say=lambda line: None))
+    try:
+        assert await asyncio.to_thread(hold.locked.wait, 60)
+        for method, path, body in (("POST", "/platform/tokens", [{"ttl": 600}]),
+                                   ("PUT", "/platform/customer", {"name": "early"})):
+            async with early.request(method, path, json=body) as response:
+                assert (response.status, await response.json(), response.headers.get("Retry-After")) == (
+                    503, error(503, MIGRATING), "5")
+        assert await status_of(early, MASTER_KEY) == 200  # authentications go on
+        # A gateway started on the target meanwhile makes no master token of its own until the end.
+        own_key = "B" * 32 + "b" * 32
+        late = await start(gateways, upstream, cluster, into, bootstrap_master_token=own_key)
+        await asyncio.sleep(1.5)  # its retries (every second) while the lock holds: not a timing check
+        assert await status_of(late, own_key) == 401
+        # A second migration into the same target is refused, and leaves its own source unlocked.
+        elsewhere = open_single(redis_url, other)
+        with pytest.raises(MigrationRefused, match=r"the target \(cluster .*\) is being migrated already"):
+            await asyncio.to_thread(migrate, elsewhere, target, force=True, settle=0, say=lambda line: None)
+        assert elsewhere.client.exists(elsewhere.keys.migrating) == 0
+        elsewhere.client.close()
+    finally:
+        hold.go.set()
+        report: Report = await copying
+    assert report.counts["token records"] == 2  # the source's bootstrap token and `token`
+    assert target.client.exists(target.keys.migrating) == 0  # unlocked at the end
+    assert await status_of(early, token["key"]) == 200  # copied
+    status, body = await early.call("POST", "/platform/tokens", json=[{"ttl": 600}])
+    assert status == 200, body  # and the API changes on the target again
+    deadline = time.monotonic() + 30  # the late gateway's next retry makes its token: a wait, not a check
+    while await status_of(late, own_key) != 200 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert await status_of(late, own_key) == 200
+    source.client.close()
+    target.client.close()
+
+
+async def test_no_first_master_token_is_made_on_an_empty_target_while_it_is_filled(
+        upstream: Upstream, redis_url: str, redis_cluster: RedisClusterSet, gateways: list[GatewayHandle]) -> None:
+    prefix, into = fresh_prefix(), fresh_prefix()
+    one = await start(gateways, upstream, {"url": redis_url}, prefix)
+    await one.create_token()
+    cluster = {"cluster": {"nodes": redis_cluster.hosts[:2]}}
+    settings = build_settings({**base_config(upstream.url, "", into), "redis": {**cluster, "key_prefix": into}})
+    assert settings.redis.cluster is not None
+    source, target = open_single(redis_url, prefix), open_cluster_side(settings.redis.cluster, into)
+    hold = Hold()
+    copying = asyncio.ensure_future(asyncio.to_thread(migrate, source, target, settle=0.2, while_locked=hold,
+                                                      say=lambda line: None))
+    try:
+        assert await asyncio.to_thread(hold.locked.wait, 60)
+        # No bootstrap key: a store that never held a token would get a first master token.
+        late = await start(gateways, upstream, cluster, into, bootstrap_master_token=None)
+        await asyncio.sleep(1.5)  # its retries (every second) while the lock holds: not a timing check
+        assert is_empty(target)
+    finally:
+        hold.go.set()
+        await copying
+    await asyncio.sleep(1.5)  # its next retries find the copied store: it held tokens, so none is made
+    status, body = await late.call("GET", "/platform/tokens/all")
+    assert status == 200, body
+    assert sorted(item["info"] for item in body["result"]) == ["", "bootstrap master token"]
+    source.client.close()
+    target.client.close()
+
+
 KILLED = """
 import sys, time
 import redis
@@ -320,7 +406,7 @@ async def test_a_migration_killed_midway_leaves_a_lock_that_ends_by_itself(
     try:
         assert process.stdout is not None
         line = await process.stdout.readline()
-        assert line.startswith(b"source locked"), line
+        assert line.startswith(b"source and target locked"), line
         status, body = await one.call("PUT", f"/platform/tokens/{token['id']}", json={"info": "during"})
         assert (status, body) == (503, error(503, MIGRATING))
         with redis.Redis.from_url(redis_url) as client:
