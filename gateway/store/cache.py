@@ -514,7 +514,7 @@ class TokenCache:
             if pending:
                 late = now - next(iter(pending.values()))
                 if late > self._ping_deadline:
-                    if number in self._live_since:
+                    if self.subscription_live(number):
                         log.warning("token invalidation channel silent for %.3f s", late)
                     self.subscription_down(number)
                     if late > self._ping_deadline * RESUBSCRIBE_AFTER:
