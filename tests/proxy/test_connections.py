@@ -317,6 +317,8 @@ async def test_waiting_for_an_upstream_connection_is_bounded(make_gateway: Gatew
 async def test_client_that_stops_reading_is_dropped(make_gateway: GatewayFactory, origin: str | None) -> None:
     gw = await make_gateway(proxy={"pool_size": 1, "pool_timeout": 20}, limits={"send_timeout": 0.3})
     key = (await gw.create_token(info="stalled"))["key"]
+    # The API call's keep-alive connection would stay open for the client session's 15 s.
+    await gw.session.close()
     headers = {"Origin": origin} if origin else {}
     sock = socket.create_connection(("127.0.0.1", gw.server.port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
