@@ -53,12 +53,19 @@ def sentinel_set() -> Iterator[SentinelSet]:
 
 
 @pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[RedisClusterSet]:
+def cluster_set() -> Iterator[RedisClusterSet]:
     """Three masters and three replicas, for the session; a test that kills a node restores it."""
     nodes = RedisClusterSet()
     nodes.start()
     yield nodes
     nodes.cleanup()
+
+
+@pytest.fixture
+def redis_cluster(cluster_set: RedisClusterSet) -> RedisClusterSet:
+    """The session's cluster, whole: one a test left broken is made anew first (`ensure_ok`)."""
+    cluster_set.ensure_ok()
+    return cluster_set
 
 
 @pytest.fixture
