@@ -6,9 +6,9 @@ Both key layouts are in `store/keys.py`, with the families this copy reads (`Key
 on either refuses API changes and pauses its housekeeping until the end (a gateway started on
 the target too early would otherwise make tokens the copy overwrites, and its orphan sweep drop
 the ids whose records are not copied yet), and the copy begins MIGRATION_SETTLE seconds later,
-once the changes already past their check have landed. The copy reads the source family by family (SCAN, HSCAN,
-ZSCAN: never one command for a whole index) and writes the target in the order a running
-gateway writes a new token: counters first (`next_id` and `next_account_id` never go backwards:
+once the changes already past their check have landed. The copy reads the source family by
+family (SCAN, HSCAN, ZSCAN: never one command for a whole index) and writes the target in the
+order a running gateway writes a new token: counters first (`next_id` and `next_account_id` never go backwards:
 the target keeps the larger), then accounts, indexes and the recycle bin, `accessed` (the newer
 time kept), and the records last. Every write sets what the source holds (SET, HSET, SADD, ZADD,
 a log list replaced whole), so a second run gives the same result.
@@ -58,8 +58,9 @@ from gateway.store.tokens import MIGRATION_SETTLE
 
 BATCH = 1000
 # The locks' TTL (`MigrationLock`): short, so that a migration killed midway holds up the API
-# changes on its source and target for LOCK_TTL seconds at most; extended every LOCK_TTL / 5 seconds, so four
-# extensions in a row may fail (a slow or briefly unreachable Redis) before the lock is lost.
+# changes on its source and target for LOCK_TTL seconds at most; extended every LOCK_TTL / 5
+# seconds, so four extensions in a row may fail (a slow or briefly unreachable Redis) before the
+# lock is lost.
 LOCK_TTL = 15.0
 
 
@@ -136,8 +137,9 @@ def open_cluster_side(cluster: ClusterSettings, prefix: str, timeout: float = 10
 class MigrationLock:
     """A store's `migrating` marker (`role`: the source or the target), held for the whole copy:
     while it is there every gateway on that store refuses API changes (503) and pauses its
-    housekeeping (`PlatformApi`, `Housekeeper`). Set with a TTL (`ttl`, LOCK_TTL) that a thread extends every `ttl / 5`
-    seconds: a migration killed midway unlocks the source by itself within `ttl`. A lock this
+    housekeeping (`PlatformApi`, `Housekeeper`). Set with a TTL (`ttl`, LOCK_TTL) that a thread
+    extends every `ttl / 5` seconds: a migration killed midway unlocks the store by itself within
+    `ttl`. A lock this
     migration can no longer show it held all along (its marker gone or another's, or not extended
     for `ttl`) is lost: the copy stops (`check`), since changes may have been made meanwhile."""
 
