@@ -140,11 +140,36 @@ class RedisClusterSet:
             return str(client.execute_command("ROLE")[0].decode())
 
     def restore(self) -> None:
-        """Start every stopped node again (it rejoins as a replica of whoever took its slots)."""
-        for node in self.nodes:
-            if node.process is None:
-                node.start()
+        """Start every stopped node again (it rejoins as a replica of whoever took its slots).
+        A stopped master is started only once its replica holds its slots: it keeps nothing on
+        disk, and back before the failover it would still own them, empty, and its replica would
+        copy that emptiness (every token on it gone, the gateways' master tokens among them)."""
+        stopped = [node for node in self.nodes if node.process is None]
+        self.wait_taken_over(stopped)
+        for node in stopped:
+            node.start()
         self.wait_ok()
+
+    def wait_taken_over(self, stopped: list[RedisProcess], timeout: float = 30.0) -> None:
+        """Until every running node says the cluster is ok and that none of `stopped` owns a slot."""
+        ports = {f":{node.port}@" for node in stopped}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self._covered_without(node, ports) for node in self.nodes if node.process is not None):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"no replica took over the stopped masters' slots:\n{self.state()}")
+
+    def _covered_without(self, node: RedisProcess, ports: set[str]) -> bool:
+        try:
+            with self.client(node) as client:
+                info = client.execute_command("CLUSTER", "INFO").decode()
+                lines = client.execute_command("CLUSTER", "NODES").decode().splitlines()
+        except redis.RedisError:
+            return False
+        # A line is: id address flags master ping pong epoch link [slot ranges...]
+        owning = [line for line in lines if any(port in line.split()[1] for port in ports) and len(line.split()) > 8]
+        return "cluster_state:ok" in info and not owning
 
     def cleanup(self) -> None:
         for node in self.nodes:
