@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -309,7 +310,8 @@ async def test_while_a_migration_copies_its_source_api_changes_are_refused_and_a
 
 
 async def test_a_migration_locks_its_target_too_and_no_master_token_is_made_there_meanwhile(
-        upstream: Upstream, redis_url: str, redis_cluster: RedisClusterSet, gateways: list[GatewayHandle]) -> None:
+        upstream: Upstream, redis_url: str, redis_cluster: RedisClusterSet, gateways: list[GatewayHandle],
+        caplog: pytest.LogCaptureFixture) -> None:
     prefix, into, other = fresh_prefix(), fresh_prefix(), fresh_prefix()
     one = await start(gateways, upstream, {"url": redis_url}, prefix)
     token = await one.create_token()
@@ -330,9 +332,13 @@ async def test_a_migration_locks_its_target_too_and_no_master_token_is_made_ther
         assert await status_of(early, MASTER_KEY) == 200  # authentications go on
         # A gateway started on the target meanwhile makes no master token of its own until the end.
         own_key = "B" * 32 + "b" * 32
-        late = await start(gateways, upstream, cluster, into, bootstrap_master_token=own_key)
-        await asyncio.sleep(1.5)  # its retries (every second) while the lock holds: not a timing check
+        with caplog.at_level(logging.WARNING, logger="gateway"):
+            late = await start(gateways, upstream, cluster, into, bootstrap_master_token=own_key)
+            await asyncio.sleep(2.5)  # its retries (every second) while the lock holds: not a timing check
         assert await status_of(late, own_key) == 401
+        # Said once, not at every retry: the reason stayed the same (a migration lasts minutes).
+        said = [record.getMessage() for record in caplog.records if "not yet created" in record.getMessage()]
+        assert len(said) == 1 and MIGRATING in said[0], said
         # A second migration into the same target is refused, and leaves its own source unlocked.
         elsewhere = open_single(redis_url, other)
         with pytest.raises(MigrationRefused, match=r"the target \(cluster .*\) is being migrated already"):
