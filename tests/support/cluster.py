@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,27 +11,16 @@ import time
 import pytest
 import redis
 
-from .servers import RedisProcess
+from .servers import CLUSTER_PORTS, RedisProcess, bindable
 
 NODE_TIMEOUT_MS = 1000
-# A node also listens on its port + 10000 (the cluster bus): ports from this range keep both valid.
-PORTS = range(20000, 55000)
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def cluster_port(taken: set[int]) -> int:
     """A free port whose bus port is free too."""
     while True:
-        port = random.choice(PORTS)
-        if port not in taken and _free(port) and _free(port + 10000):
+        port = random.choice(CLUSTER_PORTS)
+        if port not in taken and bindable(port) and bindable(port + 10000):
             taken.add(port)
             return port
 

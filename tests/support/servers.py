@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -25,9 +26,40 @@ from aiohttp.test_utils import TestServer
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def _ephemeral_ports() -> range:
+    try:
+        low, high = (int(part) for part in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+# The ports handed to the tests' servers lie below the kernel's ephemeral range, where no client
+# is given a local port: a port the kernel chose as free (bind to 0) is one of the range, and a
+# connection made before the server binds it may take it ("address already in use", seen in CI).
+# The test cluster's nodes take theirs from CLUSTER_PORTS, apart from these.
+CLUSTER_PORTS = range(10000, 13000)  # a node's bus listens on its port + 10000: 20000-22999
+LISTEN_PORTS = range(23000, min(_ephemeral_ports().start, 33000))
+
+
+def bindable(port: int) -> bool:
+    """Nothing on any address holds `port` (a server may listen on every interface)."""
     with socket.socket() as sock:
-        sock.bind((host, 0))
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    if len(LISTEN_PORTS) >= 1000:
+        for _ in range(200):
+            port = random.choice(LISTEN_PORTS)
+            if bindable(port):
+                return port
+    with socket.socket() as sock:  # an unusual ephemeral range: whatever the kernel gives
+        sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
