@@ -7,14 +7,18 @@ from typing import cast
 from gateway.mqtt.front import MqttFront
 from gateway.mqtt.session import Session
 
+# How long a connection the gateway ended is still read (and what comes dropped) after its FIN.
+LINGER = 2.0
+
 
 class ClientProtocol(asyncio.Protocol):
-    __slots__ = ("front", "transport", "session")
+    __slots__ = ("front", "transport", "session", "lingering")
 
     def __init__(self, front: MqttFront) -> None:
         self.front = front
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
+        self.lingering: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -31,6 +35,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.lingering is not None:
+            self.lingering.cancel()
+            self.lingering = None
         if self.session is not None:
             self.session.client_lost()
             self.session = None  # no cycle left behind
@@ -46,12 +53,24 @@ class ClientProtocol(asyncio.Protocol):
     # -- ClientSide ----------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and data:
+        if self.transport is not None and self.lingering is None and data:
             self.transport.write(data)
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """A lingering close, as nginx's: the FIN after what was written (a 5.0 DISCONNECT and its
+        reason), then reading on for up to LINGER. A socket closed with the client's packets still
+        arriving answers them with a reset, and a client busy publishing may meet that before it
+        reads the DISCONNECT (paho then reports 0x80, "connection lost", not the reason)."""
+        transport = self.transport
+        if transport is None or self.lingering is not None:
+            return
+        if not transport.can_write_eof():  # a transport with no half-close (TLS)
+            transport.close()
+            return
+        transport.write_eof()
+        if not transport.is_reading():
+            transport.resume_reading()  # paused for the broker: what comes now is only dropped
+        self.lingering = asyncio.get_running_loop().call_later(LINGER, transport.close)
 
     def pause_reading(self) -> None:
         if self.transport is not None:

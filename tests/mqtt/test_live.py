@@ -4,10 +4,13 @@ while it is up; usage counts its messages; its connect and disconnect are in the
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
 import pytest
+
+from gateway.mqtt import codec
 
 from support.gateways import GatewayFactory, GatewayHandle
 from support.keys import MASTER_KEY
@@ -219,3 +222,40 @@ async def test_an_acl_change_rechecks_the_will(pair: tuple[GatewayHandle, Gatewa
     finally:
         client.close()
         watcher.close()
+
+
+def _packets(sock: socket.socket, wanted: int) -> list[tuple[int, bytes]]:
+    """Packets read until one of type `wanted` (first byte, body), with the codec's framing."""
+    buffer, got = bytearray(), []
+    while True:
+        framed = codec.frame(buffer, 0, 1 << 20)
+        if framed is None:
+            chunk = sock.recv(4096)
+            assert chunk, f"closed before a packet of type {wanted}: {got}"
+            buffer += chunk
+            continue
+        first, at, end = framed
+        got.append((first, bytes(buffer[at:end])))
+        del buffer[:end]
+        if first >> 4 == wanted:
+            return got
+
+
+async def test_a_client_still_publishing_when_its_session_ends_reads_why(mgw: GatewayHandle) -> None:
+    """The session ended by the gateway (its token deleted) while the client goes on publishing: it
+    gets DISCONNECT 0x87, and what it sends after is read and dropped until the connection ends in
+    order (a FIN, never a reset that could overtake the reason)."""
+    token = await mgw.create_token()
+    with socket.create_connection(("127.0.0.1", mgw.server.mqtt_port), timeout=5) as sock:
+        sock.sendall(codec.Connect(codec.V5, True, 60, "still-publishing", username=token["key"]).encode())
+        [(_, body)] = await asyncio.to_thread(_packets, sock, codec.CONNACK)
+        assert body[1] == 0
+        status, _ = await mgw.call("DELETE", f"/platform/tokens/{token['id']}")
+        assert status == 200
+        _, body = (await asyncio.to_thread(_packets, sock, 14))[-1]  # DISCONNECT
+        assert body[0] == 0x87
+        publish = codec.packet(codec.PUBLISH << 4, codec.text("after/the/end") + b"\x00" + b"x" * 1000)
+        for _ in range(5):  # a reset would fail the second send at the latest
+            sock.sendall(publish)
+            await asyncio.sleep(0.05)
+        assert sock.recv(4096) == b""
