@@ -101,13 +101,20 @@ class RedisClusterSet:
             node.dir.mkdir(parents=True)
         self.start()
 
-    def _healthy(self, node: RedisProcess) -> bool:
+    def _view(self, node: RedisProcess) -> tuple[str, list[str]] | None:
+        """The node's CLUSTER INFO and its CLUSTER NODES lines, or None if it does not answer."""
         try:
             with self.client(node) as client:
                 info = client.execute_command("CLUSTER", "INFO").decode()
-                lines = client.execute_command("CLUSTER", "NODES").decode().splitlines()
+                return info, client.execute_command("CLUSTER", "NODES").decode().splitlines()
         except redis.RedisError:
+            return None
+
+    def _healthy(self, node: RedisProcess) -> bool:
+        view = self._view(node)
+        if view is None:
             return False
+        info, lines = view
         running = sum(1 for line in lines if "fail" not in line.split()[2] and "connected" in line)
         return "cluster_state:ok" in info and running == sum(1 for n in self.nodes if n.process is not None)
 
@@ -149,12 +156,10 @@ class RedisClusterSet:
         raise RuntimeError(f"no replica took over the stopped masters' slots:\n{self.state()}")
 
     def _covered_without(self, node: RedisProcess, ports: set[str]) -> bool:
-        try:
-            with self.client(node) as client:
-                info = client.execute_command("CLUSTER", "INFO").decode()
-                lines = client.execute_command("CLUSTER", "NODES").decode().splitlines()
-        except redis.RedisError:
+        view = self._view(node)
+        if view is None:
             return False
+        info, lines = view
         # A line is: id address flags master ping pong epoch link [slot ranges...]
         owning = [line for line in lines if any(port in line.split()[1] for port in ports) and len(line.split()) > 8]
         return "cluster_state:ok" in info and not owning
