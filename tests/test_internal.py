@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.gateways import GatewayFactory, GatewayHandle, error
 from support.keys import MASTER_KEY
-from support.servers import Upstream
+from support.servers import RedisProcess, Upstream
+from support.usage import room_in_window
 
 UNKNOWN_KEY = "U" * 64
 PAGE = {"Origin": "http://page.test"}  # sends a request to the aiohttp front
@@ -221,3 +222,48 @@ async def test_metrics_count_what_was_sent(gw: GatewayHandle, upstream: Upstream
     assert MASTER_KEY not in text and token["key"] not in text and "token" not in {
         label for family in text_string_to_metric_families(text) for sample in family.samples
         for label in sample.labels}
+
+
+async def test_metrics_follow_usage_blocks_log_lines_and_a_store_outage(
+        make_gateway: GatewayFactory, own_redis: RedisProcess, tmp_path: Path) -> None:
+    """The families the test above leaves: a usage block (counted, and the blocked gauge), log
+    records written, the invalidation lag, and an outage (counted once, `gateway_store_up` 0
+    until the store is back)."""
+    window = 30
+    gw = await make_gateway(redis={"url": own_redis.url, "socket_timeout": 0.3, "connect_timeout": 0.3},
+                            usage={"window": window, "flush_interval": 0.1},
+                            log={"path": str(tmp_path / "requests.log"), "flush_interval": 0.05})
+    await room_in_window(5, window)  # the calls and the block in one window
+    cid = (await gw.call("POST", "/platform/subaccounts", json={"name": "t", "limits": {"api_calls": 4}}))[1][
+        "result"][0]["id"]
+    token = (await gw.call("POST", "/platform/tokens", json={"ttl": 600}, headers={"x-flespi-cid": str(cid)}))[1][
+        "result"][0]
+    await asyncio.sleep(0.3)  # the gateway knows the account's limits
+    first = await scrape(gw)
+    assert [(await gw.call("GET", f"/e{n}", key=token["key"]))[0] for n in range(5)] == [200] * 4 + [429]
+
+    async def until(check: Callable[[dict[Any, float]], bool], timeout: float = 5.0) -> dict[Any, float]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = await scrape(gw)
+            if check(found):
+                return found
+            assert time.monotonic() < deadline, found
+            await asyncio.sleep(0.05)
+
+    def grew(found: dict[Any, float], name: str) -> float:
+        return found.get((name, ()), 0) - first.get((name, ()), 0)
+
+    found = await until(lambda found: grew(found, "gateway_log_lines_written_total") >= 5)
+    assert grew(found, "gateway_usage_blocks_total") == 1
+    assert found[("gateway_usage_blocked_tokens", ())] == 1
+    assert 0 <= found[("gateway_invalidation_lag_seconds", ())] < 1.0
+    assert found[("gateway_store_up", ())] == 1
+    own_redis.stop()
+    try:
+        found = await until(lambda found: found[("gateway_store_up", ())] == 0)
+        assert grew(found, "gateway_store_outages_total") == 1
+    finally:
+        own_redis.start()
+    found = await until(lambda found: found[("gateway_store_up", ())] == 1, timeout=10.0)
+    assert grew(found, "gateway_store_outages_total") == 1  # one outage, however many probes failed
