@@ -161,7 +161,8 @@ class RedisClusterSet:
             return False
         info, lines = view
         # A line is: id address flags master ping pong epoch link [slot ranges...]
-        owning = [line for line in lines if any(port in line.split()[1] for port in ports) and len(line.split()) > 8]
+        rows = [line.split() for line in lines]
+        owning = [row for row in rows if len(row) > 8 and any(port in row[1] for port in ports)]
         return "cluster_state:ok" in info and not owning
 
     def cleanup(self) -> None:
